@@ -1,0 +1,1 @@
+//! postern-test-support
