@@ -1,1 +1,289 @@
-//! postern-net
+//! The client side of a connection to a Postern server: TLS checked against the link's SPKI
+//! pins (no certificate authority involved), the gate token in the upgrade request, a
+//! WebSocket, and the Noise session inside it.
+//!
+//! Used by the client core, the load tool and the tests. Relays and browser-like TLS will
+//! plug in below [`Connection`] without changing what it carries.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use postern_proto::frame::{ClientFrame, ErrorCode, Push, Request, Response, ServerFrame};
+use postern_proto::gate::{COOKIE_NAME, GateKey};
+use postern_proto::link::ServerLink;
+use postern_proto::session::{ClientHandshake, MAX_MESSAGE, Transport};
+use rand::RngCore;
+use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+mod pin;
+
+pub use pin::PinVerifier;
+
+/// Time allowed to connect, complete TLS, upgrade and finish the Noise handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Why a connection or request failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetError {
+    /// TCP, TLS or WebSocket failed, or the server did not act like a Postern server
+    /// (wrong pin, no upgrade: the gate did not open).
+    #[error("connection failed: {0}")]
+    Connect(String),
+    /// The session broke (decryption failure, malformed frame, closed socket).
+    #[error("session failed: {0}")]
+    Session(String),
+    /// The server refused the request with this code.
+    #[error("refused: {0}")]
+    Refused(ErrorCode),
+    /// No answer in time.
+    #[error("timed out")]
+    Timeout,
+}
+
+type Ws = WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// An open session to a server.
+pub struct Connection {
+    ws: Ws,
+    transport: Transport,
+    nonce: [u8; 32],
+    next_id: u32,
+    pushes: VecDeque<Push>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("next_id", &self.next_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A TLS client configuration that accepts exactly the link's pins.
+pub fn tls_config(
+    link: &ServerLink,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ClientConfig>, NetError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(PinVerifier::new(link.pins.clone(), provider.clone()));
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| NetError::Connect(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// Opens TLS to the link's first address.
+pub async fn connect_tls(
+    link: &ServerLink,
+    alpn: &[&[u8]],
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, NetError> {
+    let addr = link
+        .addrs
+        .first()
+        .ok_or_else(|| NetError::Connect("link has no address".into()))?;
+    let tcp = TcpStream::connect(addr.as_str())
+        .await
+        .map_err(|e| NetError::Connect(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    let name = rustls::pki_types::ServerName::try_from(link.tls_name())
+        .map_err(|e| NetError::Connect(e.to_string()))?;
+    let connector = tokio_rustls::TlsConnector::from(tls_config(link, alpn)?);
+    connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| NetError::Connect(e.to_string()))
+}
+
+/// A fresh gate token for the link's secret.
+pub fn gate_token(link: &ServerLink) -> String {
+    let mut nonce = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    GateKey::derive(&link.secret).token(now_secs(), nonce)
+}
+
+impl Connection {
+    /// Connects to the link's first address with a fresh gate token.
+    pub async fn connect(link: &ServerLink) -> Result<Self, NetError> {
+        Self::connect_with_token(link, &gate_token(link)).await
+    }
+
+    /// Connects presenting `token` (tests use this to replay one).
+    pub async fn connect_with_token(link: &ServerLink, token: &str) -> Result<Self, NetError> {
+        tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_inner(link, token))
+            .await
+            .map_err(|_| NetError::Timeout)?
+    }
+
+    async fn connect_inner(link: &ServerLink, token: &str) -> Result<Self, NetError> {
+        let tls = connect_tls(link, &[b"http/1.1"]).await?;
+        let host = link.addrs.first().map(String::as_str).unwrap_or_default();
+        let mut request = format!("wss://{host}/")
+            .into_client_request()
+            .map_err(|e| NetError::Connect(e.to_string()))?;
+        let cookie = HeaderValue::from_str(&format!("{COOKIE_NAME}={token}"))
+            .map_err(|e| NetError::Connect(e.to_string()))?;
+        request.headers_mut().insert("cookie", cookie);
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(MAX_MESSAGE))
+            .max_frame_size(Some(MAX_MESSAGE));
+        let (mut ws, _) = tokio_tungstenite::client_async_with_config(request, tls, Some(config))
+            .await
+            .map_err(|e| NetError::Connect(format!("upgrade refused: {e}")))?;
+        let (handshake, first) = ClientHandshake::start(&link.static_key)
+            .map_err(|e| NetError::Session(e.to_string()))?;
+        ws.send(Message::Binary(first.into()))
+            .await
+            .map_err(|e| NetError::Session(e.to_string()))?;
+        let answer = next_binary(&mut ws).await?;
+        let (transport, hello) = handshake
+            .finish(&answer)
+            .map_err(|e| NetError::Session(e.to_string()))?;
+        Ok(Connection {
+            ws,
+            transport,
+            nonce: hello.nonce,
+            next_id: 1,
+            pushes: VecDeque::new(),
+        })
+    }
+
+    /// This connection's server nonce (signed requests bind it).
+    pub fn nonce(&self) -> &[u8; 32] {
+        &self.nonce
+    }
+
+    /// Sends a request without waiting; returns its id. `signer` signs it when given.
+    pub async fn send(
+        &mut self,
+        request: Request,
+        signer: Option<&ed25519_dalek::SigningKey>,
+    ) -> Result<u32, NetError> {
+        let request_id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        let mut frame = ClientFrame {
+            request_id,
+            request,
+            signature: None,
+        };
+        if let Some(key) = signer {
+            frame.sign(key, &self.nonce);
+        }
+        self.send_frame(&frame).await?;
+        Ok(request_id)
+    }
+
+    /// Sends an already built frame (tests use this for malformed or replayed frames).
+    pub async fn send_frame(&mut self, frame: &ClientFrame) -> Result<(), NetError> {
+        self.send_raw(&frame.encode()).await
+    }
+
+    /// Seals and sends arbitrary frame bytes.
+    pub async fn send_raw(&mut self, frame: &[u8]) -> Result<(), NetError> {
+        let sealed = self
+            .transport
+            .seal(frame)
+            .map_err(|e| NetError::Session(e.to_string()))?;
+        self.ws
+            .send(Message::Binary(sealed.into()))
+            .await
+            .map_err(|e| NetError::Session(e.to_string()))
+    }
+
+    /// The next frame from the server (pushes included).
+    pub async fn recv(&mut self) -> Result<ServerFrame, NetError> {
+        let sealed = next_binary(&mut self.ws).await?;
+        let plain = self
+            .transport
+            .open(&sealed)
+            .map_err(|e| NetError::Session(e.to_string()))?;
+        ServerFrame::decode(&plain).map_err(|e| NetError::Session(e.to_string()))
+    }
+
+    /// Waits for the answer to `request_id`, queueing pushes that arrive meanwhile.
+    pub async fn response(&mut self, request_id: u32) -> Result<Response, NetError> {
+        loop {
+            match self.recv().await? {
+                ServerFrame::Response {
+                    request_id: id,
+                    result,
+                } if id == request_id || id == 0 => {
+                    return result.map_err(NetError::Refused);
+                }
+                ServerFrame::Response { .. } => {
+                    return Err(NetError::Session("answer to another request".into()));
+                }
+                ServerFrame::Push(push) => self.pushes.push_back(push),
+            }
+        }
+    }
+
+    /// Sends a request and waits for its answer.
+    pub async fn request(
+        &mut self,
+        request: Request,
+        signer: Option<&ed25519_dalek::SigningKey>,
+    ) -> Result<Response, NetError> {
+        let id = self.send(request, signer).await?;
+        self.response(id).await
+    }
+
+    /// The next push, waiting up to `timeout`.
+    pub async fn next_push(&mut self, timeout: Duration) -> Result<Push, NetError> {
+        if let Some(push) = self.pushes.pop_front() {
+            return Ok(push);
+        }
+        tokio::time::timeout(timeout, async {
+            loop {
+                match self.recv().await? {
+                    ServerFrame::Push(push) => return Ok(push),
+                    ServerFrame::Response { .. } => {
+                        return Err(NetError::Session(
+                            "unexpected answer while waiting for a push".into(),
+                        ));
+                    }
+                }
+            }
+        })
+        .await
+        .map_err(|_| NetError::Timeout)?
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+}
+
+async fn next_binary(ws: &mut Ws) -> Result<Vec<u8>, NetError> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Binary(b))) => return Ok(b.to_vec()),
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+            Some(Ok(Message::Close(_))) | None => {
+                return Err(NetError::Session("closed by server".into()));
+            }
+            Some(Ok(Message::Text(_))) => {
+                return Err(NetError::Session("unexpected text message".into()));
+            }
+            Some(Err(e)) => return Err(NetError::Session(e.to_string())),
+        }
+    }
+}

@@ -1,1 +1,410 @@
-//! postern-server
+//! The Postern server: a small website on a TLS port, and behind the gate, Postern sessions.
+//!
+//! ```text
+//! TCP → TLS (rustls) → HTTP/1.1 or HTTP/2 (hyper, axum)
+//!        ├─ no valid gate token → the website (`site`)
+//!        └─ WebSocket upgrade with a fresh gate token → Noise session (`session`)
+//!              → frames → `handler` → `postern_store::Store`
+//! appends → `hub` → subscribed sessions (push)
+//! admin listener (loopback): /health, /metrics
+//! ```
+//!
+//! **Architecture Invariant:** this crate never depends on the client core or on openmls. It
+//! reads only the envelope header (key id, next key, signature); the ciphertext is opaque.
+//!
+//! **Architecture Invariant:** nothing about a client (address, ids, keys) is logged. Logs
+//! carry only operation names and error kinds.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::{FromRequestParts, Request, State, WebSocketUpgrade};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use postern_proto::gate::{GateKey, cookie_value};
+use postern_proto::link::ServerLink;
+use postern_proto::session::{MAX_MESSAGE, StaticKeypair};
+use postern_store::{Day, Store};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+mod config;
+mod gate;
+mod handler;
+mod hub;
+mod identity;
+mod session;
+mod site;
+
+pub use config::ServerConfig;
+
+/// Time allowed for a TLS handshake and for an HTTP request's headers.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for open sessions to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often expired data is swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(3_600);
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The data directory could not be read or written.
+    #[error("data directory: {0}")]
+    DataDir(String),
+    /// The TLS key or certificate is unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The source of time: seconds since the Unix epoch. Tests may shift it.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    })
+}
+
+#[derive(Default)]
+pub(crate) struct Counter(AtomicU64);
+
+impl Counter {
+    pub(crate) fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Metrics {
+    pub(crate) connections_open: Counter,
+    pub(crate) website_responses: Counter,
+    pub(crate) sessions_open: Counter,
+    pub(crate) sessions_total: Counter,
+    pub(crate) requests: Counter,
+    pub(crate) refusals: Counter,
+    pub(crate) appends: Counter,
+}
+
+pub(crate) struct App<S> {
+    pub(crate) store: S,
+    pub(crate) gate: gate::Gate,
+    pub(crate) static_key: StaticKeypair,
+    pub(crate) hub: hub::Hub,
+    pub(crate) metrics: Metrics,
+    pub(crate) clock: Clock,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+impl<S> App<S> {
+    pub(crate) fn now(&self) -> u64 {
+        (self.clock)()
+    }
+
+    pub(crate) fn today(&self) -> Day {
+        u32::try_from(self.now() / 86_400).unwrap_or(u32::MAX)
+    }
+}
+
+/// A started server. Dropping it does not stop it; call [`RunningServer::shutdown`].
+pub struct RunningServer<S: Store> {
+    /// The bound public address.
+    pub addr: SocketAddr,
+    /// The bound admin address.
+    pub admin_addr: SocketAddr,
+    /// The link clients use.
+    pub link: ServerLink,
+    app: Arc<App<S>>,
+    shutdown: watch::Sender<bool>,
+    accept: tokio::task::JoinHandle<()>,
+    live: Arc<AtomicUsize>,
+}
+
+fn public_addrs(config: &ServerConfig, bound: SocketAddr) -> Vec<String> {
+    if !config.public_addrs.is_empty() {
+        return config.public_addrs.clone();
+    }
+    let ip = bound.ip();
+    let ip = if ip.is_unspecified() {
+        // Bound to every interface; loopback is the one address sure to work. Operators set
+        // `public_addrs` for anything else, and the binary warns about it.
+        match ip {
+            std::net::IpAddr::V4(_) => std::net::IpAddr::from([127, 0, 0, 1]),
+            std::net::IpAddr::V6(_) => std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+        }
+    } else {
+        ip
+    };
+    vec![SocketAddr::new(ip, bound.port()).to_string()]
+}
+
+/// Binds the listeners, loads or creates the identity and starts serving.
+pub async fn start<S: Store>(
+    config: ServerConfig,
+    store: S,
+    clock: Clock,
+) -> Result<RunningServer<S>, ServerError> {
+    let operator_tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+        (None, None) => None,
+        _ => {
+            return Err(ServerError::Tls(
+                "give both tls_cert and tls_key, or neither".into(),
+            ));
+        }
+    };
+    let identity = identity::Identity::load_or_create(
+        &config.data_dir,
+        config.server_name.as_deref(),
+        operator_tls,
+    )?;
+    let tls = tokio_rustls::TlsAcceptor::from(identity.tls_config()?);
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let admin = TcpListener::bind(config.admin)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.admin,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let admin_addr = admin.local_addr().map_err(|source| ServerError::Bind {
+        addr: config.admin,
+        source,
+    })?;
+    let link = identity.link(public_addrs(&config, addr), config.server_name.clone());
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let app = Arc::new(App {
+        store,
+        gate: gate::Gate::new(GateKey::derive(&identity.secret)),
+        static_key: StaticKeypair::from_private(identity.static_key.private),
+        hub: hub::Hub::default(),
+        metrics: Metrics::default(),
+        clock,
+        shutdown: shutdown_rx,
+    });
+    let live = Arc::new(AtomicUsize::new(0));
+    let router = Router::new().fallback(front::<S>).with_state(app.clone());
+    let accept = tokio::spawn(accept_loop(
+        listener,
+        tls,
+        router,
+        app.clone(),
+        live.clone(),
+        config.max_connections,
+    ));
+    tokio::spawn(admin_loop(admin, app.clone()));
+    tokio::spawn(sweep_loop(app.clone()));
+    Ok(RunningServer {
+        addr,
+        admin_addr,
+        link,
+        app,
+        shutdown: shutdown_tx,
+        accept,
+        live,
+    })
+}
+
+impl<S: Store> RunningServer<S> {
+    /// Stops accepting, closes sessions, and waits (up to 10 s) for connections to end.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.accept.await;
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        while (self.live.load(Ordering::Acquire) > 0 || self.app.metrics.sessions_open.get() > 0)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The store, for the binary to close after shutdown.
+    pub fn store(&self) -> &S {
+        &self.app.store
+    }
+}
+
+async fn accept_loop<S: Store>(
+    listener: TcpListener,
+    tls: tokio_rustls::TlsAcceptor,
+    router: Router,
+    app: Arc<App<S>>,
+    live: Arc<AtomicUsize>,
+    max_connections: usize,
+) {
+    let mut shutdown = app.shutdown.clone();
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _peer)) => tcp,
+                Err(_) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        if live.load(Ordering::Acquire) >= max_connections {
+            drop(tcp);
+            continue;
+        }
+        let _ = tcp.set_nodelay(true);
+        live.fetch_add(1, Ordering::AcqRel);
+        let (tls, router, app, live) = (tls.clone(), router.clone(), app.clone(), live.clone());
+        tokio::spawn(async move {
+            app.metrics.connections_open.inc();
+            serve_connection(tls, tcp, router, &app).await;
+            app.metrics.connections_open.dec();
+            live.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+}
+
+async fn serve_connection<S: Store>(
+    tls: tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    router: Router,
+    app: &App<S>,
+) {
+    let Ok(Ok(stream)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await else {
+        return;
+    };
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .enable_connect_protocol();
+    let conn = builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(router));
+    tokio::pin!(conn);
+    let mut shutdown = app.shutdown.clone();
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = shutdown.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, conn).await;
+        }
+    }
+}
+
+/// Every HTTP request lands here: a WebSocket upgrade with a valid, fresh gate token becomes a
+/// session; everything else is the website.
+async fn front<S: Store>(State(app): State<Arc<App<S>>>, req: Request) -> Response {
+    let (mut parts, _body) = req.into_parts();
+    let wants_upgrade = parts
+        .headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if wants_upgrade {
+        let token = parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(cookie_value);
+        if let Some(token) = token
+            && app.gate.admit(token, app.now())
+            && let Ok(ws) = WebSocketUpgrade::from_request_parts(&mut parts, &()).await
+        {
+            let session_app = app.clone();
+            return ws
+                .max_message_size(MAX_MESSAGE)
+                .max_frame_size(MAX_MESSAGE)
+                .on_upgrade(move |socket| session::run(session_app, socket))
+                .into_response();
+        }
+    }
+    app.metrics.website_responses.inc();
+    site::respond(&parts.method, parts.uri.path())
+}
+
+async fn admin_loop<S: Store>(listener: TcpListener, app: Arc<App<S>>) {
+    let router = Router::new()
+        .route("/health", axum::routing::get(|| async { "ok\n" }))
+        .route("/metrics", axum::routing::get(metrics::<S>))
+        .with_state(app.clone());
+    let mut shutdown = app.shutdown.clone();
+    let _ = axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.changed().await;
+        })
+        .await;
+}
+
+async fn metrics<S: Store>(State(app): State<Arc<App<S>>>) -> String {
+    let m = &app.metrics;
+    let (used, quota) = match app.store.usage().await {
+        Ok(u) => (u.used_bytes, u.quota_bytes),
+        Err(_) => (0, 0),
+    };
+    format!(
+        "postern_connections_open {}\npostern_website_responses_total {}\npostern_sessions_open {}\n\
+         postern_sessions_total {}\npostern_requests_total {}\npostern_refusals_total {}\n\
+         postern_appends_total {}\npostern_subscriptions {}\npostern_storage_used_bytes {used}\n\
+         postern_storage_quota_bytes {quota}\n",
+        m.connections_open.get(),
+        m.website_responses.get(),
+        m.sessions_open.get(),
+        m.sessions_total.get(),
+        m.requests.get(),
+        m.refusals.get(),
+        m.appends.get(),
+        app.hub.subscriptions(),
+    )
+}
+
+async fn sweep_loop<S: Store>(app: Arc<App<S>>) {
+    let mut shutdown = app.shutdown.clone();
+    loop {
+        match app.store.sweep(app.today()).await {
+            Ok(swept) => tracing::info!(
+                entries = swept.entries,
+                items = swept.items,
+                other = swept.other,
+                "expired data swept"
+            ),
+            Err(e) => tracing::warn!(error = %e, "sweep failed"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(SWEEP_EVERY) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! Request handling: one function per operation over the [`Store`], and the one place where
+//! store errors become wire error codes.
+
+use postern_proto::envelope::Envelope;
+use postern_proto::frame::{Body, ClientFrame, ErrorCode, Item, Request, Response, Signer};
+use postern_proto::ids::UploadId;
+use postern_proto::limits::{MAX_ENTRY, MAX_INLINE, MAX_ITEMS};
+use postern_proto::pad::MAX_UNPADDED;
+use postern_store::{NewEntry, ReadLimit, Store, StoreError};
+
+use crate::App;
+
+/// Bytes of a response frame available for items (the rest is framing).
+pub(crate) const READ_BUDGET: usize = MAX_UNPADDED - 64;
+
+/// The one mapping from store errors to wire codes.
+pub(crate) fn code(e: StoreError) -> ErrorCode {
+    match e {
+        StoreError::NotFound => ErrorCode::NotFound,
+        StoreError::Conflict => ErrorCode::Conflict,
+        StoreError::QuotaExceeded => ErrorCode::QuotaExceeded,
+        StoreError::ServerFull => ErrorCode::ServerFull,
+        StoreError::RateLimited => ErrorCode::RateLimited,
+        StoreError::BadRequest => ErrorCode::BadRequest,
+        StoreError::Backend(cause) => {
+            tracing::error!(%cause, "storage failed");
+            ErrorCode::Internal
+        }
+        _ => ErrorCode::Internal,
+    }
+}
+
+pub(crate) fn read_limit(max_items: u16) -> ReadLimit {
+    ReadLimit {
+        max_items: usize::from(max_items).clamp(1, MAX_ITEMS),
+        max_bytes: READ_BUDGET,
+    }
+}
+
+/// Checks the request's signature, if it needs one. A bad signature and an unknown mailbox
+/// get the same answer.
+async fn authorize<S: Store>(
+    app: &App<S>,
+    nonce: &[u8; 32],
+    frame: &ClientFrame,
+) -> Result<(), ErrorCode> {
+    let key = match frame.request.signer() {
+        Signer::None => return Ok(()),
+        Signer::Key(key) => key,
+        Signer::Owner(mailbox) => app
+            .store
+            .owner_key(mailbox, app.today())
+            .await
+            .map_err(code)?,
+    };
+    let sig = frame.signature.as_ref().ok_or(ErrorCode::BadFrame)?;
+    if key.verify(&frame.signing_input(nonce), sig) {
+        Ok(())
+    } else {
+        Err(ErrorCode::NotFound)
+    }
+}
+
+async fn body_bytes<S: Store>(
+    app: &App<S>,
+    body: Body,
+) -> Result<(Vec<u8>, Option<UploadId>), ErrorCode> {
+    match body {
+        Body::Inline(bytes) => Ok((bytes, None)),
+        Body::Upload(id) => {
+            let bytes = app.store.upload_bytes(id).await.map_err(code)?;
+            if bytes.len() > MAX_ENTRY {
+                return Err(ErrorCode::EntryTooLarge);
+            }
+            Ok((bytes, Some(id)))
+        }
+    }
+}
+
+/// Handles every request except subscriptions, which the session keeps itself.
+pub(crate) async fn handle<S: Store>(
+    app: &App<S>,
+    nonce: &[u8; 32],
+    frame: ClientFrame,
+) -> Result<Response, ErrorCode> {
+    authorize(app, nonce, &frame).await?;
+    let store = &app.store;
+    let today = app.today();
+    match frame.request {
+        Request::Ping => Ok(Response::Pong),
+        Request::MailboxCreate { mailbox, owner_key } => {
+            store
+                .create_mailbox(mailbox, owner_key, today)
+                .await
+                .map_err(code)?;
+            Ok(Response::Ok)
+        }
+        Request::DropCreate { mailbox, drop } => {
+            store.create_drop(mailbox, drop).await.map_err(code)?;
+            Ok(Response::Ok)
+        }
+        Request::DropRevoke { mailbox, drop } => {
+            store.revoke_drop(mailbox, drop).await.map_err(code)?;
+            Ok(Response::Ok)
+        }
+        Request::Drop { drop, idem, body } => {
+            let (data, upload) = body_bytes(app, body).await?;
+            let appended = store
+                .drop_item(drop, idem, data, upload, today)
+                .await
+                .map_err(code)?;
+            Ok(Response::Seq(appended.seq))
+        }
+        Request::MailboxFetch {
+            mailbox,
+            after,
+            max_items,
+        } => {
+            let page = store
+                .fetch_mailbox(mailbox, after, read_limit(max_items))
+                .await
+                .map_err(code)?;
+            Ok(Response::Items {
+                items: page.items,
+                more: page.more,
+            })
+        }
+        Request::MailboxReadPart {
+            mailbox,
+            seq,
+            offset,
+        } => {
+            let bytes = store
+                .read_mailbox_part(mailbox, seq, offset, MAX_INLINE)
+                .await
+                .map_err(code)?;
+            Ok(Response::Part(bytes))
+        }
+        Request::MailboxDelete { mailbox, through } => {
+            store
+                .delete_mailbox_items(mailbox, through)
+                .await
+                .map_err(code)?;
+            Ok(Response::Ok)
+        }
+        Request::KeyPackageUpload {
+            mailbox,
+            device,
+            last_resort,
+            packages,
+        } => {
+            store
+                .upload_key_packages(mailbox, device, last_resort, packages, today)
+                .await
+                .map_err(code)?;
+            Ok(Response::Ok)
+        }
+        Request::KeyPackageStatus { mailbox } => Ok(Response::KeyPackageStatus(
+            store.key_package_status(mailbox).await.map_err(code)?,
+        )),
+        Request::ClaimTokenCreate {
+            mailbox,
+            token_hash,
+            policy,
+            expires_day,
+        } => {
+            store
+                .create_claim_token(mailbox, token_hash, policy, expires_day)
+                .await
+                .map_err(code)?;
+            Ok(Response::Ok)
+        }
+        Request::ClaimTokenRevoke {
+            mailbox,
+            token_hash,
+        } => {
+            store
+                .revoke_claim_token(mailbox, token_hash)
+                .await
+                .map_err(code)?;
+            Ok(Response::Ok)
+        }
+        Request::KeyPackageClaim { token } => Ok(Response::KeyPackages(
+            store
+                .claim_key_packages(token.hash(), today)
+                .await
+                .map_err(code)?,
+        )),
+        Request::LogCreate { log, key } => {
+            store.create_log(log, key, today).await.map_err(code)?;
+            Ok(Response::Ok)
+        }
+        Request::LogAppend { log, body } => {
+            let (data, upload) = body_bytes(app, body).await?;
+            let envelope = Envelope::decode(&data).map_err(|_| ErrorCode::BadRequest)?;
+            let key = store.log_key(log, envelope.key_id).await.map_err(code)?;
+            if !envelope.verify(&log, &key) {
+                return Err(ErrorCode::NotFound);
+            }
+            let total_len = u32::try_from(data.len()).map_err(|_| ErrorCode::EntryTooLarge)?;
+            let first = data[..data.len().min(MAX_INLINE)].to_vec();
+            let entry = NewEntry {
+                idem: envelope.idem,
+                key_id: envelope.key_id,
+                next_key: envelope.next_key,
+                data,
+                from_upload: upload,
+            };
+            let appended = store.append(log, entry, today).await.map_err(code)?;
+            if appended.new {
+                app.metrics.appends.inc();
+                app.hub.notify(
+                    log,
+                    Item {
+                        seq: appended.seq,
+                        total_len,
+                        bytes: first,
+                    },
+                );
+            }
+            Ok(Response::Seq(appended.seq))
+        }
+        Request::LogRead {
+            log,
+            after,
+            max_items,
+        } => {
+            let page = store
+                .read_log(log, after, read_limit(max_items))
+                .await
+                .map_err(code)?;
+            Ok(Response::Items {
+                items: page.items,
+                more: page.more,
+            })
+        }
+        Request::LogReadPart { log, seq, offset } => Ok(Response::Part(
+            store
+                .read_log_part(log, seq, offset, MAX_INLINE)
+                .await
+                .map_err(code)?,
+        )),
+        Request::UploadChunk {
+            upload,
+            total_len,
+            offset,
+            bytes,
+        } => {
+            if total_len as usize > MAX_ENTRY {
+                return Err(ErrorCode::EntryTooLarge);
+            }
+            let received = store
+                .upload_chunk(upload, total_len, offset, bytes, today)
+                .await
+                .map_err(code)?;
+            Ok(Response::Upload { received })
+        }
+        // The session handles subscriptions; reaching here is a bug in this crate.
+        Request::Subscribe { .. } | Request::Unsubscribe { .. } => Err(ErrorCode::Internal),
+        _ => Err(ErrorCode::BadFrame),
+    }
+}

@@ -1,0 +1,138 @@
+//! Fan-out of "new entry" notices from appends to the sessions subscribed to a log.
+//!
+//! A notice is a hint that carries the new item so the common case needs no read. Sessions
+//! keep their own cursor per log and read from the store whenever a notice does not follow
+//! it, so a dropped notice delays delivery but never loses an entry. When a session's queue is
+//! full the hub drops the notice and marks the session lagged; the session then catches up
+//! every subscription from the store.
+//!
+//! On several nodes the same notices travel between nodes (NATS); this in-process hub is the
+//! single-node case.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use postern_proto::frame::Item;
+use postern_proto::ids::LogId;
+use tokio::sync::{Notify, mpsc};
+
+/// Notices one session may have queued before it counts as lagged.
+const QUEUE: usize = 256;
+
+/// A new entry in a log.
+#[derive(Debug, Clone)]
+pub(crate) struct Notice {
+    pub(crate) log: LogId,
+    pub(crate) item: Arc<Item>,
+}
+
+/// A session's end of the hub.
+pub(crate) struct Subscriber {
+    pub(crate) id: u64,
+    pub(crate) notices: mpsc::Receiver<Notice>,
+    pub(crate) shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    tx: mpsc::Sender<Notice>,
+    lagged: AtomicBool,
+    pub(crate) wake: Notify,
+}
+
+impl Shared {
+    /// Whether notices were dropped since the last call.
+    pub(crate) fn take_lagged(&self) -> bool {
+        self.lagged.swap(false, Ordering::AcqRel)
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Hub {
+    inner: Mutex<HubInner>,
+}
+
+#[derive(Default)]
+struct HubInner {
+    next_id: u64,
+    logs: HashMap<LogId, Vec<(u64, Arc<Shared>)>>,
+}
+
+impl Hub {
+    /// A new subscriber with an empty queue.
+    pub(crate) fn subscriber(&self) -> Subscriber {
+        let (tx, notices) = mpsc::channel(QUEUE);
+        let shared = Arc::new(Shared {
+            tx,
+            lagged: AtomicBool::new(false),
+            wake: Notify::new(),
+        });
+        let id = match self.inner.lock() {
+            Ok(mut inner) => {
+                inner.next_id += 1;
+                inner.next_id
+            }
+            Err(_) => 0,
+        };
+        Subscriber {
+            id,
+            notices,
+            shared,
+        }
+    }
+
+    pub(crate) fn subscribe(&self, log: LogId, sub: &Subscriber) {
+        if let Ok(mut inner) = self.inner.lock() {
+            let list = inner.logs.entry(log).or_default();
+            if !list.iter().any(|(id, _)| *id == sub.id) {
+                list.push((sub.id, sub.shared.clone()));
+            }
+        }
+    }
+
+    pub(crate) fn unsubscribe(&self, log: &LogId, id: u64) {
+        if let Ok(mut inner) = self.inner.lock()
+            && let Some(list) = inner.logs.get_mut(log)
+        {
+            list.retain(|(sid, _)| *sid != id);
+            if list.is_empty() {
+                inner.logs.remove(log);
+            }
+        }
+    }
+
+    pub(crate) fn unsubscribe_all(&self, logs: impl Iterator<Item = LogId>, id: u64) {
+        for log in logs {
+            self.unsubscribe(&log, id);
+        }
+    }
+
+    /// Tells every subscriber of `log` about a new item.
+    pub(crate) fn notify(&self, log: LogId, item: Item) {
+        let targets: Vec<Arc<Shared>> = match self.inner.lock() {
+            Ok(inner) => match inner.logs.get(&log) {
+                Some(list) => list.iter().map(|(_, s)| s.clone()).collect(),
+                None => return,
+            },
+            Err(_) => return,
+        };
+        let notice = Notice {
+            log,
+            item: Arc::new(item),
+        };
+        for shared in targets {
+            if shared.tx.try_send(notice.clone()).is_err() {
+                shared.lagged.store(true, Ordering::Release);
+                shared.wake.notify_one();
+            }
+        }
+    }
+
+    /// Subscriptions held, for metrics.
+    pub(crate) fn subscriptions(&self) -> usize {
+        self.inner
+            .lock()
+            .map(|i| i.logs.values().map(Vec::len).sum())
+            .unwrap_or(0)
+    }
+}

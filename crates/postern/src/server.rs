@@ -1,0 +1,232 @@
+//! `postern server`: configuration (flags, `POSTERN_*` variables, a TOML file, defaults, in
+//! that order of precedence), start-up, and shutdown on SIGTERM or Ctrl-C.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use postern_server::ServerConfig;
+use postern_store::{Quotas, Retention};
+use postern_store_sqlite::{Options, SqliteStore};
+use serde::Deserialize;
+
+/// Name of the database file in the data directory.
+const DATABASE: &str = "postern.db";
+/// Name of the file the server link is written to.
+const LINK_FILE: &str = "server-link.txt";
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct ServerArgs {
+    /// Address of the public TLS listener [default: 0.0.0.0:8443].
+    #[arg(long, env = "POSTERN_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Address of the admin listener (health, metrics) [default: 127.0.0.1:8444].
+    #[arg(long, env = "POSTERN_ADMIN")]
+    admin: Option<SocketAddr>,
+    /// Data directory: keys, certificate, database [default: $XDG_DATA_HOME/postern/server].
+    #[arg(long, env = "POSTERN_DATA")]
+    data: Option<PathBuf>,
+    /// TOML configuration file.
+    #[arg(long, env = "POSTERN_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+/// The configuration file. Every field is optional; unknown fields are an error.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+    data: Option<PathBuf>,
+    public_addrs: Option<Vec<String>>,
+    server_name: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    max_connections: Option<usize>,
+    #[serde(default)]
+    quotas: QuotaConfig,
+    #[serde(default)]
+    retention: RetentionConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuotaConfig {
+    disk_bytes: Option<u64>,
+    log_bytes: Option<u64>,
+    log_keys: Option<u32>,
+    drop_bytes: Option<u64>,
+    drops_per_mailbox: Option<u32>,
+    key_packages_per_device: Option<u32>,
+    claim_tokens_per_mailbox: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetentionConfig {
+    entry_days: Option<u32>,
+    commit_days: Option<u32>,
+    drop_days: Option<u32>,
+    mailbox_days: Option<u32>,
+}
+
+fn default_data_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local").join("share"))
+        });
+    base.unwrap_or_else(|| PathBuf::from("."))
+        .join("postern")
+        .join("server")
+}
+
+fn read_file_config(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+fn build_config(args: ServerArgs) -> Result<ServerConfig> {
+    let file = match &args.config {
+        Some(path) => read_file_config(path)?,
+        None => FileConfig::default(),
+    };
+    let data = args.data.or(file.data).unwrap_or_else(default_data_dir);
+    let mut config = ServerConfig::new(data);
+    if let Some(listen) = args.listen.or(file.listen) {
+        config.listen = listen;
+    }
+    if let Some(admin) = args.admin.or(file.admin) {
+        config.admin = admin;
+    }
+    config.public_addrs = file.public_addrs.unwrap_or_default();
+    config.server_name = file.server_name;
+    config.tls_cert = file.tls_cert;
+    config.tls_key = file.tls_key;
+    if let Some(n) = file.max_connections {
+        config.max_connections = n;
+    }
+    let q = file.quotas;
+    let d = Quotas::default();
+    config.quotas = Quotas {
+        disk_bytes: q.disk_bytes.unwrap_or(d.disk_bytes),
+        log_bytes: q.log_bytes.unwrap_or(d.log_bytes),
+        log_keys: q.log_keys.unwrap_or(d.log_keys),
+        drop_bytes: q.drop_bytes.unwrap_or(d.drop_bytes),
+        drops_per_mailbox: q.drops_per_mailbox.unwrap_or(d.drops_per_mailbox),
+        key_packages_per_device: q
+            .key_packages_per_device
+            .unwrap_or(d.key_packages_per_device),
+        devices_per_mailbox: d.devices_per_mailbox,
+        claim_tokens_per_mailbox: q
+            .claim_tokens_per_mailbox
+            .unwrap_or(d.claim_tokens_per_mailbox),
+    };
+    let r = file.retention;
+    let d = Retention::default();
+    config.retention = Retention {
+        entry_days: r.entry_days.unwrap_or(d.entry_days),
+        commit_days: r.commit_days.unwrap_or(d.commit_days),
+        drop_days: r.drop_days.unwrap_or(d.drop_days),
+        mailbox_days: r.mailbox_days.unwrap_or(d.mailbox_days),
+        upload_days: d.upload_days,
+    };
+    Ok(config)
+}
+
+pub(crate) fn run(args: ServerArgs, json: bool) -> Result<()> {
+    let config = build_config(args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(config, json))
+}
+
+async fn serve(config: ServerConfig, json: bool) -> Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let store = SqliteStore::open(
+        &config.data_dir.join(DATABASE),
+        Options {
+            quotas: config.quotas,
+            retention: config.retention,
+        },
+    )
+    .context("cannot open the database")?;
+    let unspecified = config.listen.ip().is_unspecified() && config.public_addrs.is_empty();
+    let data_dir = config.data_dir.clone();
+    let server = postern_server::start(config, store.clone(), postern_server::system_clock())
+        .await
+        .context("cannot start the server")?;
+    let link = server.link.to_link_string();
+    let link_path = data_dir.join(LINK_FILE);
+    write_private(&link_path, &format!("{link}\n"))
+        .with_context(|| format!("cannot write {}", link_path.display()))?;
+
+    let mut out = std::io::stdout().lock();
+    if json {
+        let line = serde_json::json!({
+            "event": "listening",
+            "listen": server.addr.to_string(),
+            "admin": server.admin_addr.to_string(),
+            "link": link,
+        });
+        writeln!(out, "{line}")?;
+    } else {
+        writeln!(
+            out,
+            "Postern server listening on {} (admin on {})",
+            server.addr, server.admin_addr
+        )?;
+        writeln!(out, "Data directory: {}", data_dir.display())?;
+        writeln!(
+            out,
+            "Server link (give it only to people you invite; also in {}):",
+            link_path.display()
+        )?;
+        writeln!(out, "{link}")?;
+        if unspecified {
+            writeln!(
+                out,
+                "Note: listening on all interfaces; the link says {}. Set public_addrs in the config file \
+                 to the address clients should use.",
+                server.link.addrs.join(", ")
+            )?;
+        }
+    }
+    out.flush()?;
+    drop(out);
+    tracing::info!("server started");
+
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    store.close();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Writes a file only its owner can read (the link carries the access secret).
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())
+}
+
+async fn wait_for_signal() -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        r = tokio::signal::ctrl_c() => r.context("cannot wait for Ctrl-C")?,
+    }
+    Ok(())
+}
