@@ -251,15 +251,11 @@ impl Connection {
             return Ok(push);
         }
         tokio::time::timeout(timeout, async {
-            loop {
-                match self.recv().await? {
-                    ServerFrame::Push(push) => return Ok(push),
-                    ServerFrame::Response { .. } => {
-                        return Err(NetError::Session(
-                            "unexpected answer while waiting for a push".into(),
-                        ));
-                    }
-                }
+            match self.recv().await? {
+                ServerFrame::Push(push) => Ok(push),
+                ServerFrame::Response { .. } => Err(NetError::Session(
+                    "unexpected answer while waiting for a push".into(),
+                )),
             }
         })
         .await

@@ -1070,7 +1070,7 @@ impl Store for SqliteStore {
 
     async fn usage(&self) -> Result<Usage, StoreError> {
         let quota_bytes = self.quotas().disk_bytes;
-        let used_bytes = self.read(|c| used_bytes(c)).await?;
+        let used_bytes = self.read(used_bytes).await?;
         Ok(Usage {
             used_bytes,
             quota_bytes,

@@ -3,6 +3,9 @@
 //! Each function takes a fresh, empty store with default [`Quotas`] and [`Retention`] unless
 //! its name says otherwise. Back ends run them all with [`conformance_tests!`](crate::conformance_tests).
 
+// A test suite: a failed expectation is a panic, as in any test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use postern_proto::frame::{ClaimPolicy, Item};
 use postern_proto::ids::{
     DeviceId, DropId, IdemKey, KeyId, LogId, MailboxId, PublicKey, TokenHash, UploadId,

@@ -1,8 +1,12 @@
 //! Test helpers: start the real `postern` binary on loopback with a temporary data
 //! directory, read its link, and drive it with the real client connection.
 //!
+//! Helpers fail by panicking, as tests do.
+//!
 //! Nothing here is mocked: the server is the binary users run, on real TLS, with the real
 //! SQLite store. Tests pass the binary's path (`env!("CARGO_BIN_EXE_postern")`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -230,3 +230,50 @@ async fn wait_for_signal() -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_applies() {
+        let file: FileConfig = toml::from_str(include_str!("../../../docs/server.example.toml"))
+            .expect("docs/server.example.toml parses");
+        assert_eq!(
+            file.public_addrs.as_deref(),
+            Some(&["203.0.113.7:8443".to_owned()][..])
+        );
+        assert_eq!(file.quotas.disk_bytes, Some(10 << 30));
+        assert_eq!(file.retention.commit_days, Some(180));
+    }
+
+    #[test]
+    fn unknown_settings_are_refused() {
+        assert!(
+            toml::from_str::<FileConfig>("listen = \"127.0.0.1:1\"\nlisten_typo = 1\n").is_err()
+        );
+        assert!(toml::from_str::<FileConfig>("[quotas]\ndisk = 1\n").is_err());
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = std::env::temp_dir().join(format!("postern-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("c.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:1000\"\nadmin = \"127.0.0.1:1001\"\n",
+        )
+        .expect("write");
+        let args = ServerArgs {
+            listen: Some("127.0.0.1:2000".parse().expect("addr")),
+            admin: None,
+            data: Some(dir.clone()),
+            config: Some(path),
+        };
+        let config = build_config(args).expect("config");
+        assert_eq!(config.listen.port(), 2000);
+        assert_eq!(config.admin.port(), 1001);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,6 +1,8 @@
 //! Integration tests: the real `postern` binary on loopback, driven by the real client
 //! connection. One test binary with modules, so the binary links once.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod disclosure;
 mod durability;
 mod ops;
