@@ -8,6 +8,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod faultfs;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -54,8 +56,21 @@ impl TestServer {
 
     /// Starts a server with extra environment variables (a config file path, say).
     pub async fn start_with_env(bin: &Path, extra_env: Vec<(String, String)>) -> Self {
+        Self::start_full(bin, None, extra_env).await
+    }
+
+    /// Starts a server whose data directory is `data_dir` (a [`faultfs::FaultFs`], say).
+    pub async fn start_at(bin: &Path, data_dir: &Path) -> Self {
+        Self::start_full(bin, Some(data_dir.to_owned()), Vec::new()).await
+    }
+
+    async fn start_full(
+        bin: &Path,
+        data_dir: Option<PathBuf>,
+        extra_env: Vec<(String, String)>,
+    ) -> Self {
         let root = tempfile::tempdir().expect("temporary directory");
-        let data_dir = root.path().join("data");
+        let data_dir = data_dir.unwrap_or_else(|| root.path().join("data"));
         let log_path = root.path().join("server.log");
         let env = extra_env;
         let (child, link, admin) = launch(bin, &data_dir, &log_path, &env).await;
