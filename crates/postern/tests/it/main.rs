@@ -1,7 +1,12 @@
 //! Integration tests: the real `postern` binary on loopback, driven by the real client
 //! connection. One test binary with modules, so the binary links once.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stderr
+)]
 
 mod disclosure;
 mod durability;
