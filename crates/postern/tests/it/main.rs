@@ -8,6 +8,7 @@
     clippy::print_stderr
 )]
 
+mod config;
 mod disclosure;
 mod durability;
 mod ops;
