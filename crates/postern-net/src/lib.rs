@@ -61,16 +61,12 @@ pub struct Connection {
 
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Connection")
-            .field("next_id", &self.next_id)
-            .finish_non_exhaustive()
+        f.debug_struct("Connection").field("next_id", &self.next_id).finish_non_exhaustive()
     }
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// A TLS client configuration that accepts exactly the link's pins.
@@ -95,21 +91,14 @@ pub async fn connect_tls(
     link: &ServerLink,
     alpn: &[&[u8]],
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, NetError> {
-    let addr = link
-        .addrs
-        .first()
-        .ok_or_else(|| NetError::Connect("link has no address".into()))?;
-    let tcp = TcpStream::connect(addr.as_str())
-        .await
-        .map_err(|e| NetError::Connect(e.to_string()))?;
+    let addr = link.addrs.first().ok_or_else(|| NetError::Connect("link has no address".into()))?;
+    let tcp =
+        TcpStream::connect(addr.as_str()).await.map_err(|e| NetError::Connect(e.to_string()))?;
     let _ = tcp.set_nodelay(true);
     let name = rustls::pki_types::ServerName::try_from(link.tls_name())
         .map_err(|e| NetError::Connect(e.to_string()))?;
     let connector = tokio_rustls::TlsConnector::from(tls_config(link, alpn)?);
-    connector
-        .connect(name, tcp)
-        .await
-        .map_err(|e| NetError::Connect(e.to_string()))
+    connector.connect(name, tcp).await.map_err(|e| NetError::Connect(e.to_string()))
 }
 
 /// A fresh gate token for the link's secret.
@@ -153,16 +142,9 @@ impl Connection {
             .await
             .map_err(|e| NetError::Session(e.to_string()))?;
         let answer = next_binary(&mut ws).await?;
-        let (transport, hello) = handshake
-            .finish(&answer)
-            .map_err(|e| NetError::Session(e.to_string()))?;
-        Ok(Connection {
-            ws,
-            transport,
-            nonce: hello.nonce,
-            next_id: 1,
-            pushes: VecDeque::new(),
-        })
+        let (transport, hello) =
+            handshake.finish(&answer).map_err(|e| NetError::Session(e.to_string()))?;
+        Ok(Connection { ws, transport, nonce: hello.nonce, next_id: 1, pushes: VecDeque::new() })
     }
 
     /// This connection's server nonce (signed requests bind it).
@@ -178,11 +160,7 @@ impl Connection {
     ) -> Result<u32, NetError> {
         let request_id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
-        let mut frame = ClientFrame {
-            request_id,
-            request,
-            signature: None,
-        };
+        let mut frame = ClientFrame { request_id, request, signature: None };
         if let Some(key) = signer {
             frame.sign(key, &self.nonce);
         }
@@ -197,10 +175,7 @@ impl Connection {
 
     /// Seals and sends arbitrary frame bytes.
     pub async fn send_raw(&mut self, frame: &[u8]) -> Result<(), NetError> {
-        let sealed = self
-            .transport
-            .seal(frame)
-            .map_err(|e| NetError::Session(e.to_string()))?;
+        let sealed = self.transport.seal(frame).map_err(|e| NetError::Session(e.to_string()))?;
         self.ws
             .send(Message::Binary(sealed.into()))
             .await
@@ -210,10 +185,7 @@ impl Connection {
     /// The next frame from the server (pushes included).
     pub async fn recv(&mut self) -> Result<ServerFrame, NetError> {
         let sealed = next_binary(&mut self.ws).await?;
-        let plain = self
-            .transport
-            .open(&sealed)
-            .map_err(|e| NetError::Session(e.to_string()))?;
+        let plain = self.transport.open(&sealed).map_err(|e| NetError::Session(e.to_string()))?;
         ServerFrame::decode(&plain).map_err(|e| NetError::Session(e.to_string()))
     }
 
@@ -221,10 +193,7 @@ impl Connection {
     pub async fn response(&mut self, request_id: u32) -> Result<Response, NetError> {
         loop {
             match self.recv().await? {
-                ServerFrame::Response {
-                    request_id: id,
-                    result,
-                } if id == request_id || id == 0 => {
+                ServerFrame::Response { request_id: id, result } if id == request_id || id == 0 => {
                     return result.map_err(NetError::Refused);
                 }
                 ServerFrame::Response { .. } => {
@@ -253,9 +222,9 @@ impl Connection {
         tokio::time::timeout(timeout, async {
             match self.recv().await? {
                 ServerFrame::Push(push) => Ok(push),
-                ServerFrame::Response { .. } => Err(NetError::Session(
-                    "unexpected answer while waiting for a push".into(),
-                )),
+                ServerFrame::Response { .. } => {
+                    Err(NetError::Session("unexpected answer while waiting for a push".into()))
+                }
             }
         })
         .await

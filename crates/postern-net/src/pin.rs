@@ -41,9 +41,7 @@ impl ServerCertVerifier for PinVerifier {
     ) -> Result<ServerCertVerified, Error> {
         match spki_pin(end_entity) {
             Some(pin) if self.pins.contains(&pin) => Ok(ServerCertVerified::assertion()),
-            _ => Err(Error::General(
-                "server key does not match the link's pin".into(),
-            )),
+            _ => Err(Error::General("server key does not match the link's pin".into())),
         }
     }
 
@@ -76,8 +74,6 @@ impl ServerCertVerifier for PinVerifier {
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }

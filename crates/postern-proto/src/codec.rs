@@ -13,9 +13,7 @@ pub(crate) struct Writer {
 
 impl Writer {
     pub(crate) fn new() -> Self {
-        Self {
-            buf: Vec::with_capacity(128),
-        }
+        Self { buf: Vec::with_capacity(128) }
     }
 
     pub(crate) fn u8(&mut self, v: u8) -> &mut Self {
@@ -128,10 +126,6 @@ impl<'a> Reader<'a> {
 
     /// Succeeds only when every byte has been consumed.
     pub(crate) fn finish(self) -> Result<(), DecodeError> {
-        if self.buf.is_empty() {
-            Ok(())
-        } else {
-            Err(DecodeError::TrailingBytes)
-        }
+        if self.buf.is_empty() { Ok(()) } else { Err(DecodeError::TrailingBytes) }
     }
 }

@@ -58,9 +58,7 @@ impl Envelope {
 
     fn encode_unsigned(&self) -> Vec<u8> {
         let mut w = Writer::new();
-        w.u8(ENVELOPE_VERSION)
-            .fixed(&self.key_id.0)
-            .fixed(&self.idem.0);
+        w.u8(ENVELOPE_VERSION).fixed(&self.key_id.0).fixed(&self.idem.0);
         match &self.next_key {
             Some(k) => w.u8(FLAG_NEXT_KEY).fixed(&k.0),
             None => w.u8(0),
@@ -107,12 +105,6 @@ impl Envelope {
         let ciphertext = r.bytes(MAX_ENTRY)?.to_vec();
         let signature = Signature(r.array()?);
         r.finish()?;
-        Ok(Envelope {
-            key_id,
-            idem,
-            next_key,
-            ciphertext,
-            signature,
-        })
+        Ok(Envelope { key_id, idem, next_key, ciphertext, signature })
     }
 }

@@ -44,32 +44,17 @@ pub enum Request {
     /// Liveness check; answered with [`Response::Pong`].
     Ping,
     /// Create a mailbox owned by `owner_key` (signed by that key).
-    MailboxCreate {
-        mailbox: MailboxId,
-        owner_key: PublicKey,
-    },
+    MailboxCreate { mailbox: MailboxId, owner_key: PublicKey },
     /// Add a drop address to a mailbox (owner-signed).
     DropCreate { mailbox: MailboxId, drop: DropId },
     /// Remove a drop address and everything dropped through it that is unread (owner-signed).
     DropRevoke { mailbox: MailboxId, drop: DropId },
     /// Drop a sealed item through a drop address (no signature: the address is the capability).
-    Drop {
-        drop: DropId,
-        idem: IdemKey,
-        body: Body,
-    },
+    Drop { drop: DropId, idem: IdemKey, body: Body },
     /// Items after `after`, oldest first (owner-signed).
-    MailboxFetch {
-        mailbox: MailboxId,
-        after: u64,
-        max_items: u16,
-    },
+    MailboxFetch { mailbox: MailboxId, after: u64, max_items: u16 },
     /// The rest of a large mailbox item from `offset` (owner-signed).
-    MailboxReadPart {
-        mailbox: MailboxId,
-        seq: u64,
-        offset: u32,
-    },
+    MailboxReadPart { mailbox: MailboxId, seq: u64, offset: u32 },
     /// Delete items up to and including `through` (owner-signed).
     MailboxDelete { mailbox: MailboxId, through: u64 },
     /// Add encrypted key packages to a device's pool (owner-signed).
@@ -89,10 +74,7 @@ pub enum Request {
         expires_day: u32,
     },
     /// Revoke a claim token (owner-signed).
-    ClaimTokenRevoke {
-        mailbox: MailboxId,
-        token_hash: TokenHash,
-    },
+    ClaimTokenRevoke { mailbox: MailboxId, token_hash: TokenHash },
     /// Claim one key package per device of the mailbox the token belongs to.
     KeyPackageClaim { token: ClaimToken },
     /// Create a log whose first append key is `key` (signed by that key).
@@ -100,11 +82,7 @@ pub enum Request {
     /// Append an envelope ([`crate::envelope::Envelope`]) to a log.
     LogAppend { log: LogId, body: Body },
     /// Entries after `after`, oldest first.
-    LogRead {
-        log: LogId,
-        after: u64,
-        max_items: u16,
-    },
+    LogRead { log: LogId, after: u64, max_items: u16 },
     /// The rest of a large entry from `offset`.
     LogReadPart { log: LogId, seq: u64, offset: u32 },
     /// Push entries after `after`, then every new one, until unsubscribed.
@@ -112,12 +90,7 @@ pub enum Request {
     /// Stop pushing a log's entries.
     Unsubscribe { log: LogId },
     /// One chunk of a resumable upload of `total_len` bytes.
-    UploadChunk {
-        upload: UploadId,
-        total_len: u32,
-        offset: u32,
-        bytes: Vec<u8>,
-    },
+    UploadChunk { upload: UploadId, total_len: u32, offset: u32, bytes: Vec<u8> },
 }
 
 mod op {
@@ -271,11 +244,7 @@ impl ClientFrame {
             Signer::Owner(_) | Signer::Key(_) => Some(Signature(r.array()?)),
         };
         r.finish()?;
-        Ok(Self {
-            request_id,
-            request,
-            signature,
-        })
+        Ok(Self { request_id, request, signature })
     }
 }
 
@@ -304,9 +273,7 @@ fn encode_request(w: &mut Writer, req: &Request) {
             w.u8(op::PING);
         }
         Request::MailboxCreate { mailbox, owner_key } => {
-            w.u8(op::MAILBOX_CREATE)
-                .fixed(&mailbox.0)
-                .fixed(&owner_key.0);
+            w.u8(op::MAILBOX_CREATE).fixed(&mailbox.0).fixed(&owner_key.0);
         }
         Request::DropCreate { mailbox, drop } => {
             w.u8(op::DROP_CREATE).fixed(&mailbox.0).fixed(&drop.0);
@@ -318,35 +285,16 @@ fn encode_request(w: &mut Writer, req: &Request) {
             w.u8(op::DROP).fixed(&drop.0).fixed(&idem.0);
             encode_body(w, body);
         }
-        Request::MailboxFetch {
-            mailbox,
-            after,
-            max_items,
-        } => {
-            w.u8(op::MAILBOX_FETCH)
-                .fixed(&mailbox.0)
-                .u64(*after)
-                .u16(*max_items);
+        Request::MailboxFetch { mailbox, after, max_items } => {
+            w.u8(op::MAILBOX_FETCH).fixed(&mailbox.0).u64(*after).u16(*max_items);
         }
-        Request::MailboxReadPart {
-            mailbox,
-            seq,
-            offset,
-        } => {
-            w.u8(op::MAILBOX_READ_PART)
-                .fixed(&mailbox.0)
-                .u64(*seq)
-                .u32(*offset);
+        Request::MailboxReadPart { mailbox, seq, offset } => {
+            w.u8(op::MAILBOX_READ_PART).fixed(&mailbox.0).u64(*seq).u32(*offset);
         }
         Request::MailboxDelete { mailbox, through } => {
             w.u8(op::MAILBOX_DELETE).fixed(&mailbox.0).u64(*through);
         }
-        Request::KeyPackageUpload {
-            mailbox,
-            device,
-            last_resort,
-            packages,
-        } => {
+        Request::KeyPackageUpload { mailbox, device, last_resort, packages } => {
             w.u8(op::KEY_PACKAGE_UPLOAD)
                 .fixed(&mailbox.0)
                 .fixed(&device.0)
@@ -359,28 +307,16 @@ fn encode_request(w: &mut Writer, req: &Request) {
         Request::KeyPackageStatus { mailbox } => {
             w.u8(op::KEY_PACKAGE_STATUS).fixed(&mailbox.0);
         }
-        Request::ClaimTokenCreate {
-            mailbox,
-            token_hash,
-            policy,
-            expires_day,
-        } => {
-            w.u8(op::CLAIM_TOKEN_CREATE)
-                .fixed(&mailbox.0)
-                .fixed(&token_hash.0);
+        Request::ClaimTokenCreate { mailbox, token_hash, policy, expires_day } => {
+            w.u8(op::CLAIM_TOKEN_CREATE).fixed(&mailbox.0).fixed(&token_hash.0);
             match policy {
                 ClaimPolicy::Once => w.u8(0).u16(0),
                 ClaimPolicy::Daily(n) => w.u8(1).u16(*n),
             };
             w.u32(*expires_day);
         }
-        Request::ClaimTokenRevoke {
-            mailbox,
-            token_hash,
-        } => {
-            w.u8(op::CLAIM_TOKEN_REVOKE)
-                .fixed(&mailbox.0)
-                .fixed(&token_hash.0);
+        Request::ClaimTokenRevoke { mailbox, token_hash } => {
+            w.u8(op::CLAIM_TOKEN_REVOKE).fixed(&mailbox.0).fixed(&token_hash.0);
         }
         Request::KeyPackageClaim { token } => {
             w.u8(op::KEY_PACKAGE_CLAIM).fixed(&token.0);
@@ -392,11 +328,7 @@ fn encode_request(w: &mut Writer, req: &Request) {
             w.u8(op::LOG_APPEND).fixed(&log.0);
             encode_body(w, body);
         }
-        Request::LogRead {
-            log,
-            after,
-            max_items,
-        } => {
+        Request::LogRead { log, after, max_items } => {
             w.u8(op::LOG_READ).fixed(&log.0).u64(*after).u16(*max_items);
         }
         Request::LogReadPart { log, seq, offset } => {
@@ -408,17 +340,8 @@ fn encode_request(w: &mut Writer, req: &Request) {
         Request::Unsubscribe { log } => {
             w.u8(op::UNSUBSCRIBE).fixed(&log.0);
         }
-        Request::UploadChunk {
-            upload,
-            total_len,
-            offset,
-            bytes,
-        } => {
-            w.u8(op::UPLOAD_CHUNK)
-                .fixed(&upload.0)
-                .u32(*total_len)
-                .u32(*offset)
-                .bytes(bytes);
+        Request::UploadChunk { upload, total_len, offset, bytes } => {
+            w.u8(op::UPLOAD_CHUNK).fixed(&upload.0).u32(*total_len).u32(*offset).bytes(bytes);
         }
     }
 }
@@ -430,14 +353,12 @@ fn decode_request(r: &mut Reader<'_>) -> Result<Request, DecodeError> {
             mailbox: MailboxId(r.array()?),
             owner_key: PublicKey(r.array()?),
         },
-        op::DROP_CREATE => Request::DropCreate {
-            mailbox: MailboxId(r.array()?),
-            drop: DropId(r.array()?),
-        },
-        op::DROP_REVOKE => Request::DropRevoke {
-            mailbox: MailboxId(r.array()?),
-            drop: DropId(r.array()?),
-        },
+        op::DROP_CREATE => {
+            Request::DropCreate { mailbox: MailboxId(r.array()?), drop: DropId(r.array()?) }
+        }
+        op::DROP_REVOKE => {
+            Request::DropRevoke { mailbox: MailboxId(r.array()?), drop: DropId(r.array()?) }
+        }
         op::DROP => Request::Drop {
             drop: DropId(r.array()?),
             idem: IdemKey(r.array()?),
@@ -453,10 +374,9 @@ fn decode_request(r: &mut Reader<'_>) -> Result<Request, DecodeError> {
             seq: r.u64()?,
             offset: r.u32()?,
         },
-        op::MAILBOX_DELETE => Request::MailboxDelete {
-            mailbox: MailboxId(r.array()?),
-            through: r.u64()?,
-        },
+        op::MAILBOX_DELETE => {
+            Request::MailboxDelete { mailbox: MailboxId(r.array()?), through: r.u64()? }
+        }
         op::KEY_PACKAGE_UPLOAD => {
             let mailbox = MailboxId(r.array()?);
             let device = DeviceId(r.array()?);
@@ -469,16 +389,9 @@ fn decode_request(r: &mut Reader<'_>) -> Result<Request, DecodeError> {
             for _ in 0..count {
                 packages.push(r.bytes(MAX_KEY_PACKAGE)?.to_vec());
             }
-            Request::KeyPackageUpload {
-                mailbox,
-                device,
-                last_resort,
-                packages,
-            }
+            Request::KeyPackageUpload { mailbox, device, last_resort, packages }
         }
-        op::KEY_PACKAGE_STATUS => Request::KeyPackageStatus {
-            mailbox: MailboxId(r.array()?),
-        },
+        op::KEY_PACKAGE_STATUS => Request::KeyPackageStatus { mailbox: MailboxId(r.array()?) },
         op::CLAIM_TOKEN_CREATE => {
             let mailbox = MailboxId(r.array()?);
             let token_hash = TokenHash(r.array()?);
@@ -487,45 +400,23 @@ fn decode_request(r: &mut Reader<'_>) -> Result<Request, DecodeError> {
                 (1, n) if n > 0 => ClaimPolicy::Daily(n),
                 _ => return Err(DecodeError::Invalid("claim policy")),
             };
-            Request::ClaimTokenCreate {
-                mailbox,
-                token_hash,
-                policy,
-                expires_day: r.u32()?,
-            }
+            Request::ClaimTokenCreate { mailbox, token_hash, policy, expires_day: r.u32()? }
         }
         op::CLAIM_TOKEN_REVOKE => Request::ClaimTokenRevoke {
             mailbox: MailboxId(r.array()?),
             token_hash: TokenHash(r.array()?),
         },
-        op::KEY_PACKAGE_CLAIM => Request::KeyPackageClaim {
-            token: ClaimToken(r.array()?),
-        },
-        op::LOG_CREATE => Request::LogCreate {
-            log: LogId(r.array()?),
-            key: PublicKey(r.array()?),
-        },
-        op::LOG_APPEND => Request::LogAppend {
-            log: LogId(r.array()?),
-            body: decode_body(r)?,
-        },
-        op::LOG_READ => Request::LogRead {
-            log: LogId(r.array()?),
-            after: r.u64()?,
-            max_items: r.u16()?,
-        },
-        op::LOG_READ_PART => Request::LogReadPart {
-            log: LogId(r.array()?),
-            seq: r.u64()?,
-            offset: r.u32()?,
-        },
-        op::SUBSCRIBE => Request::Subscribe {
-            log: LogId(r.array()?),
-            after: r.u64()?,
-        },
-        op::UNSUBSCRIBE => Request::Unsubscribe {
-            log: LogId(r.array()?),
-        },
+        op::KEY_PACKAGE_CLAIM => Request::KeyPackageClaim { token: ClaimToken(r.array()?) },
+        op::LOG_CREATE => Request::LogCreate { log: LogId(r.array()?), key: PublicKey(r.array()?) },
+        op::LOG_APPEND => Request::LogAppend { log: LogId(r.array()?), body: decode_body(r)? },
+        op::LOG_READ => {
+            Request::LogRead { log: LogId(r.array()?), after: r.u64()?, max_items: r.u16()? }
+        }
+        op::LOG_READ_PART => {
+            Request::LogReadPart { log: LogId(r.array()?), seq: r.u64()?, offset: r.u32()? }
+        }
+        op::SUBSCRIBE => Request::Subscribe { log: LogId(r.array()?), after: r.u64()? },
+        op::UNSUBSCRIBE => Request::Unsubscribe { log: LogId(r.array()?) },
         op::UPLOAD_CHUNK => Request::UploadChunk {
             upload: UploadId(r.array()?),
             total_len: r.u32()?,
@@ -688,10 +579,7 @@ pub enum Push {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerFrame {
     /// The answer to the request with this id.
-    Response {
-        request_id: u32,
-        result: Result<Response, ErrorCode>,
-    },
+    Response { request_id: u32, result: Result<Response, ErrorCode> },
     /// An unsolicited push.
     Push(Push),
 }
@@ -732,11 +620,7 @@ fn decode_items(r: &mut Reader<'_>) -> Result<Vec<Item>, DecodeError> {
         if bytes.len() > total_len as usize {
             return Err(DecodeError::Invalid("item length"));
         }
-        items.push(Item {
-            seq,
-            total_len,
-            bytes,
-        });
+        items.push(Item { seq, total_len, bytes });
     }
     Ok(items)
 }
@@ -794,14 +678,9 @@ impl ServerFrame {
             KIND_PUSH => match r.u8()? {
                 PUSH_ITEMS => {
                     let log = LogId(r.array()?);
-                    ServerFrame::Push(Push::Items {
-                        log,
-                        items: decode_items(&mut r)?,
-                    })
+                    ServerFrame::Push(Push::Items { log, items: decode_items(&mut r)? })
                 }
-                PUSH_LOST => ServerFrame::Push(Push::SubscriptionLost {
-                    log: LogId(r.array()?),
-                }),
+                PUSH_LOST => ServerFrame::Push(Push::SubscriptionLost { log: LogId(r.array()?) }),
                 _ => return Err(DecodeError::Invalid("push kind")),
             },
             _ => return Err(DecodeError::Invalid("frame kind")),
@@ -830,15 +709,13 @@ fn encode_response(w: &mut Writer, resp: &Response) {
             w.u8(resp::PART).bytes(bytes);
         }
         Response::KeyPackages(packages) => {
-            w.u8(resp::KEY_PACKAGES)
-                .u8(u8::try_from(packages.len()).unwrap_or(u8::MAX));
+            w.u8(resp::KEY_PACKAGES).u8(u8::try_from(packages.len()).unwrap_or(u8::MAX));
             for p in packages {
                 w.bytes(p);
             }
         }
         Response::KeyPackageStatus(devices) => {
-            w.u8(resp::KEY_PACKAGE_STATUS)
-                .u8(u8::try_from(devices.len()).unwrap_or(u8::MAX));
+            w.u8(resp::KEY_PACKAGE_STATUS).u8(u8::try_from(devices.len()).unwrap_or(u8::MAX));
             for d in devices {
                 w.fixed(&d.device.0).u32(d.remaining).bool(d.last_resort);
             }
@@ -856,10 +733,7 @@ fn decode_response(r: &mut Reader<'_>) -> Result<Response, DecodeError> {
         resp::SEQ => Response::Seq(r.u64()?),
         resp::ITEMS => {
             let more = r.bool()?;
-            Response::Items {
-                items: decode_items(r)?,
-                more,
-            }
+            Response::Items { items: decode_items(r)?, more }
         }
         resp::PART => Response::Part(r.bytes(MAX_INLINE)?.to_vec()),
         resp::KEY_PACKAGES => {

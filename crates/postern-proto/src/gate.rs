@@ -99,9 +99,7 @@ impl GateKey {
         if token.len() > 64 {
             return Err(GateError::Malformed);
         }
-        let raw = URL_SAFE_NO_PAD
-            .decode(token)
-            .map_err(|_| GateError::Malformed)?;
+        let raw = URL_SAFE_NO_PAD.decode(token).map_err(|_| GateError::Malformed)?;
         if raw.len() != TOKEN_LEN {
             return Err(GateError::Malformed);
         }
@@ -114,8 +112,7 @@ impl GateKey {
         mac.update(MAC_CONTEXT);
         mac.update(&ts);
         mac.update(&nonce);
-        mac.verify_truncated_left(&raw[24..])
-            .map_err(|_| GateError::BadMac)?;
+        mac.verify_truncated_left(&raw[24..]).map_err(|_| GateError::BadMac)?;
         if timestamp.abs_diff(now_secs) > WINDOW_SECS {
             return Err(GateError::Stale);
         }
@@ -144,20 +141,14 @@ mod tests {
         let t = key().token(1_000_000, [3; 16]);
         assert_eq!(
             key().check(&t, 1_000_100),
-            Ok(FreshToken {
-                timestamp: 1_000_000,
-                nonce: [3; 16]
-            })
+            Ok(FreshToken { timestamp: 1_000_000, nonce: [3; 16] })
         );
     }
 
     #[test]
     fn refusals() {
         let t = key().token(1_000_000, [3; 16]);
-        assert_eq!(
-            key().check(&t, 1_000_000 + WINDOW_SECS + 1),
-            Err(GateError::Stale)
-        );
+        assert_eq!(key().check(&t, 1_000_000 + WINDOW_SECS + 1), Err(GateError::Stale));
         let other = GateKey::derive(&AccessSecret([8; 32]));
         assert_eq!(other.check(&t, 1_000_000), Err(GateError::BadMac));
         assert_eq!(key().check("not a token", 0), Err(GateError::Malformed));

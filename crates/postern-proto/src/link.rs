@@ -66,9 +66,7 @@ pub enum LinkError {
 }
 
 fn b64<const N: usize>(value: &str, field: &'static str) -> Result<[u8; N], LinkError> {
-    let raw = URL_SAFE_NO_PAD
-        .decode(value)
-        .map_err(|_| LinkError::Invalid(field))?;
+    let raw = URL_SAFE_NO_PAD.decode(value).map_err(|_| LinkError::Invalid(field))?;
     raw.try_into().map_err(|_| LinkError::Invalid(field))
 }
 
@@ -87,9 +85,7 @@ fn valid_host_port(value: &str) -> bool {
 fn valid_name(value: &str) -> bool {
     !value.is_empty()
         && value.len() <= 253
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
+        && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
 }
 
 impl ServerLink {
@@ -98,10 +94,7 @@ impl ServerLink {
         if link.len() > MAX_LINK {
             return Err(LinkError::TooLong);
         }
-        let rest = link
-            .trim()
-            .strip_prefix(PREFIX)
-            .ok_or(LinkError::NotALink)?;
+        let rest = link.trim().strip_prefix(PREFIX).ok_or(LinkError::NotALink)?;
         let (mut version, mut name, mut key, mut secret) = (None, None, None, None);
         let (mut addrs, mut pins) = (Vec::new(), Vec::new());
         for pair in rest.split('&').filter(|p| !p.is_empty()) {
@@ -189,9 +182,7 @@ impl ServerLink {
         }
         let addr = self.addrs.first().map(String::as_str).unwrap_or_default();
         let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-        host.trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned()
+        host.trim_start_matches('[').trim_end_matches(']').to_owned()
     }
 }
 
@@ -227,14 +218,8 @@ mod tests {
         check(&good.replace("v=1", "v=2"), LinkError::Version("2".into()));
         check(&good.replace("&k=", "&x="), LinkError::Missing("k"));
         check(&format!("{good}&k=AAAA"), LinkError::Invalid("k"));
-        check(
-            &good.replace("127.0.0.1:8443", "127.0.0.1:0"),
-            LinkError::Invalid("a"),
-        );
-        check(
-            &good.replace("127.0.0.1:8443", "bad host:1"),
-            LinkError::Invalid("a"),
-        );
+        check(&good.replace("127.0.0.1:8443", "127.0.0.1:0"), LinkError::Invalid("a"));
+        check(&good.replace("127.0.0.1:8443", "bad host:1"), LinkError::Invalid("a"));
         check(&"x".repeat(MAX_LINK + 1), LinkError::TooLong);
         // Unknown fields are ignored for forward compatibility.
         assert!(ServerLink::parse(&format!("{good}&future=1")).is_ok());

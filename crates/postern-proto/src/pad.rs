@@ -45,13 +45,7 @@ mod tests {
 
     #[test]
     fn sizes_land_in_buckets() {
-        for (len, bucket) in [
-            (0, 256),
-            (252, 256),
-            (253, 1024),
-            (4092, 4096),
-            (4093, MAX_FRAME),
-        ] {
+        for (len, bucket) in [(0, 256), (252, 256), (253, 1024), (4092, 4096), (4093, MAX_FRAME)] {
             let padded = pad(&vec![7; len]).unwrap();
             assert_eq!(padded.len(), bucket, "frame of {len}");
             assert_eq!(unpad(&padded).unwrap(), &vec![7; len][..]);

@@ -42,9 +42,7 @@ pub enum SessionError {
 }
 
 fn builder() -> Result<snow::Builder<'static>, SessionError> {
-    let params = PARAMS
-        .parse()
-        .map_err(|_| SessionError::Internal("noise params"))?;
+    let params = PARAMS.parse().map_err(|_| SessionError::Internal("noise params"))?;
     Ok(snow::Builder::new(params))
 }
 
@@ -66,18 +64,10 @@ impl std::fmt::Debug for StaticKeypair {
 impl StaticKeypair {
     /// Generates a fresh key pair from the operating system's randomness.
     pub fn generate() -> Result<Self, SessionError> {
-        let kp = builder()?
-            .generate_keypair()
-            .map_err(|_| SessionError::Internal("keygen"))?;
+        let kp = builder()?.generate_keypair().map_err(|_| SessionError::Internal("keygen"))?;
         Ok(StaticKeypair {
-            private: kp
-                .private
-                .try_into()
-                .map_err(|_| SessionError::Internal("key size"))?,
-            public: kp
-                .public
-                .try_into()
-                .map_err(|_| SessionError::Internal("key size"))?,
+            private: kp.private.try_into().map_err(|_| SessionError::Internal("key size"))?,
+            public: kp.public.try_into().map_err(|_| SessionError::Internal("key size"))?,
         })
     }
 
@@ -119,8 +109,7 @@ pub struct ServerHello {
 impl ClientHello {
     fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
-        w.u8(u8::try_from(self.versions.len()).unwrap_or(u8::MAX))
-            .fixed(&self.versions);
+        w.u8(u8::try_from(self.versions.len()).unwrap_or(u8::MAX)).fixed(&self.versions);
         w.finish()
     }
 
@@ -145,10 +134,7 @@ impl ServerHello {
 
     fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(bytes);
-        let hello = ServerHello {
-            version: r.u8()?,
-            nonce: r.array()?,
-        };
+        let hello = ServerHello { version: r.u8()?, nonce: r.array()? };
         r.finish()?;
         Ok(hello)
     }
@@ -173,10 +159,7 @@ impl ClientHandshake {
             .prologue(PROLOGUE)
             .build_initiator()
             .map_err(|_| SessionError::Internal("build initiator"))?;
-        let hello = ClientHello {
-            versions: vec![VERSION],
-        }
-        .encode();
+        let hello = ClientHello { versions: vec![VERSION] }.encode();
         let mut buf = vec![0u8; MAX_HANDSHAKE];
         let n = state
             .write_message(&hello, &mut buf)
@@ -191,18 +174,13 @@ impl ClientHandshake {
             return Err(SessionError::Decrypt);
         }
         let mut buf = vec![0u8; MAX_HANDSHAKE];
-        let n = self
-            .state
-            .read_message(message, &mut buf)
-            .map_err(|_| SessionError::Decrypt)?;
+        let n = self.state.read_message(message, &mut buf).map_err(|_| SessionError::Decrypt)?;
         let hello = ServerHello::decode(&buf[..n])?;
         if hello.version != VERSION {
             return Err(SessionError::NoCommonVersion);
         }
-        let state = self
-            .state
-            .into_transport_mode()
-            .map_err(|_| SessionError::Internal("transport"))?;
+        let state =
+            self.state.into_transport_mode().map_err(|_| SessionError::Internal("transport"))?;
         Ok((Transport { state }, hello))
     }
 }
@@ -225,15 +203,9 @@ pub fn server_respond(
         .build_responder()
         .map_err(|_| SessionError::Internal("build responder"))?;
     let mut buf = vec![0u8; MAX_HANDSHAKE];
-    let n = state
-        .read_message(message, &mut buf)
-        .map_err(|_| SessionError::Decrypt)?;
+    let n = state.read_message(message, &mut buf).map_err(|_| SessionError::Decrypt)?;
     let hello = ClientHello::decode(&buf[..n])?;
-    let version = if hello.versions.contains(&VERSION) {
-        VERSION
-    } else {
-        0
-    };
+    let version = if hello.versions.contains(&VERSION) { VERSION } else { 0 };
     let answer = ServerHello { version, nonce }.encode();
     let n = state
         .write_message(&answer, &mut buf)
@@ -242,9 +214,7 @@ pub fn server_respond(
     if version == 0 {
         return Ok((None, buf));
     }
-    let state = state
-        .into_transport_mode()
-        .map_err(|_| SessionError::Internal("transport"))?;
+    let state = state.into_transport_mode().map_err(|_| SessionError::Internal("transport"))?;
     Ok((Some(Transport { state }), buf))
 }
 
@@ -278,10 +248,7 @@ impl Transport {
             return Err(SessionError::Decrypt);
         }
         let mut buf = vec![0u8; message.len()];
-        let n = self
-            .state
-            .read_message(message, &mut buf)
-            .map_err(|_| SessionError::Decrypt)?;
+        let n = self.state.read_message(message, &mut buf).map_err(|_| SessionError::Decrypt)?;
         Ok(pad::unpad(&buf[..n])?.to_vec())
     }
 }
@@ -293,21 +260,12 @@ mod tests {
     #[test]
     fn handshake_and_frames_both_ways() {
         let server = StaticKeypair::generate().unwrap();
-        assert_eq!(
-            StaticKeypair::from_private(server.private).public,
-            server.public
-        );
+        assert_eq!(StaticKeypair::from_private(server.private).public, server.public);
         let (client, m1) = ClientHandshake::start(&server.public).unwrap();
         let (st, m2) = server_respond(&server, &m1, [5; 32]).unwrap();
         let mut st = st.unwrap();
         let (mut ct, hello) = client.finish(&m2).unwrap();
-        assert_eq!(
-            hello,
-            ServerHello {
-                version: VERSION,
-                nonce: [5; 32]
-            }
-        );
+        assert_eq!(hello, ServerHello { version: VERSION, nonce: [5; 32] });
 
         let sealed = ct.seal(b"hello server").unwrap();
         assert_eq!(sealed.len(), 256 + TAG, "padded to the smallest bucket");
@@ -322,10 +280,7 @@ mod tests {
         let server = StaticKeypair::generate().unwrap();
         let other = StaticKeypair::generate().unwrap();
         let (_client, m1) = ClientHandshake::start(&other.public).unwrap();
-        assert!(matches!(
-            server_respond(&server, &m1, [0; 32]),
-            Err(SessionError::Decrypt)
-        ));
+        assert!(matches!(server_respond(&server, &m1, [0; 32]), Err(SessionError::Decrypt)));
     }
 
     #[test]

@@ -22,10 +22,7 @@ struct Seen {
 
 impl Gate {
     pub(crate) fn new(key: GateKey) -> Self {
-        Gate {
-            key,
-            seen: Mutex::new(Seen::default()),
-        }
+        Gate { key, seen: Mutex::new(Seen::default()) }
     }
 
     /// Whether `token` opens the gate now. A token opens it at most once.
@@ -53,8 +50,7 @@ impl Gate {
         }
         // Timestamps can arrive out of order within the window; keep the queue ordered by
         // the latest time a nonce could still be valid.
-        seen.order
-            .push_back((fresh.timestamp.max(now_secs), fresh.nonce));
+        seen.order.push_back((fresh.timestamp.max(now_secs), fresh.nonce));
         true
     }
 }
@@ -76,9 +72,6 @@ mod tests {
         assert!(!gate.admit(&t, 10_000 + WINDOW_SECS + 1), "stale");
         assert!(!gate.admit("garbage", 10_000));
         let other = GateKey::derive(&AccessSecret([2; 32]));
-        assert!(
-            !gate.admit(&other.token(10_000, [3; 16]), 10_000),
-            "wrong secret"
-        );
+        assert!(!gate.admit(&other.token(10_000, [3; 16]), 10_000), "wrong secret");
     }
 }

@@ -31,10 +31,7 @@ pub(crate) fn code(e: StoreError) -> ErrorCode {
 }
 
 pub(crate) fn read_limit(max_items: u16) -> ReadLimit {
-    ReadLimit {
-        max_items: usize::from(max_items).clamp(1, MAX_ITEMS),
-        max_bytes: READ_BUDGET,
-    }
+    ReadLimit { max_items: usize::from(max_items).clamp(1, MAX_ITEMS), max_bytes: READ_BUDGET }
 }
 
 /// Checks the request's signature, if it needs one. A bad signature and an unknown mailbox
@@ -47,18 +44,10 @@ async fn authorize<S: Store>(
     let key = match frame.request.signer() {
         Signer::None => return Ok(()),
         Signer::Key(key) => key,
-        Signer::Owner(mailbox) => app
-            .store
-            .owner_key(mailbox, app.today())
-            .await
-            .map_err(code)?,
+        Signer::Owner(mailbox) => app.store.owner_key(mailbox, app.today()).await.map_err(code)?,
     };
     let sig = frame.signature.as_ref().ok_or(ErrorCode::BadFrame)?;
-    if key.verify(&frame.signing_input(nonce), sig) {
-        Ok(())
-    } else {
-        Err(ErrorCode::NotFound)
-    }
+    if key.verify(&frame.signing_input(nonce), sig) { Ok(()) } else { Err(ErrorCode::NotFound) }
 }
 
 async fn body_bytes<S: Store>(
@@ -89,10 +78,7 @@ pub(crate) async fn handle<S: Store>(
     match frame.request {
         Request::Ping => Ok(Response::Pong),
         Request::MailboxCreate { mailbox, owner_key } => {
-            store
-                .create_mailbox(mailbox, owner_key, today)
-                .await
-                .map_err(code)?;
+            store.create_mailbox(mailbox, owner_key, today).await.map_err(code)?;
             Ok(Response::Ok)
         }
         Request::DropCreate { mailbox, drop } => {
@@ -105,86 +91,46 @@ pub(crate) async fn handle<S: Store>(
         }
         Request::Drop { drop, idem, body } => {
             let (data, upload) = body_bytes(app, body).await?;
-            let appended = store
-                .drop_item(drop, idem, data, upload, today)
-                .await
-                .map_err(code)?;
+            let appended = store.drop_item(drop, idem, data, upload, today).await.map_err(code)?;
             Ok(Response::Seq(appended.seq))
         }
-        Request::MailboxFetch {
-            mailbox,
-            after,
-            max_items,
-        } => {
-            let page = store
-                .fetch_mailbox(mailbox, after, read_limit(max_items))
-                .await
-                .map_err(code)?;
-            Ok(Response::Items {
-                items: page.items,
-                more: page.more,
-            })
+        Request::MailboxFetch { mailbox, after, max_items } => {
+            let page =
+                store.fetch_mailbox(mailbox, after, read_limit(max_items)).await.map_err(code)?;
+            Ok(Response::Items { items: page.items, more: page.more })
         }
-        Request::MailboxReadPart {
-            mailbox,
-            seq,
-            offset,
-        } => {
-            let bytes = store
-                .read_mailbox_part(mailbox, seq, offset, MAX_INLINE)
-                .await
-                .map_err(code)?;
+        Request::MailboxReadPart { mailbox, seq, offset } => {
+            let bytes =
+                store.read_mailbox_part(mailbox, seq, offset, MAX_INLINE).await.map_err(code)?;
             Ok(Response::Part(bytes))
         }
         Request::MailboxDelete { mailbox, through } => {
-            store
-                .delete_mailbox_items(mailbox, through)
-                .await
-                .map_err(code)?;
+            store.delete_mailbox_items(mailbox, through).await.map_err(code)?;
             Ok(Response::Ok)
         }
-        Request::KeyPackageUpload {
-            mailbox,
-            device,
-            last_resort,
-            packages,
-        } => {
+        Request::KeyPackageUpload { mailbox, device, last_resort, packages } => {
             store
                 .upload_key_packages(mailbox, device, last_resort, packages, today)
                 .await
                 .map_err(code)?;
             Ok(Response::Ok)
         }
-        Request::KeyPackageStatus { mailbox } => Ok(Response::KeyPackageStatus(
-            store.key_package_status(mailbox).await.map_err(code)?,
-        )),
-        Request::ClaimTokenCreate {
-            mailbox,
-            token_hash,
-            policy,
-            expires_day,
-        } => {
+        Request::KeyPackageStatus { mailbox } => {
+            Ok(Response::KeyPackageStatus(store.key_package_status(mailbox).await.map_err(code)?))
+        }
+        Request::ClaimTokenCreate { mailbox, token_hash, policy, expires_day } => {
             store
                 .create_claim_token(mailbox, token_hash, policy, expires_day)
                 .await
                 .map_err(code)?;
             Ok(Response::Ok)
         }
-        Request::ClaimTokenRevoke {
-            mailbox,
-            token_hash,
-        } => {
-            store
-                .revoke_claim_token(mailbox, token_hash)
-                .await
-                .map_err(code)?;
+        Request::ClaimTokenRevoke { mailbox, token_hash } => {
+            store.revoke_claim_token(mailbox, token_hash).await.map_err(code)?;
             Ok(Response::Ok)
         }
         Request::KeyPackageClaim { token } => Ok(Response::KeyPackages(
-            store
-                .claim_key_packages(token.hash(), today)
-                .await
-                .map_err(code)?,
+            store.claim_key_packages(token.hash(), today).await.map_err(code)?,
         )),
         Request::LogCreate { log, key } => {
             store.create_log(log, key, today).await.map_err(code)?;
@@ -209,50 +155,23 @@ pub(crate) async fn handle<S: Store>(
             let appended = store.append(log, entry, today).await.map_err(code)?;
             if appended.new {
                 app.metrics.appends.inc();
-                app.hub.notify(
-                    log,
-                    Item {
-                        seq: appended.seq,
-                        total_len,
-                        bytes: first,
-                    },
-                );
+                app.hub.notify(log, Item { seq: appended.seq, total_len, bytes: first });
             }
             Ok(Response::Seq(appended.seq))
         }
-        Request::LogRead {
-            log,
-            after,
-            max_items,
-        } => {
-            let page = store
-                .read_log(log, after, read_limit(max_items))
-                .await
-                .map_err(code)?;
-            Ok(Response::Items {
-                items: page.items,
-                more: page.more,
-            })
+        Request::LogRead { log, after, max_items } => {
+            let page = store.read_log(log, after, read_limit(max_items)).await.map_err(code)?;
+            Ok(Response::Items { items: page.items, more: page.more })
         }
         Request::LogReadPart { log, seq, offset } => Ok(Response::Part(
-            store
-                .read_log_part(log, seq, offset, MAX_INLINE)
-                .await
-                .map_err(code)?,
+            store.read_log_part(log, seq, offset, MAX_INLINE).await.map_err(code)?,
         )),
-        Request::UploadChunk {
-            upload,
-            total_len,
-            offset,
-            bytes,
-        } => {
+        Request::UploadChunk { upload, total_len, offset, bytes } => {
             if total_len as usize > MAX_ENTRY {
                 return Err(ErrorCode::EntryTooLarge);
             }
-            let received = store
-                .upload_chunk(upload, total_len, offset, bytes, today)
-                .await
-                .map_err(code)?;
+            let received =
+                store.upload_chunk(upload, total_len, offset, bytes, today).await.map_err(code)?;
             Ok(Response::Upload { received })
         }
         // The session handles subscriptions; reaching here is a bug in this crate.

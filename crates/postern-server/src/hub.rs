@@ -62,11 +62,7 @@ impl Hub {
     /// A new subscriber with an empty queue.
     pub(crate) fn subscriber(&self) -> Subscriber {
         let (tx, notices) = mpsc::channel(QUEUE);
-        let shared = Arc::new(Shared {
-            tx,
-            lagged: AtomicBool::new(false),
-            wake: Notify::new(),
-        });
+        let shared = Arc::new(Shared { tx, lagged: AtomicBool::new(false), wake: Notify::new() });
         let id = match self.inner.lock() {
             Ok(mut inner) => {
                 inner.next_id += 1;
@@ -74,11 +70,7 @@ impl Hub {
             }
             Err(_) => 0,
         };
-        Subscriber {
-            id,
-            notices,
-            shared,
-        }
+        Subscriber { id, notices, shared }
     }
 
     pub(crate) fn subscribe(&self, log: LogId, sub: &Subscriber) {
@@ -116,10 +108,7 @@ impl Hub {
             },
             Err(_) => return,
         };
-        let notice = Notice {
-            log,
-            item: Arc::new(item),
-        };
+        let notice = Notice { log, item: Arc::new(item) };
         for shared in targets {
             if shared.tx.try_send(notice.clone()).is_err() {
                 shared.lagged.store(true, Ordering::Release);
@@ -130,9 +119,6 @@ impl Hub {
 
     /// Subscriptions held, for metrics.
     pub(crate) fn subscriptions(&self) -> usize {
-        self.inner
-            .lock()
-            .map(|i| i.logs.values().map(Vec::len).sum())
-            .unwrap_or(0)
+        self.inner.lock().map(|i| i.logs.values().map(Vec::len).sum()).unwrap_or(0)
     }
 }

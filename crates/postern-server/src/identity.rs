@@ -46,9 +46,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ServerError> {
         options.mode(0o600);
     }
     let mut f = options.open(&tmp).map_err(|e| io_err(&tmp, e))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| io_err(&tmp, e))?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| io_err(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
 }
 
@@ -96,10 +94,7 @@ fn load_pem(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ServerError::Tls(format!("{}: {e}", cert_path.display())))?;
     if certs.is_empty() {
-        return Err(ServerError::Tls(format!(
-            "{}: no certificate",
-            cert_path.display()
-        )));
+        return Err(ServerError::Tls(format!("{}: no certificate", cert_path.display())));
     }
     let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
         .map_err(|e| ServerError::Tls(format!("{}: {e}", key_path.display())))?
@@ -147,13 +142,7 @@ impl Identity {
         let secret_path = dir.join(ACCESS_SECRET);
         let secret = read_or_create(&secret_path, || Ok(random32()))?;
         let secret = AccessSecret(array32(&secret_path, secret)?);
-        Ok(Identity {
-            certs,
-            key,
-            pin,
-            static_key,
-            secret,
-        })
+        Ok(Identity { certs, key, pin, static_key, secret })
     }
 
     /// The server link for these addresses.

@@ -75,11 +75,7 @@ pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// The system clock.
 pub fn system_clock() -> Clock {
-    Arc::new(|| {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-    })
+    Arc::new(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
 }
 
 #[derive(Default)]
@@ -170,9 +166,7 @@ pub async fn start<S: Store>(
         (Some(c), Some(k)) => Some((c.clone(), k.clone())),
         (None, None) => None,
         _ => {
-            return Err(ServerError::Tls(
-                "give both tls_cert and tls_key, or neither".into(),
-            ));
+            return Err(ServerError::Tls("give both tls_cert and tls_key, or neither".into()));
         }
     };
     let identity = identity::Identity::load_or_create(
@@ -183,24 +177,15 @@ pub async fn start<S: Store>(
     let tls = tokio_rustls::TlsAcceptor::from(identity.tls_config()?);
     let listener = TcpListener::bind(config.listen)
         .await
-        .map_err(|source| ServerError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+        .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
     let admin = TcpListener::bind(config.admin)
         .await
-        .map_err(|source| ServerError::Bind {
-            addr: config.admin,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
-        addr: config.listen,
-        source,
-    })?;
-    let admin_addr = admin.local_addr().map_err(|source| ServerError::Bind {
-        addr: config.admin,
-        source,
-    })?;
+        .map_err(|source| ServerError::Bind { addr: config.admin, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+    let admin_addr =
+        admin.local_addr().map_err(|source| ServerError::Bind { addr: config.admin, source })?;
     let link = identity.link(public_addrs(&config, addr), config.server_name.clone());
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -225,15 +210,7 @@ pub async fn start<S: Store>(
     ));
     tokio::spawn(admin_loop(admin, app.clone()));
     tokio::spawn(sweep_loop(app.clone()));
-    Ok(RunningServer {
-        addr,
-        admin_addr,
-        link,
-        app,
-        shutdown: shutdown_tx,
-        accept,
-        live,
-    })
+    Ok(RunningServer { addr, admin_addr, link, app, shutdown: shutdown_tx, accept, live })
 }
 
 impl<S: Store> RunningServer<S> {
@@ -302,14 +279,8 @@ async fn serve_connection<S: Store>(
         return;
     };
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HANDSHAKE_TIMEOUT);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .enable_connect_protocol();
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HANDSHAKE_TIMEOUT);
+    builder.http2().timer(TokioTimer::new()).enable_connect_protocol();
     let conn = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(router));
     tokio::pin!(conn);

@@ -34,15 +34,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 type Work = Pin<Box<dyn Future<Output = Done> + Send>>;
 
 enum Done {
-    Response {
-        request_id: u32,
-        result: Result<Response, ErrorCode>,
-    },
-    CatchUp {
-        log: LogId,
-        reply_to: Option<u32>,
-        result: Result<Page, ErrorCode>,
-    },
+    Response { request_id: u32, result: Result<Response, ErrorCode> },
+    CatchUp { log: LogId, reply_to: Option<u32>, result: Result<Page, ErrorCode> },
 }
 
 /// Per-log subscription state: everything up to `cursor` has been pushed.
@@ -73,8 +66,7 @@ pub(crate) async fn run<S: Store>(app: Arc<App<S>>, socket: WebSocket) {
     let mut subscriber = app.hub.subscriber();
     if let Some(mut session) = handshake(&app, socket).await {
         let _ = session.serve(&mut subscriber).await;
-        app.hub
-            .unsubscribe_all(session.subs.keys().copied(), subscriber.id);
+        app.hub.unsubscribe_all(session.subs.keys().copied(), subscriber.id);
         let _ = session.sink.close().await;
     }
     app.metrics.sessions_open.dec();
@@ -82,10 +74,7 @@ pub(crate) async fn run<S: Store>(app: Arc<App<S>>, socket: WebSocket) {
 
 async fn handshake<S: Store>(app: &Arc<App<S>>, socket: WebSocket) -> Option<Session<S>> {
     let (mut sink, mut stream) = socket.split();
-    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.next())
-        .await
-        .ok()??
-        .ok()?;
+    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.next()).await.ok()??.ok()?;
     let Message::Binary(first) = first else {
         return None;
     };
@@ -139,10 +128,7 @@ impl<S: Store> Session<S> {
 
     async fn send(&mut self, frame: &ServerFrame) -> Result<(), Closed> {
         let sealed = self.transport.seal(&frame.encode()).map_err(|_| Closed)?;
-        self.sink
-            .send(Message::Binary(sealed.into()))
-            .await
-            .map_err(|_| Closed)
+        self.sink.send(Message::Binary(sealed.into())).await.map_err(|_| Closed)
     }
 
     async fn respond(
@@ -154,8 +140,7 @@ impl<S: Store> Session<S> {
         if result.is_err() {
             self.app.metrics.refusals.inc();
         }
-        self.send(&ServerFrame::Response { request_id, result })
-            .await?;
+        self.send(&ServerFrame::Response { request_id, result }).await?;
         if closes { Err(Closed) } else { Ok(()) }
     }
 
@@ -172,13 +157,8 @@ impl<S: Store> Session<S> {
                 return self.respond(0, Err(code)).await;
             }
         };
-        if self
-            .last_request_id
-            .is_some_and(|last| frame.request_id <= last)
-        {
-            return self
-                .respond(frame.request_id, Err(ErrorCode::BadFrame))
-                .await;
+        if self.last_request_id.is_some_and(|last| frame.request_id <= last) {
+            return self.respond(frame.request_id, Err(ErrorCode::BadFrame)).await;
         }
         self.last_request_id = Some(frame.request_id);
         self.app.metrics.requests.inc();
@@ -186,9 +166,7 @@ impl<S: Store> Session<S> {
         match frame.request {
             Request::Subscribe { log, after } => {
                 if !self.subs.contains_key(&log) && self.subs.len() >= MAX_SUBSCRIPTIONS {
-                    return self
-                        .respond(request_id, Err(ErrorCode::QuotaExceeded))
-                        .await;
+                    return self.respond(request_id, Err(ErrorCode::QuotaExceeded)).await;
                 }
                 self.app.hub.subscribe(log, subscriber);
                 let sub = self.subs.entry(log).or_insert(Sub {
@@ -232,27 +210,15 @@ impl<S: Store> Session<S> {
         let after = sub.cursor;
         let app = self.app.clone();
         self.work.push(Box::pin(async move {
-            let result = app
-                .store
-                .read_log(log, after, read_limit(u16::MAX))
-                .await
-                .map_err(code);
-            Done::CatchUp {
-                log,
-                reply_to,
-                result,
-            }
+            let result = app.store.read_log(log, after, read_limit(u16::MAX)).await.map_err(code);
+            Done::CatchUp { log, reply_to, result }
         }));
     }
 
     async fn on_done(&mut self, done: Done, subscriber: &Subscriber) -> Result<(), Closed> {
         match done {
             Done::Response { request_id, result } => self.respond(request_id, result).await,
-            Done::CatchUp {
-                log,
-                reply_to,
-                result,
-            } => {
+            Done::CatchUp { log, reply_to, result } => {
                 let page = match result {
                     Ok(page) => page,
                     Err(code) => {
@@ -274,11 +240,7 @@ impl<S: Store> Session<S> {
                 let Some(sub) = self.subs.get_mut(&log) else {
                     return Ok(());
                 };
-                let items: Vec<_> = page
-                    .items
-                    .into_iter()
-                    .filter(|i| i.seq > sub.cursor)
-                    .collect();
+                let items: Vec<_> = page.items.into_iter().filter(|i| i.seq > sub.cursor).collect();
                 if let Some(last) = items.last() {
                     sub.cursor = last.seq;
                 }
@@ -288,8 +250,7 @@ impl<S: Store> Session<S> {
                     self.catch_up(log, None);
                 }
                 if !items.is_empty() {
-                    self.send(&ServerFrame::Push(Push::Items { log, items }))
-                        .await?;
+                    self.send(&ServerFrame::Push(Push::Items { log, items })).await?;
                 }
                 Ok(())
             }
@@ -313,10 +274,6 @@ impl<S: Store> Session<S> {
         }
         sub.cursor = notice.item.seq;
         let items = vec![(*notice.item).clone()];
-        self.send(&ServerFrame::Push(Push::Items {
-            log: notice.log,
-            items,
-        }))
-        .await
+        self.send(&ServerFrame::Push(Push::Items { log: notice.log, items })).await
     }
 }

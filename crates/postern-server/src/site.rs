@@ -29,11 +29,7 @@ const PAGES: &[Page] = &[
         content_type: "text/html; charset=utf-8",
         body: include_bytes!("site/about.html"),
     },
-    Page {
-        path: "/style.css",
-        content_type: "text/css",
-        body: include_bytes!("site/style.css"),
-    },
+    Page { path: "/style.css", content_type: "text/css", body: include_bytes!("site/style.css") },
     Page {
         path: "/robots.txt",
         content_type: "text/plain",
@@ -55,29 +51,20 @@ pub(crate) fn respond(method: &Method, path: &str) -> Response<Body> {
     if method != Method::GET && method != Method::HEAD {
         let mut resp = Response::new(Body::from(NOT_FOUND));
         *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+        resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         resp.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/html; charset=utf-8"),
-        );
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
         return resp;
     }
     let len = body.len();
-    let mut resp = Response::new(if method == Method::HEAD {
-        Body::empty()
-    } else {
-        Body::from(body)
-    });
+    let mut resp =
+        Response::new(if method == Method::HEAD { Body::empty() } else { Body::from(body) });
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     if status == StatusCode::OK {
-        h.insert(
-            header::LAST_MODIFIED,
-            HeaderValue::from_static(LAST_MODIFIED),
-        );
+        h.insert(header::LAST_MODIFIED, HeaderValue::from_static(LAST_MODIFIED));
     }
     resp
 }

@@ -70,9 +70,7 @@ struct Inner {
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore")
-            .field("path", &self.inner.path)
-            .finish_non_exhaustive()
+        f.debug_struct("SqliteStore").field("path", &self.inner.path).finish_non_exhaustive()
     }
 }
 
@@ -82,12 +80,9 @@ fn backend(e: rusqlite::Error) -> StoreError {
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(backend)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))
-        .map_err(backend)?;
-    conn.pragma_update(None, "journal_mode", "WAL")
-        .map_err(backend)?;
-    conn.pragma_update(None, "synchronous", "FULL")
-        .map_err(backend)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(backend)?;
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(backend)?;
+    conn.pragma_update(None, "synchronous", "FULL").map_err(backend)?;
     Ok(conn)
 }
 
@@ -133,16 +128,9 @@ impl SqliteStore {
     }
 
     fn submit(&self, job: Job) -> Result<(), StoreError> {
-        let jobs = self
-            .inner
-            .jobs
-            .lock()
-            .map_err(|_| StoreError::Backend("writer lock".into()))?;
-        let tx = jobs
-            .as_ref()
-            .ok_or_else(|| StoreError::Backend("store closed".into()))?;
-        tx.send(job)
-            .map_err(|_| StoreError::Backend("writer stopped".into()))
+        let jobs = self.inner.jobs.lock().map_err(|_| StoreError::Backend("writer lock".into()))?;
+        let tx = jobs.as_ref().ok_or_else(|| StoreError::Backend("store closed".into()))?;
+        tx.send(job).map_err(|_| StoreError::Backend("writer stopped".into()))
     }
 
     /// Runs `f` in the next batch; resolves after the batch's commit.
@@ -158,8 +146,7 @@ impl SqliteStore {
                 let _ = tx.send(commit.and(result));
             })
         }))?;
-        rx.await
-            .map_err(|_| StoreError::Backend("writer stopped".into()))?
+        rx.await.map_err(|_| StoreError::Backend("writer stopped".into()))?
     }
 
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -193,11 +180,7 @@ fn in_savepoint<T>(
 ) -> Result<T, StoreError> {
     conn.execute_batch("SAVEPOINT op").map_err(backend)?;
     let result = f(conn);
-    let end = if result.is_ok() {
-        "RELEASE op"
-    } else {
-        "ROLLBACK TO op; RELEASE op"
-    };
+    let end = if result.is_ok() { "RELEASE op" } else { "ROLLBACK TO op; RELEASE op" };
     conn.execute_batch(end).map_err(backend)?;
     result
 }
@@ -221,9 +204,7 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, quota: u64) {
                 Err(_) => break,
             }
         }
-        let batch = Batch {
-            full: used_bytes(&conn).map_or(true, |used| used >= quota),
-        };
+        let batch = Batch { full: used_bytes(&conn).map_or(true, |used| used >= quota) };
         let commit = match conn.execute_batch("BEGIN IMMEDIATE") {
             Ok(()) => {
                 let replies: Vec<Reply> = jobs.into_iter().map(|job| job(&conn, &batch)).collect();
@@ -246,11 +227,7 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, quota: u64) {
 }
 
 fn refuse_if_full(batch: &Batch) -> Result<(), StoreError> {
-    if batch.full {
-        Err(StoreError::ServerFull)
-    } else {
-        Ok(())
-    }
+    if batch.full { Err(StoreError::ServerFull) } else { Ok(()) }
 }
 
 fn to_u64(v: i64) -> u64 {
@@ -279,11 +256,7 @@ fn page_from_rows(rows: Vec<(u64, u32, Vec<u8>)>, limit: ReadLimit) -> Page {
             break;
         }
         used += bytes.len() + ITEM_OVERHEAD;
-        page.items.push(Item {
-            seq,
-            total_len,
-            bytes,
-        });
+        page.items.push(Item { seq, total_len, bytes });
     }
     page
 }
@@ -298,19 +271,8 @@ fn read_rows(
     let mut stmt = conn.prepare_cached(sql).map_err(backend)?;
     let rows = stmt
         .query_map(
-            params![
-                owner,
-                to_i64(after),
-                MAX_INLINE as i64,
-                (limit.max_items + 1) as i64
-            ],
-            |r| {
-                Ok((
-                    to_u64(r.get(0)?),
-                    u32::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
-                    r.get(2)?,
-                ))
-            },
+            params![owner, to_i64(after), MAX_INLINE as i64, (limit.max_items + 1) as i64],
+            |r| Ok((to_u64(r.get(0)?), u32::try_from(r.get::<_, i64>(1)?).unwrap_or(0), r.get(2)?)),
         )
         .map_err(backend)?;
     rows.collect::<Result<_, _>>().map_err(backend)
@@ -326,11 +288,9 @@ fn read_part(
 ) -> Result<Vec<u8>, StoreError> {
     let max = max.min(MAX_INLINE);
     let row: Option<(i64, Vec<u8>)> = conn
-        .query_row(
-            sql,
-            params![owner, to_i64(seq), i64::from(offset) + 1, max as i64],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
+        .query_row(sql, params![owner, to_i64(seq), i64::from(offset) + 1, max as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
         .optional()
         .map_err(backend)?;
     match row {
@@ -346,10 +306,34 @@ fn mailbox_exists(conn: &Connection, mailbox: &MailboxId) -> Result<bool, StoreE
         .map_err(backend)
 }
 
+/// The answer to a retry: `Some` when `(owner, idem)` already holds an item (its sequence
+/// number if the content is the same, a conflict if not), `None` for a new item.
+fn retry_of(
+    conn: &Connection,
+    sql: &str,
+    owner: &[u8],
+    idem: &IdemKey,
+    data: &[u8],
+    from_upload: Option<UploadId>,
+) -> Result<Option<Result<Appended, StoreError>>, StoreError> {
+    let earlier: Option<(i64, Vec<u8>)> = conn
+        .prepare_cached(sql)
+        .and_then(|mut s| {
+            s.query_row(params![owner, &idem.0[..]], |r| Ok((r.get(0)?, r.get(1)?))).optional()
+        })
+        .map_err(backend)?;
+    let Some((seq, stored)) = earlier else { return Ok(None) };
+    consume_upload(conn, from_upload)?;
+    Ok(Some(if stored == data {
+        Ok(Appended { seq: to_u64(seq), new: false })
+    } else {
+        Err(StoreError::Conflict)
+    }))
+}
+
 fn consume_upload(conn: &Connection, upload: Option<UploadId>) -> Result<(), StoreError> {
     if let Some(u) = upload {
-        conn.execute("DELETE FROM uploads WHERE id = ?1", [&u.0[..]])
-            .map_err(backend)?;
+        conn.execute("DELETE FROM uploads WHERE id = ?1", [&u.0[..]]).map_err(backend)?;
     }
     Ok(())
 }
@@ -414,11 +398,7 @@ impl Store for SqliteStore {
                 return Err(StoreError::NotFound);
             }
             let owner: Option<Vec<u8>> = c
-                .query_row(
-                    "SELECT mailbox FROM drops WHERE id = ?1",
-                    [&drop.0[..]],
-                    |r| r.get(0),
-                )
+                .query_row("SELECT mailbox FROM drops WHERE id = ?1", [&drop.0[..]], |r| r.get(0))
                 .optional()
                 .map_err(backend)?;
             match owner {
@@ -428,11 +408,9 @@ impl Store for SqliteStore {
             }
             refuse_if_full(batch)?;
             let count: u32 = c
-                .query_row(
-                    "SELECT count(*) FROM drops WHERE mailbox = ?1",
-                    [&mailbox.0[..]],
-                    |r| r.get(0),
-                )
+                .query_row("SELECT count(*) FROM drops WHERE mailbox = ?1", [&mailbox.0[..]], |r| {
+                    r.get(0)
+                })
                 .map_err(backend)?;
             if count >= max {
                 return Err(StoreError::QuotaExceeded);
@@ -458,11 +436,8 @@ impl Store for SqliteStore {
             if n == 0 {
                 return Err(StoreError::NotFound);
             }
-            c.execute(
-                "DELETE FROM mailbox_items WHERE drop_id = ?1",
-                [&drop.0[..]],
-            )
-            .map_err(backend)?;
+            c.execute("DELETE FROM mailbox_items WHERE drop_id = ?1", [&drop.0[..]])
+                .map_err(backend)?;
             Ok(())
         })
         .await
@@ -486,22 +461,16 @@ impl Store for SqliteStore {
                 .optional()
                 .map_err(backend)?;
             let (mailbox, bytes) = target.ok_or(StoreError::NotFound)?;
-            let earlier: Option<(i64, Vec<u8>)> = c
-                .prepare_cached(
-                    "SELECT seq, data FROM mailbox_items WHERE drop_id = ?1 AND idem = ?2",
-                )
-                .and_then(|mut s| {
-                    s.query_row(params![&drop.0[..], &idem.0[..]], |r| Ok((r.get(0)?, r.get(1)?)))
-                        .optional()
-                })
-                .map_err(backend)?;
-            if let Some((seq, stored)) = earlier {
-                consume_upload(c, from_upload)?;
-                return if stored == data {
-                    Ok(Appended { seq: to_u64(seq), new: false })
-                } else {
-                    Err(StoreError::Conflict)
-                };
+            let earlier = retry_of(
+                c,
+                "SELECT seq, data FROM mailbox_items WHERE drop_id = ?1 AND idem = ?2",
+                &drop.0,
+                &idem,
+                &data,
+                from_upload,
+            )?;
+            if let Some(result) = earlier {
+                return result;
             }
             refuse_if_full(batch)?;
             if to_u64(bytes) + data.len() as u64 > quota {
@@ -676,26 +645,16 @@ impl Store for SqliteStore {
                 .map_err(backend)?;
             let rows = stmt
                 .query_map([&mailbox.0[..]], |r| {
-                    Ok((
-                        r.get::<_, Vec<u8>>(0)?,
-                        r.get::<_, u32>(1)?,
-                        r.get::<_, bool>(2)?,
-                    ))
+                    Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, u32>(1)?, r.get::<_, bool>(2)?))
                 })
                 .map_err(backend)?;
             let mut out = Vec::new();
             for row in rows {
                 let (device, remaining, last_resort) = row.map_err(backend)?;
                 let device = DeviceId(
-                    device
-                        .try_into()
-                        .map_err(|_| StoreError::Backend("device id size".into()))?,
+                    device.try_into().map_err(|_| StoreError::Backend("device id size".into()))?,
                 );
-                out.push(DeviceStatus {
-                    device,
-                    remaining,
-                    last_resort,
-                });
+                out.push(DeviceStatus { device, remaining, last_resort });
             }
             Ok(out)
         })
@@ -754,11 +713,7 @@ impl Store for SqliteStore {
                     params![&token.0[..], &mailbox.0[..]],
                 )
                 .map_err(backend)?;
-            if n == 0 {
-                Err(StoreError::NotFound)
-            } else {
-                Ok(())
-            }
+            if n == 0 { Err(StoreError::NotFound) } else { Ok(()) }
         })
         .await
     }
@@ -855,8 +810,7 @@ impl Store for SqliteStore {
             .read(move |c| {
                 c.prepare_cached("SELECT key FROM log_keys WHERE log = ?1 AND key_id = ?2")
                     .and_then(|mut s| {
-                        s.query_row(params![&log.0[..], &key_id.0[..]], |r| r.get(0))
-                            .optional()
+                        s.query_row(params![&log.0[..], &key_id.0[..]], |r| r.get(0)).optional()
                     })
                     .map_err(backend)?
                     .ok_or(StoreError::NotFound)
@@ -874,20 +828,16 @@ impl Store for SqliteStore {
         let quotas = *self.quotas();
         let retention = *self.retention();
         self.write(move |c, batch| {
-            let earlier: Option<(i64, Vec<u8>)> = c
-                .prepare_cached("SELECT seq, data FROM entries WHERE log = ?1 AND idem = ?2")
-                .and_then(|mut s| {
-                    s.query_row(params![&log.0[..], &entry.idem.0[..]], |r| Ok((r.get(0)?, r.get(1)?)))
-                        .optional()
-                })
-                .map_err(backend)?;
-            if let Some((seq, stored)) = earlier {
-                consume_upload(c, entry.from_upload)?;
-                return if stored == entry.data {
-                    Ok(Appended { seq: to_u64(seq), new: false })
-                } else {
-                    Err(StoreError::Conflict)
-                };
+            let earlier = retry_of(
+                c,
+                "SELECT seq, data FROM entries WHERE log = ?1 AND idem = ?2",
+                &log.0,
+                &entry.idem,
+                &entry.data,
+                entry.from_upload,
+            )?;
+            if let Some(result) = earlier {
+                return result;
             }
             let state: Option<(i64, i64, u32)> = c
                 .prepare_cached("SELECT next_seq, bytes, keys FROM logs WHERE id = ?1")
@@ -1044,9 +994,7 @@ impl Store for SqliteStore {
                 .prepare_cached("SELECT total_len, data FROM uploads WHERE id = ?1 ORDER BY offset")
                 .map_err(backend)?;
             let rows = stmt
-                .query_map([&upload.0[..]], |r| {
-                    Ok((r.get::<_, u32>(0)?, r.get::<_, Vec<u8>>(1)?))
-                })
+                .query_map([&upload.0[..]], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, Vec<u8>>(1)?)))
                 .map_err(backend)?;
             let mut total = None;
             let mut out = Vec::new();
@@ -1071,10 +1019,7 @@ impl Store for SqliteStore {
     async fn usage(&self) -> Result<Usage, StoreError> {
         let quota_bytes = self.quotas().disk_bytes;
         let used_bytes = self.read(used_bytes).await?;
-        Ok(Usage {
-            used_bytes,
-            quota_bytes,
-        })
+        Ok(Usage { used_bytes, quota_bytes })
     }
 }
 

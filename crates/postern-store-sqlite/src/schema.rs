@@ -84,9 +84,8 @@ CREATE TABLE uploads (
 
 /// Brings the schema up to date in one transaction.
 pub(crate) fn migrate(conn: &Connection) -> Result<(), StoreError> {
-    let version: usize = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(backend)?;
+    let version: usize =
+        conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(backend)?;
     if version > MIGRATIONS.len() {
         return Err(StoreError::Backend(format!(
             "database schema {version} is newer than this build ({})",
@@ -94,11 +93,8 @@ pub(crate) fn migrate(conn: &Connection) -> Result<(), StoreError> {
         )));
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-        conn.execute_batch(&format!(
-            "BEGIN; {sql}; PRAGMA user_version = {}; COMMIT;",
-            i + 1
-        ))
-        .map_err(backend)?;
+        conn.execute_batch(&format!("BEGIN; {sql}; PRAGMA user_version = {}; COMMIT;", i + 1))
+            .map_err(backend)?;
     }
     Ok(())
 }
@@ -108,17 +104,12 @@ pub(crate) fn sweep(c: &Connection, today: Day) -> Result<Swept, StoreError> {
     let run = |sql: &str| c.execute(sql, params![today]).map_err(backend);
     let mut swept = Swept::default();
 
-    run(
-        "UPDATE logs SET bytes = bytes - (SELECT coalesce(sum(length(data)), 0) FROM entries
-         WHERE entries.log = logs.id AND expires_day < ?1)",
-    )?;
+    run("UPDATE logs SET bytes = bytes - (SELECT coalesce(sum(length(data)), 0) FROM entries
+         WHERE entries.log = logs.id AND expires_day < ?1)")?;
     swept.entries = run("DELETE FROM entries WHERE expires_day < ?1")? as u64;
     let mut other = run("DELETE FROM log_keys WHERE expires_day < ?1")?;
-    c.execute(
-        "UPDATE logs SET keys = (SELECT count(*) FROM log_keys WHERE log = logs.id)",
-        [],
-    )
-    .map_err(backend)?;
+    c.execute("UPDATE logs SET keys = (SELECT count(*) FROM log_keys WHERE log = logs.id)", [])
+        .map_err(backend)?;
     other += c
         .execute(
             "DELETE FROM logs WHERE keys = 0 AND NOT EXISTS (SELECT 1 FROM entries WHERE log = logs.id)",
@@ -155,12 +146,9 @@ pub fn columns(conn: &Connection) -> Result<Vec<(String, String)>, StoreError> {
         .map_err(backend)?;
     let mut out = Vec::new();
     for table in names {
-        let mut cols = conn
-            .prepare("SELECT name FROM pragma_table_info(?1) ORDER BY cid")
-            .map_err(backend)?;
-        let rows = cols
-            .query_map([&table], |r| r.get::<_, String>(0))
-            .map_err(backend)?;
+        let mut cols =
+            conn.prepare("SELECT name FROM pragma_table_info(?1) ORDER BY cid").map_err(backend)?;
+        let rows = cols.query_map([&table], |r| r.get::<_, String>(0)).map_err(backend)?;
         for col in rows {
             out.push((table.clone(), col.map_err(backend)?));
         }

@@ -11,10 +11,7 @@ async fn store() -> (SqliteStore, tempfile::TempDir) {
 async fn small_disk_store() -> (SqliteStore, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let options = Options {
-        quotas: Quotas {
-            disk_bytes: 4 << 20,
-            ..Quotas::default()
-        },
+        quotas: Quotas { disk_bytes: 4 << 20, ..Quotas::default() },
         ..Options::default()
     };
     let store = SqliteStore::open(&dir.path().join("postern.db"), options).unwrap();
@@ -57,29 +54,15 @@ async fn reopening_keeps_data_and_refuses_newer_schema() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("postern.db");
     let s = SqliteStore::open(&path, Options::default()).unwrap();
-    s.create_log(LogId([1; 32]), PublicKey([1; 32]), 20_000)
-        .await
-        .unwrap();
+    s.create_log(LogId([1; 32]), PublicKey([1; 32]), 20_000).await.unwrap();
     s.close();
     let s = SqliteStore::open(&path, Options::default()).unwrap();
     assert!(
-        s.read_log(
-            LogId([1; 32]),
-            0,
-            ReadLimit {
-                max_items: 1,
-                max_bytes: 1000
-            }
-        )
-        .await
-        .is_ok()
+        s.read_log(LogId([1; 32]), 0, ReadLimit { max_items: 1, max_bytes: 1000 }).await.is_ok()
     );
     s.close();
     let c = Connection::open(&path).unwrap();
     c.pragma_update(None, "user_version", 99).unwrap();
     drop(c);
-    assert!(matches!(
-        SqliteStore::open(&path, Options::default()),
-        Err(StoreError::Backend(_))
-    ));
+    assert!(matches!(SqliteStore::open(&path, Options::default()), Err(StoreError::Backend(_))));
 }

@@ -48,10 +48,7 @@ macro_rules! conformance_tests {
 }
 
 const TODAY: Day = 20_000;
-const ALL: ReadLimit = ReadLimit {
-    max_items: 64,
-    max_bytes: 17_000,
-};
+const ALL: ReadLimit = ReadLimit { max_items: 64, max_bytes: 17_000 };
 
 fn key(n: u8) -> PublicKey {
     PublicKey([n; 32])
@@ -81,19 +78,10 @@ fn seqs(items: &[Item]) -> Vec<u64> {
 pub async fn mailbox_create_and_conflict<S: Store>(s: &S) {
     let m = MailboxId([1; 32]);
     s.create_mailbox(m, key(1), TODAY).await.unwrap();
-    assert_eq!(
-        s.create_mailbox(m, key(2), TODAY).await,
-        Err(StoreError::Conflict)
-    );
+    assert_eq!(s.create_mailbox(m, key(2), TODAY).await, Err(StoreError::Conflict));
     assert_eq!(s.owner_key(m, TODAY).await, Ok(key(1)));
-    assert_eq!(
-        s.owner_key(MailboxId([2; 32]), TODAY).await,
-        Err(StoreError::NotFound)
-    );
-    assert_eq!(
-        s.create_drop(MailboxId([2; 32]), DropId([1; 32])).await,
-        Err(StoreError::NotFound)
-    );
+    assert_eq!(s.owner_key(MailboxId([2; 32]), TODAY).await, Err(StoreError::NotFound));
+    assert_eq!(s.create_drop(MailboxId([2; 32]), DropId([1; 32])).await, Err(StoreError::NotFound));
 }
 
 /// Drops get increasing sequence numbers; a retry returns the first one.
@@ -103,34 +91,17 @@ pub async fn drops_are_idempotent_and_ordered<S: Store>(s: &S) {
     s.create_mailbox(m, key(1), TODAY).await.unwrap();
     s.create_drop(m, d).await.unwrap();
     s.create_drop(m, d).await.unwrap();
-    let a = s
-        .drop_item(d, IdemKey([1; 16]), b"one".to_vec(), None, TODAY)
-        .await
-        .unwrap();
-    let b = s
-        .drop_item(d, IdemKey([2; 16]), b"two".to_vec(), None, TODAY)
-        .await
-        .unwrap();
+    let a = s.drop_item(d, IdemKey([1; 16]), b"one".to_vec(), None, TODAY).await.unwrap();
+    let b = s.drop_item(d, IdemKey([2; 16]), b"two".to_vec(), None, TODAY).await.unwrap();
     assert!(a.new && b.new && b.seq > a.seq);
-    let again = s
-        .drop_item(d, IdemKey([1; 16]), b"one".to_vec(), None, TODAY)
-        .await
-        .unwrap();
+    let again = s.drop_item(d, IdemKey([1; 16]), b"one".to_vec(), None, TODAY).await.unwrap();
     assert_eq!((again.seq, again.new), (a.seq, false));
     assert_eq!(
-        s.drop_item(d, IdemKey([1; 16]), b"other".to_vec(), None, TODAY)
-            .await,
+        s.drop_item(d, IdemKey([1; 16]), b"other".to_vec(), None, TODAY).await,
         Err(StoreError::Conflict)
     );
     assert_eq!(
-        s.drop_item(
-            DropId([9; 32]),
-            IdemKey([1; 16]),
-            b"x".to_vec(),
-            None,
-            TODAY
-        )
-        .await,
+        s.drop_item(DropId([9; 32]), IdemKey([1; 16]), b"x".to_vec(), None, TODAY).await,
         Err(StoreError::NotFound)
     );
     let page = s.fetch_mailbox(m, 0, ALL).await.unwrap();
@@ -139,17 +110,7 @@ pub async fn drops_are_idempotent_and_ordered<S: Store>(s: &S) {
     assert!(!page.more);
     let page = s.fetch_mailbox(m, a.seq, ALL).await.unwrap();
     assert_eq!(seqs(&page.items), vec![b.seq]);
-    let page = s
-        .fetch_mailbox(
-            m,
-            0,
-            ReadLimit {
-                max_items: 1,
-                max_bytes: 17_000,
-            },
-        )
-        .await
-        .unwrap();
+    let page = s.fetch_mailbox(m, 0, ReadLimit { max_items: 1, max_bytes: 17_000 }).await.unwrap();
     assert_eq!((seqs(&page.items), page.more), (vec![a.seq], true));
 }
 
@@ -160,21 +121,12 @@ pub async fn revoked_drop_refuses_and_forgets<S: Store>(s: &S) {
     s.create_mailbox(m, key(1), TODAY).await.unwrap();
     s.create_drop(m, d1).await.unwrap();
     s.create_drop(m, d2).await.unwrap();
-    s.drop_item(d1, IdemKey([1; 16]), b"a".to_vec(), None, TODAY)
-        .await
-        .unwrap();
-    let kept = s
-        .drop_item(d2, IdemKey([1; 16]), b"b".to_vec(), None, TODAY)
-        .await
-        .unwrap();
-    assert_eq!(
-        s.revoke_drop(MailboxId([7; 32]), d1).await,
-        Err(StoreError::NotFound)
-    );
+    s.drop_item(d1, IdemKey([1; 16]), b"a".to_vec(), None, TODAY).await.unwrap();
+    let kept = s.drop_item(d2, IdemKey([1; 16]), b"b".to_vec(), None, TODAY).await.unwrap();
+    assert_eq!(s.revoke_drop(MailboxId([7; 32]), d1).await, Err(StoreError::NotFound));
     s.revoke_drop(m, d1).await.unwrap();
     assert_eq!(
-        s.drop_item(d1, IdemKey([2; 16]), b"c".to_vec(), None, TODAY)
-            .await,
+        s.drop_item(d1, IdemKey([2; 16]), b"c".to_vec(), None, TODAY).await,
         Err(StoreError::NotFound)
     );
     let page = s.fetch_mailbox(m, 0, ALL).await.unwrap();
@@ -188,32 +140,17 @@ pub async fn mailbox_delete_and_parts<S: Store>(s: &S) {
     s.create_mailbox(m, key(1), TODAY).await.unwrap();
     s.create_drop(m, d).await.unwrap();
     let big: Vec<u8> = (0..40_000u32).map(|i| i as u8).collect();
-    let first = s
-        .drop_item(d, IdemKey([1; 16]), big.clone(), None, TODAY)
-        .await
-        .unwrap();
-    let second = s
-        .drop_item(d, IdemKey([2; 16]), b"x".to_vec(), None, TODAY)
-        .await
-        .unwrap();
+    let first = s.drop_item(d, IdemKey([1; 16]), big.clone(), None, TODAY).await.unwrap();
+    let second = s.drop_item(d, IdemKey([2; 16]), b"x".to_vec(), None, TODAY).await.unwrap();
     let page = s.fetch_mailbox(m, 0, ALL).await.unwrap();
     assert_eq!(page.items[0].total_len, 40_000);
     let got = page.items[0].bytes.len();
     assert!(got > 0 && got <= 16_384);
     assert_eq!(page.items[0].bytes, big[..got]);
-    let part = s
-        .read_mailbox_part(m, first.seq, got as u32, 16_384)
-        .await
-        .unwrap();
+    let part = s.read_mailbox_part(m, first.seq, got as u32, 16_384).await.unwrap();
     assert_eq!(part, big[got..got + part.len()]);
-    assert_eq!(
-        s.read_mailbox_part(m, first.seq, 40_001, 10).await,
-        Err(StoreError::BadRequest)
-    );
-    assert_eq!(
-        s.read_mailbox_part(m, 99, 0, 10).await,
-        Err(StoreError::NotFound)
-    );
+    assert_eq!(s.read_mailbox_part(m, first.seq, 40_001, 10).await, Err(StoreError::BadRequest));
+    assert_eq!(s.read_mailbox_part(m, 99, 0, 10).await, Err(StoreError::NotFound));
     s.delete_mailbox_items(m, first.seq).await.unwrap();
     let page = s.fetch_mailbox(m, 0, ALL).await.unwrap();
     assert_eq!(seqs(&page.items), vec![second.seq]);
@@ -229,10 +166,7 @@ pub async fn drop_quota_refuses_without_losing<S: Store>(s: &S) {
     let mut stored = 0;
     let mut refused = false;
     for i in 0..40u8 {
-        match s
-            .drop_item(d, IdemKey([i; 16]), chunk.clone(), None, TODAY)
-            .await
-        {
+        match s.drop_item(d, IdemKey([i; 16]), chunk.clone(), None, TODAY).await {
             Ok(_) => stored += 1,
             Err(StoreError::QuotaExceeded) => {
                 refused = true;
@@ -255,9 +189,7 @@ pub async fn drop_quota_refuses_without_losing<S: Store>(s: &S) {
     assert_eq!(count, stored);
     // Deleting frees the quota.
     s.delete_mailbox_items(m, u64::MAX).await.unwrap();
-    s.drop_item(d, IdemKey([200; 16]), chunk, None, TODAY)
-        .await
-        .unwrap();
+    s.drop_item(d, IdemKey([200; 16]), chunk, None, TODAY).await.unwrap();
 }
 
 /// One-time tokens claim one package per device, once; the last resort is never removed.
@@ -265,63 +197,34 @@ pub async fn key_packages_claim_once_and_last_resort<S: Store>(s: &S) {
     let m = MailboxId([1; 32]);
     let (dev1, dev2) = (DeviceId([1; 16]), DeviceId([2; 16]));
     s.create_mailbox(m, key(1), TODAY).await.unwrap();
-    s.upload_key_packages(
-        m,
-        dev1,
-        false,
-        vec![b"d1-a".to_vec(), b"d1-b".to_vec()],
-        TODAY,
-    )
-    .await
-    .unwrap();
-    s.upload_key_packages(m, dev1, true, vec![b"d1-last".to_vec()], TODAY)
+    s.upload_key_packages(m, dev1, false, vec![b"d1-a".to_vec(), b"d1-b".to_vec()], TODAY)
         .await
         .unwrap();
-    s.upload_key_packages(m, dev2, true, vec![b"d2-last".to_vec()], TODAY)
-        .await
-        .unwrap();
+    s.upload_key_packages(m, dev1, true, vec![b"d1-last".to_vec()], TODAY).await.unwrap();
+    s.upload_key_packages(m, dev2, true, vec![b"d2-last".to_vec()], TODAY).await.unwrap();
     let status = s.key_package_status(m).await.unwrap();
     assert_eq!(status.len(), 2);
     assert_eq!((status[0].remaining, status[0].last_resort), (2, true));
     assert_eq!((status[1].remaining, status[1].last_resort), (0, true));
 
     let t = TokenHash([5; 32]);
-    s.create_claim_token(m, t, ClaimPolicy::Once, TODAY + 7)
-        .await
-        .unwrap();
+    s.create_claim_token(m, t, ClaimPolicy::Once, TODAY + 7).await.unwrap();
     let mut got = s.claim_key_packages(t, TODAY).await.unwrap();
     got.sort();
     assert_eq!(got.len(), 2, "one per device");
     assert!(got[0].starts_with(b"d1-") && got[0] != b"d1-last");
     assert_eq!(got[1], b"d2-last");
-    assert_eq!(
-        s.claim_key_packages(t, TODAY).await,
-        Err(StoreError::NotFound),
-        "used up"
-    );
+    assert_eq!(s.claim_key_packages(t, TODAY).await, Err(StoreError::NotFound), "used up");
 
     let t2 = TokenHash([6; 32]);
-    s.create_claim_token(m, t2, ClaimPolicy::Once, TODAY - 1)
-        .await
-        .unwrap();
-    assert_eq!(
-        s.claim_key_packages(t2, TODAY).await,
-        Err(StoreError::NotFound),
-        "expired"
-    );
+    s.create_claim_token(m, t2, ClaimPolicy::Once, TODAY - 1).await.unwrap();
+    assert_eq!(s.claim_key_packages(t2, TODAY).await, Err(StoreError::NotFound), "expired");
     let t3 = TokenHash([7; 32]);
-    s.create_claim_token(m, t3, ClaimPolicy::Once, TODAY + 1)
-        .await
-        .unwrap();
+    s.create_claim_token(m, t3, ClaimPolicy::Once, TODAY + 1).await.unwrap();
     s.revoke_claim_token(m, t3).await.unwrap();
+    assert_eq!(s.claim_key_packages(t3, TODAY).await, Err(StoreError::NotFound), "revoked");
     assert_eq!(
-        s.claim_key_packages(t3, TODAY).await,
-        Err(StoreError::NotFound),
-        "revoked"
-    );
-    assert_eq!(
-        s.create_claim_token(MailboxId([9; 32]), t3, ClaimPolicy::Once, TODAY)
-            .await,
+        s.create_claim_token(MailboxId([9; 32]), t3, ClaimPolicy::Once, TODAY).await,
         Err(StoreError::NotFound)
     );
     let status = s.key_package_status(m).await.unwrap();
@@ -333,51 +236,32 @@ pub async fn key_packages_claim_once_and_last_resort<S: Store>(s: &S) {
 pub async fn daily_claim_token_is_rate_limited<S: Store>(s: &S) {
     let m = MailboxId([1; 32]);
     s.create_mailbox(m, key(1), TODAY).await.unwrap();
-    s.upload_key_packages(m, DeviceId([1; 16]), true, vec![b"last".to_vec()], TODAY)
-        .await
-        .unwrap();
+    s.upload_key_packages(m, DeviceId([1; 16]), true, vec![b"last".to_vec()], TODAY).await.unwrap();
     let t = TokenHash([5; 32]);
-    s.create_claim_token(m, t, ClaimPolicy::Daily(2), TODAY + 30)
-        .await
-        .unwrap();
+    s.create_claim_token(m, t, ClaimPolicy::Daily(2), TODAY + 30).await.unwrap();
     s.claim_key_packages(t, TODAY).await.unwrap();
     s.claim_key_packages(t, TODAY).await.unwrap();
-    assert_eq!(
-        s.claim_key_packages(t, TODAY).await,
-        Err(StoreError::RateLimited)
-    );
+    assert_eq!(s.claim_key_packages(t, TODAY).await, Err(StoreError::RateLimited));
     s.claim_key_packages(t, TODAY + 1).await.unwrap();
 }
 
 /// Appends get 1, 2, 3…; a retry returns the first sequence number; other content conflicts.
 pub async fn log_append_is_idempotent_and_ordered<S: Store>(s: &S) {
     let l = LogId([1; 32]);
-    assert_eq!(
-        s.append(l, entry(1, b"x"), TODAY).await,
-        Err(StoreError::NotFound)
-    );
+    assert_eq!(s.append(l, entry(1, b"x"), TODAY).await, Err(StoreError::NotFound));
     s.create_log(l, key(1), TODAY).await.unwrap();
-    assert_eq!(
-        s.create_log(l, key(2), TODAY).await,
-        Err(StoreError::Conflict)
-    );
+    assert_eq!(s.create_log(l, key(2), TODAY).await, Err(StoreError::Conflict));
     for i in 1..=5u8 {
         let a = s.append(l, entry(i, &[i]), TODAY).await.unwrap();
         assert_eq!((a.seq, a.new), (u64::from(i), true));
     }
     let again = s.append(l, entry(3, &[3]), TODAY).await.unwrap();
     assert_eq!((again.seq, again.new), (3, false));
-    assert_eq!(
-        s.append(l, entry(3, &[9]), TODAY).await,
-        Err(StoreError::Conflict)
-    );
+    assert_eq!(s.append(l, entry(3, &[9]), TODAY).await, Err(StoreError::Conflict));
     let page = s.read_log(l, 2, ALL).await.unwrap();
     assert_eq!(seqs(&page.items), vec![3, 4, 5]);
     assert_eq!(page.items[0].bytes, vec![3]);
-    assert_eq!(
-        s.read_log(LogId([2; 32]), 0, ALL).await,
-        Err(StoreError::NotFound)
-    );
+    assert_eq!(s.read_log(LogId([2; 32]), 0, ALL).await, Err(StoreError::NotFound));
 }
 
 /// The first key is registered at creation; commits register the next; keys expire unused.
@@ -385,14 +269,8 @@ pub async fn log_keys_register_and_expire<S: Store>(s: &S) {
     let l = LogId([1; 32]);
     s.create_log(l, key(1), TODAY).await.unwrap();
     assert_eq!(s.log_key(l, key(1).key_id()).await, Ok(key(1)));
-    assert_eq!(
-        s.log_key(l, key(2).key_id()).await,
-        Err(StoreError::NotFound)
-    );
-    assert_eq!(
-        s.log_key(LogId([2; 32]), key(1).key_id()).await,
-        Err(StoreError::NotFound)
-    );
+    assert_eq!(s.log_key(l, key(2).key_id()).await, Err(StoreError::NotFound));
+    assert_eq!(s.log_key(LogId([2; 32]), key(1).key_id()).await, Err(StoreError::NotFound));
     let mut commit = entry(1, b"commit");
     commit.next_key = Some(key(2));
     s.append(l, commit, TODAY).await.unwrap();
@@ -403,10 +281,7 @@ pub async fn log_keys_register_and_expire<S: Store>(s: &S) {
     s.sweep(TODAY + r.commit_days).await.unwrap();
     assert_eq!(s.log_key(l, key(2).key_id()).await, Ok(key(2)));
     s.sweep(TODAY + r.commit_days + 1).await.unwrap();
-    assert_eq!(
-        s.log_key(l, key(1).key_id()).await,
-        Err(StoreError::NotFound)
-    );
+    assert_eq!(s.log_key(l, key(1).key_id()).await, Err(StoreError::NotFound));
 }
 
 /// Reads respect the byte budget and truncate large entries; parts return the rest.
@@ -418,31 +293,14 @@ pub async fn log_read_budget_and_parts<S: Store>(s: &S) {
     for i in 2..=10u8 {
         s.append(l, entry(i, &[i; 3_000]), TODAY).await.unwrap();
     }
-    let page = s
-        .read_log(
-            l,
-            0,
-            ReadLimit {
-                max_items: 64,
-                max_bytes: 17_000,
-            },
-        )
-        .await
-        .unwrap();
-    let used: usize = page
-        .items
-        .iter()
-        .map(|i| i.bytes.len() + crate::ITEM_OVERHEAD)
-        .sum();
+    let page = s.read_log(l, 0, ReadLimit { max_items: 64, max_bytes: 17_000 }).await.unwrap();
+    let used: usize = page.items.iter().map(|i| i.bytes.len() + crate::ITEM_OVERHEAD).sum();
     assert!(used <= 17_000, "budget kept: {used}");
     assert!(page.more);
     assert_eq!(page.items[0].total_len, 50_000);
     let mut whole = page.items[0].bytes.clone();
     while whole.len() < big.len() {
-        let part = s
-            .read_log_part(l, 1, whole.len() as u32, 16_384)
-            .await
-            .unwrap();
+        let part = s.read_log_part(l, 1, whole.len() as u32, 16_384).await.unwrap();
         assert!(!part.is_empty() && part.len() <= 16_384);
         whole.extend(part);
     }
@@ -450,17 +308,8 @@ pub async fn log_read_budget_and_parts<S: Store>(s: &S) {
     let mut all = Vec::new();
     let mut after = 0;
     loop {
-        let page = s
-            .read_log(
-                l,
-                after,
-                ReadLimit {
-                    max_items: 3,
-                    max_bytes: 17_000,
-                },
-            )
-            .await
-            .unwrap();
+        let page =
+            s.read_log(l, after, ReadLimit { max_items: 3, max_bytes: 17_000 }).await.unwrap();
         all.extend(seqs(&page.items));
         after = *all.last().unwrap();
         if !page.more {
@@ -477,19 +326,13 @@ pub async fn log_quota_refuses<S: Store>(s: &S) {
     let chunk = vec![1u8; 1 << 20];
     let mut stored = 0u64;
     loop {
-        match s
-            .append(l, numbered_entry(stored as u32, &chunk), TODAY)
-            .await
-        {
+        match s.append(l, numbered_entry(stored as u32, &chunk), TODAY).await {
             Ok(a) if a.new => stored += 1,
             Ok(_) => panic!("idempotency key reused"),
             Err(StoreError::QuotaExceeded) => break,
             Err(e) => panic!("unexpected {e:?}"),
         }
-        assert!(
-            stored < 400,
-            "the default 256 MiB log quota was never reached"
-        );
+        assert!(stored < 400, "the default 256 MiB log quota was never reached");
     }
     let page = s.read_log(l, stored - 1, ALL).await.unwrap();
     assert_eq!(seqs(&page.items), vec![stored]);
@@ -499,49 +342,27 @@ pub async fn log_quota_refuses<S: Store>(s: &S) {
 pub async fn uploads_resume_and_complete<S: Store>(s: &S) {
     let u = UploadId([1; 16]);
     let data: Vec<u8> = (0..40_000u32).map(|i| (i % 241) as u8).collect();
+    assert_eq!(s.upload_chunk(u, 40_000, 0, data[..16_000].to_vec(), TODAY).await, Ok(16_000));
+    assert_eq!(s.upload_bytes(u).await, Err(StoreError::BadRequest), "incomplete");
     assert_eq!(
-        s.upload_chunk(u, 40_000, 0, data[..16_000].to_vec(), TODAY)
-            .await,
-        Ok(16_000)
-    );
-    assert_eq!(
-        s.upload_bytes(u).await,
-        Err(StoreError::BadRequest),
-        "incomplete"
-    );
-    assert_eq!(
-        s.upload_chunk(u, 40_000, 30_000, data[30_000..].to_vec(), TODAY)
-            .await,
+        s.upload_chunk(u, 40_000, 30_000, data[30_000..].to_vec(), TODAY).await,
         Err(StoreError::BadRequest),
         "gap"
     );
     assert_eq!(
-        s.upload_chunk(u, 40_001, 16_000, data[16_000..20_000].to_vec(), TODAY)
-            .await,
+        s.upload_chunk(u, 40_001, 16_000, data[16_000..20_000].to_vec(), TODAY).await,
         Err(StoreError::BadRequest),
         "total changed"
     );
     // A resend overlapping what is held is harmless.
+    assert_eq!(s.upload_chunk(u, 40_000, 0, data[..16_000].to_vec(), TODAY).await, Ok(16_000));
     assert_eq!(
-        s.upload_chunk(u, 40_000, 0, data[..16_000].to_vec(), TODAY)
-            .await,
-        Ok(16_000)
-    );
-    assert_eq!(
-        s.upload_chunk(u, 40_000, 16_000, data[16_000..32_000].to_vec(), TODAY)
-            .await,
+        s.upload_chunk(u, 40_000, 16_000, data[16_000..32_000].to_vec(), TODAY).await,
         Ok(32_000)
     );
-    assert_eq!(
-        s.upload_chunk(u, 40_000, 32_000, data[32_000..].to_vec(), TODAY)
-            .await,
-        Ok(40_000)
-    );
+    assert_eq!(s.upload_chunk(u, 40_000, 32_000, data[32_000..].to_vec(), TODAY).await, Ok(40_000));
     assert_eq!(s.upload_bytes(u).await.unwrap(), data);
-    assert_eq!(
-        s.upload_bytes(UploadId([2; 16])).await,
-        Err(StoreError::NotFound)
-    );
+    assert_eq!(s.upload_bytes(UploadId([2; 16])).await, Err(StoreError::NotFound));
     // Consumed by an append in the same transaction.
     let l = LogId([1; 32]);
     s.create_log(l, key(1), TODAY).await.unwrap();
@@ -550,8 +371,7 @@ pub async fn uploads_resume_and_complete<S: Store>(s: &S) {
     s.append(l, e, TODAY).await.unwrap();
     assert_eq!(s.upload_bytes(u).await, Err(StoreError::NotFound));
     assert_eq!(
-        s.upload_chunk(UploadId([3; 16]), 2_000_000, 0, vec![1], TODAY)
-            .await,
+        s.upload_chunk(UploadId([3; 16]), 2_000_000, 0, vec![1], TODAY).await,
         Err(StoreError::BadRequest),
         "larger than the largest entry"
     );
@@ -570,24 +390,14 @@ pub async fn retention_sweeps_by_kind<S: Store>(s: &S) {
     let d = DropId([1; 32]);
     s.create_mailbox(m, key(1), TODAY).await.unwrap();
     s.create_drop(m, d).await.unwrap();
-    s.drop_item(d, IdemKey([1; 16]), b"welcome".to_vec(), None, TODAY)
-        .await
-        .unwrap();
+    s.drop_item(d, IdemKey([1; 16]), b"welcome".to_vec(), None, TODAY).await.unwrap();
 
     let swept = s.sweep(TODAY + r.entry_days).await.unwrap();
-    assert_eq!(
-        (swept.entries, swept.items),
-        (0, 0),
-        "nothing is due on its last day"
-    );
+    assert_eq!((swept.entries, swept.items), (0, 0), "nothing is due on its last day");
     let swept = s.sweep(TODAY + r.entry_days + 1).await.unwrap();
     assert_eq!((swept.entries, swept.items), (1, 1));
     let page = s.read_log(l, 0, ALL).await.unwrap();
-    assert_eq!(
-        seqs(&page.items),
-        vec![2],
-        "the commit stays; its seq is unchanged"
-    );
+    assert_eq!(seqs(&page.items), vec![2], "the commit stays; its seq is unchanged");
     // New appends continue the sequence after a sweep.
     let a = s.append(l, entry(3, b"later"), TODAY + 170).await.unwrap();
     assert_eq!(a.seq, 3);
@@ -597,15 +407,11 @@ pub async fn retention_sweeps_by_kind<S: Store>(s: &S) {
     s.sweep(TODAY + r.commit_days + 1).await.unwrap();
     let page = s.read_log(l, 0, ALL).await.unwrap();
     assert_eq!(seqs(&page.items), vec![3]);
-    assert!(
-        s.key_package_status(m).await.is_ok(),
-        "kept alive by the owner"
-    );
+    assert!(s.key_package_status(m).await.is_ok(), "kept alive by the owner");
     s.sweep(TODAY + 100 + r.mailbox_days + 1).await.unwrap();
     assert_eq!(s.key_package_status(m).await, Err(StoreError::NotFound));
     assert_eq!(
-        s.drop_item(d, IdemKey([2; 16]), b"late".to_vec(), None, TODAY + 300)
-            .await,
+        s.drop_item(d, IdemKey([2; 16]), b"late".to_vec(), None, TODAY + 300).await,
         Err(StoreError::NotFound),
         "its drop addresses went with it"
     );
@@ -618,10 +424,7 @@ pub async fn disk_quota_refuses_new_data<S: Store>(s: &S) {
     s.create_log(l, key(1), TODAY).await.unwrap();
     let mut stored = 0u64;
     let refused = loop {
-        match s
-            .append(l, numbered_entry(stored as u32, &[3u8; 256 << 10]), TODAY)
-            .await
-        {
+        match s.append(l, numbered_entry(stored as u32, &[3u8; 256 << 10]), TODAY).await {
             Ok(_) => stored += 1,
             Err(e) => break e,
         }

@@ -63,18 +63,14 @@ pub struct FaultFs {
 
 impl std::fmt::Debug for FaultFs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FaultFs")
-            .field("path", &self.mountpoint.path())
-            .finish_non_exhaustive()
+        f.debug_struct("FaultFs").field("path", &self.mountpoint.path()).finish_non_exhaustive()
     }
 }
 
 struct Fs(Arc<Mutex<State>>);
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    state
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn attr(ino: u64, node: Option<&Node>) -> FileAttr {
@@ -112,21 +108,15 @@ impl FaultFs {
             syncs: 0,
         }));
         let mountpoint = tempfile::tempdir()?;
-        let mut fs = FaultFs {
-            mountpoint,
-            state,
-            session: None,
-        };
+        let mut fs = FaultFs { mountpoint, state, session: None };
         fs.session = Some(fs.spawn()?);
         Ok(fs)
     }
 
     fn spawn(&self) -> io::Result<BackgroundSession> {
         let mut config = Config::default();
-        config.mount_options = vec![
-            MountOption::FSName("postern-faultfs".into()),
-            MountOption::DefaultPermissions,
-        ];
+        config.mount_options =
+            vec![MountOption::FSName("postern-faultfs".into()), MountOption::DefaultPermissions];
         fuser::spawn_mount2(Fs(self.state.clone()), self.mountpoint.path(), &config)
     }
 
@@ -143,10 +133,7 @@ impl FaultFs {
         }
         let report = {
             let mut state = lock(&self.state);
-            let mut report = CrashReport {
-                syncs: state.syncs,
-                ..CrashReport::default()
-            };
+            let mut report = CrashReport { syncs: state.syncs, ..CrashReport::default() };
             for node in state.nodes.values_mut() {
                 if node.data != node.durable {
                     report.files += 1;
@@ -264,11 +251,8 @@ impl Filesystem for Fs {
         }
         let ino = state.next_ino;
         state.next_ino += 1;
-        let node = Node {
-            data: Vec::new(),
-            durable: Vec::new(),
-            perm: (mode & !umask & 0o7777) as u16,
-        };
+        let node =
+            Node { data: Vec::new(), durable: Vec::new(), perm: (mode & !umask & 0o7777) as u16 };
         let a = attr(ino, Some(&node));
         state.nodes.insert(ino, node);
         state.names.insert(name.to_owned(), ino);
@@ -360,10 +344,7 @@ impl Filesystem for Fs {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let mut state = lock(&self.0);
-        match (parent.0 == ROOT)
-            .then(|| state.names.remove(name))
-            .flatten()
-        {
+        match (parent.0 == ROOT).then(|| state.names.remove(name)).flatten() {
             Some(ino) => {
                 state.nodes.remove(&ino);
                 reply.ok();
@@ -407,15 +388,10 @@ impl Filesystem for Fs {
             return reply.error(Errno::ENOENT);
         }
         let state = lock(&self.0);
-        let mut entries: Vec<(u64, FileType, OsString)> = vec![
-            (ROOT, FileType::Directory, ".".into()),
-            (ROOT, FileType::Directory, "..".into()),
-        ];
-        let mut files: Vec<_> = state
-            .names
-            .iter()
-            .map(|(n, i)| (*i, FileType::RegularFile, n.clone()))
-            .collect();
+        let mut entries: Vec<(u64, FileType, OsString)> =
+            vec![(ROOT, FileType::Directory, ".".into()), (ROOT, FileType::Directory, "..".into())];
+        let mut files: Vec<_> =
+            state.names.iter().map(|(n, i)| (*i, FileType::RegularFile, n.clone())).collect();
         files.sort_by(|a, b| a.2.cmp(&b.2));
         entries.extend(files);
         for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
@@ -455,15 +431,8 @@ mod tests {
         assert_eq!(report.files, 2);
         assert!(report.bytes >= 9 + 1 + 4);
         let mut back = Vec::new();
-        std::fs::File::open(&path)
-            .unwrap()
-            .read_to_end(&mut back)
-            .unwrap();
+        std::fs::File::open(&path).unwrap().read_to_end(&mut back).unwrap();
         assert_eq!(back, b"durable");
-        assert_eq!(
-            std::fs::read(&other).unwrap(),
-            b"",
-            "created, never synced: empty"
-        );
+        assert_eq!(std::fs::read(&other).unwrap(), b"", "created, never synced: empty");
     }
 }

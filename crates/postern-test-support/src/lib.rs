@@ -42,9 +42,7 @@ pub struct TestServer {
 
 impl std::fmt::Debug for TestServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TestServer")
-            .field("data_dir", &self.data_dir)
-            .finish_non_exhaustive()
+        f.debug_struct("TestServer").field("data_dir", &self.data_dir).finish_non_exhaustive()
     }
 }
 
@@ -98,10 +96,7 @@ impl TestServer {
 
     /// The process id.
     pub fn pid(&self) -> u32 {
-        self.child
-            .as_ref()
-            .and_then(Child::id)
-            .expect("server running")
+        self.child.as_ref().and_then(Child::id).expect("server running")
     }
 
     /// Kills the server with SIGKILL and waits for it to die.
@@ -115,11 +110,7 @@ impl TestServer {
     pub async fn terminate(&mut self) -> bool {
         let mut child = self.child.take().expect("server running");
         let pid = child.id().expect("pid").to_string();
-        let sent = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .await
-            .expect("run kill");
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().await.expect("run kill");
         assert!(sent.success());
         let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
             .await
@@ -140,16 +131,12 @@ impl TestServer {
 
     /// A new session.
     pub async fn connect(&self) -> Connection {
-        Connection::connect(&self.link)
-            .await
-            .expect("connect to test server")
+        Connection::connect(&self.link).await.expect("connect to test server")
     }
 
     /// GETs a path on the admin listener; returns the body.
     pub async fn admin_get(&self, path: &str) -> String {
-        let mut tcp = tokio::net::TcpStream::connect(&self.admin)
-            .await
-            .expect("admin connect");
+        let mut tcp = tokio::net::TcpStream::connect(&self.admin).await.expect("admin connect");
         let req = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
         tcp.write_all(req.as_bytes()).await.expect("admin write");
         let mut out = String::new();
@@ -160,9 +147,7 @@ impl TestServer {
     /// Sends raw bytes inside TLS to the public listener and returns everything the server
     /// answers until it closes (or 5 s pass).
     pub async fn raw_https(&self, request: &[u8]) -> Vec<u8> {
-        let mut tls = postern_net::connect_tls(&self.link, &[b"http/1.1"])
-            .await
-            .expect("TLS");
+        let mut tls = postern_net::connect_tls(&self.link, &[b"http/1.1"]).await.expect("TLS");
         tls.write_all(request).await.expect("write");
         let mut out = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
@@ -182,22 +167,14 @@ async fn launch(
         .open(log_path)
         .expect("server log file");
     let mut cmd = Command::new(bin);
-    cmd.args([
-        "--json",
-        "server",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--data",
-    ])
-    .arg(data_dir)
-    .env("POSTERN_LOG", "debug")
-    .envs(extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(log)
-    .kill_on_drop(true);
+    cmd.args(["--json", "server", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--data"])
+        .arg(data_dir)
+        .env("POSTERN_LOG", "debug")
+        .envs(extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .kill_on_drop(true);
     let mut child = cmd.spawn().expect("spawn postern server");
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();

@@ -72,14 +72,10 @@ struct RetentionConfig {
 }
 
 fn default_data_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local").join("share"))
-        });
-    base.unwrap_or_else(|| PathBuf::from("."))
-        .join("postern")
-        .join("server")
+    let base = std::env::var_os("XDG_DATA_HOME").map(PathBuf::from).or_else(|| {
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local").join("share"))
+    });
+    base.unwrap_or_else(|| PathBuf::from(".")).join("postern").join("server")
 }
 
 fn read_file_config(path: &Path) -> Result<FileConfig> {
@@ -116,13 +112,9 @@ fn build_config(args: ServerArgs) -> Result<ServerConfig> {
         log_keys: q.log_keys.unwrap_or(d.log_keys),
         drop_bytes: q.drop_bytes.unwrap_or(d.drop_bytes),
         drops_per_mailbox: q.drops_per_mailbox.unwrap_or(d.drops_per_mailbox),
-        key_packages_per_device: q
-            .key_packages_per_device
-            .unwrap_or(d.key_packages_per_device),
+        key_packages_per_device: q.key_packages_per_device.unwrap_or(d.key_packages_per_device),
         devices_per_mailbox: d.devices_per_mailbox,
-        claim_tokens_per_mailbox: q
-            .claim_tokens_per_mailbox
-            .unwrap_or(d.claim_tokens_per_mailbox),
+        claim_tokens_per_mailbox: q.claim_tokens_per_mailbox.unwrap_or(d.claim_tokens_per_mailbox),
     };
     let r = file.retention;
     let d = Retention::default();
@@ -150,10 +142,7 @@ async fn serve(config: ServerConfig, json: bool) -> Result<()> {
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     let store = SqliteStore::open(
         &config.data_dir.join(DATABASE),
-        Options {
-            quotas: config.quotas,
-            retention: config.retention,
-        },
+        Options { quotas: config.quotas, retention: config.retention },
     )
     .context("cannot open the database")?;
     let unspecified = config.listen.ip().is_unspecified() && config.public_addrs.is_empty();
@@ -239,10 +228,7 @@ mod tests {
     fn example_config_parses_and_applies() {
         let file: FileConfig = toml::from_str(include_str!("../../../docs/server.example.toml"))
             .expect("docs/server.example.toml parses");
-        assert_eq!(
-            file.public_addrs.as_deref(),
-            Some(&["203.0.113.7:8443".to_owned()][..])
-        );
+        assert_eq!(file.public_addrs.as_deref(), Some(&["203.0.113.7:8443".to_owned()][..]));
         assert_eq!(file.quotas.disk_bytes, Some(10 << 30));
         assert_eq!(file.retention.commit_days, Some(180));
     }
@@ -260,11 +246,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("postern-config-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join("c.toml");
-        std::fs::write(
-            &path,
-            "listen = \"127.0.0.1:1000\"\nadmin = \"127.0.0.1:1001\"\n",
-        )
-        .expect("write");
+        std::fs::write(&path, "listen = \"127.0.0.1:1000\"\nadmin = \"127.0.0.1:1001\"\n")
+            .expect("write");
         let args = ServerArgs {
             listen: Some("127.0.0.1:2000".parse().expect("addr")),
             admin: None,

@@ -7,37 +7,17 @@ fn all_requests() -> Vec<Request> {
     let m = MailboxId([1; 32]);
     vec![
         Request::Ping,
-        Request::MailboxCreate {
-            mailbox: m,
-            owner_key: PublicKey([2; 32]),
-        },
-        Request::DropCreate {
-            mailbox: m,
-            drop: DropId([3; 32]),
-        },
-        Request::DropRevoke {
-            mailbox: m,
-            drop: DropId([3; 32]),
-        },
+        Request::MailboxCreate { mailbox: m, owner_key: PublicKey([2; 32]) },
+        Request::DropCreate { mailbox: m, drop: DropId([3; 32]) },
+        Request::DropRevoke { mailbox: m, drop: DropId([3; 32]) },
         Request::Drop {
             drop: DropId([3; 32]),
             idem: IdemKey([4; 16]),
             body: Body::Inline(vec![9; 40]),
         },
-        Request::MailboxFetch {
-            mailbox: m,
-            after: 5,
-            max_items: 10,
-        },
-        Request::MailboxReadPart {
-            mailbox: m,
-            seq: 6,
-            offset: 16_384,
-        },
-        Request::MailboxDelete {
-            mailbox: m,
-            through: 7,
-        },
+        Request::MailboxFetch { mailbox: m, after: 5, max_items: 10 },
+        Request::MailboxReadPart { mailbox: m, seq: 6, offset: 16_384 },
+        Request::MailboxDelete { mailbox: m, through: 7 },
         Request::KeyPackageUpload {
             mailbox: m,
             device: DeviceId([5; 16]),
@@ -57,38 +37,14 @@ fn all_requests() -> Vec<Request> {
             policy: ClaimPolicy::Once,
             expires_day: 21_000,
         },
-        Request::ClaimTokenRevoke {
-            mailbox: m,
-            token_hash: TokenHash([6; 32]),
-        },
-        Request::KeyPackageClaim {
-            token: ClaimToken([7; 32]),
-        },
-        Request::LogCreate {
-            log: LogId([8; 32]),
-            key: PublicKey([2; 32]),
-        },
-        Request::LogAppend {
-            log: LogId([8; 32]),
-            body: Body::Upload(UploadId([9; 16])),
-        },
-        Request::LogRead {
-            log: LogId([8; 32]),
-            after: 0,
-            max_items: 64,
-        },
-        Request::LogReadPart {
-            log: LogId([8; 32]),
-            seq: 1,
-            offset: 2,
-        },
-        Request::Subscribe {
-            log: LogId([8; 32]),
-            after: 3,
-        },
-        Request::Unsubscribe {
-            log: LogId([8; 32]),
-        },
+        Request::ClaimTokenRevoke { mailbox: m, token_hash: TokenHash([6; 32]) },
+        Request::KeyPackageClaim { token: ClaimToken([7; 32]) },
+        Request::LogCreate { log: LogId([8; 32]), key: PublicKey([2; 32]) },
+        Request::LogAppend { log: LogId([8; 32]), body: Body::Upload(UploadId([9; 16])) },
+        Request::LogRead { log: LogId([8; 32]), after: 0, max_items: 64 },
+        Request::LogReadPart { log: LogId([8; 32]), seq: 1, offset: 2 },
+        Request::Subscribe { log: LogId([8; 32]), after: 3 },
+        Request::Unsubscribe { log: LogId([8; 32]) },
         Request::UploadChunk {
             upload: UploadId([9; 16]),
             total_len: 20_000,
@@ -105,23 +61,12 @@ fn every_request_round_trips() {
             Signer::None => None,
             _ => Some(Signature([0xab; 64])),
         };
-        let frame = ClientFrame {
-            request_id: i as u32,
-            request,
-            signature,
-        };
+        let frame = ClientFrame { request_id: i as u32, request, signature };
         let bytes = frame.encode();
-        assert_eq!(
-            ClientFrame::decode(&bytes).as_ref(),
-            Ok(&frame),
-            "{frame:?}"
-        );
+        assert_eq!(ClientFrame::decode(&bytes).as_ref(), Ok(&frame), "{frame:?}");
         // Any truncation fails cleanly.
         for cut in 0..bytes.len() {
-            assert!(
-                ClientFrame::decode(&bytes[..cut]).is_err(),
-                "{frame:?} cut at {cut}"
-            );
+            assert!(ClientFrame::decode(&bytes[..cut]).is_err(), "{frame:?} cut at {cut}");
         }
         let mut long = bytes.clone();
         long.push(0);
@@ -134,28 +79,15 @@ fn wire_layout_is_stable() {
     // A snapshot of the byte layout: changing it breaks every deployed client.
     let frame = ClientFrame {
         request_id: 0x0102_0304,
-        request: Request::LogRead {
-            log: LogId([0xee; 32]),
-            after: 9,
-            max_items: 64,
-        },
+        request: Request::LogRead { log: LogId([0xee; 32]), after: 9, max_items: 64 },
         signature: None,
     };
     let hex: String = frame.encode().iter().map(|b| format!("{b:02x}")).collect();
-    assert_eq!(
-        hex,
-        format!("01010203040f{}00000000000000090040", "ee".repeat(32))
-    );
-    let resp = ServerFrame::Response {
-        request_id: 7,
-        result: Ok(Response::Seq(42)),
-    };
+    assert_eq!(hex, format!("01010203040f{}00000000000000090040", "ee".repeat(32)));
+    let resp = ServerFrame::Response { request_id: 7, result: Ok(Response::Seq(42)) };
     let hex: String = resp.encode().iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(hex, "010000000007000200000000000000 2a".replace(' ', ""));
-    let err = ServerFrame::Response {
-        request_id: 7,
-        result: Err(ErrorCode::NotFound),
-    };
+    let err = ServerFrame::Response { request_id: 7, result: Err(ErrorCode::NotFound) };
     assert_eq!(err.encode(), vec![1, 0, 0, 0, 0, 7, 4]);
 }
 
@@ -174,27 +106,15 @@ fn signatures_bind_nonce_and_content() {
     let owner = crate::ids::public_key(&key);
     let sig = frame.signature.unwrap();
     assert!(owner.verify(&frame.signing_input(&[1; 32]), &sig));
-    assert!(
-        !owner.verify(&frame.signing_input(&[2; 32]), &sig),
-        "other connection's nonce"
-    );
+    assert!(!owner.verify(&frame.signing_input(&[2; 32]), &sig), "other connection's nonce");
     frame.request_id = 2;
-    assert!(
-        !owner.verify(&frame.signing_input(&[1; 32]), &sig),
-        "other request id"
-    );
+    assert!(!owner.verify(&frame.signing_input(&[1; 32]), &sig), "other request id");
 }
 
 #[test]
 fn refuses_unknown_version_op_and_bad_fields() {
-    assert_eq!(
-        ClientFrame::decode(&[2, 0, 0, 0, 1, 0]),
-        Err(DecodeError::UnsupportedVersion(2))
-    );
-    assert_eq!(
-        ClientFrame::decode(&[1, 0, 0, 0, 1, 200]),
-        Err(DecodeError::Invalid("operation"))
-    );
+    assert_eq!(ClientFrame::decode(&[2, 0, 0, 0, 1, 0]), Err(DecodeError::UnsupportedVersion(2)));
+    assert_eq!(ClientFrame::decode(&[1, 0, 0, 0, 1, 200]), Err(DecodeError::Invalid("operation")));
     let mut policy = ClientFrame {
         request_id: 1,
         request: Request::ClaimTokenCreate {
@@ -207,10 +127,7 @@ fn refuses_unknown_version_op_and_bad_fields() {
     }
     .encode();
     policy[6 + 64] = 7;
-    assert_eq!(
-        ClientFrame::decode(&policy),
-        Err(DecodeError::Invalid("claim policy"))
-    );
+    assert_eq!(ClientFrame::decode(&policy), Err(DecodeError::Invalid("claim policy")));
     // A length prefix that claims more than the limit is refused before allocating.
     let mut big = vec![1, 0, 0, 0, 1, op::LOG_APPEND];
     big.extend_from_slice(&[0; 32]);
@@ -222,36 +139,19 @@ fn refuses_unknown_version_op_and_bad_fields() {
 #[test]
 fn server_frames_round_trip() {
     let frames = vec![
-        ServerFrame::Response {
-            request_id: 1,
-            result: Ok(Response::Ok),
-        },
-        ServerFrame::Response {
-            request_id: 2,
-            result: Ok(Response::Pong),
-        },
+        ServerFrame::Response { request_id: 1, result: Ok(Response::Ok) },
+        ServerFrame::Response { request_id: 2, result: Ok(Response::Pong) },
         ServerFrame::Response {
             request_id: 3,
             result: Ok(Response::Items {
                 items: vec![
-                    Item {
-                        seq: 1,
-                        total_len: 3,
-                        bytes: vec![1, 2, 3],
-                    },
-                    Item {
-                        seq: 2,
-                        total_len: 40_000,
-                        bytes: vec![0; 100],
-                    },
+                    Item { seq: 1, total_len: 3, bytes: vec![1, 2, 3] },
+                    Item { seq: 2, total_len: 40_000, bytes: vec![0; 100] },
                 ],
                 more: true,
             }),
         },
-        ServerFrame::Response {
-            request_id: 4,
-            result: Ok(Response::Part(vec![5; 10])),
-        },
+        ServerFrame::Response { request_id: 4, result: Ok(Response::Part(vec![5; 10])) },
         ServerFrame::Response {
             request_id: 5,
             result: Ok(Response::KeyPackages(vec![vec![1; 10], vec![2; 20]])),
@@ -264,25 +164,13 @@ fn server_frames_round_trip() {
                 last_resort: true,
             }])),
         },
-        ServerFrame::Response {
-            request_id: 7,
-            result: Ok(Response::Upload { received: 99 }),
-        },
-        ServerFrame::Response {
-            request_id: 8,
-            result: Err(ErrorCode::QuotaExceeded),
-        },
+        ServerFrame::Response { request_id: 7, result: Ok(Response::Upload { received: 99 }) },
+        ServerFrame::Response { request_id: 8, result: Err(ErrorCode::QuotaExceeded) },
         ServerFrame::Push(Push::Items {
             log: LogId([3; 32]),
-            items: vec![Item {
-                seq: 9,
-                total_len: 1,
-                bytes: vec![1],
-            }],
+            items: vec![Item { seq: 9, total_len: 1, bytes: vec![1] }],
         }),
-        ServerFrame::Push(Push::SubscriptionLost {
-            log: LogId([3; 32]),
-        }),
+        ServerFrame::Push(Push::SubscriptionLost { log: LogId([3; 32]) }),
     ];
     for frame in frames {
         let bytes = frame.encode();

@@ -30,19 +30,9 @@ async fn operator_certificate_is_used_and_pinned() {
     )
     .unwrap();
     let second = TestServer::start_with_env(bin(), config_env(&config)).await;
-    assert_eq!(
-        second.link.pins, first.link.pins,
-        "pin of the operator's key"
-    );
-    assert_eq!(
-        second.link.addrs,
-        vec!["127.0.0.1:9".to_owned()],
-        "public_addrs from the file"
-    );
-    assert!(
-        !second.data_dir.join("tls-key.pem").exists(),
-        "no self-signed pair made"
-    );
+    assert_eq!(second.link.pins, first.link.pins, "pin of the operator's key");
+    assert_eq!(second.link.addrs, vec!["127.0.0.1:9".to_owned()], "public_addrs from the file");
+    assert!(!second.data_dir.join("tls-key.pem").exists(), "no self-signed pair made");
 }
 
 #[tokio::test]
@@ -53,17 +43,11 @@ async fn a_full_disk_refuses_new_data_with_server_full() {
     let server = TestServer::start_with_env(bin(), config_env(&config)).await;
     let mut c = server.connect().await;
     let key = ids::signing_key();
-    let create = Request::MailboxCreate {
-        mailbox: ids::mailbox(),
-        owner_key: public_key(&key),
-    };
+    let create = Request::MailboxCreate { mailbox: ids::mailbox(), owner_key: public_key(&key) };
     match c.request(create, Some(&key)).await {
         Err(NetError::Refused(ErrorCode::ServerFull)) => {}
         other => panic!("expected server_full, got {other:?}"),
     }
     let metrics = server.admin_get("/metrics").await;
-    assert!(
-        metrics.contains("postern_storage_quota_bytes 1\n"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("postern_storage_quota_bytes 1\n"), "{metrics}");
 }

@@ -8,7 +8,7 @@ use postern_proto::frame::{Body, ClaimPolicy, Request};
 use postern_proto::ids::{ClaimToken, public_key};
 use postern_test_support::{TestServer, ids};
 
-use crate::{bin, envelope};
+use crate::{bin, envelope, new_log, new_mailbox};
 
 fn doc() -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/server-disclosure.md");
@@ -35,12 +35,8 @@ fn encodings(bytes: &[u8]) -> Vec<Vec<u8>> {
         bytes.to_vec(),
         hex.clone().into_bytes(),
         hex.to_uppercase().into_bytes(),
-        base64::engine::general_purpose::STANDARD
-            .encode(bytes)
-            .into_bytes(),
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(bytes)
-            .into_bytes(),
+        base64::engine::general_purpose::STANDARD.encode(bytes).into_bytes(),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes).into_bytes(),
     ]
 }
 
@@ -52,20 +48,9 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 async fn stored_data_matches_the_disclosure_table_and_leaks_no_canary() {
     let mut server = TestServer::start(bin()).await;
     let mut c = server.connect().await;
-    let owner = ids::signing_key();
-    let (mailbox, drop) = (ids::mailbox(), ids::drop());
-    c.request(
-        Request::MailboxCreate {
-            mailbox,
-            owner_key: public_key(&owner),
-        },
-        Some(&owner),
-    )
-    .await
-    .unwrap();
-    c.request(Request::DropCreate { mailbox, drop }, Some(&owner))
-        .await
-        .unwrap();
+    let (owner, mailbox) = new_mailbox(&mut c).await;
+    let drop = ids::drop();
+    c.request(Request::DropCreate { mailbox, drop }, Some(&owner)).await.unwrap();
     let token = ClaimToken(*b"CANARY-claim-token-0123456789abc");
     let create = Request::ClaimTokenCreate {
         mailbox,
@@ -81,45 +66,16 @@ async fn stored_data_matches_the_disclosure_table_and_leaks_no_canary() {
         packages: vec![b"encrypted key package".to_vec()],
     };
     c.request(upload, Some(&owner)).await.unwrap();
+    c.request(Request::KeyPackageClaim { token: token.clone() }, None).await.unwrap();
     c.request(
-        Request::KeyPackageClaim {
-            token: token.clone(),
-        },
+        Request::Drop { drop, idem: ids::idem(), body: Body::Inline(b"sealed".to_vec()) },
         None,
     )
     .await
     .unwrap();
-    c.request(
-        Request::Drop {
-            drop,
-            idem: ids::idem(),
-            body: Body::Inline(b"sealed".to_vec()),
-        },
-        None,
-    )
-    .await
-    .unwrap();
-    let key = ids::signing_key();
-    let log = ids::log();
-    c.request(
-        Request::LogCreate {
-            log,
-            key: public_key(&key),
-        },
-        Some(&key),
-    )
-    .await
-    .unwrap();
+    let (key, log) = new_log(&mut c).await;
     let env = envelope(&log, &key, ids::idem(), None, b"opaque ciphertext");
-    c.request(
-        Request::LogAppend {
-            log,
-            body: Body::Inline(env),
-        },
-        None,
-    )
-    .await
-    .unwrap();
+    c.request(Request::LogAppend { log, body: Body::Inline(env) }, None).await.unwrap();
     std::mem::drop(c);
     assert!(server.terminate().await);
 
@@ -175,20 +131,13 @@ async fn stored_data_matches_the_disclosure_table_and_leaks_no_canary() {
     for (path, bytes) in &scanned {
         for (what, canary) in &never_anywhere {
             for form in encodings(canary) {
-                assert!(
-                    !contains(bytes, &form),
-                    "{what} found in {}",
-                    path.display()
-                );
+                assert!(!contains(bytes, &form), "{what} found in {}", path.display());
             }
         }
     }
     for (what, canary) in &never_in_logs {
         for form in encodings(canary).into_iter().filter(|f| f.len() >= 8) {
-            assert!(
-                !contains(&log_text, &form),
-                "{what} found in the server log"
-            );
+            assert!(!contains(&log_text, &form), "{what} found in the server log");
         }
     }
     // The secret lives only in its own file and the link file.
@@ -198,11 +147,7 @@ async fn stored_data_matches_the_disclosure_table_and_leaks_no_canary() {
             continue;
         }
         for form in encodings(&secret) {
-            assert!(
-                !contains(bytes, &form),
-                "access secret found in {}",
-                path.display()
-            );
+            assert!(!contains(bytes, &form), "access secret found in {}", path.display());
         }
     }
 }

@@ -5,22 +5,14 @@ use std::collections::HashMap;
 
 use postern_proto::envelope::Envelope;
 use postern_proto::frame::{Body, Request, Response, ServerFrame};
-use postern_proto::ids::{IdemKey, LogId, public_key};
+use postern_proto::ids::{IdemKey, LogId};
 use postern_test_support::faultfs::FaultFs;
 use postern_test_support::{TestServer, ids};
 
-use crate::{bin, envelope};
+use crate::{bin, envelope, new_log};
 
 async fn create_log(server: &TestServer) -> (ed25519_dalek::SigningKey, LogId) {
-    let key = ids::signing_key();
-    let log = ids::log();
-    let mut setup = server.connect().await;
-    let create = Request::LogCreate {
-        log,
-        key: public_key(&key),
-    };
-    setup.request(create, Some(&key)).await.unwrap();
-    (key, log)
+    new_log(&mut server.connect().await).await
 }
 
 #[tokio::test]
@@ -51,10 +43,7 @@ async fn acknowledged_appends_survive_losing_unsynced_writes() {
         server.restart().await;
         check_all_present(&server, log, &acked).await;
     }
-    eprintln!(
-        "{} acknowledged appends kept; {discarded} unsynced bytes discarded",
-        acked.len()
-    );
+    eprintln!("{} acknowledged appends kept; {discarded} unsynced bytes discarded", acked.len());
 }
 
 /// Four connections pipeline appends; the server is killed after about 150 acknowledgements.
@@ -83,10 +72,7 @@ async fn append_until_killed(
                 sent.insert(id, idem);
             }
             while let Ok(frame) = conn.recv().await {
-                if let ServerFrame::Response {
-                    request_id,
-                    result: Ok(Response::Seq(seq)),
-                } = frame
+                if let ServerFrame::Response { request_id, result: Ok(Response::Seq(seq)) } = frame
                 {
                     let _ = tx.send((sent[&request_id], seq));
                 }
@@ -108,11 +94,7 @@ async fn append_until_killed(
     for w in writers {
         let _ = w.await;
     }
-    assert!(
-        acked.len() >= 150,
-        "only {} acknowledgements before the kill",
-        acked.len()
-    );
+    assert!(acked.len() >= 150, "only {} acknowledgements before the kill", acked.len());
     acked
 }
 
@@ -122,11 +104,7 @@ async fn check_all_present(server: &TestServer, log: LogId, acked: &[(IdemKey, u
     let mut stored = HashMap::new();
     let mut after = 0;
     loop {
-        let read = Request::LogRead {
-            log,
-            after,
-            max_items: 64,
-        };
+        let read = Request::LogRead { log, after, max_items: 64 };
         let Response::Items { items, more } = reader.request(read, None).await.unwrap() else {
             panic!("items expected")
         };
@@ -139,19 +117,11 @@ async fn check_all_present(server: &TestServer, log: LogId, acked: &[(IdemKey, u
         }
     }
     for (idem, seq) in acked {
-        assert_eq!(
-            stored.get(idem),
-            Some(seq),
-            "acknowledged entry lost or moved"
-        );
+        assert_eq!(stored.get(idem), Some(seq), "acknowledged entry lost or moved");
     }
     let mut seqs: Vec<u64> = stored.values().copied().collect();
     seqs.sort_unstable();
-    assert_eq!(
-        seqs,
-        (1..=seqs.len() as u64).collect::<Vec<_>>(),
-        "no holes in the log"
-    );
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "no holes in the log");
 }
 
 #[tokio::test]
@@ -160,23 +130,11 @@ async fn sigterm_stops_cleanly_and_keeps_data() {
     let (key, log) = create_log(&server).await;
     let mut c = server.connect().await;
     let env = envelope(&log, &key, ids::idem(), None, b"kept");
-    c.request(
-        Request::LogAppend {
-            log,
-            body: Body::Inline(env),
-        },
-        None,
-    )
-    .await
-    .unwrap();
+    c.request(Request::LogAppend { log, body: Body::Inline(env) }, None).await.unwrap();
     assert!(server.terminate().await, "exit status 0 after SIGTERM");
     server.restart().await;
     let mut c = server.connect().await;
-    let read = Request::LogRead {
-        log,
-        after: 0,
-        max_items: 8,
-    };
+    let read = Request::LogRead { log, after: 0, max_items: 8 };
     let Response::Items { items, .. } = c.request(read, None).await.unwrap() else {
         panic!("items expected")
     };

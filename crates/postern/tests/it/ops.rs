@@ -8,7 +8,7 @@ use postern_proto::ids::{ClaimToken, PublicKey, public_key};
 use postern_proto::limits::MAX_INLINE;
 use postern_test_support::{TestServer, ids};
 
-use crate::{bin, envelope};
+use crate::{bin, envelope, new_log, new_mailbox};
 
 fn refused(result: Result<Response, NetError>) -> ErrorCode {
     match result {
@@ -25,52 +25,21 @@ async fn mailbox_drops_fetch_and_delete() {
     let key = ids::signing_key();
     let (mailbox, drop) = (ids::mailbox(), ids::drop());
 
-    let create = Request::MailboxCreate {
-        mailbox,
-        owner_key: public_key(&key),
-    };
-    assert_eq!(
-        owner.request(create.clone(), Some(&key)).await.unwrap(),
-        Response::Ok
-    );
-    assert_eq!(
-        refused(owner.request(create, Some(&key)).await),
-        ErrorCode::Conflict
-    );
-    owner
-        .request(Request::DropCreate { mailbox, drop }, Some(&key))
-        .await
-        .unwrap();
+    let create = Request::MailboxCreate { mailbox, owner_key: public_key(&key) };
+    assert_eq!(owner.request(create.clone(), Some(&key)).await.unwrap(), Response::Ok);
+    assert_eq!(refused(owner.request(create, Some(&key)).await), ErrorCode::Conflict);
+    owner.request(Request::DropCreate { mailbox, drop }, Some(&key)).await.unwrap();
 
     let idem = ids::idem();
     let sealed = b"sealed welcome".to_vec();
-    let drop_req = Request::Drop {
-        drop,
-        idem,
-        body: Body::Inline(sealed.clone()),
-    };
+    let drop_req = Request::Drop { drop, idem, body: Body::Inline(sealed.clone()) };
     let first = sender.request(drop_req.clone(), None).await.unwrap();
     assert_eq!(first, Response::Seq(1));
-    assert_eq!(
-        sender.request(drop_req, None).await.unwrap(),
-        first,
-        "retry returns the first seq"
-    );
-    let other = Request::Drop {
-        drop: ids::drop(),
-        idem,
-        body: Body::Inline(sealed.clone()),
-    };
-    assert_eq!(
-        refused(sender.request(other, None).await),
-        ErrorCode::NotFound
-    );
+    assert_eq!(sender.request(drop_req, None).await.unwrap(), first, "retry returns the first seq");
+    let other = Request::Drop { drop: ids::drop(), idem, body: Body::Inline(sealed.clone()) };
+    assert_eq!(refused(sender.request(other, None).await), ErrorCode::NotFound);
 
-    let fetch = Request::MailboxFetch {
-        mailbox,
-        after: 0,
-        max_items: 10,
-    };
+    let fetch = Request::MailboxFetch { mailbox, after: 0, max_items: 10 };
     let Response::Items { items, more } = owner.request(fetch.clone(), Some(&key)).await.unwrap()
     else {
         panic!("items expected")
@@ -80,48 +49,19 @@ async fn mailbox_drops_fetch_and_delete() {
 
     // A stranger's signature and an unknown mailbox get the same answer.
     let stranger = ids::signing_key();
-    assert_eq!(
-        refused(owner.request(fetch.clone(), Some(&stranger)).await),
-        ErrorCode::NotFound
-    );
-    let unknown = Request::MailboxFetch {
-        mailbox: ids::mailbox(),
-        after: 0,
-        max_items: 10,
-    };
-    assert_eq!(
-        refused(owner.request(unknown, Some(&key)).await),
-        ErrorCode::NotFound
-    );
+    assert_eq!(refused(owner.request(fetch.clone(), Some(&stranger)).await), ErrorCode::NotFound);
+    let unknown = Request::MailboxFetch { mailbox: ids::mailbox(), after: 0, max_items: 10 };
+    assert_eq!(refused(owner.request(unknown, Some(&key)).await), ErrorCode::NotFound);
 
-    owner
-        .request(
-            Request::MailboxDelete {
-                mailbox,
-                through: 1,
-            },
-            Some(&key),
-        )
-        .await
-        .unwrap();
+    owner.request(Request::MailboxDelete { mailbox, through: 1 }, Some(&key)).await.unwrap();
     let Response::Items { items, .. } = owner.request(fetch, Some(&key)).await.unwrap() else {
         panic!("items expected")
     };
     assert!(items.is_empty());
 
-    owner
-        .request(Request::DropRevoke { mailbox, drop }, Some(&key))
-        .await
-        .unwrap();
-    let late = Request::Drop {
-        drop,
-        idem: ids::idem(),
-        body: Body::Inline(b"late".to_vec()),
-    };
-    assert_eq!(
-        refused(sender.request(late, None).await),
-        ErrorCode::NotFound
-    );
+    owner.request(Request::DropRevoke { mailbox, drop }, Some(&key)).await.unwrap();
+    let late = Request::Drop { drop, idem: ids::idem(), body: Body::Inline(b"late".to_vec()) };
+    assert_eq!(refused(sender.request(late, None).await), ErrorCode::NotFound);
 }
 
 #[tokio::test]
@@ -129,26 +69,12 @@ async fn signed_requests_cannot_be_replayed() {
     let server = TestServer::start(bin()).await;
     let mut a = server.connect().await;
     let mut b = server.connect().await;
-    let key = ids::signing_key();
-    let mailbox = ids::mailbox();
-    a.request(
-        Request::MailboxCreate {
-            mailbox,
-            owner_key: public_key(&key),
-        },
-        Some(&key),
-    )
-    .await
-    .unwrap();
+    let (key, mailbox) = new_mailbox(&mut a).await;
 
     // Signed for connection A's nonce; sent on connection B.
     let mut frame = ClientFrame {
         request_id: 100,
-        request: Request::MailboxFetch {
-            mailbox,
-            after: 0,
-            max_items: 1,
-        },
+        request: Request::MailboxFetch { mailbox, after: 0, max_items: 1 },
         signature: None,
     };
     frame.sign(&key, a.nonce());
@@ -157,22 +83,12 @@ async fn signed_requests_cannot_be_replayed() {
 
     // On A it works once; the same request id again is a protocol violation that closes A.
     a.send_frame(&frame).await.unwrap();
-    assert!(matches!(
-        a.response(100).await.unwrap(),
-        Response::Items { .. }
-    ));
+    assert!(matches!(a.response(100).await.unwrap(), Response::Items { .. }));
     a.send_frame(&frame).await.unwrap();
     assert_eq!(refused(a.response(100).await), ErrorCode::BadFrame);
-    assert!(
-        a.request(Request::Ping, None).await.is_err(),
-        "closed after a bad frame"
-    );
+    assert!(a.request(Request::Ping, None).await.is_err(), "closed after a bad frame");
     let mut c = server.connect().await;
-    assert_eq!(
-        c.request(Request::Ping, None).await.unwrap(),
-        Response::Pong,
-        "others unaffected"
-    );
+    assert_eq!(c.request(Request::Ping, None).await.unwrap(), Response::Pong, "others unaffected");
 }
 
 #[tokio::test]
@@ -180,30 +96,14 @@ async fn key_packages_are_claimed_by_token_one_per_device() {
     let server = TestServer::start(bin()).await;
     let mut owner = server.connect().await;
     let mut joiner = server.connect().await;
-    let key = ids::signing_key();
-    let mailbox = ids::mailbox();
-    owner
-        .request(
-            Request::MailboxCreate {
-                mailbox,
-                owner_key: public_key(&key),
-            },
-            Some(&key),
-        )
-        .await
-        .unwrap();
+    let (key, mailbox) = new_mailbox(&mut owner).await;
     let (d1, d2) = (ids::device(), ids::device());
     for (device, last_resort, packages) in [
         (d1, false, vec![vec![1; 300], vec![2; 300]]),
         (d1, true, vec![vec![9; 300]]),
         (d2, false, vec![vec![3; 300]]),
     ] {
-        let upload = Request::KeyPackageUpload {
-            mailbox,
-            device,
-            last_resort,
-            packages,
-        };
+        let upload = Request::KeyPackageUpload { mailbox, device, last_resort, packages };
         owner.request(upload, Some(&key)).await.unwrap();
     }
     let token = ClaimToken([7; 32]);
@@ -214,29 +114,16 @@ async fn key_packages_are_claimed_by_token_one_per_device() {
         expires_day: u32::MAX,
     };
     owner.request(create, Some(&key)).await.unwrap();
-    let claim = Request::KeyPackageClaim {
-        token: token.clone(),
-    };
+    let claim = Request::KeyPackageClaim { token: token.clone() };
     let Response::KeyPackages(got) = joiner.request(claim.clone(), None).await.unwrap() else {
         panic!("key packages expected")
     };
     assert_eq!(got.len(), 2, "one per device");
-    assert_eq!(
-        refused(joiner.request(claim, None).await),
-        ErrorCode::NotFound,
-        "used up"
-    );
-    let wrong = Request::KeyPackageClaim {
-        token: ClaimToken([8; 32]),
-    };
-    assert_eq!(
-        refused(joiner.request(wrong, None).await),
-        ErrorCode::NotFound
-    );
-    let Response::KeyPackageStatus(status) = owner
-        .request(Request::KeyPackageStatus { mailbox }, Some(&key))
-        .await
-        .unwrap()
+    assert_eq!(refused(joiner.request(claim, None).await), ErrorCode::NotFound, "used up");
+    let wrong = Request::KeyPackageClaim { token: ClaimToken([8; 32]) };
+    assert_eq!(refused(joiner.request(wrong, None).await), ErrorCode::NotFound);
+    let Response::KeyPackageStatus(status) =
+        owner.request(Request::KeyPackageStatus { mailbox }, Some(&key)).await.unwrap()
     else {
         panic!("status expected")
     };
@@ -250,130 +137,60 @@ async fn appends_need_a_registered_epoch_key_and_are_idempotent() {
     let mut member = server.connect().await;
     let k1 = ids::signing_key();
     let log = ids::log();
-    let create = Request::LogCreate {
-        log,
-        key: public_key(&k1),
-    };
+    let create = Request::LogCreate { log, key: public_key(&k1) };
     member.request(create.clone(), Some(&k1)).await.unwrap();
-    assert_eq!(
-        refused(member.request(create, Some(&k1)).await),
-        ErrorCode::Conflict
-    );
+    assert_eq!(refused(member.request(create, Some(&k1)).await), ErrorCode::Conflict);
 
-    let append = |bytes: Vec<u8>| Request::LogAppend {
-        log,
-        body: Body::Inline(bytes),
-    };
+    let append = |bytes: Vec<u8>| Request::LogAppend { log, body: Body::Inline(bytes) };
     let idem = ids::idem();
     let first = envelope(&log, &k1, idem, None, b"ciphertext one");
-    assert_eq!(
-        member.request(append(first.clone()), None).await.unwrap(),
-        Response::Seq(1)
-    );
-    assert_eq!(
-        member.request(append(first), None).await.unwrap(),
-        Response::Seq(1),
-        "retry"
-    );
+    assert_eq!(member.request(append(first.clone()), None).await.unwrap(), Response::Seq(1));
+    assert_eq!(member.request(append(first), None).await.unwrap(), Response::Seq(1), "retry");
     let changed = envelope(&log, &k1, idem, None, b"other content");
-    assert_eq!(
-        refused(member.request(append(changed), None).await),
-        ErrorCode::Conflict
-    );
+    assert_eq!(refused(member.request(append(changed), None).await), ErrorCode::Conflict);
 
     // A stranger's key, and a signature for another log, are refused like a missing log.
     let stranger = ids::signing_key();
     let bad = envelope(&log, &stranger, ids::idem(), None, b"junk");
-    assert_eq!(
-        refused(member.request(append(bad), None).await),
-        ErrorCode::NotFound
-    );
+    assert_eq!(refused(member.request(append(bad), None).await), ErrorCode::NotFound);
     let elsewhere = envelope(&ids::log(), &k1, ids::idem(), None, b"junk");
-    assert_eq!(
-        refused(member.request(append(elsewhere), None).await),
-        ErrorCode::NotFound
-    );
+    assert_eq!(refused(member.request(append(elsewhere), None).await), ErrorCode::NotFound);
     let missing = Request::LogAppend {
         log: ids::log(),
         body: Body::Inline(envelope(&log, &k1, ids::idem(), None, b"x")),
     };
+    assert_eq!(refused(member.request(missing, None).await), ErrorCode::NotFound);
     assert_eq!(
-        refused(member.request(missing, None).await),
-        ErrorCode::NotFound
-    );
-    assert_eq!(
-        refused(
-            member
-                .request(append(b"not an envelope".to_vec()), None)
-                .await
-        ),
+        refused(member.request(append(b"not an envelope".to_vec()), None).await),
         ErrorCode::BadRequest
     );
 
     // A commit registers the next epoch's key.
     let k2 = ids::signing_key();
     let commit = envelope(&log, &k1, ids::idem(), Some(public_key(&k2)), b"commit");
-    assert_eq!(
-        member.request(append(commit), None).await.unwrap(),
-        Response::Seq(2)
-    );
+    assert_eq!(member.request(append(commit), None).await.unwrap(), Response::Seq(2));
     let next = envelope(&log, &k2, ids::idem(), None, b"epoch two");
-    assert_eq!(
-        member.request(append(next), None).await.unwrap(),
-        Response::Seq(3)
-    );
+    assert_eq!(member.request(append(next), None).await.unwrap(), Response::Seq(3));
 
-    let Response::Items { items, more } = member
-        .request(
-            Request::LogRead {
-                log,
-                after: 1,
-                max_items: 10,
-            },
-            None,
-        )
-        .await
-        .unwrap()
+    let Response::Items { items, more } =
+        member.request(Request::LogRead { log, after: 1, max_items: 10 }, None).await.unwrap()
     else {
         panic!("items expected")
     };
     assert_eq!(items.iter().map(|i| i.seq).collect::<Vec<_>>(), vec![2, 3]);
     assert!(!more);
-    let unknown = Request::LogRead {
-        log: ids::log(),
-        after: 0,
-        max_items: 10,
-    };
-    assert_eq!(
-        refused(member.request(unknown, None).await),
-        ErrorCode::NotFound
-    );
+    let unknown = Request::LogRead { log: ids::log(), after: 0, max_items: 10 };
+    assert_eq!(refused(member.request(unknown, None).await), ErrorCode::NotFound);
     // Creating a log proves possession of its first key.
-    let not_mine = Request::LogCreate {
-        log: ids::log(),
-        key: PublicKey(public_key(&k1).0),
-    };
-    assert_eq!(
-        refused(member.request(not_mine, Some(&stranger)).await),
-        ErrorCode::NotFound
-    );
+    let not_mine = Request::LogCreate { log: ids::log(), key: PublicKey(public_key(&k1).0) };
+    assert_eq!(refused(member.request(not_mine, Some(&stranger)).await), ErrorCode::NotFound);
 }
 
 #[tokio::test]
 async fn large_entries_travel_in_chunks_and_read_back_in_parts() {
     let server = TestServer::start(bin()).await;
     let mut c = server.connect().await;
-    let key = ids::signing_key();
-    let log = ids::log();
-    c.request(
-        Request::LogCreate {
-            log,
-            key: public_key(&key),
-        },
-        Some(&key),
-    )
-    .await
-    .unwrap();
+    let (key, log) = new_log(&mut c).await;
     let ciphertext: Vec<u8> = (0..45_000u32).map(|i| (i % 253) as u8).collect();
     let entry = envelope(&log, &key, ids::idem(), None, &ciphertext);
     let upload = ids::upload();
@@ -393,39 +210,18 @@ async fn large_entries_travel_in_chunks_and_read_back_in_parts() {
         assert_eq!(received as usize, end);
         offset = end;
     }
-    let seq = c
-        .request(
-            Request::LogAppend {
-                log,
-                body: Body::Upload(upload),
-            },
-            None,
-        )
-        .await
-        .unwrap();
+    let seq =
+        c.request(Request::LogAppend { log, body: Body::Upload(upload) }, None).await.unwrap();
     assert_eq!(seq, Response::Seq(1));
-    let Response::Items { items, .. } = c
-        .request(
-            Request::LogRead {
-                log,
-                after: 0,
-                max_items: 1,
-            },
-            None,
-        )
-        .await
-        .unwrap()
+    let Response::Items { items, .. } =
+        c.request(Request::LogRead { log, after: 0, max_items: 1 }, None).await.unwrap()
     else {
         panic!("items expected")
     };
     let mut whole = items[0].bytes.clone();
     assert_eq!(items[0].total_len, total_len);
     while whole.len() < entry.len() {
-        let part = Request::LogReadPart {
-            log,
-            seq: 1,
-            offset: whole.len() as u32,
-        };
+        let part = Request::LogReadPart { log, seq: 1, offset: whole.len() as u32 };
         let Response::Part(bytes) = c.request(part, None).await.unwrap() else {
             panic!("part expected")
         };
@@ -438,10 +234,7 @@ async fn large_entries_travel_in_chunks_and_read_back_in_parts() {
         offset: 0,
         bytes: vec![1],
     };
-    assert_eq!(
-        refused(c.request(too_big, None).await),
-        ErrorCode::EntryTooLarge
-    );
+    assert_eq!(refused(c.request(too_big, None).await), ErrorCode::EntryTooLarge);
 }
 
 #[tokio::test]
@@ -449,35 +242,12 @@ async fn subscribers_get_backlog_then_live_entries() {
     let server = TestServer::start(bin()).await;
     let mut writer = server.connect().await;
     let mut reader = server.connect().await;
-    let key = ids::signing_key();
-    let log = ids::log();
-    writer
-        .request(
-            Request::LogCreate {
-                log,
-                key: public_key(&key),
-            },
-            Some(&key),
-        )
-        .await
-        .unwrap();
+    let (key, log) = new_log(&mut writer).await;
     for i in 0..5u8 {
         let env = envelope(&log, &key, ids::idem(), None, &[i; 40]);
-        writer
-            .request(
-                Request::LogAppend {
-                    log,
-                    body: Body::Inline(env),
-                },
-                None,
-            )
-            .await
-            .unwrap();
+        writer.request(Request::LogAppend { log, body: Body::Inline(env) }, None).await.unwrap();
     }
-    reader
-        .request(Request::Subscribe { log, after: 2 }, None)
-        .await
-        .unwrap();
+    reader.request(Request::Subscribe { log, after: 2 }, None).await.unwrap();
     let mut seen = Vec::new();
     while seen.len() < 3 {
         let Push::Items { log: l, items } =
@@ -491,16 +261,7 @@ async fn subscribers_get_backlog_then_live_entries() {
     assert_eq!(seen, vec![3, 4, 5]);
     for i in 5..25u8 {
         let env = envelope(&log, &key, ids::idem(), None, &[i; 40]);
-        writer
-            .request(
-                Request::LogAppend {
-                    log,
-                    body: Body::Inline(env),
-                },
-                None,
-            )
-            .await
-            .unwrap();
+        writer.request(Request::LogAppend { log, body: Body::Inline(env) }, None).await.unwrap();
     }
     while seen.len() < 23 {
         let Push::Items { items, .. } = reader.next_push(Duration::from_secs(10)).await.unwrap()
@@ -510,14 +271,8 @@ async fn subscribers_get_backlog_then_live_entries() {
         seen.extend(items.iter().map(|i| i.seq));
     }
     assert_eq!(seen, (3..=25).collect::<Vec<_>>(), "in order, none twice");
-    let unknown = Request::Subscribe {
-        log: ids::log(),
-        after: 0,
-    };
-    assert_eq!(
-        refused(reader.request(unknown, None).await),
-        ErrorCode::NotFound
-    );
+    let unknown = Request::Subscribe { log: ids::log(), after: 0 };
+    assert_eq!(refused(reader.request(unknown, None).await), ErrorCode::NotFound);
 }
 
 #[tokio::test]
@@ -533,13 +288,7 @@ async fn malformed_frames_close_only_their_connection() {
         let mut c = server.connect().await;
         c.send_raw(&bytes).await.unwrap();
         assert_eq!(refused(c.response(0).await), want);
-        assert!(
-            c.request(Request::Ping, None).await.is_err(),
-            "connection closed"
-        );
+        assert!(c.request(Request::Ping, None).await.is_err(), "connection closed");
     }
-    assert_eq!(
-        bystander.request(Request::Ping, None).await.unwrap(),
-        Response::Pong
-    );
+    assert_eq!(bystander.request(Request::Ping, None).await.unwrap(), Response::Pong);
 }

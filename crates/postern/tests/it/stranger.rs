@@ -8,29 +8,23 @@ use postern_test_support::{TestServer, without_date};
 use crate::bin;
 
 fn upgrade_request(cookie: Option<&str>) -> Vec<u8> {
-    let cookie = cookie
-        .map(|c| format!("Cookie: sid={c}\r\n"))
-        .unwrap_or_default();
+    let cookie = cookie.map(|c| format!("Cookie: sid={c}\r\n")).unwrap_or_default();
     format!(
-        "GET / HTTP/1.1\r\nHost: example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+        "GET / HTTP/1.1\r\nHost: example\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{cookie}\r\n"
     )
     .into_bytes()
 }
 
 fn assert_no_postern(response: &str) {
-    assert!(
-        !response.to_ascii_lowercase().contains("postern"),
-        "Postern visible: {response}"
-    );
+    assert!(!response.to_ascii_lowercase().contains("postern"), "Postern visible: {response}");
 }
 
 #[tokio::test]
 async fn strangers_see_only_the_website() {
     let server = TestServer::start(bin()).await;
-    let plain = server
-        .raw_https(b"GET / HTTP/1.1\r\nHost: example\r\nConnection: close\r\n\r\n")
-        .await;
+    let plain =
+        server.raw_https(b"GET / HTTP/1.1\r\nHost: example\r\nConnection: close\r\n\r\n").await;
     let plain = without_date(&plain);
     assert!(plain.starts_with("HTTP/1.1 200 OK"), "{plain}");
     assert!(plain.contains("Birch &amp; Kiln"));
@@ -42,17 +36,11 @@ async fn strangers_see_only_the_website() {
     let replayed = gate_token(&server.link);
     let conn = Connection::connect_with_token(&server.link, &replayed).await;
     assert!(conn.is_ok(), "a fresh token opens the gate once");
-    for cookie in [
-        None,
-        Some("garbage".to_owned()),
-        Some(gate_token(&wrong)),
-        Some(replayed.clone()),
-    ] {
+    for cookie in
+        [None, Some("garbage".to_owned()), Some(gate_token(&wrong)), Some(replayed.clone())]
+    {
         let answer = without_date(&server.raw_https(&upgrade_request(cookie.as_deref())).await);
-        assert!(
-            answer.starts_with("HTTP/1.1 200 OK"),
-            "{cookie:?}: {answer}"
-        );
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{cookie:?}: {answer}");
         assert!(!answer.contains("101"), "no upgrade for {cookie:?}");
         assert_no_postern(&answer);
         // The page is the same page a plain visit gets.
@@ -68,10 +56,7 @@ async fn strangers_see_only_the_website() {
     for path in ["/health", "/metrics", "/postern", "/ws"] {
         let req = format!("GET {path} HTTP/1.1\r\nHost: example\r\nConnection: close\r\n\r\n");
         let answer = without_date(&server.raw_https(req.as_bytes()).await);
-        assert!(
-            answer.starts_with("HTTP/1.1 404 Not Found"),
-            "{path}: {answer}"
-        );
+        assert!(answer.starts_with("HTTP/1.1 404 Not Found"), "{path}: {answer}");
         assert_no_postern(&answer);
     }
     let post = without_date(
@@ -86,23 +71,14 @@ async fn strangers_see_only_the_website() {
     // Random bytes inside TLS get the HTTP server's plain refusal.
     let noise: Vec<u8> = (0..300u32).map(|i| (i * 7 + 3) as u8).collect();
     let answer = without_date(&server.raw_https(&noise).await);
-    assert!(
-        answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
-        "{answer}"
-    );
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert_no_postern(&answer);
 
     // Health and metrics are on the admin listener.
     let health = server.admin_get("/health").await;
-    assert!(
-        health.starts_with("HTTP/1.1 200") && health.ends_with("ok\n"),
-        "{health}"
-    );
+    assert!(health.starts_with("HTTP/1.1 200") && health.ends_with("ok\n"), "{health}");
     let metrics = server.admin_get("/metrics").await;
-    assert!(
-        metrics.contains("postern_website_responses_total"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("postern_website_responses_total"), "{metrics}");
 }
 
 #[tokio::test]
@@ -110,16 +86,10 @@ async fn a_wrong_pin_or_static_key_never_reaches_a_session() {
     let server = TestServer::start(bin()).await;
     let mut wrong_pin = server.link.clone();
     wrong_pin.pins = vec![[0; 32]];
-    assert!(matches!(
-        Connection::connect(&wrong_pin).await,
-        Err(NetError::Connect(_))
-    ));
+    assert!(matches!(Connection::connect(&wrong_pin).await, Err(NetError::Connect(_))));
     let mut wrong_key = server.link.clone();
     wrong_key.static_key = [9; 32];
     // The gate opens (the secret is right) but the handshake is not for this server's key:
     // the server closes without a word.
-    assert!(matches!(
-        Connection::connect(&wrong_key).await,
-        Err(NetError::Session(_))
-    ));
+    assert!(matches!(Connection::connect(&wrong_key).await, Err(NetError::Session(_))));
 }
