@@ -2,10 +2,12 @@
 //! dispatches; the work happens in the library crates.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod client;
 mod server;
 
 #[derive(Parser, Debug)]
@@ -18,6 +20,9 @@ struct Cli {
     /// Print machine-readable JSON (one object per line) instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// The client's home directory [default: $XDG_DATA_HOME/postern/client].
+    #[arg(long, global = true, env = "POSTERN_HOME")]
+    home: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -26,6 +31,20 @@ struct Cli {
 enum Command {
     /// Run a Postern server on its embedded database.
     Server(server::ServerArgs),
+    /// Create your identity and choose your home server.
+    Init(client::InitArgs),
+    /// Show your name, safety number, device and server.
+    Whoami,
+    /// Show your safety number.
+    Fingerprint,
+}
+
+/// `$XDG_DATA_HOME/postern`, else `~/.local/share/postern`.
+pub(crate) fn data_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME").map(PathBuf::from).or_else(|| {
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local").join("share"))
+    });
+    base.unwrap_or_else(|| PathBuf::from(".")).join("postern")
 }
 
 fn main() -> ExitCode {
@@ -37,8 +56,12 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    let home = client::home_dir(cli.home);
     let result = match cli.command {
         Command::Server(args) => server::run(args, cli.json),
+        Command::Init(args) => client::init(&home, args, cli.json),
+        Command::Whoami => client::whoami(&home, cli.json),
+        Command::Fingerprint => client::fingerprint(&home, cli.json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -72,10 +72,7 @@ struct RetentionConfig {
 }
 
 fn default_data_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_DATA_HOME").map(PathBuf::from).or_else(|| {
-        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local").join("share"))
-    });
-    base.unwrap_or_else(|| PathBuf::from(".")).join("postern").join("server")
+    crate::data_dir().join("server")
 }
 
 fn read_file_config(path: &Path) -> Result<FileConfig> {

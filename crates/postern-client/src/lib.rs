@@ -1,0 +1,204 @@
+//! The Postern client core: a user's identity and device, the local store (encrypted at
+//! rest with SQLCipher), and, as they are built, contacts, chats and MLS.
+//!
+//! A *home* is a directory holding one client's state. One process owns a home at a time
+//! ([`Home`] holds an exclusive lock); other processes get [`ClientError::Busy`].
+//!
+//! ```no_run
+//! use postern_client::{Client, KeySource};
+//! # fn link() -> postern_proto::link::ServerLink { unimplemented!() }
+//! let home = std::path::Path::new("/tmp/alice");
+//! let client = Client::init(home, KeySource::KeyFile, "Alice", link())?;
+//! println!("{}", client.whoami().fingerprint);
+//! # Ok::<(), postern_client::ClientError>(())
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use postern_proto::link::{LinkError, ServerLink};
+
+mod identity;
+mod store;
+
+pub use identity::{DeviceCredential, Identity, fingerprint};
+pub use store::KeySource;
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// `init` on a home that already has a client.
+    #[error("{0} already holds a Postern client")]
+    AlreadyInitialized(PathBuf),
+    /// Any other command on a home without a client.
+    #[error("no Postern client in {0}: run `postern init` first")]
+    NotInitialized(PathBuf),
+    /// The store would not open with the key given: a wrong passphrase, a wrong or missing
+    /// key file, or a corrupt database. Nothing was changed.
+    #[error(
+        "cannot open the local store in {0}: wrong passphrase or key file, or a damaged database"
+    )]
+    WrongKey(PathBuf),
+    /// The home was created with a passphrase and none was given.
+    #[error("the local store in {0} is protected by a passphrase: set POSTERN_PASSPHRASE")]
+    PassphraseRequired(PathBuf),
+    /// Another process owns the home.
+    #[error("another postern process is using {0}")]
+    Busy(PathBuf),
+    /// The server link is invalid.
+    #[error("invalid server link: {0}")]
+    InvalidLink(#[from] LinkError),
+    /// A display name must be 1 to 64 characters, without control characters.
+    #[error("a name must be 1 to 64 characters, without control characters")]
+    InvalidName,
+    /// A file in the home could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The database failed.
+    #[error("local store: {0}")]
+    Store(String),
+    /// Stored state breaks an invariant (a bug, or a store written by a newer version).
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
+    move |source| ClientError::Io { path: path.to_owned(), source }
+}
+
+/// An owned home directory: the lock is held until this is dropped.
+#[derive(Debug)]
+pub struct Home {
+    dir: PathBuf,
+    _lock: std::fs::File,
+}
+
+const LOCK_FILE: &str = "lock";
+
+impl Home {
+    /// Takes the home's lock, creating the directory (mode 0700) when `create` is set.
+    pub fn lock(dir: &Path, create: bool) -> Result<Self, ClientError> {
+        if create {
+            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_err(dir))?;
+        } else if !dir.join(store::DATABASE).exists() {
+            return Err(ClientError::NotInitialized(dir.to_owned()));
+        }
+        let path = dir.join(LOCK_FILE);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Home { dir: dir.to_owned(), _lock: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(ClientError::Busy(dir.to_owned())),
+            Err(std::fs::TryLockError::Error(e)) => Err(io_err(&path)(e)),
+        }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// What `whoami` shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WhoAmI {
+    /// The display name chosen at `init`.
+    pub name: String,
+    /// The identity's safety number.
+    pub fingerprint: String,
+    /// This device's id, hex.
+    pub device: String,
+    /// Addresses of the home server.
+    pub server: Vec<String>,
+}
+
+/// An open client.
+#[derive(Debug)]
+pub struct Client {
+    home: Home,
+    store: store::Store,
+    identity: Identity,
+    server: ServerLink,
+}
+
+fn check_name(name: &str) -> Result<(), ClientError> {
+    let n = name.chars().count();
+    if n == 0 || n > 64 || name.chars().any(char::is_control) || name.trim() != name {
+        return Err(ClientError::InvalidName);
+    }
+    Ok(())
+}
+
+impl Client {
+    /// Creates a client in `dir`: a new identity and device, and the home server.
+    pub fn init(
+        dir: &Path,
+        key: KeySource,
+        name: &str,
+        server: ServerLink,
+    ) -> Result<Self, ClientError> {
+        check_name(name)?;
+        if dir.join(store::DATABASE).exists() {
+            return Err(ClientError::AlreadyInitialized(dir.to_owned()));
+        }
+        let home = Home::lock(dir, true)?;
+        let identity = Identity::generate(name);
+        let store = store::Store::create(home.dir(), &key)?;
+        store.save_identity(&identity, &server)?;
+        Ok(Client { home, store, identity, server })
+    }
+
+    /// Opens the client in `dir`.
+    pub fn open(dir: &Path, key: KeySource) -> Result<Self, ClientError> {
+        let home = Home::lock(dir, false)?;
+        let store = store::Store::open(home.dir(), &key)?;
+        let (identity, server) = store.load_identity()?;
+        Ok(Client { home, store, identity, server })
+    }
+
+    /// Who this client is.
+    pub fn whoami(&self) -> WhoAmI {
+        WhoAmI {
+            name: self.identity.name.clone(),
+            fingerprint: self.identity.fingerprint(),
+            device: self.identity.device_id_hex(),
+            server: self.server.addrs.clone(),
+        }
+    }
+
+    /// The identity.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The home directory.
+    pub fn home(&self) -> &Path {
+        self.home.dir()
+    }
+
+    /// The home server's link.
+    pub fn server(&self) -> &ServerLink {
+        &self.server
+    }
+
+    /// The store (for the layers built on it).
+    #[doc(hidden)]
+    pub fn store(&self) -> &rusqlite::Connection {
+        self.store.connection()
+    }
+}
+
+#[cfg(test)]
+mod tests;

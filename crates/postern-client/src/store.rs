@@ -1,0 +1,211 @@
+//! The local store: one SQLCipher database per home, encrypted with a key from
+//! `POSTERN_PASSPHRASE` or from a key file readable only by the user.
+//!
+//! What this does not protect against: with a key file, anyone who can read the home (a
+//! stolen unlocked laptop, a backup of the whole directory, malware running as the user) can
+//! read the store; the key file only keeps the database unreadable when copied alone. A
+//! passphrase protects a stolen device at rest, as long as the passphrase is strong.
+
+use std::io::Write;
+use std::path::Path;
+
+use ed25519_dalek::SigningKey;
+use postern_proto::link::ServerLink;
+use rand::RngCore;
+use rusqlite::{Connection, OptionalExtension, params};
+use zeroize::Zeroizing;
+
+use crate::identity::Identity;
+use crate::{ClientError, io_err};
+
+pub(crate) const DATABASE: &str = "client.db";
+const KEY_FILE: &str = "store.key";
+
+/// Where the store's key comes from.
+#[derive(Clone)]
+pub enum KeySource {
+    /// A passphrase (from `POSTERN_PASSPHRASE`); SQLCipher derives the key with PBKDF2.
+    Passphrase(Zeroizing<String>),
+    /// A random key in `store.key` in the home, created at `init`.
+    KeyFile,
+}
+
+impl std::fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeySource::Passphrase(_) => f.write_str("Passphrase(<redacted>)"),
+            KeySource::KeyFile => f.write_str("KeyFile"),
+        }
+    }
+}
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE identity (
+    id              INTEGER PRIMARY KEY CHECK (id = 1),
+    name            TEXT NOT NULL,
+    identity_secret BLOB NOT NULL,
+    device_secret   BLOB NOT NULL,
+    device_id       BLOB NOT NULL,
+    server_link     TEXT NOT NULL
+);
+"#];
+
+#[derive(Debug)]
+pub(crate) struct Store {
+    conn: Connection,
+}
+
+fn db_err(e: rusqlite::Error) -> ClientError {
+    ClientError::Store(e.to_string())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The SQLCipher key argument: the passphrase, or a raw key as `x'…'`.
+fn key_value(home: &Path, key: &KeySource, create: bool) -> Result<Zeroizing<String>, ClientError> {
+    match key {
+        KeySource::Passphrase(p) => Ok(p.clone()),
+        KeySource::KeyFile => {
+            let path = home.join(KEY_FILE);
+            let raw = if create {
+                let mut raw = Zeroizing::new([0u8; 32]);
+                rand::rngs::OsRng.fill_bytes(raw.as_mut());
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(io_err(&path))?;
+                f.write_all(raw.as_ref()).and_then(|()| f.sync_all()).map_err(io_err(&path))?;
+                raw.to_vec()
+            } else {
+                match std::fs::read(&path) {
+                    Ok(raw) => raw,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Err(ClientError::PassphraseRequired(home.to_owned()));
+                    }
+                    Err(e) => return Err(io_err(&path)(e)),
+                }
+            };
+            let raw = Zeroizing::new(raw);
+            if raw.len() != 32 {
+                return Err(ClientError::WrongKey(home.to_owned()));
+            }
+            Ok(Zeroizing::new(format!("x'{}'", hex(&raw))))
+        }
+    }
+}
+
+impl Store {
+    fn connect(home: &Path, key: &KeySource, create: bool) -> Result<Self, ClientError> {
+        let path = home.join(DATABASE);
+        let key = key_value(home, key, create)?;
+        let flags = if create {
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_CREATE
+        } else {
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+        };
+        let conn = Connection::open_with_flags(&path, flags).map_err(db_err)?;
+        conn.pragma_update(None, "key", key.as_str()).map_err(db_err)?;
+        // The first read tells whether the key is right (or the file is a database at all).
+        conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0))
+            .map_err(|_| ClientError::WrongKey(home.to_owned()))?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_err)?;
+        let store = Store { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    pub(crate) fn create(home: &Path, key: &KeySource) -> Result<Self, ClientError> {
+        Self::connect(home, key, true)
+    }
+
+    pub(crate) fn open(home: &Path, key: &KeySource) -> Result<Self, ClientError> {
+        Self::connect(home, key, false)
+    }
+
+    fn migrate(&self) -> Result<(), ClientError> {
+        let version: usize =
+            self.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(db_err)?;
+        if version > MIGRATIONS.len() {
+            return Err(ClientError::Store(format!(
+                "the local store has schema {version}, newer than this build ({})",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+            self.conn
+                .execute_batch(&format!("BEGIN; {sql}; PRAGMA user_version = {}; COMMIT;", i + 1))
+                .map_err(db_err)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub(crate) fn save_identity(
+        &self,
+        id: &Identity,
+        server: &ServerLink,
+    ) -> Result<(), ClientError> {
+        self.conn
+            .execute(
+                "INSERT INTO identity (id, name, identity_secret, device_secret, device_id, server_link)
+                 VALUES (1, ?1, ?2, ?3, ?4, ?5)",
+                params![
+                    id.name,
+                    &id.identity_key.to_bytes()[..],
+                    &id.device_key.to_bytes()[..],
+                    &id.device_id[..],
+                    Zeroizing::new(server.to_link_string()).as_str(),
+                ],
+            )
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    pub(crate) fn load_identity(&self) -> Result<(Identity, ServerLink), ClientError> {
+        type Row = (String, Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>, Vec<u8>, Zeroizing<String>);
+        let row: Option<Row> = self
+            .conn
+            .query_row(
+                "SELECT name, identity_secret, device_secret, device_id, server_link FROM identity WHERE id = 1",
+                [],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        Zeroizing::new(r.get(1)?),
+                        Zeroizing::new(r.get(2)?),
+                        r.get(3)?,
+                        Zeroizing::new(r.get(4)?),
+                    ))
+                },
+            )
+            .optional()
+            .map_err(db_err)?;
+        let (name, identity_secret, device_secret, device_id, link) =
+            row.ok_or(ClientError::Internal("the store has no identity"))?;
+        let secret = |bytes: &[u8]| -> Result<SigningKey, ClientError> {
+            let arr: [u8; 32] = bytes
+                .try_into()
+                .map_err(|_| ClientError::Internal("stored key has the wrong size"))?;
+            Ok(SigningKey::from_bytes(&arr))
+        };
+        let identity = Identity {
+            name,
+            identity_key: secret(&identity_secret)?,
+            device_key: secret(&device_secret)?,
+            device_id: device_id
+                .try_into()
+                .map_err(|_| ClientError::Internal("stored device id has the wrong size"))?,
+        };
+        Ok((identity, ServerLink::parse(&link)?))
+    }
+}

@@ -1,0 +1,122 @@
+use postern_proto::gate::AccessSecret;
+use postern_proto::ids::PublicKey;
+use zeroize::Zeroizing;
+
+use super::*;
+
+fn link() -> ServerLink {
+    ServerLink {
+        addrs: vec!["127.0.0.1:8443".into()],
+        server_name: None,
+        pins: vec![[1; 32]],
+        static_key: [2; 32],
+        secret: AccessSecret([3; 32]),
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn init_then_open_with_a_key_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let client = Client::init(&home, KeySource::KeyFile, "Alice Canary", link()).unwrap();
+    let who = client.whoami();
+    assert_eq!(who.name, "Alice Canary");
+    assert_eq!(who.fingerprint.split(' ').count(), 12);
+    assert!(client.identity().credential().verify());
+    assert!(matches!(Client::open(&home, KeySource::KeyFile), Err(ClientError::Busy(_))));
+    drop(client);
+    let again = Client::open(&home, KeySource::KeyFile).unwrap();
+    assert_eq!(again.whoami(), who);
+    assert_eq!(again.server(), &link());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(home.join("store.key")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    drop(again);
+    // Encrypted at rest: neither the name nor the link's secret is in any file in clear.
+    for entry in std::fs::read_dir(&home).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        assert!(!contains(&bytes, b"Alice Canary"));
+        assert!(!contains(&bytes, b"postern://"));
+    }
+}
+
+#[test]
+fn passphrase_protects_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let pass = |p: &str| KeySource::Passphrase(Zeroizing::new(p.to_owned()));
+    drop(Client::init(&home, pass("correct horse"), "Bob", link()).unwrap());
+    assert!(!home.join("store.key").exists());
+    assert!(matches!(Client::open(&home, pass("wrong")), Err(ClientError::WrongKey(_))));
+    assert!(matches!(
+        Client::open(&home, KeySource::KeyFile),
+        Err(ClientError::PassphraseRequired(_))
+    ));
+    assert_eq!(Client::open(&home, pass("correct horse")).unwrap().whoami().name, "Bob");
+}
+
+#[test]
+fn refusals_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    assert!(matches!(Client::open(&home, KeySource::KeyFile), Err(ClientError::NotInitialized(_))));
+    for bad in ["", " padded", "new\nline", &"x".repeat(65)] {
+        assert!(matches!(
+            Client::init(&home, KeySource::KeyFile, bad, link()),
+            Err(ClientError::InvalidName)
+        ));
+    }
+    assert!(!home.exists(), "nothing written for refused input");
+    drop(Client::init(&home, KeySource::KeyFile, "Carol", link()).unwrap());
+    assert!(matches!(
+        Client::init(&home, KeySource::KeyFile, "Carol", link()),
+        Err(ClientError::AlreadyInitialized(_))
+    ));
+    // A damaged database is an error, never a silent reset.
+    let db = home.join("client.db");
+    let mut bytes = std::fs::read(&db).unwrap();
+    for b in bytes.iter_mut().take(4096) {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&db, &bytes).unwrap();
+    let _ = std::fs::remove_file(home.join("client.db-wal"));
+    assert!(matches!(Client::open(&home, KeySource::KeyFile), Err(ClientError::WrongKey(_))));
+}
+
+#[test]
+fn credentials_verify_only_when_signed_by_the_identity() {
+    let id = Identity::generate("D");
+    let cred = id.credential();
+    assert_eq!(DeviceCredential::decode(&cred.encode()), Some(cred.clone()));
+    let mut forged = cred.clone();
+    forged.device_key = PublicKey(Identity::generate("E").credential().device_key.0);
+    assert!(!forged.verify());
+    assert_eq!(DeviceCredential::decode(&[0; 127]), None);
+}
+
+#[test]
+fn fingerprint_is_stable() {
+    // A known-answer value: changing the derivation changes every user's safety number.
+    // Computed independently: SHA-512 of the context and 32 zero bytes, 12 chunks mod 10^5.
+    assert_eq!(
+        fingerprint(&PublicKey([0; 32])),
+        "79023 19047 05965 25479 58108 81364 18206 60457 36957 99716 25886 23045"
+    );
+    assert_ne!(fingerprint(&PublicKey([0; 32])), fingerprint(&PublicKey([1; 32])));
+}
+
+/// SQLCipher (with its OpenSSL) and BoringSSL (btls, prefixed symbols) in one binary: the
+/// client store and the browser-like TLS stack of the doors must link together.
+#[test]
+fn sqlcipher_links_beside_boringssl() {
+    let conn = rusqlite::Connection::open_in_memory().unwrap();
+    conn.pragma_update(None, "key", "k").unwrap();
+    let version: String = conn.query_row("PRAGMA cipher_version", [], |r| r.get(0)).unwrap();
+    assert!(version.starts_with('4'), "SQLCipher {version}");
+    let digest = btls::hash::hash(btls::hash::MessageDigest::sha256(), b"abc").unwrap();
+    assert_eq!(&digest[..4], &[0xba, 0x78, 0x16, 0xbf], "BoringSSL's SHA-256");
+}

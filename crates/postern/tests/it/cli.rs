@@ -1,0 +1,83 @@
+//! The client commands, run as a user would: the real binary with a temporary home.
+
+use std::path::Path;
+use std::process::Output;
+
+use postern_test_support::TestServer;
+
+use crate::bin;
+
+fn postern(home: &Path, args: &[&str], passphrase: Option<&str>) -> Output {
+    let mut cmd = std::process::Command::new(bin());
+    cmd.arg("--home").arg(home).args(args).env_remove("POSTERN_PASSPHRASE");
+    if let Some(p) = passphrase {
+        cmd.env("POSTERN_PASSPHRASE", p);
+    }
+    cmd.output().expect("run postern")
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
+
+#[tokio::test]
+async fn init_whoami_and_fingerprint() {
+    let server = TestServer::start(bin()).await;
+    let link = server.link.to_link_string();
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("alice");
+
+    let created =
+        json(&postern(&home, &["--json", "init", "--name", "Alice", "--server", &link], None));
+    assert_eq!(created["name"], "Alice");
+    // `--json` is accepted after the subcommand too.
+    let who = json(&postern(&home, &["whoami", "--json"], None));
+    assert_eq!(who["name"], "Alice");
+    assert_eq!(who["fingerprint"], created["fingerprint"]);
+    assert_eq!(who["server"][0], server.link.addrs[0].as_str());
+    let fp = postern(&home, &["fingerprint"], None);
+    assert_eq!(
+        String::from_utf8_lossy(&fp.stdout).trim(),
+        created["fingerprint"].as_str().unwrap()
+    );
+
+    let again = postern(&home, &["init", "--name", "Alice", "--server", &link], None);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a Postern client"));
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_error_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("bob");
+    let out =
+        postern(&home, &["init", "--name", "Bob", "--server", "postern://server#v=1&a=nope"], None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid server link"), "{err}");
+    assert!(!home.exists(), "nothing written");
+
+    let out = postern(&home, &["whoami"], None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("run `postern init` first"));
+}
+
+#[tokio::test]
+async fn a_passphrase_home_needs_its_passphrase() {
+    let server = TestServer::start(bin()).await;
+    let link = server.link.to_link_string();
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("carol");
+    json(&postern(
+        &home,
+        &["--json", "init", "--name", "Carol", "--server", &link],
+        Some("canary pass"),
+    ));
+    let out = postern(&home, &["whoami"], Some("wrong"));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong passphrase"));
+    let out = postern(&home, &["whoami"], None);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("set POSTERN_PASSPHRASE"));
+    assert_eq!(json(&postern(&home, &["--json", "whoami"], Some("canary pass")))["name"], "Carol");
+}
