@@ -18,9 +18,11 @@ use std::path::{Path, PathBuf};
 use postern_proto::link::{LinkError, ServerLink};
 
 mod identity;
+mod mls;
 mod store;
 
 pub use identity::{DeviceCredential, Identity, fingerprint};
+pub use mls::{CIPHERSUITE, EpochKeys, MlsError, Received};
 pub use store::KeySource;
 
 /// Why a client operation failed.
@@ -62,6 +64,9 @@ pub enum ClientError {
     /// The database failed.
     #[error("local store: {0}")]
     Store(String),
+    /// An MLS operation failed; nothing was changed.
+    #[error(transparent)]
+    Mls(#[from] MlsError),
     /// Stored state breaks an invariant (a bug, or a store written by a newer version).
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -193,11 +198,83 @@ impl Client {
         &self.server
     }
 
-    /// The store (for the layers built on it).
-    #[doc(hidden)]
-    pub fn store(&self) -> &rusqlite::Connection {
-        self.store.connection()
+    /// Runs one MLS operation in one transaction: committed when it succeeds, rolled back
+    /// (with the group it loaded) when it fails.
+    fn in_transaction<T>(
+        &mut self,
+        op: impl FnOnce(&mls::Provider<'_>, &Identity) -> Result<T, MlsError>,
+    ) -> Result<T, ClientError> {
+        let tx = self.store.transaction()?;
+        let result = op(&mls::Provider::new(&tx), &self.identity);
+        match result {
+            Ok(value) => {
+                tx.commit().map_err(|e| ClientError::Store(e.to_string()))?;
+                Ok(value)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
+
+    /// A new key package for this device, to hand to someone who will add it to a group.
+    pub fn key_package(&mut self, last_resort: bool) -> Result<Vec<u8>, ClientError> {
+        self.in_transaction(|p, id| mls::new_key_package(p, id, last_resort))
+    }
+
+    /// Creates a group with the devices behind `key_packages` (their credentials are checked).
+    /// Returns the group id, the commit to append and the Welcome to send once it has won.
+    pub fn create_group(&mut self, key_packages: &[Vec<u8>]) -> Result<NewGroup, ClientError> {
+        self.in_transaction(|p, id| {
+            let members = key_packages
+                .iter()
+                .map(|kp| mls::peer_key_package(p, kp))
+                .collect::<Result<Vec<_>, _>>()?;
+            let created = mls::create_group(p, id, &members)?;
+            Ok(NewGroup {
+                group_id: created.group_id,
+                commit: created.commit,
+                welcome: created.welcome,
+            })
+        })
+    }
+
+    /// Applies our pending commit after it has won its place in the log.
+    pub fn merge_pending_commit(&mut self, group_id: &[u8]) -> Result<(), ClientError> {
+        self.in_transaction(|p, _| mls::merge_pending(p, group_id))
+    }
+
+    /// Joins a group from a Welcome; returns its id and the members' device credentials.
+    pub fn join_group(
+        &mut self,
+        welcome: &[u8],
+    ) -> Result<(Vec<u8>, Vec<DeviceCredential>), ClientError> {
+        self.in_transaction(|p, _| mls::join(p, welcome))
+    }
+
+    /// Encrypts an application message for a group.
+    pub fn encrypt(&mut self, group_id: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, ClientError> {
+        self.in_transaction(|p, id| mls::encrypt(p, id, group_id, plaintext))
+    }
+
+    /// Decrypts and applies one message from a group's log.
+    pub fn receive(&mut self, group_id: &[u8], message: &[u8]) -> Result<Received, ClientError> {
+        self.in_transaction(|p, _| mls::receive(p, group_id, message))
+    }
+
+    /// The keys members derive from the group's current epoch.
+    pub fn epoch_keys(&mut self, group_id: &[u8]) -> Result<EpochKeys, ClientError> {
+        self.in_transaction(|p, _| mls::epoch_keys(p, group_id))
+    }
+}
+
+/// A group just created: its id, the commit adding the first members, and their Welcome.
+#[derive(Debug, Clone)]
+pub struct NewGroup {
+    /// The MLS group id (never sent to a server in clear).
+    pub group_id: Vec<u8>,
+    /// The commit, to append to the group's log.
+    pub commit: Vec<u8>,
+    /// The Welcome, to drop into the new members' mailboxes after the commit won.
+    pub welcome: Vec<u8>,
 }
 
 #[cfg(test)]

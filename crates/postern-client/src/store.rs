@@ -116,8 +116,9 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
         conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_err)?;
-        let store = Store { conn };
+        let mut store = Store { conn };
         store.migrate()?;
+        crate::mls::migrate(&mut store.conn)?;
         Ok(store)
     }
 
@@ -146,8 +147,8 @@ impl Store {
         Ok(())
     }
 
-    pub(crate) fn connection(&self) -> &Connection {
-        &self.conn
+    pub(crate) fn transaction(&mut self) -> Result<rusqlite::Transaction<'_>, ClientError> {
+        self.conn.transaction().map_err(db_err)
     }
 
     pub(crate) fn save_identity(

@@ -1,0 +1,388 @@
+//! MLS through openmls, with its state in the client's own SQLite store.
+//!
+//! **Architecture Invariant:** every MLS operation runs in one SQLite transaction that holds
+//! both openmls' state change (through `openmls_sqlite_storage` over the open transaction)
+//! and whatever the client stores with it. The group is loaded inside that transaction and
+//! dropped with it, so a rolled-back operation leaves no stale in-memory group behind.
+//!
+//! Groups use suite 0x0001, `PURE_CIPHERTEXT` wire format, the ratchet tree inside the
+//! Welcome, and accept messages from up to two past epochs (the server orders but cannot
+//! guarantee that everyone sends in the newest epoch). Every member checks every device
+//! credential: the leaf's signature key must be the device key its identity signed.
+
+use ed25519_dalek::{Signer as _, SigningKey};
+use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
+use openmls::prelude::*;
+use openmls_rust_crypto::RustCrypto;
+use openmls_sqlite_storage::{Codec, SqliteStorageProvider};
+use openmls_traits::OpenMlsProvider;
+use openmls_traits::signatures::{Signer, SignerError};
+use openmls_traits::types::SignatureScheme;
+use postern_proto::ids::{LogId, PublicKey};
+use rand::RngCore;
+use rusqlite::Connection;
+
+use crate::identity::{DeviceCredential, Identity};
+
+/// The v1 ciphersuite.
+pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+/// Past epochs whose application messages are still accepted.
+const MAX_PAST_EPOCHS: usize = 2;
+/// Application messages are padded to a multiple of this many bytes.
+const PADDING: usize = 32;
+
+/// Why an MLS operation failed. Malformed or undecryptable input from others is one coarse
+/// variant, so errors are no oracle.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MlsError {
+    /// Bytes from outside did not parse, decrypt or validate.
+    #[error("invalid or undecryptable MLS message")]
+    Invalid,
+    /// A member's device credential is not signed by its identity, or does not match its
+    /// signature key.
+    #[error("a device credential does not verify")]
+    BadCredential,
+    /// No such group in this store.
+    #[error("unknown conversation")]
+    UnknownGroup,
+    /// The database failed.
+    #[error("local store: {0}")]
+    Store(String),
+    /// openmls refused an operation of ours (a bug, or state that changed underneath).
+    #[error("MLS: {0}")]
+    Library(String),
+}
+
+fn lib(e: impl std::fmt::Display) -> MlsError {
+    MlsError::Library(e.to_string())
+}
+
+/// openmls' values in our store, serialized as JSON (the provider's own convention).
+#[derive(Default)]
+pub struct JsonCodec;
+
+impl Codec for JsonCodec {
+    type Error = serde_json::Error;
+
+    fn to_vec<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Self::Error> {
+        serde_json::to_vec(value)
+    }
+
+    fn from_slice<T: serde::de::DeserializeOwned>(slice: &[u8]) -> Result<T, Self::Error> {
+        serde_json::from_slice(slice)
+    }
+}
+
+/// Creates openmls' tables (refinery migrations) in the store.
+pub(crate) fn migrate(conn: &mut Connection) -> Result<(), MlsError> {
+    SqliteStorageProvider::<JsonCodec, &mut Connection>::new(conn)
+        .run_migrations()
+        .map_err(|e| MlsError::Store(e.to_string()))
+}
+
+/// An openmls provider over one open transaction.
+pub(crate) struct Provider<'a> {
+    crypto: RustCrypto,
+    storage: SqliteStorageProvider<JsonCodec, &'a Connection>,
+}
+
+impl<'a> Provider<'a> {
+    pub(crate) fn new(conn: &'a Connection) -> Self {
+        Provider { crypto: RustCrypto::default(), storage: SqliteStorageProvider::new(conn) }
+    }
+}
+
+impl<'a> OpenMlsProvider for Provider<'a> {
+    type CryptoProvider = RustCrypto;
+    type RandProvider = RustCrypto;
+    type StorageProvider = SqliteStorageProvider<JsonCodec, &'a Connection>;
+
+    fn storage(&self) -> &Self::StorageProvider {
+        &self.storage
+    }
+
+    fn crypto(&self) -> &Self::CryptoProvider {
+        &self.crypto
+    }
+
+    fn rand(&self) -> &Self::RandProvider {
+        &self.crypto
+    }
+}
+
+/// The device key as openmls' signer.
+pub(crate) struct DeviceSigner<'a>(pub(crate) &'a SigningKey);
+
+impl Signer for DeviceSigner<'_> {
+    fn sign(&self, payload: &[u8]) -> Result<Vec<u8>, SignerError> {
+        Ok(self.0.sign(payload).to_bytes().to_vec())
+    }
+
+    fn signature_scheme(&self) -> SignatureScheme {
+        SignatureScheme::ED25519
+    }
+}
+
+fn credential_with_key(identity: &Identity) -> CredentialWithKey {
+    let cred = identity.credential();
+    CredentialWithKey {
+        credential: BasicCredential::new(cred.encode()).into(),
+        signature_key: cred.device_key.0.to_vec().into(),
+    }
+}
+
+/// Checks a member's credential: a Postern device credential whose device key is the leaf's
+/// signature key and whose identity signed it. Depends only on the bytes in the group, so
+/// every member reaches the same answer.
+pub fn check_credential(
+    credential: &Credential,
+    signature_key: &[u8],
+) -> Result<DeviceCredential, MlsError> {
+    if credential.credential_type() != CredentialType::Basic {
+        return Err(MlsError::BadCredential);
+    }
+    let device =
+        DeviceCredential::decode(credential.serialized_content()).ok_or(MlsError::BadCredential)?;
+    if device.device_key.0[..] != *signature_key || !device.verify() {
+        return Err(MlsError::BadCredential);
+    }
+    Ok(device)
+}
+
+fn create_config() -> MlsGroupCreateConfig {
+    MlsGroupCreateConfig::builder()
+        .ciphersuite(CIPHERSUITE)
+        .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
+        .use_ratchet_tree_extension(true)
+        .max_past_epochs(MAX_PAST_EPOCHS)
+        .padding_size(PADDING)
+        .sender_ratchet_configuration(SenderRatchetConfiguration::new(32, 1_000))
+        .build()
+}
+
+fn join_config() -> MlsGroupJoinConfig {
+    MlsGroupJoinConfig::builder()
+        .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
+        .use_ratchet_tree_extension(true)
+        .max_past_epochs(MAX_PAST_EPOCHS)
+        .padding_size(PADDING)
+        .sender_ratchet_configuration(SenderRatchetConfiguration::new(32, 1_000))
+        .build()
+}
+
+/// A new key package for this device; its private part stays in the store.
+pub(crate) fn new_key_package(
+    provider: &Provider<'_>,
+    identity: &Identity,
+    last_resort: bool,
+) -> Result<Vec<u8>, MlsError> {
+    let mut builder = KeyPackage::builder();
+    if last_resort {
+        builder = builder.mark_as_last_resort();
+    }
+    let bundle = builder
+        .build(
+            CIPHERSUITE,
+            provider,
+            &DeviceSigner(&identity.device_key),
+            credential_with_key(identity),
+        )
+        .map_err(lib)?;
+    bundle.key_package().tls_serialize_detached().map_err(lib)
+}
+
+/// Parses and validates a peer's key package, including its device credential.
+pub(crate) fn peer_key_package(
+    provider: &Provider<'_>,
+    bytes: &[u8],
+) -> Result<KeyPackage, MlsError> {
+    let kp = KeyPackageIn::tls_deserialize_exact(bytes)
+        .map_err(|_| MlsError::Invalid)?
+        .validate(provider.crypto(), ProtocolVersion::Mls10)
+        .map_err(|_| MlsError::Invalid)?;
+    if kp.ciphersuite() != CIPHERSUITE {
+        return Err(MlsError::Invalid);
+    }
+    let leaf = kp.leaf_node();
+    check_credential(leaf.credential(), leaf.signature_key().as_slice())?;
+    Ok(kp)
+}
+
+/// The output of creating a group with its first members.
+pub(crate) struct Created {
+    pub(crate) group_id: Vec<u8>,
+    pub(crate) commit: Vec<u8>,
+    pub(crate) welcome: Vec<u8>,
+}
+
+/// Creates a group and a pending commit adding `members`. The commit is merged only when it
+/// has won its place in the log ([`merge_pending`]).
+pub(crate) fn create_group(
+    provider: &Provider<'_>,
+    identity: &Identity,
+    members: &[KeyPackage],
+) -> Result<Created, MlsError> {
+    let mut id = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut id);
+    let signer = DeviceSigner(&identity.device_key);
+    let mut group = MlsGroup::new_with_group_id(
+        provider,
+        &signer,
+        &create_config(),
+        GroupId::from_slice(&id),
+        credential_with_key(identity),
+    )
+    .map_err(lib)?;
+    let (commit, welcome, _group_info) =
+        group.add_members(provider, &signer, members).map_err(lib)?;
+    Ok(Created {
+        group_id: id.to_vec(),
+        commit: commit.tls_serialize_detached().map_err(lib)?,
+        welcome: welcome.tls_serialize_detached().map_err(lib)?,
+    })
+}
+
+fn load(provider: &Provider<'_>, group_id: &[u8]) -> Result<MlsGroup, MlsError> {
+    MlsGroup::load(provider.storage(), &GroupId::from_slice(group_id))
+        .map_err(|e| MlsError::Store(e.to_string()))?
+        .ok_or(MlsError::UnknownGroup)
+}
+
+/// Merges our pending commit after it won.
+pub(crate) fn merge_pending(provider: &Provider<'_>, group_id: &[u8]) -> Result<(), MlsError> {
+    load(provider, group_id)?.merge_pending_commit(provider).map_err(lib)
+}
+
+/// Joins a group from a Welcome, checking every member's credential.
+pub(crate) fn join(
+    provider: &Provider<'_>,
+    welcome: &[u8],
+) -> Result<(Vec<u8>, Vec<DeviceCredential>), MlsError> {
+    let welcome = match MlsMessageIn::tls_deserialize_exact(welcome)
+        .map_err(|_| MlsError::Invalid)?
+        .extract()
+    {
+        MlsMessageBodyIn::Welcome(w) => w,
+        _ => return Err(MlsError::Invalid),
+    };
+    let staged = StagedWelcome::new_from_welcome(provider, &join_config(), welcome, None)
+        .map_err(|_| MlsError::Invalid)?;
+    let members = staged
+        .members()
+        .map(|m| check_credential(&m.credential, &m.signature_key))
+        .collect::<Result<Vec<_>, _>>()?;
+    let group = staged.into_group(provider).map_err(lib)?;
+    Ok((group.group_id().as_slice().to_vec(), members))
+}
+
+/// Encrypts an application message.
+pub(crate) fn encrypt(
+    provider: &Provider<'_>,
+    identity: &Identity,
+    group_id: &[u8],
+    plaintext: &[u8],
+) -> Result<Vec<u8>, MlsError> {
+    let mut group = load(provider, group_id)?;
+    let out = group
+        .create_message(provider, &DeviceSigner(&identity.device_key), plaintext)
+        .map_err(lib)?;
+    out.tls_serialize_detached().map_err(lib)
+}
+
+/// What processing a message from the log produced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received {
+    /// An application message from a member's device.
+    Message {
+        /// The sender's device credential.
+        sender: DeviceCredential,
+        /// The plaintext.
+        plaintext: Vec<u8>,
+    },
+    /// A commit from another member, now applied.
+    Commit,
+}
+
+/// Decrypts and applies a message from the group's log.
+pub(crate) fn receive(
+    provider: &Provider<'_>,
+    group_id: &[u8],
+    message: &[u8],
+) -> Result<Received, MlsError> {
+    let mut group = load(provider, group_id)?;
+    let msg = MlsMessageIn::tls_deserialize_exact(message).map_err(|_| MlsError::Invalid)?;
+    let protocol = msg.try_into_protocol_message().map_err(|_| MlsError::Invalid)?;
+    let processed = group.process_message(provider, protocol).map_err(|_| MlsError::Invalid)?;
+    let sender_credential = processed.credential().clone();
+    match processed.into_content() {
+        ProcessedMessageContent::ApplicationMessage(app) => {
+            let sender = DeviceCredential::decode(sender_credential.serialized_content())
+                .ok_or(MlsError::BadCredential)?;
+            if !sender.verify() {
+                return Err(MlsError::BadCredential);
+            }
+            Ok(Received::Message { sender, plaintext: app.into_bytes() })
+        }
+        ProcessedMessageContent::StagedCommitMessage(staged) => {
+            for add in staged.add_proposals() {
+                let leaf = add.add_proposal().key_package().leaf_node();
+                check_credential(leaf.credential(), leaf.signature_key().as_slice())?;
+            }
+            group.merge_staged_commit(provider, *staged).map_err(lib)?;
+            Ok(Received::Commit)
+        }
+        _ => Err(MlsError::Invalid),
+    }
+}
+
+/// What members derive from the current epoch, and the server never learns from them.
+pub struct EpochKeys {
+    /// The conversation log's id.
+    pub log_id: LogId,
+    /// The key that signs this epoch's appends.
+    pub append_key: SigningKey,
+    /// The AEAD key for envelopes.
+    pub envelope_key: [u8; 32],
+    /// The group's epoch.
+    pub epoch: u64,
+    /// The first 8 bytes of a hash of the epoch authenticator (fork detection).
+    pub authenticator_tag: [u8; 8],
+}
+
+impl std::fmt::Debug for EpochKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EpochKeys")
+            .field("log_id", &self.log_id)
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EpochKeys {
+    /// The append key's public half, as registered with the server.
+    pub fn append_public(&self) -> PublicKey {
+        PublicKey(self.append_key.verifying_key().to_bytes())
+    }
+}
+
+fn export32(group: &MlsGroup, provider: &Provider<'_>, label: &str) -> Result<[u8; 32], MlsError> {
+    let v = group.export_secret(provider.crypto(), label, b"", 32).map_err(lib)?;
+    v.try_into().map_err(|_| MlsError::Library("exporter length".into()))
+}
+
+/// The current epoch's derived keys.
+pub(crate) fn epoch_keys(provider: &Provider<'_>, group_id: &[u8]) -> Result<EpochKeys, MlsError> {
+    use sha2::Digest;
+    let group = load(provider, group_id)?;
+    let digest = sha2::Sha256::digest(group.epoch_authenticator().as_slice());
+    let mut authenticator_tag = [0u8; 8];
+    authenticator_tag.copy_from_slice(&digest[..8]);
+    Ok(EpochKeys {
+        log_id: LogId(export32(&group, provider, "postern/log-id")?),
+        append_key: SigningKey::from_bytes(&export32(&group, provider, "postern/append")?),
+        envelope_key: export32(&group, provider, "postern/envelope")?,
+        epoch: group.epoch().as_u64(),
+        authenticator_tag,
+    })
+}
