@@ -129,7 +129,12 @@ impl FaultFs {
     /// filesystem first.
     pub fn crash(&mut self) -> io::Result<CrashReport> {
         if let Some(session) = self.session.take() {
-            session.umount_and_join()?;
+            match session.umount_and_join() {
+                // The kernel aborts the FUSE connection at unmount; the session thread may
+                // report that as its end. The unmount itself succeeded.
+                Err(e) if e.kind() != io::ErrorKind::ConnectionAborted => return Err(e),
+                _ => {}
+            }
         }
         let report = {
             let mut state = lock(&self.state);
