@@ -161,14 +161,9 @@ fn create_config() -> MlsGroupCreateConfig {
         .build()
 }
 
+/// The same settings for joining as for creating, so creators and joiners never differ.
 fn join_config() -> MlsGroupJoinConfig {
-    MlsGroupJoinConfig::builder()
-        .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
-        .use_ratchet_tree_extension(true)
-        .max_past_epochs(MAX_PAST_EPOCHS)
-        .padding_size(PADDING)
-        .sender_ratchet_configuration(SenderRatchetConfiguration::new(32, 1_000))
-        .build()
+    create_config().join_config().clone()
 }
 
 /// A new key package for this device; its private part stays in the store.
