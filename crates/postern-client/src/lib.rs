@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use postern_proto::link::{LinkError, ServerLink};
 
+pub mod envelope;
 mod identity;
 mod mls;
 mod store;

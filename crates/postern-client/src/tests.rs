@@ -210,3 +210,39 @@ fn key_packages_with_forged_credentials_are_refused() {
     assert!(alice.create_group(&[forged]).is_err());
     assert!(alice.create_group(&[good]).is_ok());
 }
+
+#[test]
+fn envelopes_carry_mls_messages_only_members_can_open() {
+    use postern_proto::ids::IdemKey;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut alice, mut bob) = two_clients(dir.path());
+    let group = alice.create_group(&[bob.key_package(false).unwrap()]).unwrap();
+    alice.merge_pending_commit(&group.group_id).unwrap();
+    bob.join_group(&group.welcome).unwrap();
+    let keys = alice.epoch_keys(&group.group_id).unwrap();
+    let mls = alice.encrypt(&group.group_id, b"canary text").unwrap();
+    let sealed = envelope::seal(&keys, IdemKey([1; 16]), None, &mls).unwrap();
+    assert!(!contains(&sealed, &mls[..16]), "the MLS header is not visible");
+    // The server's check: signed by the registered append key for this log.
+    let env = postern_proto::envelope::Envelope::decode(&sealed).unwrap();
+    assert!(env.verify(&keys.log_id, &keys.append_public()));
+
+    let bob_keys = bob.epoch_keys(&group.group_id).unwrap();
+    let (_, opened) = envelope::open(&bob_keys, &sealed).unwrap();
+    assert!(matches!(bob.receive(&group.group_id, &opened).unwrap(),
+        Received::Message { plaintext, .. } if plaintext == b"canary text"));
+
+    // Tampering, another log's keys, or a stranger's keys: the same refusal.
+    let mut tampered = sealed.clone();
+    let at = tampered.len() - 70;
+    tampered[at] ^= 1;
+    assert!(matches!(envelope::open(&bob_keys, &tampered), Err(MlsError::Invalid)));
+    let (mut carol, mut dave) = (
+        Client::init(&dir.path().join("carol"), KeySource::KeyFile, "Carol", link()).unwrap(),
+        Client::init(&dir.path().join("dave"), KeySource::KeyFile, "Dave", link()).unwrap(),
+    );
+    let other = carol.create_group(&[dave.key_package(false).unwrap()]).unwrap();
+    carol.merge_pending_commit(&other.group_id).unwrap();
+    let stranger = carol.epoch_keys(&other.group_id).unwrap();
+    assert!(matches!(envelope::open(&stranger, &sealed), Err(MlsError::Invalid)));
+}
