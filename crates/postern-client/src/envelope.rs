@@ -56,3 +56,28 @@ pub fn open(keys: &EpochKeys, bytes: &[u8]) -> Result<(Envelope, Vec<u8>), MlsEr
         .map_err(|_| MlsError::Invalid)?;
     Ok((env, plain))
 }
+
+/// Encrypts a key package for the server: `nonce [12] · ChaCha20-Poly1305(kp_key, package)`.
+/// Only holders of an invite (which carries `kp_key`) can read what they claim.
+pub fn seal_key_package(kp_key: &[u8; 32], package: &[u8]) -> Result<Vec<u8>, MlsError> {
+    let mut nonce = [0u8; NONCE];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let sealed = ChaCha20Poly1305::new(kp_key.into())
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload { msg: package, aad: b"postern/v1/key-package" },
+        )
+        .map_err(|_| MlsError::Library("key package encryption".into()))?;
+    Ok([&nonce[..], &sealed].concat())
+}
+
+/// Decrypts a claimed key package.
+pub fn open_key_package(kp_key: &[u8; 32], sealed: &[u8]) -> Result<Vec<u8>, MlsError> {
+    if sealed.len() < NONCE {
+        return Err(MlsError::Invalid);
+    }
+    let (nonce, ct) = sealed.split_at(NONCE);
+    ChaCha20Poly1305::new(kp_key.into())
+        .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad: b"postern/v1/key-package" })
+        .map_err(|_| MlsError::Invalid)
+}

@@ -130,6 +130,53 @@ pub struct WhoAmI {
     pub server: Vec<String>,
 }
 
+/// This user's mailbox: where first contacts arrive, and where this device's key packages
+/// wait to be claimed.
+#[derive(Clone)]
+pub struct MailboxKeys {
+    /// The mailbox's private id.
+    pub mailbox: postern_proto::ids::MailboxId,
+    /// The owner key that signs every mailbox request.
+    pub owner: ed25519_dalek::SigningKey,
+    /// The key that encrypts key packages on the server; invites carry it.
+    pub kp_key: [u8; 32],
+}
+
+impl std::fmt::Debug for MailboxKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MailboxKeys").field("mailbox", &self.mailbox).finish_non_exhaustive()
+    }
+}
+
+impl MailboxKeys {
+    fn generate() -> Self {
+        use rand::RngCore;
+        let mut rng = rand::rngs::OsRng;
+        let mut id = [0u8; 32];
+        let mut kp_key = [0u8; 32];
+        rng.fill_bytes(&mut id);
+        rng.fill_bytes(&mut kp_key);
+        MailboxKeys {
+            mailbox: postern_proto::ids::MailboxId(id),
+            owner: ed25519_dalek::SigningKey::generate(&mut rng),
+            kp_key,
+        }
+    }
+}
+
+/// One-time key packages uploaded per device at first publication.
+pub const KEY_PACKAGES_PER_UPLOAD: usize = 10;
+
+/// What must reach the server before anyone can contact this user: the mailbox and this
+/// device's key packages. Send each request signed by `owner`, in order.
+#[derive(Debug)]
+pub struct Publication {
+    /// The requests, in order.
+    pub requests: Vec<postern_proto::frame::Request>,
+    /// The key that signs them.
+    pub owner: ed25519_dalek::SigningKey,
+}
+
 /// An open client.
 #[derive(Debug)]
 pub struct Client {
@@ -163,6 +210,7 @@ impl Client {
         let identity = Identity::generate(name);
         let store = store::Store::create(home.dir(), &key)?;
         store.save_identity(&identity, &server)?;
+        store.save_mailbox(&MailboxKeys::generate())?;
         Ok(Client { home, store, identity, server })
     }
 
@@ -259,6 +307,53 @@ impl Client {
     /// Decrypts and applies one message from a group's log.
     pub fn receive(&mut self, group_id: &[u8], message: &[u8]) -> Result<Received, ClientError> {
         self.in_transaction(|p, _| mls::receive(p, group_id, message))
+    }
+
+    /// The mailbox keys.
+    pub fn mailbox(&self) -> Result<MailboxKeys, ClientError> {
+        Ok(self.store.load_mailbox()?.0)
+    }
+
+    /// The requests that publish the mailbox and key packages, or `None` when done. Key
+    /// packages are made (and their secrets stored) here, once; a retry resends the same
+    /// kind of requests with fresh packages, and the server treats a second
+    /// `mailbox_create` as a conflict, which the caller takes as success.
+    pub fn pending_publication(&mut self) -> Result<Option<Publication>, ClientError> {
+        let (keys, published) = self.store.load_mailbox()?;
+        if published {
+            return Ok(None);
+        }
+        let owner_key = postern_proto::ids::public_key(&keys.owner);
+        let device = postern_proto::ids::DeviceId(self.identity.device_id);
+        let mut fresh = Vec::with_capacity(KEY_PACKAGES_PER_UPLOAD);
+        for _ in 0..KEY_PACKAGES_PER_UPLOAD {
+            fresh.push(envelope::seal_key_package(&keys.kp_key, &self.key_package(false)?)?);
+        }
+        let last = envelope::seal_key_package(&keys.kp_key, &self.key_package(true)?)?;
+        let mailbox = keys.mailbox;
+        Ok(Some(Publication {
+            requests: vec![
+                postern_proto::frame::Request::MailboxCreate { mailbox, owner_key },
+                postern_proto::frame::Request::KeyPackageUpload {
+                    mailbox,
+                    device,
+                    last_resort: false,
+                    packages: fresh,
+                },
+                postern_proto::frame::Request::KeyPackageUpload {
+                    mailbox,
+                    device,
+                    last_resort: true,
+                    packages: vec![last],
+                },
+            ],
+            owner: keys.owner,
+        }))
+    }
+
+    /// Records that the publication reached the server.
+    pub fn mark_published(&mut self) -> Result<(), ClientError> {
+        self.store.mark_published()
     }
 
     /// The keys members derive from the group's current epoch.

@@ -39,7 +39,8 @@ impl std::fmt::Debug for KeySource {
     }
 }
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE identity (
     id              INTEGER PRIMARY KEY CHECK (id = 1),
     name            TEXT NOT NULL,
@@ -48,7 +49,17 @@ CREATE TABLE identity (
     device_id       BLOB NOT NULL,
     server_link     TEXT NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE TABLE mailbox (
+    id           INTEGER PRIMARY KEY CHECK (id = 1),
+    mailbox_id   BLOB NOT NULL,
+    owner_secret BLOB NOT NULL,
+    kp_key       BLOB NOT NULL,
+    published    INTEGER NOT NULL
+);
+"#,
+];
 
 #[derive(Debug)]
 pub(crate) struct Store {
@@ -149,6 +160,45 @@ impl Store {
 
     pub(crate) fn transaction(&mut self) -> Result<rusqlite::Transaction<'_>, ClientError> {
         self.conn.transaction().map_err(db_err)
+    }
+
+    pub(crate) fn save_mailbox(&self, m: &crate::MailboxKeys) -> Result<(), ClientError> {
+        self.conn
+            .execute(
+                "INSERT INTO mailbox (id, mailbox_id, owner_secret, kp_key, published) VALUES (1, ?1, ?2, ?3, 0)",
+                params![&m.mailbox.0[..], &m.owner.to_bytes()[..], &m.kp_key[..]],
+            )
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    pub(crate) fn load_mailbox(&self) -> Result<(crate::MailboxKeys, bool), ClientError> {
+        type Row = (Vec<u8>, Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>, bool);
+        let (id, owner, kp_key, published): Row = self
+            .conn
+            .query_row(
+                "SELECT mailbox_id, owner_secret, kp_key, published FROM mailbox WHERE id = 1",
+                [],
+                |r| {
+                    Ok((r.get(0)?, Zeroizing::new(r.get(1)?), Zeroizing::new(r.get(2)?), r.get(3)?))
+                },
+            )
+            .map_err(db_err)?;
+        let bad = || ClientError::Internal("stored mailbox has the wrong size");
+        let owner: [u8; 32] = owner.as_slice().try_into().map_err(|_| bad())?;
+        Ok((
+            crate::MailboxKeys {
+                mailbox: postern_proto::ids::MailboxId(id.try_into().map_err(|_| bad())?),
+                owner: SigningKey::from_bytes(&owner),
+                kp_key: kp_key.as_slice().try_into().map_err(|_| bad())?,
+            },
+            published,
+        ))
+    }
+
+    pub(crate) fn mark_published(&self) -> Result<(), ClientError> {
+        self.conn.execute("UPDATE mailbox SET published = 1 WHERE id = 1", []).map_err(db_err)?;
+        Ok(())
     }
 
     pub(crate) fn save_identity(

@@ -246,3 +246,30 @@ fn envelopes_carry_mls_messages_only_members_can_open() {
     let stranger = carol.epoch_keys(&other.group_id).unwrap();
     assert!(matches!(envelope::open(&stranger, &sealed), Err(MlsError::Invalid)));
 }
+
+#[test]
+fn published_key_packages_open_with_the_invite_key_and_start_a_group() {
+    use postern_proto::frame::Request;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut alice, mut bob) = two_clients(dir.path());
+    let publication = bob.pending_publication().unwrap().expect("not yet published");
+    let keys = bob.mailbox().unwrap();
+    let [
+        Request::MailboxCreate { mailbox, .. },
+        Request::KeyPackageUpload { packages, last_resort: false, .. },
+        Request::KeyPackageUpload { packages: last, last_resort: true, .. },
+    ] = &publication.requests[..]
+    else {
+        panic!("unexpected publication {:?}", publication.requests)
+    };
+    assert_eq!(*mailbox, keys.mailbox);
+    assert_eq!((packages.len(), last.len()), (KEY_PACKAGES_PER_UPLOAD, 1));
+    // What a server stores is opaque; the invite's key opens it, another key does not.
+    assert!(envelope::open_key_package(&[9; 32], &packages[0]).is_err());
+    let kp = envelope::open_key_package(&keys.kp_key, &packages[0]).unwrap();
+    let group = alice.create_group(&[kp]).unwrap();
+    alice.merge_pending_commit(&group.group_id).unwrap();
+    bob.join_group(&group.welcome).unwrap();
+    bob.mark_published().unwrap();
+    assert!(bob.pending_publication().unwrap().is_none());
+}

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use postern_client::{Client, KeySource};
+use postern_net::{Connection, NetError};
+use postern_proto::frame::ErrorCode;
 use postern_proto::link::ServerLink;
 use zeroize::Zeroizing;
 
@@ -33,8 +35,9 @@ pub(crate) struct InitArgs {
 
 pub(crate) fn init(home: &Path, args: InitArgs, json: bool) -> Result<()> {
     let link = ServerLink::parse(&args.server).context("invalid server link")?;
-    let client = Client::init(home, key_source(), &args.name, link)?;
+    let mut client = Client::init(home, key_source(), &args.name, link)?;
     let who = client.whoami();
+    publish(&mut client).context("your identity is created; run `postern sync` to finish")?;
     let mut out = std::io::stdout().lock();
     if json {
         let line = serde_json::json!({
@@ -87,4 +90,46 @@ pub(crate) fn fingerprint(home: &Path, json: bool) -> Result<()> {
         writeln!(out, "{}", who.fingerprint)?;
     }
     Ok(())
+}
+
+/// Sends what is queued for the server: for now, the mailbox and key packages that let
+/// others reach this user.
+pub(crate) fn sync(home: &Path, json: bool) -> Result<()> {
+    let mut client = Client::open(home, key_source())?;
+    let published = publish(&mut client)?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::json!({ "event": "synced", "published": published }))?;
+    } else if published {
+        writeln!(out, "Published your mailbox and key packages.")?;
+    } else {
+        writeln!(out, "Nothing to send.")?;
+    }
+    Ok(())
+}
+
+/// Publishes the mailbox and key packages if that has not happened yet; true if it did now.
+fn publish(client: &mut Client) -> Result<bool> {
+    let Some(publication) = client.pending_publication()? else { return Ok(false) };
+    let link = client.server().clone();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let mut conn = Connection::connect(&link)
+            .await
+            .with_context(|| format!("cannot reach the server at {}", link.addrs.join(", ")))?;
+        for request in publication.requests {
+            match conn.request(request, Some(&publication.owner)).await {
+                // The mailbox exists: an earlier attempt created it (its id is ours alone).
+                Ok(_) | Err(NetError::Refused(ErrorCode::Conflict)) => {}
+                Err(e) => return Err(e).context("the server refused to publish the mailbox"),
+            }
+        }
+        conn.close().await;
+        anyhow::Ok(())
+    })?;
+    client.mark_published()?;
+    Ok(true)
 }

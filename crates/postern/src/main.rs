@@ -37,6 +37,8 @@ enum Command {
     Whoami,
     /// Show your safety number.
     Fingerprint,
+    /// Send what is queued for the server.
+    Sync,
 }
 
 /// `$XDG_DATA_HOME/postern`, else `~/.local/share/postern`.
@@ -65,6 +67,7 @@ fn main() -> ExitCode {
         Command::Init(args) => client::init(&home, args, cli.json),
         Command::Whoami => client::whoami(&home, cli.json),
         Command::Fingerprint => client::fingerprint(&home, cli.json),
+        Command::Sync => client::sync(&home, cli.json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

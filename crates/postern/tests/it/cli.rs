@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::process::Output;
 
+use postern_proto::frame::{Request, Response};
 use postern_test_support::TestServer;
 
 use crate::bin;
@@ -40,6 +41,26 @@ async fn init_whoami_and_fingerprint() {
     assert_eq!(
         String::from_utf8_lossy(&fp.stdout).trim(),
         created["fingerprint"].as_str().unwrap()
+    );
+
+    // `init` published the mailbox and this device's key packages.
+    let mailbox = postern_client::Client::open(&home, postern_client::KeySource::KeyFile)
+        .unwrap()
+        .mailbox()
+        .unwrap();
+    let mut conn = server.connect().await;
+    let status = conn
+        .request(Request::KeyPackageStatus { mailbox: mailbox.mailbox }, Some(&mailbox.owner))
+        .await
+        .unwrap();
+    let Response::KeyPackageStatus(devices) = status else { panic!("status expected") };
+    assert_eq!(devices.len(), 1);
+    assert_eq!(devices[0].remaining as usize, postern_client::KEY_PACKAGES_PER_UPLOAD);
+    assert!(devices[0].last_resort);
+    assert_eq!(
+        json(&postern(&home, &["--json", "sync"], None))["published"],
+        false,
+        "nothing left to send"
     );
 
     let again = postern(&home, &["init", "--name", "Alice", "--server", &link], None);
@@ -80,4 +101,24 @@ async fn a_passphrase_home_needs_its_passphrase() {
     let out = postern(&home, &["whoami"], None);
     assert!(String::from_utf8_lossy(&out.stderr).contains("set POSTERN_PASSPHRASE"));
     assert_eq!(json(&postern(&home, &["--json", "whoami"], Some("canary pass")))["name"], "Carol");
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_named_and_the_identity_kept() {
+    let mut server = TestServer::start(bin()).await;
+    let link = server.link.to_link_string();
+    let addr = server.link.addrs[0].clone();
+    assert!(server.terminate().await);
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("dave");
+    let out = postern(&home, &["init", "--name", "Dave", "--server", &link], None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("cannot reach the server at {addr}")), "{err}");
+    assert!(err.contains("postern sync"), "{err}");
+    // The identity exists; publishing waits for `sync`.
+    assert_eq!(json(&postern(&home, &["--json", "whoami"], None))["name"], "Dave");
+    let out = postern(&home, &["sync"], None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&addr));
 }
