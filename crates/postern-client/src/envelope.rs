@@ -15,6 +15,28 @@ use rand::RngCore;
 use crate::mls::{EpochKeys, MlsError};
 
 const NONCE: usize = 12;
+const KEY_PACKAGE_AAD: &[u8] = b"postern/v1/key-package";
+
+/// `nonce [12] · ChaCha20-Poly1305(key, msg, aad)` with a random nonce.
+fn seal_aead(key: &[u8; 32], aad: &[u8], msg: &[u8]) -> Result<Vec<u8>, MlsError> {
+    let mut nonce = [0u8; NONCE];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let sealed = ChaCha20Poly1305::new(key.into())
+        .encrypt(Nonce::from_slice(&nonce), Payload { msg, aad })
+        .map_err(|_| MlsError::Library("AEAD encryption".into()))?;
+    Ok([&nonce[..], &sealed].concat())
+}
+
+/// Opens what [`seal_aead`] made; any failure is [`MlsError::Invalid`].
+fn open_aead(key: &[u8; 32], aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, MlsError> {
+    if sealed.len() < NONCE {
+        return Err(MlsError::Invalid);
+    }
+    let (nonce, ct) = sealed.split_at(NONCE);
+    ChaCha20Poly1305::new(key.into())
+        .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
+        .map_err(|_| MlsError::Invalid)
+}
 
 fn aad(keys: &EpochKeys, idem: &IdemKey, key_id: &KeyId) -> Vec<u8> {
     [&b"postern/v1/envelope-aead\0"[..], &keys.log_id.0, &idem.0, &key_id.0].concat()
@@ -28,14 +50,8 @@ pub fn seal(
     next_key: Option<PublicKey>,
     mls_message: &[u8],
 ) -> Result<Vec<u8>, MlsError> {
-    let mut nonce = [0u8; NONCE];
-    rand::rngs::OsRng.fill_bytes(&mut nonce);
     let aad = aad(keys, &idem, &keys.append_public().key_id());
-    let cipher = ChaCha20Poly1305::new(&keys.envelope_key.into());
-    let sealed = cipher
-        .encrypt(Nonce::from_slice(&nonce), Payload { msg: mls_message, aad: &aad })
-        .map_err(|_| MlsError::Library("envelope encryption".into()))?;
-    let ciphertext = [&nonce[..], &sealed].concat();
+    let ciphertext = seal_aead(&keys.envelope_key, &aad, mls_message)?;
     Ok(Envelope::seal(&keys.log_id, &keys.append_key, idem, next_key, ciphertext).encode())
 }
 
@@ -43,41 +59,20 @@ pub fn seal(
 /// Every failure is the same [`MlsError::Invalid`]; members skip such entries.
 pub fn open(keys: &EpochKeys, bytes: &[u8]) -> Result<(Envelope, Vec<u8>), MlsError> {
     let env = Envelope::decode(bytes).map_err(|_| MlsError::Invalid)?;
-    if !env.verify(&keys.log_id, &keys.append_public()) || env.ciphertext.len() < NONCE {
+    if !env.verify(&keys.log_id, &keys.append_public()) {
         return Err(MlsError::Invalid);
     }
-    let (nonce, sealed) = env.ciphertext.split_at(NONCE);
-    let cipher = ChaCha20Poly1305::new(&keys.envelope_key.into());
-    let plain = cipher
-        .decrypt(
-            Nonce::from_slice(nonce),
-            Payload { msg: sealed, aad: &aad(keys, &env.idem, &env.key_id) },
-        )
-        .map_err(|_| MlsError::Invalid)?;
+    let plain = open_aead(&keys.envelope_key, &aad(keys, &env.idem, &env.key_id), &env.ciphertext)?;
     Ok((env, plain))
 }
 
 /// Encrypts a key package for the server: `nonce [12] · ChaCha20-Poly1305(kp_key, package)`.
 /// Only holders of an invite (which carries `kp_key`) can read what they claim.
 pub fn seal_key_package(kp_key: &[u8; 32], package: &[u8]) -> Result<Vec<u8>, MlsError> {
-    let mut nonce = [0u8; NONCE];
-    rand::rngs::OsRng.fill_bytes(&mut nonce);
-    let sealed = ChaCha20Poly1305::new(kp_key.into())
-        .encrypt(
-            Nonce::from_slice(&nonce),
-            Payload { msg: package, aad: b"postern/v1/key-package" },
-        )
-        .map_err(|_| MlsError::Library("key package encryption".into()))?;
-    Ok([&nonce[..], &sealed].concat())
+    seal_aead(kp_key, KEY_PACKAGE_AAD, package)
 }
 
 /// Decrypts a claimed key package.
 pub fn open_key_package(kp_key: &[u8; 32], sealed: &[u8]) -> Result<Vec<u8>, MlsError> {
-    if sealed.len() < NONCE {
-        return Err(MlsError::Invalid);
-    }
-    let (nonce, ct) = sealed.split_at(NONCE);
-    ChaCha20Poly1305::new(kp_key.into())
-        .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad: b"postern/v1/key-package" })
-        .map_err(|_| MlsError::Invalid)
+    open_aead(kp_key, KEY_PACKAGE_AAD, sealed)
 }
