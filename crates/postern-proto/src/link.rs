@@ -14,6 +14,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use crate::gate::AccessSecret;
+use crate::ids::{ClaimToken, DropId, PublicKey};
 
 const PREFIX: &str = "postern://server#";
 /// Longest link accepted (links travel in QR codes).
@@ -88,74 +89,103 @@ fn valid_name(value: &str) -> bool {
         && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
 }
 
-impl ServerLink {
-    /// Parses a link.
-    pub fn parse(link: &str) -> Result<Self, LinkError> {
+/// The `key=value` pairs of a link's fragment: repeatable `a` and `p`, every other known key
+/// at most once, unknown keys ignored (for forward compatibility).
+struct Fields<'a> {
+    singles: Vec<(&'a str, &'a str)>,
+    addrs: Vec<String>,
+    pins: Vec<[u8; 32]>,
+}
+
+impl<'a> Fields<'a> {
+    fn parse(link: &'a str, prefix: &str) -> Result<Self, LinkError> {
         if link.len() > MAX_LINK {
             return Err(LinkError::TooLong);
         }
-        let rest = link.trim().strip_prefix(PREFIX).ok_or(LinkError::NotALink)?;
-        let (mut version, mut name, mut key, mut secret) = (None, None, None, None);
-        let (mut addrs, mut pins) = (Vec::new(), Vec::new());
+        let rest = link.trim().strip_prefix(prefix).ok_or(LinkError::NotALink)?;
+        let mut fields = Fields { singles: Vec::new(), addrs: Vec::new(), pins: Vec::new() };
         for pair in rest.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').ok_or(LinkError::Invalid("pair"))?;
-            let set_once = |slot: &mut Option<String>, field| {
-                if slot.replace(v.to_owned()).is_some() {
-                    Err(LinkError::Invalid(field))
-                } else {
-                    Ok(())
-                }
-            };
             match k {
-                "v" => set_once(&mut version, "v")?,
-                "n" => set_once(&mut name, "n")?,
-                "k" => set_once(&mut key, "k")?,
-                "s" => set_once(&mut secret, "s")?,
                 "a" => {
-                    if !valid_host_port(v) || addrs.len() == MAX_REPEATS {
+                    if !valid_host_port(v) || fields.addrs.len() == MAX_REPEATS {
                         return Err(LinkError::Invalid("a"));
                     }
-                    addrs.push(v.to_owned());
+                    fields.addrs.push(v.to_owned());
                 }
                 "p" => {
-                    if pins.len() == MAX_REPEATS {
+                    if fields.pins.len() == MAX_REPEATS {
                         return Err(LinkError::Invalid("p"));
                     }
-                    pins.push(b64::<32>(v, "p")?);
+                    fields.pins.push(b64::<32>(v, "p")?);
                 }
-                _ => {}
+                _ => match SINGLE_KEYS.iter().find(|known| **known == k) {
+                    Some(known) if fields.get(known).is_some() => {
+                        return Err(LinkError::Invalid(known));
+                    }
+                    Some(known) => fields.singles.push((known, v)),
+                    None => {}
+                },
             }
         }
-        match version.as_deref() {
-            Some("1") => {}
-            Some(other) => return Err(LinkError::Version(other.chars().take(8).collect())),
-            None => return Err(LinkError::Missing("v")),
+        match fields.get("v") {
+            Some("1") => Ok(fields),
+            Some(other) => Err(LinkError::Version(other.chars().take(8).collect())),
+            None => Err(LinkError::Missing("v")),
         }
-        if addrs.is_empty() {
+    }
+
+    fn get(&self, key: &str) -> Option<&'a str> {
+        self.singles.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+    }
+
+    fn require(&self, key: &'static str) -> Result<&'a str, LinkError> {
+        self.get(key).ok_or(LinkError::Missing(key))
+    }
+
+    fn key32(&self, key: &'static str) -> Result<[u8; 32], LinkError> {
+        b64(self.require(key)?, key)
+    }
+
+    fn server(&self) -> Result<ServerLink, LinkError> {
+        if self.addrs.is_empty() {
             return Err(LinkError::Missing("a"));
         }
-        if pins.is_empty() {
+        if self.pins.is_empty() {
             return Err(LinkError::Missing("p"));
         }
-        if let Some(n) = &name
-            && !valid_name(n)
-        {
-            return Err(LinkError::Invalid("n"));
-        }
+        let server_name = match self.get("n") {
+            Some(n) if !valid_name(n) => return Err(LinkError::Invalid("n")),
+            n => n.map(str::to_owned),
+        };
         Ok(ServerLink {
-            addrs,
-            server_name: name,
-            pins,
-            static_key: b64(&key.ok_or(LinkError::Missing("k"))?, "k")?,
-            secret: AccessSecret(b64(&secret.ok_or(LinkError::Missing("s"))?, "s")?),
+            addrs: self.addrs.clone(),
+            server_name,
+            pins: self.pins.clone(),
+            static_key: self.key32("k")?,
+            secret: AccessSecret(self.key32("s")?),
         })
+    }
+}
+
+/// Keys that may appear at most once, in server and invite links.
+const SINGLE_KEYS: &[&str] = &["v", "n", "k", "s", "m", "d", "h", "q", "t", "i"];
+
+impl ServerLink {
+    /// Parses a link.
+    pub fn parse(link: &str) -> Result<Self, LinkError> {
+        Fields::parse(link, PREFIX)?.server()
     }
 
     /// Formats the link. The result contains the secret: print it only where the operator
     /// asked for it, never into logs.
     pub fn to_link_string(&self) -> String {
-        let mut out = String::from(PREFIX);
-        out.push_str("v=1");
+        format!("{PREFIX}v=1{}", self.params())
+    }
+
+    /// The server's fields as `&key=value` pairs, shared by server and invite links.
+    fn params(&self) -> String {
+        let mut out = String::new();
         for a in &self.addrs {
             out.push_str("&a=");
             out.push_str(a);
@@ -183,6 +213,89 @@ impl ServerLink {
         let addr = self.addrs.first().map(String::as_str).unwrap_or_default();
         let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
         host.trim_start_matches('[').trim_end_matches(']').to_owned()
+    }
+}
+
+const INVITE_PREFIX: &str = "postern://invite#";
+
+/// What an invite lets its holder do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InviteKind {
+    /// Connect once, with no accept step (`m=once`).
+    Once,
+    /// A long-lived address: each use becomes a request the owner accepts (`m=address`).
+    Address,
+}
+
+/// An invite: `postern://invite#v=1&m=KIND&<server fields>&d=DROP&h=HPKE&q=KPKEY&t=TOKEN&i=IDENTITY`.
+///
+/// It carries the inviter's server link, the drop address and the mailbox's HPKE key (for the
+/// sealed Welcome or request), the key that decrypts the inviter's key packages, the claim
+/// token, and the inviter's identity key (whose fingerprint the joiner can compare).
+#[derive(Clone, PartialEq, Eq)]
+pub struct InviteLink {
+    /// Once or address.
+    pub kind: InviteKind,
+    /// The inviter's server.
+    pub server: ServerLink,
+    /// The drop address for the Welcome or request.
+    pub drop: DropId,
+    /// The mailbox's HPKE public key.
+    pub hpke_key: [u8; 32],
+    /// The key that decrypts claimed key packages.
+    pub kp_key: [u8; 32],
+    /// The claim token.
+    pub token: ClaimToken,
+    /// The inviter's identity key.
+    pub identity: PublicKey,
+}
+
+impl std::fmt::Debug for InviteLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InviteLink")
+            .field("kind", &self.kind)
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
+}
+
+impl InviteLink {
+    /// Parses an invite link.
+    pub fn parse(link: &str) -> Result<Self, LinkError> {
+        let fields = Fields::parse(link, INVITE_PREFIX)?;
+        let kind = match fields.require("m")? {
+            "once" => InviteKind::Once,
+            "address" => InviteKind::Address,
+            _ => return Err(LinkError::Invalid("m")),
+        };
+        Ok(InviteLink {
+            kind,
+            server: fields.server()?,
+            drop: DropId(fields.key32("d")?),
+            hpke_key: fields.key32("h")?,
+            kp_key: fields.key32("q")?,
+            token: ClaimToken(fields.key32("t")?),
+            identity: PublicKey(fields.key32("i")?),
+        })
+    }
+
+    /// Formats the link. It holds secrets (the access secret, token and keys): show it only to
+    /// the person invited.
+    pub fn to_link_string(&self) -> String {
+        let kind = match self.kind {
+            InviteKind::Once => "once",
+            InviteKind::Address => "address",
+        };
+        let b = |bytes: &[u8]| URL_SAFE_NO_PAD.encode(bytes);
+        format!(
+            "{INVITE_PREFIX}v=1&m={kind}{}&d={}&h={}&q={}&t={}&i={}",
+            self.server.params(),
+            b(&self.drop.0),
+            b(&self.hpke_key),
+            b(&self.kp_key),
+            b(&self.token.0),
+            b(&self.identity.0),
+        )
     }
 }
 
@@ -223,6 +336,37 @@ mod tests {
         check(&"x".repeat(MAX_LINK + 1), LinkError::TooLong);
         // Unknown fields are ignored for forward compatibility.
         assert!(ServerLink::parse(&format!("{good}&future=1")).is_ok());
+    }
+
+    fn invite() -> InviteLink {
+        InviteLink {
+            kind: InviteKind::Once,
+            server: sample(),
+            drop: DropId([5; 32]),
+            hpke_key: [6; 32],
+            kp_key: [7; 32],
+            token: ClaimToken([8; 32]),
+            identity: PublicKey([9; 32]),
+        }
+    }
+
+    #[test]
+    fn invites_round_trip_and_refuse_what_is_missing() {
+        let link = invite().to_link_string();
+        assert!(link.len() < 600, "fits a QR code comfortably: {}", link.len());
+        assert_eq!(InviteLink::parse(&link).unwrap(), invite());
+        let mut address = invite();
+        address.kind = InviteKind::Address;
+        assert_eq!(InviteLink::parse(&address.to_link_string()).unwrap(), address);
+        assert_eq!(
+            InviteLink::parse(&link.replace("m=once", "m=twice")),
+            Err(LinkError::Invalid("m"))
+        );
+        assert_eq!(InviteLink::parse(&link.replace("&t=", "&x=")), Err(LinkError::Missing("t")));
+        assert_eq!(InviteLink::parse(&format!("{link}&d=AAAA")), Err(LinkError::Invalid("d")));
+        assert_eq!(InviteLink::parse(&sample().to_link_string()), Err(LinkError::NotALink));
+        assert_eq!(ServerLink::parse(&link), Err(LinkError::NotALink));
+        assert!(!format!("{:?}", invite()).contains("8, 8"), "Debug hides the token");
     }
 
     #[test]
