@@ -121,6 +121,8 @@ impl Store {
         };
         let conn = Connection::open_with_flags(&path, flags).map_err(db_err)?;
         conn.pragma_update(None, "key", key.as_str()).map_err(db_err)?;
+        // SQLCipher logs a wrong key to stderr itself; our error says it once, plainly.
+        conn.pragma_update(None, "cipher_log_level", "NONE").map_err(db_err)?;
         // The first read tells whether the key is right (or the file is a database at all).
         conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0))
             .map_err(|_| ClientError::WrongKey(home.to_owned()))?;
