@@ -97,7 +97,9 @@ async fn a_passphrase_home_needs_its_passphrase() {
     ));
     let out = postern(&home, &["whoami"], Some("wrong"));
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong passphrase"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("wrong passphrase"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one clear line, no library noise: {err}");
     let out = postern(&home, &["whoami"], None);
     assert!(String::from_utf8_lossy(&out.stderr).contains("set POSTERN_PASSPHRASE"));
     assert_eq!(json(&postern(&home, &["--json", "whoami"], Some("canary pass")))["name"], "Carol");
