@@ -128,14 +128,7 @@ impl FaultFs {
     /// Loses every unsynced write, as a power cut would. Stop every process using the
     /// filesystem first.
     pub fn crash(&mut self) -> io::Result<CrashReport> {
-        if let Some(session) = self.session.take() {
-            match session.umount_and_join() {
-                // The kernel aborts the FUSE connection at unmount; the session thread may
-                // report that as its end. The unmount itself succeeded.
-                Err(e) if e.kind() != io::ErrorKind::ConnectionAborted => return Err(e),
-                _ => {}
-            }
-        }
+        self.unmount()?;
         let report = {
             let mut state = lock(&self.state);
             let mut report = CrashReport { syncs: state.syncs, ..CrashReport::default() };
@@ -160,11 +153,27 @@ impl FaultFs {
     }
 }
 
+impl FaultFs {
+    /// Unmounts with the system's `umount` while the session still serves, so the kernel
+    /// ends the session cleanly, then waits for the session thread. (fuser's own unmount
+    /// could leave a dead mount behind here.)
+    fn unmount(&mut self) -> io::Result<()> {
+        let Some(session) = self.session.take() else { return Ok(()) };
+        let path = self.mountpoint.path();
+        let clean = std::process::Command::new("umount").arg(path).status()?.success();
+        if !clean && !std::process::Command::new("umount").arg("-l").arg(path).status()?.success() {
+            return Err(io::Error::other(format!("cannot unmount {}", path.display())));
+        }
+        // The session ends when the kernel closes the connection; how it reports that
+        // (Ok, or an aborted connection) does not matter here.
+        let _ = session.join();
+        Ok(())
+    }
+}
+
 impl Drop for FaultFs {
     fn drop(&mut self) {
-        if let Some(session) = self.session.take() {
-            let _ = session.umount_and_join();
-        }
+        let _ = self.unmount();
     }
 }
 
@@ -439,5 +448,16 @@ mod tests {
         std::fs::File::open(&path).unwrap().read_to_end(&mut back).unwrap();
         assert_eq!(back, b"durable");
         assert_eq!(std::fs::read(&other).unwrap(), b"", "created, never synced: empty");
+        let mounts = |p: &str| {
+            std::fs::read_to_string("/proc/self/mounts")
+                .unwrap()
+                .lines()
+                .filter(|l| l.split(' ').nth(1) == Some(p))
+                .count()
+        };
+        let mountpoint = fs.path().to_string_lossy().into_owned();
+        assert_eq!(mounts(&mountpoint), 1, "a crash remounts, it does not stack mounts");
+        drop(fs);
+        assert_eq!(mounts(&mountpoint), 0, "dropping unmounts");
     }
 }
