@@ -15,6 +15,9 @@
 
 use std::path::{Path, PathBuf};
 
+use postern_proto::frame::{ClaimPolicy, Request};
+use postern_proto::ids::{ClaimToken, DropId};
+pub use postern_proto::link::{InviteKind, InviteLink};
 use postern_proto::link::{LinkError, ServerLink};
 
 pub mod envelope;
@@ -164,6 +167,22 @@ impl MailboxKeys {
     }
 }
 
+/// How long an invite's claim token lasts, in days.
+pub const INVITE_DAYS: u32 = 30;
+/// Claims per day through a long-lived address.
+pub const ADDRESS_CLAIMS_PER_DAY: u16 = 20;
+
+/// An invite ready to register: send `requests` signed by `owner`, then show `link`.
+#[derive(Debug)]
+pub struct NewInvite {
+    /// The link to give to the person invited.
+    pub link: InviteLink,
+    /// The requests that register its drop address and claim token.
+    pub requests: Vec<Request>,
+    /// The mailbox owner key that signs them.
+    pub owner: ed25519_dalek::SigningKey,
+}
+
 /// One-time key packages uploaded per device at first publication.
 pub const KEY_PACKAGES_PER_UPLOAD: usize = 10;
 
@@ -172,7 +191,7 @@ pub const KEY_PACKAGES_PER_UPLOAD: usize = 10;
 #[derive(Debug)]
 pub struct Publication {
     /// The requests, in order.
-    pub requests: Vec<postern_proto::frame::Request>,
+    pub requests: Vec<Request>,
     /// The key that signs them.
     pub owner: ed25519_dalek::SigningKey,
 }
@@ -311,7 +330,17 @@ impl Client {
 
     /// The mailbox keys.
     pub fn mailbox(&self) -> Result<MailboxKeys, ClientError> {
-        Ok(self.store.load_mailbox()?.0)
+        Ok(self.mailbox_state()?.0)
+    }
+
+    /// The mailbox and whether it is published; made now in a home that predates mailboxes.
+    fn mailbox_state(&self) -> Result<(MailboxKeys, bool), ClientError> {
+        if let Some(state) = self.store.load_mailbox()? {
+            return Ok(state);
+        }
+        let keys = MailboxKeys::generate();
+        self.store.save_mailbox(&keys)?;
+        Ok((keys, false))
     }
 
     /// The requests that publish the mailbox and key packages, or `None` when done. Key
@@ -319,7 +348,7 @@ impl Client {
     /// kind of requests with fresh packages, and the server treats a second
     /// `mailbox_create` as a conflict, which the caller takes as success.
     pub fn pending_publication(&mut self) -> Result<Option<Publication>, ClientError> {
-        let (keys, published) = self.store.load_mailbox()?;
+        let (keys, published) = self.mailbox_state()?;
         if published {
             return Ok(None);
         }
@@ -333,14 +362,9 @@ impl Client {
         let mailbox = keys.mailbox;
         Ok(Some(Publication {
             requests: vec![
-                postern_proto::frame::Request::MailboxCreate { mailbox, owner_key },
-                postern_proto::frame::Request::KeyPackageUpload {
-                    mailbox,
-                    device,
-                    last_resort: false,
-                    packages: fresh,
-                },
-                postern_proto::frame::Request::KeyPackageUpload {
+                Request::MailboxCreate { mailbox, owner_key },
+                Request::KeyPackageUpload { mailbox, device, last_resort: false, packages: fresh },
+                Request::KeyPackageUpload {
                     mailbox,
                     device,
                     last_resort: true,
@@ -349,6 +373,46 @@ impl Client {
             ],
             owner: keys.owner,
         }))
+    }
+
+    /// A new invite: a fresh drop address and claim token, and the requests that register
+    /// them (send each signed by the returned owner key, before showing the link). A one-time
+    /// invite's token allows one claim; an address allows [`ADDRESS_CLAIMS_PER_DAY`] a day.
+    /// Both expire after [`INVITE_DAYS`].
+    pub fn new_invite(&mut self, kind: InviteKind, today: u32) -> Result<NewInvite, ClientError> {
+        use rand::RngCore;
+        let (keys, _) = self.mailbox_state()?;
+        let (_, hpke_public) = self.store.hpke_keypair()?;
+        let mut drop = [0u8; 32];
+        let mut token = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut drop);
+        rand::rngs::OsRng.fill_bytes(&mut token);
+        let expires_day = today.saturating_add(INVITE_DAYS);
+        let (policy, name) = match kind {
+            InviteKind::Once => (ClaimPolicy::Once, "once"),
+            InviteKind::Address => (ClaimPolicy::Daily(ADDRESS_CLAIMS_PER_DAY), "address"),
+        };
+        self.store.save_invite(&drop, &token, name, expires_day)?;
+        let token = ClaimToken(token);
+        let requests = vec![
+            Request::DropCreate { mailbox: keys.mailbox, drop: DropId(drop) },
+            Request::ClaimTokenCreate {
+                mailbox: keys.mailbox,
+                token_hash: token.hash(),
+                policy,
+                expires_day,
+            },
+        ];
+        let link = InviteLink {
+            kind,
+            server: self.server.clone(),
+            drop: DropId(drop),
+            hpke_key: hpke_public,
+            kp_key: keys.kp_key,
+            token,
+            identity: self.identity.identity_public(),
+        };
+        Ok(NewInvite { link, requests, owner: keys.owner })
     }
 
     /// Records that the publication reached the server.

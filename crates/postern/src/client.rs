@@ -4,9 +4,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use postern_client::{Client, KeySource};
+use postern_client::{Client, InviteKind, KeySource};
 use postern_net::{Connection, NetError};
-use postern_proto::frame::ErrorCode;
+use postern_proto::frame::{ErrorCode, Request};
 use postern_proto::link::ServerLink;
 use zeroize::Zeroizing;
 
@@ -111,25 +111,76 @@ pub(crate) fn sync(home: &Path, json: bool) -> Result<()> {
 /// Publishes the mailbox and key packages if that has not happened yet; true if it did now.
 fn publish(client: &mut Client) -> Result<bool> {
     let Some(publication) = client.pending_publication()? else { return Ok(false) };
-    let link = client.server().clone();
+    send_signed(client.server(), publication.requests, &publication.owner)
+        .context("the server refused to publish the mailbox")?;
+    client.mark_published()?;
+    Ok(true)
+}
+
+/// Sends owner-signed requests in order on one connection. A `conflict` counts as done:
+/// the ids are ours alone, so it means an earlier attempt already got through.
+fn send_signed(
+    link: &ServerLink,
+    requests: Vec<Request>,
+    owner: &ed25519_dalek::SigningKey,
+) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let mut conn = Connection::connect(&link)
+        let mut conn = Connection::connect(link)
             .await
             .with_context(|| format!("cannot reach the server at {}", link.addrs.join(", ")))?;
-        for request in publication.requests {
-            match conn.request(request, Some(&publication.owner)).await {
-                // The mailbox exists: an earlier attempt created it (its id is ours alone).
+        for request in requests {
+            match conn.request(request, Some(owner)).await {
                 Ok(_) | Err(NetError::Refused(ErrorCode::Conflict)) => {}
-                Err(e) => return Err(e).context("the server refused to publish the mailbox"),
+                Err(e) => return Err(e.into()),
             }
         }
         conn.close().await;
         anyhow::Ok(())
-    })?;
-    client.mark_published()?;
-    Ok(true)
+    })
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct InviteArgs {
+    /// A one-time invite: whoever uses it first is connected, with no accept step.
+    /// Without it, the invite is a long-lived address whose uses arrive as requests.
+    #[arg(long)]
+    once: bool,
+}
+
+pub(crate) fn invite(home: &Path, args: InviteArgs, json: bool) -> Result<()> {
+    let mut client = Client::open(home, key_source())?;
+    publish(&mut client)?;
+    let kind = if args.once { InviteKind::Once } else { InviteKind::Address };
+    let today = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u32::try_from(d.as_secs() / 86_400).unwrap_or(u32::MAX));
+    let invite = client.new_invite(kind, today)?;
+    send_signed(client.server(), invite.requests, &invite.owner)
+        .context("cannot register the invite")?;
+    let link = invite.link.to_link_string();
+    let mut out = std::io::stdout().lock();
+    if json {
+        let kind = if args.once { "once" } else { "address" };
+        writeln!(out, "{}", serde_json::json!({ "event": "invite", "kind": kind, "link": link }))?;
+    } else {
+        let qr = qrcode::QrCode::new(link.as_bytes()).context("the link does not fit a QR code")?;
+        let art = qr.render::<qrcode::render::unicode::Dense1x2>().quiet_zone(true).build();
+        writeln!(out, "{art}")?;
+        writeln!(out, "{link}")?;
+        let note = if args.once {
+            "One-time invite: the first person to use it is connected to you."
+        } else {
+            "Address: each use arrives as a request for you to accept."
+        };
+        writeln!(
+            out,
+            "{note} Share it only with them; it expires in {} days.",
+            postern_client::INVITE_DAYS
+        )?;
+    }
+    Ok(())
 }

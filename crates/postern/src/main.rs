@@ -39,6 +39,8 @@ enum Command {
     Fingerprint,
     /// Send what is queued for the server.
     Sync,
+    /// Make an invite link (and QR code) for someone to connect with you.
+    Invite(client::InviteArgs),
 }
 
 /// `$XDG_DATA_HOME/postern`, else `~/.local/share/postern`.
@@ -68,6 +70,7 @@ fn main() -> ExitCode {
         Command::Whoami => client::whoami(&home, cli.json),
         Command::Fingerprint => client::fingerprint(&home, cli.json),
         Command::Sync => client::sync(&home, cli.json),
+        Command::Invite(args) => client::invite(&home, args, cli.json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

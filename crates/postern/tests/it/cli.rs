@@ -124,3 +124,51 @@ async fn an_unreachable_server_is_named_and_the_identity_kept() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains(&addr));
 }
+
+#[tokio::test]
+async fn invites_register_a_drop_address_and_a_claim_token() {
+    let server = TestServer::start(bin()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("erin");
+    let created = json(&postern(
+        &home,
+        &["--json", "init", "--name", "Erin", "--server", &server.link.to_link_string()],
+        None,
+    ));
+    let once = json(&postern(&home, &["--json", "invite", "--once"], None));
+    assert_eq!(once["kind"], "once");
+    let link = postern_proto::link::InviteLink::parse(once["link"].as_str().unwrap()).unwrap();
+    assert_eq!(link.kind, postern_proto::link::InviteKind::Once);
+    assert_eq!(link.server, server.link);
+    assert_eq!(
+        postern_client::fingerprint(&link.identity),
+        created["fingerprint"].as_str().unwrap()
+    );
+
+    // Whoever holds the invite claims one key package per device, once, and can read it.
+    let mut stranger = server.connect().await;
+    let claim = Request::KeyPackageClaim { token: link.token.clone() };
+    let Response::KeyPackages(packages) = stranger.request(claim.clone(), None).await.unwrap()
+    else {
+        panic!("key packages expected")
+    };
+    assert_eq!(packages.len(), 1);
+    postern_client::envelope::open_key_package(&link.kp_key, &packages[0])
+        .expect("the invite's key opens it");
+    assert!(stranger.request(claim, None).await.is_err(), "a one-time token is used up");
+    // The drop address takes sealed items.
+    let drop = Request::Drop {
+        drop: link.drop,
+        idem: postern_test_support::ids::idem(),
+        body: postern_proto::frame::Body::Inline(b"sealed".to_vec()),
+    };
+    assert!(matches!(stranger.request(drop, None).await.unwrap(), Response::Seq(_)));
+
+    // An address allows several claims.
+    let address = json(&postern(&home, &["--json", "invite"], None));
+    let link = postern_proto::link::InviteLink::parse(address["link"].as_str().unwrap()).unwrap();
+    for _ in 0..2 {
+        let claim = Request::KeyPackageClaim { token: link.token.clone() };
+        assert!(matches!(stranger.request(claim, None).await.unwrap(), Response::KeyPackages(_)));
+    }
+}
