@@ -7,7 +7,7 @@
 //! ```no_run
 //! use postern_client::{Client, KeySource};
 //! # fn link() -> postern_proto::link::ServerLink { unimplemented!() }
-//! let home = std::path::Path::new("/tmp/alice");
+//! let home = std::path::Path::new("alice-home");
 //! let client = Client::init(home, KeySource::KeyFile, "Alice", link())?;
 //! println!("{}", client.whoami().fingerprint);
 //! # Ok::<(), postern_client::ClientError>(())
