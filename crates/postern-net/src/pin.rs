@@ -8,7 +8,6 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, Error, SignatureScheme};
-use sha2::{Digest, Sha256};
 
 /// Accepts a server certificate exactly when its key matches a pin.
 #[derive(Debug)]
@@ -27,7 +26,7 @@ impl PinVerifier {
 /// SHA-256 of the certificate's SubjectPublicKeyInfo.
 pub fn spki_pin(cert: &CertificateDer<'_>) -> Option<[u8; 32]> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    Some(Sha256::digest(parsed.tbs_certificate.subject_pki.raw).into())
+    Some(postern_proto::link::spki_pin(parsed.tbs_certificate.subject_pki.raw))
 }
 
 impl ServerCertVerifier for PinVerifier {

@@ -17,6 +17,13 @@ use crate::gate::AccessSecret;
 use crate::ids::{ClaimToken, DropId, PublicKey};
 
 const PREFIX: &str = "postern://server#";
+
+/// The pin of a server key: SHA-256 of its DER SubjectPublicKeyInfo. The server computes it
+/// for its link, clients check the certificate against it; both call this.
+pub fn spki_pin(spki_der: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(spki_der).into()
+}
 /// Longest link accepted (links travel in QR codes).
 pub const MAX_LINK: usize = 2_048;
 const MAX_REPEATS: usize = 8;

@@ -11,7 +11,6 @@ use postern_proto::link::ServerLink;
 use postern_proto::session::StaticKeypair;
 use rand::RngCore;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use sha2::{Digest, Sha256};
 
 use crate::ServerError;
 
@@ -81,7 +80,7 @@ fn array32(path: &Path, bytes: Vec<u8>) -> Result<[u8; 32], ServerError> {
 pub(crate) fn spki_pin(cert: &CertificateDer<'_>) -> Result<[u8; 32], ServerError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
         .map_err(|e| ServerError::Tls(format!("cannot parse certificate: {e}")))?;
-    Ok(Sha256::digest(parsed.tbs_certificate.subject_pki.raw).into())
+    Ok(postern_proto::link::spki_pin(parsed.tbs_certificate.subject_pki.raw))
 }
 
 fn load_pem(
