@@ -9,7 +9,7 @@
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce};
 use postern_proto::envelope::Envelope;
-use postern_proto::ids::{IdemKey, KeyId, PublicKey};
+use postern_proto::ids::{IdemKey, KeyId, LogId, PublicKey};
 use rand::RngCore;
 
 use crate::mls::{EpochKeys, MlsError};
@@ -38,32 +38,32 @@ fn open_aead(key: &[u8; 32], aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, MlsEr
         .map_err(|_| MlsError::Invalid)
 }
 
-fn aad(keys: &EpochKeys, idem: &IdemKey, key_id: &KeyId) -> Vec<u8> {
-    [&b"postern/v1/envelope-aead\0"[..], &keys.log_id.0, &idem.0, &key_id.0].concat()
+fn aad(log: &LogId, idem: &IdemKey, key_id: &KeyId) -> Vec<u8> {
+    [&b"postern/v1/envelope-aead\0"[..], &log.0, &idem.0, &key_id.0].concat()
 }
 
-/// Seals an MLS message for the epoch's log. `next_key` is the next epoch's append key when
-/// the message is a commit.
+/// Seals an MLS message with an epoch's keys for the chat's log. `next_key` is the next
+/// epoch's append key when the message is a commit.
 pub fn seal(
     keys: &EpochKeys,
+    log: &LogId,
     idem: IdemKey,
     next_key: Option<PublicKey>,
     mls_message: &[u8],
 ) -> Result<Vec<u8>, MlsError> {
-    let aad = aad(keys, &idem, &keys.append_public().key_id());
+    let aad = aad(log, &idem, &keys.append_public().key_id());
     let ciphertext = seal_aead(&keys.envelope_key, &aad, mls_message)?;
-    Ok(Envelope::seal(&keys.log_id, &keys.append_key, idem, next_key, ciphertext).encode())
+    Ok(Envelope::seal(log, &keys.append_key, idem, next_key, ciphertext).encode())
 }
 
-/// Opens an envelope of this epoch: checks the append key's signature, then decrypts.
-/// Every failure is the same [`MlsError::Invalid`]; members skip such entries.
-pub fn open(keys: &EpochKeys, bytes: &[u8]) -> Result<(Envelope, Vec<u8>), MlsError> {
-    let env = Envelope::decode(bytes).map_err(|_| MlsError::Invalid)?;
-    if !env.verify(&keys.log_id, &keys.append_public()) {
+/// Opens an envelope sealed with `keys` (the epoch its key id names): checks the append
+/// key's signature, then decrypts. Every failure is the same [`MlsError::Invalid`]; members
+/// skip such entries.
+pub fn open(keys: &EpochKeys, log: &LogId, env: &Envelope) -> Result<Vec<u8>, MlsError> {
+    if !env.verify(log, &keys.append_public()) {
         return Err(MlsError::Invalid);
     }
-    let plain = open_aead(&keys.envelope_key, &aad(keys, &env.idem, &env.key_id), &env.ciphertext)?;
-    Ok((env, plain))
+    open_aead(&keys.envelope_key, &aad(log, &env.idem, &env.key_id), &env.ciphertext)
 }
 
 /// Encrypts a key package for the server: `nonce [12] · ChaCha20-Poly1305(kp_key, package)`.

@@ -20,11 +20,16 @@ use postern_proto::ids::{ClaimToken, DropId};
 pub use postern_proto::link::{InviteKind, InviteLink};
 use postern_proto::link::{LinkError, ServerLink};
 
+mod chats;
 pub mod envelope;
 mod identity;
 mod mls;
 mod store;
 
+pub use chats::{
+    ChatSummary, ConnectRequest, Contact, Event, LogCursor, Message, MessageState, OutboxItem,
+    OutboxOp, pause_point,
+};
 pub use identity::{DeviceCredential, Identity, fingerprint};
 pub use mls::{CIPHERSUITE, EpochKeys, MlsError, Received};
 pub use store::KeySource;
@@ -57,6 +62,15 @@ pub enum ClientError {
     /// A display name must be 1 to 64 characters, without control characters.
     #[error("a name must be 1 to 64 characters, without control characters")]
     InvalidName,
+    /// A message must be 1 to 8,192 bytes of text.
+    #[error("a message must be 1 to 8192 bytes of text")]
+    InvalidMessage,
+    /// No chat, contact or request by that name or id.
+    #[error("no chat, contact or request called {0:?}")]
+    NotFound(String),
+    /// `connect` with one's own invite.
+    #[error("this invite is your own")]
+    OwnInvite,
     /// A file in the home could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -205,7 +219,7 @@ pub struct Client {
     server: ServerLink,
 }
 
-fn check_name(name: &str) -> Result<(), ClientError> {
+pub(crate) fn check_name(name: &str) -> Result<(), ClientError> {
     let n = name.chars().count();
     if n == 0 || n > 64 || name.chars().any(char::is_control) || name.trim() != name {
         return Err(ClientError::InvalidName);
@@ -266,21 +280,30 @@ impl Client {
         &self.server
     }
 
-    /// Runs one MLS operation in one transaction: committed when it succeeds, rolled back
-    /// (with the group it loaded) when it fails.
+    /// Runs one step of the state machine in one transaction: committed when it succeeds,
+    /// rolled back (with any group it loaded) when it fails.
+    fn step<T>(
+        &mut self,
+        op: impl FnOnce(&chats::Ctx<'_>) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        let tx = self.store.transaction()?;
+        let ctx = chats::Ctx {
+            db: &tx,
+            mls: mls::Provider::new(&tx),
+            me: &self.identity,
+            server: &self.server,
+        };
+        let value = op(&ctx)?;
+        tx.commit().map_err(|e| ClientError::Store(e.to_string()))?;
+        Ok(value)
+    }
+
+    /// Runs one MLS operation in one transaction.
     fn in_transaction<T>(
         &mut self,
         op: impl FnOnce(&mls::Provider<'_>, &Identity) -> Result<T, MlsError>,
     ) -> Result<T, ClientError> {
-        let tx = self.store.transaction()?;
-        let result = op(&mls::Provider::new(&tx), &self.identity);
-        match result {
-            Ok(value) => {
-                tx.commit().map_err(|e| ClientError::Store(e.to_string()))?;
-                Ok(value)
-            }
-            Err(e) => Err(e.into()),
-        }
+        self.step(|ctx| Ok(op(&ctx.mls, ctx.me)?))
     }
 
     /// A new key package for this device, to hand to someone who will add it to a group.
@@ -356,9 +379,9 @@ impl Client {
         let device = postern_proto::ids::DeviceId(self.identity.device_id);
         let mut fresh = Vec::with_capacity(KEY_PACKAGES_PER_UPLOAD);
         for _ in 0..KEY_PACKAGES_PER_UPLOAD {
-            fresh.push(envelope::seal_key_package(&keys.kp_key, &self.key_package(false)?)?);
+            fresh.push(self.sealed_key_package(&keys.kp_key, false)?);
         }
-        let last = envelope::seal_key_package(&keys.kp_key, &self.key_package(true)?)?;
+        let last = self.sealed_key_package(&keys.kp_key, true)?;
         let mailbox = keys.mailbox;
         Ok(Some(Publication {
             requests: vec![
@@ -415,6 +438,19 @@ impl Client {
         Ok(NewInvite { link, requests, owner: keys.owner })
     }
 
+    /// A new key package with our display name, sealed under the key-package key.
+    fn sealed_key_package(
+        &mut self,
+        kp_key: &[u8; 32],
+        last_resort: bool,
+    ) -> Result<Vec<u8>, ClientError> {
+        let payload = postern_proto::content::KeyPackagePayload {
+            name: self.identity.name.clone(),
+            key_package: self.key_package(last_resort)?,
+        };
+        Ok(envelope::seal_key_package(kp_key, &payload.encode())?)
+    }
+
     /// Records that the publication reached the server.
     pub fn mark_published(&mut self) -> Result<(), ClientError> {
         self.store.mark_published()
@@ -424,6 +460,127 @@ impl Client {
     pub fn epoch_keys(&mut self, group_id: &[u8]) -> Result<EpochKeys, ClientError> {
         self.in_transaction(|p, _| mls::epoch_keys(p, group_id))
     }
+
+    /// Starts a chat from a one-time invite, with the inviter's key packages claimed with
+    /// its token (sealed as the server returned them). The chat becomes active when its
+    /// creation reaches the server through the outbox. Returns the chat id and contact name.
+    pub fn connect_once(
+        &mut self,
+        link: &InviteLink,
+        sealed: &[Vec<u8>],
+    ) -> Result<(String, String), ClientError> {
+        self.check_not_own(link)?;
+        self.step(|ctx| chats::connect_once(ctx, link, sealed))
+    }
+
+    /// Queues a request to connect through a long-lived address.
+    pub fn request_connect(&mut self, link: &InviteLink) -> Result<(), ClientError> {
+        self.check_not_own(link)?;
+        self.mailbox_state()?;
+        self.step(|ctx| chats::request_connect(ctx, link))
+    }
+
+    fn check_not_own(&self, link: &InviteLink) -> Result<(), ClientError> {
+        if link.identity == self.identity.identity_public() {
+            return Err(ClientError::OwnInvite);
+        }
+        Ok(())
+    }
+
+    /// Accepts a request: creates the chat (through the outbox). Returns chat id and name.
+    pub fn accept(&mut self, request: &str) -> Result<(String, String), ClientError> {
+        self.step(|ctx| chats::accept(ctx, request))
+    }
+
+    /// Queues a text message; returns its id for [`Client::message_state`].
+    pub fn queue_message(&mut self, chat: &str, text: &str) -> Result<i64, ClientError> {
+        self.step(|ctx| chats::queue_message(ctx, chat, text))
+    }
+
+    /// Where an outgoing message stands.
+    pub fn message_state(&mut self, id: i64) -> Result<MessageState, ClientError> {
+        self.step(|ctx| chats::message_state(ctx, id))
+    }
+
+    /// The oldest outbox item not in `skip`.
+    pub fn next_outbox(&mut self, skip: &[i64]) -> Result<Option<OutboxItem>, ClientError> {
+        self.step(|ctx| chats::next_outbox(ctx, skip))
+    }
+
+    /// The server acknowledged an outbox item.
+    pub fn outbox_done(&mut self, id: i64, seq: Option<u64>) -> Result<(), ClientError> {
+        self.step(|ctx| chats::outbox_done(ctx, id, seq))
+    }
+
+    /// The server refused an outbox item for good.
+    pub fn outbox_failed(&mut self, id: i64) -> Result<Option<Event>, ClientError> {
+        self.step(|ctx| chats::outbox_failed(ctx, id))
+    }
+
+    /// Every active chat's log and how far it has been read.
+    pub fn logs(&mut self) -> Result<Vec<LogCursor>, ClientError> {
+        self.step(chats::logs)
+    }
+
+    /// Applies one entry of a chat's log; an entry that cannot be opened or applied is
+    /// skipped (and reported), never retried forever.
+    pub fn receive_entry(
+        &mut self,
+        log: &postern_proto::ids::LogId,
+        seq: u64,
+        bytes: &[u8],
+    ) -> Result<Vec<Event>, ClientError> {
+        match self.step(|ctx| chats::receive_entry(ctx, log, seq, bytes)) {
+            Err(e) if entry_at_fault(&e) => self.step(|ctx| chats::skip_entry(ctx, log, seq)),
+            other => other,
+        }
+    }
+
+    /// How far the mailbox has been read.
+    pub fn mailbox_cursor(&mut self) -> Result<u64, ClientError> {
+        self.step(chats::mailbox_cursor)
+    }
+
+    /// Applies one mailbox item; one that cannot be opened or applied is skipped.
+    pub fn receive_drop(&mut self, seq: u64, bytes: &[u8]) -> Result<Vec<Event>, ClientError> {
+        match self.step(|ctx| chats::receive_drop(ctx, seq, bytes)) {
+            Err(e) if entry_at_fault(&e) => {
+                self.step(|ctx| chats::skip_drop(ctx, seq))?;
+                Ok(vec![])
+            }
+            other => other,
+        }
+    }
+
+    /// Contacts, by name.
+    pub fn contacts(&self) -> Result<Vec<Contact>, ClientError> {
+        chats::contacts(self.store.conn())
+    }
+
+    /// Chats, oldest first.
+    pub fn chats(&self) -> Result<Vec<ChatSummary>, ClientError> {
+        chats::chats(self.store.conn())
+    }
+
+    /// Pending requests to connect.
+    pub fn requests(&self) -> Result<Vec<ConnectRequest>, ClientError> {
+        chats::requests(self.store.conn())
+    }
+
+    /// A chat's messages (the last `limit`), marked as seen.
+    pub fn read(&mut self, chat: &str, limit: Option<usize>) -> Result<Vec<Message>, ClientError> {
+        self.step(|ctx| chats::read(ctx, chat, limit))
+    }
+}
+
+/// Whether a failure to apply an item from outside is the item's fault (skip it) rather
+/// than ours (stop and report).
+fn entry_at_fault(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Mls(MlsError::Invalid | MlsError::BadCredential | MlsError::UnknownGroup)
+            | ClientError::InvalidLink(_)
+    )
 }
 
 /// A group just created: its id, the commit adding the first members, and their Welcome.

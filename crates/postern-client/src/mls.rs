@@ -333,7 +333,8 @@ pub(crate) fn receive(
 
 /// What members derive from the current epoch, and the server never learns from them.
 pub struct EpochKeys {
-    /// The conversation log's id.
+    /// The log id this epoch derives. A chat's log is named by the epoch that created it
+    /// (and, later, by the epoch after a removal); other epochs keep using that log.
     pub log_id: LogId,
     /// The key that signs this epoch's appends.
     pub append_key: SigningKey,
@@ -361,23 +362,52 @@ impl EpochKeys {
     }
 }
 
-fn export32(group: &MlsGroup, provider: &Provider<'_>, label: &str) -> Result<[u8; 32], MlsError> {
-    let v = group.export_secret(provider.crypto(), label, b"", 32).map_err(lib)?;
-    v.try_into().map_err(|_| MlsError::Library("exporter length".into()))
+/// Derives the epoch's keys from its exporter secret and epoch authenticator.
+fn derive_keys(
+    export: impl Fn(&str) -> Result<Vec<u8>, MlsError>,
+    epoch: u64,
+    authenticator: &[u8],
+) -> Result<EpochKeys, MlsError> {
+    use sha2::Digest;
+    let export32 = |label: &str| -> Result<[u8; 32], MlsError> {
+        export(label)?.try_into().map_err(|_| MlsError::Library("exporter length".into()))
+    };
+    let digest = sha2::Sha256::digest(authenticator);
+    let mut authenticator_tag = [0u8; 8];
+    authenticator_tag.copy_from_slice(&digest[..8]);
+    Ok(EpochKeys {
+        log_id: LogId(export32("postern/log-id")?),
+        append_key: SigningKey::from_bytes(&export32("postern/append")?),
+        envelope_key: export32("postern/envelope")?,
+        epoch,
+        authenticator_tag,
+    })
 }
 
 /// The current epoch's derived keys.
 pub(crate) fn epoch_keys(provider: &Provider<'_>, group_id: &[u8]) -> Result<EpochKeys, MlsError> {
-    use sha2::Digest;
     let group = load(provider, group_id)?;
-    let digest = sha2::Sha256::digest(group.epoch_authenticator().as_slice());
-    let mut authenticator_tag = [0u8; 8];
-    authenticator_tag.copy_from_slice(&digest[..8]);
-    Ok(EpochKeys {
-        log_id: LogId(export32(&group, provider, "postern/log-id")?),
-        append_key: SigningKey::from_bytes(&export32(&group, provider, "postern/append")?),
-        envelope_key: export32(&group, provider, "postern/envelope")?,
-        epoch: group.epoch().as_u64(),
-        authenticator_tag,
-    })
+    derive_keys(
+        |label| group.export_secret(provider.crypto(), label, b"", 32).map_err(lib),
+        group.epoch().as_u64(),
+        group.epoch_authenticator().as_slice(),
+    )
+}
+
+/// The keys of the epoch our pending commit creates, before it is merged: the commit's
+/// envelope carries that epoch's append key.
+pub(crate) fn pending_epoch_keys(
+    provider: &Provider<'_>,
+    group_id: &[u8],
+) -> Result<EpochKeys, MlsError> {
+    let group = load(provider, group_id)?;
+    let staged = group.pending_commit().ok_or(MlsError::Library("no pending commit".into()))?;
+    let authenticator = staged
+        .epoch_authenticator()
+        .ok_or(MlsError::Library("the pending commit removes us".into()))?;
+    derive_keys(
+        |label| staged.export_secret(provider.crypto(), label, b"", 32).map_err(lib),
+        group.epoch().as_u64() + 1,
+        authenticator.as_slice(),
+    )
 }

@@ -69,6 +69,7 @@ CREATE TABLE invites (
     expires INTEGER NOT NULL
 );
 "#,
+    crate::chats::MIGRATION,
 ];
 
 #[derive(Debug)]
@@ -186,55 +187,17 @@ impl Store {
 
     /// The mailbox, or `None` in a home made before mailboxes existed.
     pub(crate) fn load_mailbox(&self) -> Result<Option<(crate::MailboxKeys, bool)>, ClientError> {
-        type Row = (Vec<u8>, Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>, bool);
-        let row: Option<Row> = self
-            .conn
-            .query_row(
-                "SELECT mailbox_id, owner_secret, kp_key, published FROM mailbox WHERE id = 1",
-                [],
-                |r| {
-                    Ok((r.get(0)?, Zeroizing::new(r.get(1)?), Zeroizing::new(r.get(2)?), r.get(3)?))
-                },
-            )
-            .optional()
-            .map_err(db_err)?;
-        let Some((id, owner, kp_key, published)) = row else { return Ok(None) };
-        let bad = || ClientError::Internal("stored mailbox has the wrong size");
-        let owner: [u8; 32] = owner.as_slice().try_into().map_err(|_| bad())?;
-        Ok(Some((
-            crate::MailboxKeys {
-                mailbox: postern_proto::ids::MailboxId(id.try_into().map_err(|_| bad())?),
-                owner: SigningKey::from_bytes(&owner),
-                kp_key: kp_key.as_slice().try_into().map_err(|_| bad())?,
-            },
-            published,
-        )))
+        read_mailbox(&self.conn)
     }
 
     /// The mailbox's HPKE (X25519) key pair, made on first use.
     pub(crate) fn hpke_keypair(&self) -> Result<([u8; 32], [u8; 32]), ClientError> {
-        let stored: (Option<Zeroizing<Vec<u8>>>, Option<Vec<u8>>) = self
-            .conn
-            .query_row("SELECT hpke_private, hpke_public FROM mailbox WHERE id = 1", [], |r| {
-                Ok((r.get::<_, Option<Vec<u8>>>(0)?.map(Zeroizing::new), r.get(1)?))
-            })
-            .map_err(db_err)?;
-        let bad = || ClientError::Internal("stored HPKE key has the wrong size");
-        if let (Some(private), Some(public)) = stored {
-            return Ok((
-                private.as_slice().try_into().map_err(|_| bad())?,
-                public.try_into().map_err(|_| bad())?,
-            ));
-        }
-        let kp = postern_proto::session::StaticKeypair::generate()
-            .map_err(|_| ClientError::Internal("cannot generate an X25519 key"))?;
-        self.conn
-            .execute(
-                "UPDATE mailbox SET hpke_private = ?1, hpke_public = ?2 WHERE id = 1",
-                params![&kp.private[..], &kp.public[..]],
-            )
-            .map_err(db_err)?;
-        Ok((kp.private, kp.public))
+        hpke_keypair(&self.conn)
+    }
+
+    /// The connection, for reads outside a transaction.
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
     }
 
     pub(crate) fn save_invite(
@@ -316,4 +279,54 @@ impl Store {
         };
         Ok((identity, ServerLink::parse(&link)?))
     }
+}
+
+/// The mailbox, or `None` in a home made before mailboxes existed.
+pub(crate) fn read_mailbox(
+    conn: &Connection,
+) -> Result<Option<(crate::MailboxKeys, bool)>, ClientError> {
+    type Row = (Vec<u8>, Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>, bool);
+    let row: Option<Row> = conn
+        .query_row(
+            "SELECT mailbox_id, owner_secret, kp_key, published FROM mailbox WHERE id = 1",
+            [],
+            |r| Ok((r.get(0)?, Zeroizing::new(r.get(1)?), Zeroizing::new(r.get(2)?), r.get(3)?)),
+        )
+        .optional()
+        .map_err(db_err)?;
+    let Some((id, owner, kp_key, published)) = row else { return Ok(None) };
+    let bad = || ClientError::Internal("stored mailbox has the wrong size");
+    let owner: [u8; 32] = owner.as_slice().try_into().map_err(|_| bad())?;
+    Ok(Some((
+        crate::MailboxKeys {
+            mailbox: postern_proto::ids::MailboxId(id.try_into().map_err(|_| bad())?),
+            owner: SigningKey::from_bytes(&owner),
+            kp_key: kp_key.as_slice().try_into().map_err(|_| bad())?,
+        },
+        published,
+    )))
+}
+
+/// The mailbox's HPKE (X25519) key pair, made on first use.
+pub(crate) fn hpke_keypair(conn: &Connection) -> Result<([u8; 32], [u8; 32]), ClientError> {
+    let stored: (Option<Zeroizing<Vec<u8>>>, Option<Vec<u8>>) = conn
+        .query_row("SELECT hpke_private, hpke_public FROM mailbox WHERE id = 1", [], |r| {
+            Ok((r.get::<_, Option<Vec<u8>>>(0)?.map(Zeroizing::new), r.get(1)?))
+        })
+        .map_err(db_err)?;
+    let bad = || ClientError::Internal("stored HPKE key has the wrong size");
+    if let (Some(private), Some(public)) = stored {
+        return Ok((
+            private.as_slice().try_into().map_err(|_| bad())?,
+            public.try_into().map_err(|_| bad())?,
+        ));
+    }
+    let kp = postern_proto::session::StaticKeypair::generate()
+        .map_err(|_| ClientError::Internal("cannot generate an X25519 key"))?;
+    conn.execute(
+        "UPDATE mailbox SET hpke_private = ?1, hpke_public = ?2 WHERE id = 1",
+        params![&kp.private[..], &kp.public[..]],
+    )
+    .map_err(db_err)?;
+    Ok((kp.private, kp.public))
 }

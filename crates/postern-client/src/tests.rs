@@ -221,14 +221,20 @@ fn envelopes_carry_mls_messages_only_members_can_open() {
     bob.join_group(&group.welcome).unwrap();
     let keys = alice.epoch_keys(&group.group_id).unwrap();
     let mls = alice.encrypt(&group.group_id, b"canary text").unwrap();
-    let sealed = envelope::seal(&keys, IdemKey([1; 16]), None, &mls).unwrap();
+    let log = keys.log_id;
+    let sealed = envelope::seal(&keys, &log, IdemKey([1; 16]), None, &mls).unwrap();
     assert!(!contains(&sealed, &mls[..16]), "the MLS header is not visible");
     // The server's check: signed by the registered append key for this log.
     let env = postern_proto::envelope::Envelope::decode(&sealed).unwrap();
     assert!(env.verify(&keys.log_id, &keys.append_public()));
 
     let bob_keys = bob.epoch_keys(&group.group_id).unwrap();
-    let (_, opened) = envelope::open(&bob_keys, &sealed).unwrap();
+    let open = |keys: &EpochKeys, bytes: &[u8]| {
+        let env =
+            postern_proto::envelope::Envelope::decode(bytes).map_err(|_| MlsError::Invalid)?;
+        envelope::open(keys, &log, &env)
+    };
+    let opened = open(&bob_keys, &sealed).unwrap();
     assert!(matches!(bob.receive(&group.group_id, &opened).unwrap(),
         Received::Message { plaintext, .. } if plaintext == b"canary text"));
 
@@ -236,7 +242,7 @@ fn envelopes_carry_mls_messages_only_members_can_open() {
     let mut tampered = sealed.clone();
     let at = tampered.len() - 70;
     tampered[at] ^= 1;
-    assert!(matches!(envelope::open(&bob_keys, &tampered), Err(MlsError::Invalid)));
+    assert!(matches!(open(&bob_keys, &tampered), Err(MlsError::Invalid)));
     let (mut carol, mut dave) = (
         Client::init(&dir.path().join("carol"), KeySource::KeyFile, "Carol", link()).unwrap(),
         Client::init(&dir.path().join("dave"), KeySource::KeyFile, "Dave", link()).unwrap(),
@@ -244,7 +250,7 @@ fn envelopes_carry_mls_messages_only_members_can_open() {
     let other = carol.create_group(&[dave.key_package(false).unwrap()]).unwrap();
     carol.merge_pending_commit(&other.group_id).unwrap();
     let stranger = carol.epoch_keys(&other.group_id).unwrap();
-    assert!(matches!(envelope::open(&stranger, &sealed), Err(MlsError::Invalid)));
+    assert!(matches!(open(&stranger, &sealed), Err(MlsError::Invalid)));
 }
 
 #[test]
@@ -266,10 +272,106 @@ fn published_key_packages_open_with_the_invite_key_and_start_a_group() {
     assert_eq!((packages.len(), last.len()), (KEY_PACKAGES_PER_UPLOAD, 1));
     // What a server stores is opaque; the invite's key opens it, another key does not.
     assert!(envelope::open_key_package(&[9; 32], &packages[0]).is_err());
-    let kp = envelope::open_key_package(&keys.kp_key, &packages[0]).unwrap();
-    let group = alice.create_group(&[kp]).unwrap();
+    let opened = envelope::open_key_package(&keys.kp_key, &packages[0]).unwrap();
+    let payload = postern_proto::content::KeyPackagePayload::decode(&opened).unwrap();
+    assert_eq!(payload.name, "Bob", "the claimer learns the owner's chosen name");
+    let group = alice.create_group(&[payload.key_package]).unwrap();
     alice.merge_pending_commit(&group.group_id).unwrap();
     bob.join_group(&group.welcome).unwrap();
     bob.mark_published().unwrap();
     assert!(bob.pending_publication().unwrap().is_none());
+}
+
+/// Takes every outbox item the client has now, acknowledging each as a server would, and
+/// returns what an append or drop carried: `(log or drop address, bytes, seq)`.
+fn drain_outbox(client: &mut Client, next_seq: &mut u64) -> Vec<([u8; 32], Vec<u8>, u64)> {
+    let mut carried = Vec::new();
+    while let Some(item) = client.next_outbox(&[]).unwrap() {
+        let seq = match item.op {
+            OutboxOp::LogCreate { .. }
+            | OutboxOp::DropCreate { .. }
+            | OutboxOp::DropRevoke { .. } => None,
+            OutboxOp::Append { log, envelope, .. } => {
+                *next_seq += 1;
+                carried.push((log.0, envelope, *next_seq));
+                Some(*next_seq)
+            }
+            OutboxOp::Drop { drop, body, .. } => {
+                carried.push((drop.0, body, 1));
+                Some(1)
+            }
+        };
+        client.outbox_done(item.id, seq).unwrap();
+    }
+    carried
+}
+
+#[test]
+fn a_one_time_invite_connects_two_people_who_then_chat_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut alice, mut bob) = two_clients(dir.path());
+    let invite = alice.new_invite(InviteKind::Once, 20_000).unwrap();
+    let publication = alice.pending_publication().unwrap().unwrap();
+    let postern_proto::frame::Request::KeyPackageUpload { packages, .. } = &publication.requests[1]
+    else {
+        panic!("no key packages")
+    };
+    assert!(matches!(
+        alice.connect_once(&invite.link, &packages[..1]),
+        Err(ClientError::OwnInvite)
+    ));
+
+    let (chat, name) = bob.connect_once(&invite.link, &packages[..1]).unwrap();
+    assert_eq!(name, "Alice");
+    // Until the creation reaches the server, messages wait.
+    let early = bob.queue_message("Alice", "sent before the chat existed").unwrap();
+    assert_eq!(bob.message_state(early).unwrap(), MessageState::Queued);
+    let mut seq = 0;
+    let carried = drain_outbox(&mut bob, &mut seq);
+    assert_eq!(bob.message_state(early).unwrap(), MessageState::Sent);
+    // The commit (seq 1), then the queued message (seq 2), then the Welcome drop.
+    assert_eq!(carried.len(), 3);
+    let log = postern_proto::ids::LogId(carried[0].0);
+    let welcome = carried.iter().find(|c| c.0 == invite.link.drop.0).unwrap();
+
+    let events = alice.receive_drop(1, &welcome.1).unwrap();
+    let [Event::Connected { chat: alice_chat, contact }] = &events[..] else {
+        panic!("{events:?}")
+    };
+    assert_eq!(contact, "Bob");
+    // The Welcome came through a one-time address: Alice revokes it.
+    assert!(matches!(alice.next_outbox(&[]).unwrap().unwrap().op, OutboxOp::DropRevoke { .. }));
+    // Alice reads the log from after the commit: the early message arrives.
+    for (_, bytes, s) in &carried[..2] {
+        let events = alice.receive_entry(&log, *s, bytes).unwrap();
+        if *s == 2 {
+            assert!(
+                matches!(&events[..], [Event::Message(m)] if m.text == "sent before the chat existed" && m.from == "Bob")
+            );
+        } else {
+            assert!(events.is_empty(), "the commit is before Alice's start");
+        }
+    }
+    // And back.
+    alice.queue_message(alice_chat, "hello Bob").unwrap();
+    let mut alice_seq = seq;
+    let sent = drain_outbox(&mut alice, &mut alice_seq);
+    let (_, bytes, s) = sent.iter().find(|c| c.0 == log.0).unwrap();
+    let events = bob.receive_entry(&log, *s, bytes).unwrap();
+    assert!(
+        matches!(&events[..], [Event::Message(m)] if m.text == "hello Bob" && m.from == "Alice" && !m.outgoing)
+    );
+    // Replays and Bob's own entries change nothing.
+    assert!(bob.receive_entry(&log, *s, bytes).unwrap().is_empty());
+    assert!(bob.receive_entry(&log, 2, &carried[1].1).unwrap().is_empty());
+    let history = bob.read(&chat, None).unwrap();
+    assert_eq!(
+        history.iter().map(|m| (m.seq, m.text.as_str())).collect::<Vec<_>>(),
+        [(Some(2), "sent before the chat existed"), (Some(3), "hello Bob")]
+    );
+    // A junk entry is skipped, once.
+    let events = bob.receive_entry(&log, 4, b"junk").unwrap();
+    assert!(matches!(&events[..], [Event::Skipped { seq: 4, .. }]));
+    assert_eq!(bob.chats().unwrap()[0].unread, 0);
+    assert_eq!(bob.contacts().unwrap()[0].fingerprint, alice.whoami().fingerprint);
 }

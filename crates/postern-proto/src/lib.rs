@@ -9,6 +9,8 @@
 //!   carry padded frames ([`pad`]), so TLS terminators and relays see only opaque blobs.
 //! - [`frame`]: client requests and server responses and pushes.
 //! - [`envelope`]: what a conversation log stores, signed by a per-epoch append key.
+//! - [`content`]: what clients say to each other inside encryption (key-package payloads,
+//!   mailbox drops, application messages); the server never decodes these.
 //! - [`link`]: the `postern://server#…` link that carries address, pins, static key and secret.
 //!
 //! `docs/protocol.md` is the normative description; this crate is its implementation.
@@ -21,6 +23,7 @@
 //! ```
 
 mod codec;
+pub mod content;
 pub mod envelope;
 pub mod frame;
 pub mod gate;

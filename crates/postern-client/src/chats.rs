@@ -1,0 +1,1365 @@
+//! Contacts, chats, the outbox and the receive path: the client's state machine.
+//!
+//! Each public step runs in one transaction of the client store together with openmls' own
+//! state ([`Ctx`] carries both), so a crash at any point leaves either the step done or not
+//! begun. The steps:
+//!
+//! - **Queue**: `send` stores the message (`queued`); when its chat is active it is
+//!   encrypted, sealed into an envelope and put in the outbox (`sealed`) in the same step.
+//! - **Outbox**: requests for the server, oldest first, each with the exact bytes a retry
+//!   resends (idempotency key included). When the server acknowledges one, [`outbox_done`]
+//!   applies what follows from it: a commit's merge, a message's sequence number, a
+//!   Welcome's release.
+//! - **Receive**: each log entry after the chat's cursor is opened, processed by MLS, stored
+//!   and the cursor moved, in one step; an entry that cannot be opened is skipped with the
+//!   cursor moved, in a step of its own. Our own entries are recognised by idempotency key,
+//!   never decrypted.
+//! - **Mailbox**: each item after the fetch cursor is opened (HPKE) and turned into a chat
+//!   (a Welcome) or a request, in one step.
+
+use ed25519_dalek::SigningKey;
+use openmls_traits::OpenMlsProvider as _;
+use openmls_traits::crypto::OpenMlsCrypto as _;
+use openmls_traits::types::{HpkeAeadType, HpkeCiphertext, HpkeConfig, HpkeKdfType, HpkeKemType};
+use postern_proto::content::{AppMessage, Content, DropPayload, KeyPackagePayload, MAX_TEXT};
+use postern_proto::envelope::Envelope;
+use postern_proto::ids::{DropId, IdemKey, LogId, MailboxId, PublicKey};
+use postern_proto::link::{InviteLink, ServerLink};
+use rand::RngCore;
+use rusqlite::{Connection, OptionalExtension, params};
+use zeroize::Zeroizing;
+
+use crate::identity::{DeviceCredential, Identity, fingerprint};
+use crate::mls::{self, EpochKeys, MlsError, Provider, Received};
+use crate::{ClientError, envelope};
+
+/// One step's view of the store: the open transaction, openmls over it, and who we are.
+pub(crate) struct Ctx<'a> {
+    pub(crate) db: &'a Connection,
+    pub(crate) mls: Provider<'a>,
+    pub(crate) me: &'a Identity,
+    pub(crate) server: &'a ServerLink,
+}
+
+pub(crate) const MIGRATION: &str = r#"
+CREATE TABLE contacts (
+    id           INTEGER PRIMARY KEY,
+    identity_key BLOB NOT NULL UNIQUE,
+    name         TEXT NOT NULL UNIQUE,
+    added_at     INTEGER NOT NULL
+);
+CREATE TABLE chats (
+    id          INTEGER PRIMARY KEY,
+    ref         TEXT NOT NULL UNIQUE,
+    group_id    BLOB NOT NULL UNIQUE,
+    contact_id  INTEGER REFERENCES contacts(id),
+    server_link TEXT NOT NULL,
+    log_id      BLOB NOT NULL,
+    cursor      INTEGER NOT NULL,
+    active      INTEGER NOT NULL,
+    fork_alarm  INTEGER NOT NULL DEFAULT 0,
+    created_at  INTEGER NOT NULL
+);
+CREATE TABLE chat_epochs (
+    chat_id       INTEGER NOT NULL REFERENCES chats(id),
+    epoch         INTEGER NOT NULL,
+    key_id        BLOB NOT NULL,
+    append_secret BLOB NOT NULL,
+    envelope_key  BLOB NOT NULL,
+    auth_tag      BLOB NOT NULL,
+    PRIMARY KEY (chat_id, epoch)
+);
+CREATE TABLE messages (
+    id         INTEGER PRIMARY KEY,
+    chat_id    INTEGER NOT NULL REFERENCES chats(id),
+    idem       BLOB NOT NULL,
+    seq        INTEGER,
+    sender_key BLOB NOT NULL,
+    outgoing   INTEGER NOT NULL,
+    body       TEXT NOT NULL,
+    sent_at    INTEGER NOT NULL,
+    state      TEXT NOT NULL,
+    seen       INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (chat_id, idem)
+);
+CREATE INDEX messages_by_chat ON messages (chat_id, seq);
+CREATE TABLE outbox (
+    id          INTEGER PRIMARY KEY,
+    chat_id     INTEGER REFERENCES chats(id),
+    kind        TEXT NOT NULL,
+    server_link TEXT NOT NULL,
+    target      BLOB NOT NULL,
+    idem        BLOB NOT NULL,
+    body        BLOB NOT NULL,
+    signer      BLOB,
+    hpke_key    BLOB,
+    message_id  INTEGER REFERENCES messages(id)
+);
+CREATE TABLE requests (
+    id           INTEGER PRIMARY KEY,
+    ref          TEXT NOT NULL UNIQUE,
+    name         TEXT NOT NULL,
+    identity_key BLOB NOT NULL,
+    payload      BLOB NOT NULL,
+    received_at  INTEGER NOT NULL
+);
+ALTER TABLE mailbox ADD COLUMN fetched INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE invites ADD COLUMN used INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE invites ADD COLUMN expect_identity BLOB;
+"#;
+
+fn dbe(e: rusqlite::Error) -> ClientError {
+    ClientError::Store(e.to_string())
+}
+
+fn bad(what: &'static str) -> ClientError {
+    ClientError::Internal(what)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    rand::rngs::OsRng.fill_bytes(&mut out);
+    out
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn arr<const N: usize>(v: &[u8]) -> Result<[u8; N], ClientError> {
+    v.try_into().map_err(|_| bad("a stored value has the wrong size"))
+}
+
+/// Test hook: with `POSTERN_TEST_PAUSE_AT=<point>`, the process stops at that point of the
+/// state machine (after saying so on stderr) and waits to be killed. Crash tests use it to
+/// SIGKILL the client at an exact step. Unset, it does nothing.
+pub fn pause_point(point: &str) {
+    if std::env::var("POSTERN_TEST_PAUSE_AT").is_ok_and(|p| p == point) {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "postern: paused at {point}");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Public views
+
+/// A person we are connected with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Contact {
+    /// The name shown here: the one they chose, made unique locally.
+    pub name: String,
+    /// Their safety number.
+    pub fingerprint: String,
+}
+
+/// A chat as listed by `chats`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatSummary {
+    /// The chat's local id.
+    pub id: String,
+    /// The contact's name.
+    pub name: String,
+    /// Messages received and not yet shown by `read`.
+    pub unread: u64,
+    /// False until the chat's creation has reached the server.
+    pub active: bool,
+    /// Set when a member's view of the group differs from ours (a fork).
+    pub fork_alarm: bool,
+}
+
+/// Where an outgoing message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageState {
+    /// Waiting for its chat to be ready, or encrypted and waiting for the server.
+    Queued,
+    /// The server has it durably.
+    Sent,
+    /// The server refused it for good.
+    Failed,
+    /// Received from another member.
+    Received,
+}
+
+impl MessageState {
+    fn parse(s: &str) -> Self {
+        match s {
+            "sent" => MessageState::Sent,
+            "failed" => MessageState::Failed,
+            "received" => MessageState::Received,
+            _ => MessageState::Queued,
+        }
+    }
+
+    /// The word `--json` output uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageState::Queued => "queued",
+            MessageState::Sent => "sent",
+            MessageState::Failed => "failed",
+            MessageState::Received => "received",
+        }
+    }
+}
+
+/// A message in a chat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The chat's id.
+    pub chat: String,
+    /// Position in the chat's log, once the server has it.
+    pub seq: Option<u64>,
+    /// Who wrote it (our own name for ours).
+    pub from: String,
+    /// Whether we (this or another of our devices) wrote it.
+    pub outgoing: bool,
+    /// The text.
+    pub text: String,
+    /// The sender's clock at sending, ms since the Unix epoch.
+    pub sent_at: u64,
+    /// Where it stands.
+    pub state: MessageState,
+}
+
+/// A pending request to connect through one of our addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectRequest {
+    /// The request's local id, for `accept`.
+    pub id: String,
+    /// The name the requester chose.
+    pub name: String,
+    /// The requester's safety number.
+    pub fingerprint: String,
+}
+
+/// Something that happened while receiving.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A new chat with a contact.
+    Connected {
+        /// The chat's id.
+        chat: String,
+        /// The contact's name.
+        contact: String,
+    },
+    /// A message arrived.
+    Message(Message),
+    /// Someone asks to connect.
+    Request(ConnectRequest),
+    /// A log entry could not be opened and was skipped.
+    Skipped {
+        /// The chat.
+        chat: String,
+        /// Its position.
+        seq: u64,
+    },
+    /// A member's epoch authenticator differs from ours: the group has forked.
+    ForkAlarm {
+        /// The chat.
+        chat: String,
+    },
+    /// A message could not be delivered (the server refused it for good).
+    Failed {
+        /// The chat.
+        chat: String,
+    },
+}
+
+/// One request for the server, as the outbox holds it.
+#[derive(Debug)]
+pub struct OutboxItem {
+    /// The outbox row.
+    pub id: i64,
+    /// The server it goes to.
+    pub server: ServerLink,
+    /// What to do.
+    pub op: OutboxOp,
+}
+
+/// The operation of an outbox item; the driver turns it into a request (uploading large
+/// bodies in chunks first).
+pub enum OutboxOp {
+    /// Create a log with its first append key, signed by that key.
+    LogCreate {
+        /// The log.
+        log: LogId,
+        /// The key that signs `log_create` and the first appends.
+        key: SigningKey,
+    },
+    /// Append an envelope.
+    Append {
+        /// The log.
+        log: LogId,
+        /// The envelope's idempotency key (also the upload id of a large one).
+        idem: IdemKey,
+        /// The envelope.
+        envelope: Vec<u8>,
+    },
+    /// Drop a sealed payload into someone's mailbox.
+    Drop {
+        /// The drop address.
+        drop: DropId,
+        /// The drop's idempotency key.
+        idem: IdemKey,
+        /// The sealed payload.
+        body: Vec<u8>,
+    },
+    /// Register a drop address on our mailbox, signed by the owner key.
+    DropCreate {
+        /// Our mailbox.
+        mailbox: MailboxId,
+        /// The address.
+        drop: DropId,
+        /// The owner key.
+        owner: SigningKey,
+    },
+    /// Revoke a used one-time drop address, signed by the owner key.
+    DropRevoke {
+        /// Our mailbox.
+        mailbox: MailboxId,
+        /// The address.
+        drop: DropId,
+        /// The owner key.
+        owner: SigningKey,
+    },
+}
+
+impl std::fmt::Debug for OutboxOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OutboxOp::LogCreate { .. } => "LogCreate",
+            OutboxOp::Append { .. } => "Append",
+            OutboxOp::Drop { .. } => "Drop",
+            OutboxOp::DropCreate { .. } => "DropCreate",
+            OutboxOp::DropRevoke { .. } => "DropRevoke",
+        })
+    }
+}
+
+/// A chat's log, for reading.
+#[derive(Debug, Clone)]
+pub struct LogCursor {
+    /// The chat's id.
+    pub chat: String,
+    /// The server holding the log.
+    pub server: ServerLink,
+    /// The log.
+    pub log: LogId,
+    /// The last entry applied.
+    pub cursor: u64,
+}
+
+// ---------------------------------------------------------------------------------------
+// HPKE for mailbox drops
+
+const HPKE: HpkeConfig =
+    HpkeConfig(HpkeKemType::DhKem25519, HpkeKdfType::HkdfSha256, HpkeAeadType::ChaCha20Poly1305);
+const HPKE_INFO: &[u8] = b"postern/v1/drop";
+const KEM_OUTPUT: usize = 32;
+
+/// HPKE-seals a drop payload to a mailbox key: `kem_output [32] · ciphertext`.
+fn seal_drop(
+    provider: &Provider<'_>,
+    hpke_key: &[u8; 32],
+    payload: &DropPayload,
+) -> Result<Vec<u8>, ClientError> {
+    let ct = provider
+        .crypto()
+        .hpke_seal(HPKE, hpke_key, HPKE_INFO, b"", &payload.encode())
+        .map_err(|_| bad("HPKE sealing failed"))?;
+    Ok([ct.kem_output.as_slice(), ct.ciphertext.as_slice()].concat())
+}
+
+fn open_drop(
+    provider: &Provider<'_>,
+    private: &[u8; 32],
+    sealed: &[u8],
+) -> Result<DropPayload, MlsError> {
+    if sealed.len() < KEM_OUTPUT {
+        return Err(MlsError::Invalid);
+    }
+    let (kem, ct) = sealed.split_at(KEM_OUTPUT);
+    let input = HpkeCiphertext { kem_output: kem.to_vec().into(), ciphertext: ct.to_vec().into() };
+    let plain = Zeroizing::new(
+        provider
+            .crypto()
+            .hpke_open(HPKE, &input, private, HPKE_INFO, b"")
+            .map_err(|_| MlsError::Invalid)?,
+    );
+    DropPayload::decode(&plain).map_err(|_| MlsError::Invalid)
+}
+
+// ---------------------------------------------------------------------------------------
+// Small store helpers
+
+fn new_ref(db: &Connection, table: &str) -> Result<String, ClientError> {
+    loop {
+        let candidate = hex(&random::<4>());
+        let taken: bool = db
+            .query_row(
+                &format!("SELECT EXISTS (SELECT 1 FROM {table} WHERE ref = ?1)"),
+                [&candidate],
+                |r| r.get(0),
+            )
+            .map_err(dbe)?;
+        if !taken {
+            return Ok(candidate);
+        }
+    }
+}
+
+/// The contact for an identity, created with a locally unique name when new.
+fn contact_for(
+    db: &Connection,
+    identity: &PublicKey,
+    chosen: &str,
+) -> Result<(i64, String), ClientError> {
+    if let Some(found) = db
+        .query_row(
+            "SELECT id, name FROM contacts WHERE identity_key = ?1",
+            [&identity.0[..]],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(dbe)?
+    {
+        return Ok(found);
+    }
+    let chosen = if crate::check_name(chosen).is_ok() { chosen } else { "Unnamed" };
+    let mut name = chosen.to_owned();
+    let mut n = 2;
+    loop {
+        let taken: bool = db
+            .query_row("SELECT EXISTS (SELECT 1 FROM contacts WHERE name = ?1)", [&name], |r| {
+                r.get(0)
+            })
+            .map_err(dbe)?;
+        if !taken {
+            break;
+        }
+        name = format!("{chosen} ({n})");
+        n += 1;
+    }
+    db.execute(
+        "INSERT INTO contacts (identity_key, name, added_at) VALUES (?1, ?2, ?3)",
+        params![&identity.0[..], name, now_ms() / 1000],
+    )
+    .map_err(dbe)?;
+    Ok((db.last_insert_rowid(), name))
+}
+
+fn save_epoch(db: &Connection, chat: i64, keys: &EpochKeys) -> Result<(), ClientError> {
+    db.execute(
+        "INSERT OR REPLACE INTO chat_epochs (chat_id, epoch, key_id, append_secret, envelope_key, auth_tag)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            chat,
+            keys.epoch,
+            &keys.append_public().key_id().0[..],
+            &keys.append_key.to_bytes()[..],
+            &keys.envelope_key[..],
+            &keys.authenticator_tag[..],
+        ],
+    )
+    .map_err(dbe)?;
+    // Keep the epochs whose messages MLS still accepts (the current one and two before).
+    db.execute(
+        "DELETE FROM chat_epochs WHERE chat_id = ?1 AND epoch + 2 < ?2",
+        params![chat, keys.epoch],
+    )
+    .map_err(dbe)?;
+    Ok(())
+}
+
+fn epoch_by_key_id(
+    db: &Connection,
+    chat: i64,
+    key_id: &[u8],
+) -> Result<Option<EpochKeys>, ClientError> {
+    type Row = (u64, Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>, Vec<u8>);
+    let row: Option<Row> = db
+        .query_row(
+            "SELECT epoch, append_secret, envelope_key, auth_tag FROM chat_epochs
+             WHERE chat_id = ?1 AND key_id = ?2",
+            params![chat, key_id],
+            |r| Ok((r.get(0)?, Zeroizing::new(r.get(1)?), Zeroizing::new(r.get(2)?), r.get(3)?)),
+        )
+        .optional()
+        .map_err(dbe)?;
+    let Some((epoch, append, envelope_key, tag)) = row else { return Ok(None) };
+    Ok(Some(EpochKeys {
+        log_id: LogId([0; 32]),
+        append_key: SigningKey::from_bytes(&arr(&append)?),
+        envelope_key: arr(&envelope_key)?,
+        epoch,
+        authenticator_tag: arr(&tag)?,
+    }))
+}
+
+struct ChatRow {
+    id: i64,
+    reference: String,
+    group_id: Vec<u8>,
+    log: LogId,
+    cursor: u64,
+    active: bool,
+}
+
+fn chat_row(
+    db: &Connection,
+    where_: &str,
+    arg: &dyn rusqlite::ToSql,
+) -> Result<Option<ChatRow>, ClientError> {
+    db.query_row(
+        &format!("SELECT id, ref, group_id, log_id, cursor, active FROM chats WHERE {where_}"),
+        [arg],
+        |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+                r.get::<_, u64>(4)?,
+                r.get::<_, bool>(5)?,
+            ))
+        },
+    )
+    .optional()
+    .map_err(dbe)?
+    .map(|(id, reference, group_id, log, cursor, active)| {
+        Ok(ChatRow { id, reference, group_id, log: LogId(arr(&log)?), cursor, active })
+    })
+    .transpose()
+}
+
+fn identity_name(ctx: &Ctx<'_>, identity: &PublicKey) -> Result<String, ClientError> {
+    if *identity == ctx.me.identity_public() {
+        return Ok(ctx.me.name.clone());
+    }
+    let name: Option<String> = ctx
+        .db
+        .query_row("SELECT name FROM contacts WHERE identity_key = ?1", [&identity.0[..]], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(dbe)?;
+    Ok(name.unwrap_or_else(|| "unknown".to_owned()))
+}
+
+fn mailbox_keys(ctx: &Ctx<'_>) -> Result<crate::MailboxKeys, ClientError> {
+    crate::store::read_mailbox(ctx.db)?.map(|(k, _)| k).ok_or(bad("no mailbox"))
+}
+
+fn insert_outbox(
+    db: &Connection,
+    chat: Option<i64>,
+    kind: &str,
+    server: &str,
+    target: &[u8],
+    body: &[u8],
+    extra: (Option<&[u8]>, Option<&[u8]>, Option<i64>),
+) -> Result<(), ClientError> {
+    let (signer, hpke_key, message) = extra;
+    db.execute(
+        "INSERT INTO outbox (chat_id, kind, server_link, target, idem, body, signer, hpke_key, message_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![chat, kind, server, target, &random::<16>()[..], body, signer, hpke_key, message],
+    )
+    .map_err(dbe)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Creating chats
+
+/// The members' key packages for a new chat, with the person's identity and name.
+struct Invitee<'a> {
+    identity: PublicKey,
+    name: &'a str,
+    key_packages: Vec<Vec<u8>>,
+    /// Where the Welcome goes: server link, drop address, HPKE key.
+    welcome_to: (String, DropId, [u8; 32]),
+}
+
+/// Creates the group and the chat, and queues `log_create`, the commit and the Welcome
+/// (released once the commit has won). Returns the chat id and the contact's name.
+fn create_chat(ctx: &Ctx<'_>, invitee: Invitee<'_>) -> Result<(String, String), ClientError> {
+    let members = invitee
+        .key_packages
+        .iter()
+        .map(|kp| {
+            let kp = mls::peer_key_package(&ctx.mls, kp)?;
+            let device = mls::check_credential(
+                kp.leaf_node().credential(),
+                kp.leaf_node().signature_key().as_slice(),
+            )?;
+            if device.identity_key != invitee.identity {
+                return Err(MlsError::BadCredential);
+            }
+            Ok(kp)
+        })
+        .collect::<Result<Vec<_>, MlsError>>()?;
+    if members.is_empty() {
+        return Err(MlsError::Invalid.into());
+    }
+    let created = mls::create_group(&ctx.mls, ctx.me, &members)?;
+    let keys = mls::epoch_keys(&ctx.mls, &created.group_id)?;
+    let next = mls::pending_epoch_keys(&ctx.mls, &created.group_id)?;
+    let log = keys.log_id;
+    let (contact, name) = contact_for(ctx.db, &invitee.identity, invitee.name)?;
+    let reference = new_ref(ctx.db, "chats")?;
+    // The log lives on the server of whoever creates the chat.
+    let server = ctx.server.to_link_string();
+    ctx.db
+        .execute(
+            "INSERT INTO chats (ref, group_id, contact_id, server_link, log_id, cursor, active, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, 0, 0, ?6)",
+            params![reference, created.group_id, contact, server, &log.0[..], now_ms() / 1000],
+        )
+        .map_err(dbe)?;
+    let chat = ctx.db.last_insert_rowid();
+    save_epoch(ctx.db, chat, &keys)?;
+    let commit = envelope::seal(
+        &keys,
+        &log,
+        IdemKey(random()),
+        Some(next.append_public()),
+        &created.commit,
+    )?;
+    let key = keys.append_key.to_bytes();
+    insert_outbox(
+        ctx.db,
+        Some(chat),
+        "log_create",
+        &server,
+        &log.0,
+        &[],
+        (Some(&key[..]), None, None),
+    )?;
+    insert_outbox(ctx.db, Some(chat), "commit", &server, &log.0, &commit, (None, None, None))?;
+    let (to_server, drop, hpke) = invitee.welcome_to;
+    insert_outbox(
+        ctx.db,
+        Some(chat),
+        "welcome",
+        &to_server,
+        &drop.0,
+        &created.welcome,
+        (None, Some(&hpke[..]), None),
+    )?;
+    Ok((reference, name))
+}
+
+/// `connect` with a one-time invite: the inviter's key packages were claimed with its token.
+pub(crate) fn connect_once(
+    ctx: &Ctx<'_>,
+    link: &InviteLink,
+    sealed: &[Vec<u8>],
+) -> Result<(String, String), ClientError> {
+    let payloads = sealed
+        .iter()
+        .map(|s| {
+            let plain = Zeroizing::new(envelope::open_key_package(&link.kp_key, s)?);
+            KeyPackagePayload::decode(&plain).map_err(|_| MlsError::Invalid)
+        })
+        .collect::<Result<Vec<_>, MlsError>>()?;
+    let name = payloads.first().map(|p| p.name.clone()).ok_or(MlsError::Invalid)?;
+    create_chat(
+        ctx,
+        Invitee {
+            identity: link.identity,
+            name: &name,
+            key_packages: payloads.into_iter().map(|p| p.key_package).collect(),
+            welcome_to: (link.server.to_link_string(), link.drop, link.hpke_key),
+        },
+    )
+}
+
+/// `connect` with an address: queue a request with this device's key package and a fresh
+/// drop address of ours for the Welcome.
+pub(crate) fn request_connect(ctx: &Ctx<'_>, link: &InviteLink) -> Result<(), ClientError> {
+    let keys = mailbox_keys(ctx)?;
+    let (_, hpke_public) = crate::store::hpke_keypair(ctx.db)?;
+    let reply = DropId(random());
+    ctx.db
+        .execute(
+            "INSERT INTO invites (drop_id, token, kind, expires, expect_identity) VALUES (?1, ?2, 'reply', ?3, ?4)",
+            params![&reply.0[..], &[0u8; 32][..], u32::MAX, &link.identity.0[..]],
+        )
+        .map_err(dbe)?;
+    let kp = mls::new_key_package(&ctx.mls, ctx.me, false)?;
+    let payload = DropPayload::Request {
+        drop: link.drop,
+        name: ctx.me.name.clone(),
+        server: ctx.server.to_link_string(),
+        reply_drop: reply,
+        reply_hpke: hpke_public,
+        key_packages: vec![kp],
+    };
+    let sealed = seal_drop(&ctx.mls, &link.hpke_key, &payload)?;
+    let owner = keys.owner.to_bytes();
+    insert_outbox(
+        ctx.db,
+        None,
+        "drop_create",
+        &ctx.server.to_link_string(),
+        &reply.0,
+        &keys.mailbox.0,
+        (Some(&owner[..]), None, None),
+    )?;
+    insert_outbox(
+        ctx.db,
+        None,
+        "drop",
+        &link.server.to_link_string(),
+        &link.drop.0,
+        &sealed,
+        (None, None, None),
+    )?;
+    Ok(())
+}
+
+/// `accept`: create the chat with the requester.
+pub(crate) fn accept(ctx: &Ctx<'_>, request: &str) -> Result<(String, String), ClientError> {
+    let row: Option<(i64, Vec<u8>)> = ctx
+        .db
+        .query_row("SELECT id, payload FROM requests WHERE ref = ?1", [request], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()
+        .map_err(dbe)?;
+    let (id, payload) = row.ok_or_else(|| ClientError::NotFound(request.to_owned()))?;
+    let Ok(DropPayload::Request { name, server, reply_drop, reply_hpke, key_packages, .. }) =
+        DropPayload::decode(&payload)
+    else {
+        return Err(bad("a stored request does not decode"));
+    };
+    let identity = request_identity(&ctx.mls, &key_packages)?;
+    ctx.db.execute("DELETE FROM requests WHERE id = ?1", [id]).map_err(dbe)?;
+    create_chat(
+        ctx,
+        Invitee {
+            identity,
+            name: &name,
+            key_packages,
+            welcome_to: (server, reply_drop, reply_hpke),
+        },
+    )
+}
+
+/// The one identity behind a request's key packages.
+fn request_identity(
+    provider: &Provider<'_>,
+    key_packages: &[Vec<u8>],
+) -> Result<PublicKey, MlsError> {
+    let mut identity = None;
+    for kp in key_packages {
+        let kp = mls::peer_key_package(provider, kp)?;
+        let leaf = kp.leaf_node();
+        let device = mls::check_credential(leaf.credential(), leaf.signature_key().as_slice())?;
+        if identity.is_some_and(|i| i != device.identity_key) {
+            return Err(MlsError::BadCredential);
+        }
+        identity = Some(device.identity_key);
+    }
+    identity.ok_or(MlsError::Invalid)
+}
+
+// ---------------------------------------------------------------------------------------
+// Sending
+
+/// Finds a chat by id or by its contact's name.
+fn resolve(ctx: &Ctx<'_>, chat: &str) -> Result<ChatRow, ClientError> {
+    if let Some(row) = chat_row(ctx.db, "ref = ?1", &chat)? {
+        return Ok(row);
+    }
+    chat_row(
+        ctx.db,
+        "contact_id = (SELECT id FROM contacts WHERE name = ?1) ORDER BY id DESC LIMIT 1",
+        &chat,
+    )?
+    .ok_or_else(|| ClientError::NotFound(chat.to_owned()))
+}
+
+/// Stores an outgoing message, sealing it at once when the chat is ready. Returns its id.
+pub(crate) fn queue_message(ctx: &Ctx<'_>, chat: &str, text: &str) -> Result<i64, ClientError> {
+    if text.is_empty() || text.len() > MAX_TEXT {
+        return Err(ClientError::InvalidMessage);
+    }
+    let chat = resolve(ctx, chat)?;
+    ctx.db
+        .execute(
+            "INSERT INTO messages (chat_id, idem, sender_key, outgoing, body, sent_at, state, seen)
+             VALUES (?1, ?2, ?3, 1, ?4, ?5, 'queued', 1)",
+            params![chat.id, &random::<16>()[..], &ctx.me.identity_public().0[..], text, now_ms()],
+        )
+        .map_err(dbe)?;
+    let id = ctx.db.last_insert_rowid();
+    if chat.active {
+        seal_queued(ctx, &chat)?;
+    }
+    Ok(id)
+}
+
+/// Encrypts and seals every queued message of an active chat into the outbox.
+fn seal_queued(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<(), ClientError> {
+    let queued: Vec<(i64, Vec<u8>, String, u64)> = {
+        let mut stmt = ctx
+            .db
+            .prepare(
+                "SELECT m.id, m.idem, m.body, m.sent_at FROM messages m
+                 WHERE m.chat_id = ?1 AND m.state = 'queued'
+                   AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.message_id = m.id)
+                 ORDER BY m.id",
+            )
+            .map_err(dbe)?;
+        let rows = stmt
+            .query_map([chat.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .map_err(dbe)?;
+        rows.collect::<Result<_, _>>().map_err(dbe)?
+    };
+    if queued.is_empty() {
+        return Ok(());
+    }
+    let keys = mls::epoch_keys(&ctx.mls, &chat.group_id)?;
+    let server: String = ctx
+        .db
+        .query_row("SELECT server_link FROM chats WHERE id = ?1", [chat.id], |r| r.get(0))
+        .map_err(dbe)?;
+    for (id, idem, body, sent_at) in queued {
+        let plain = AppMessage {
+            epoch_tag: keys.authenticator_tag,
+            content: Content::Text { sent_at, body },
+        }
+        .encode();
+        let mls_message = mls::encrypt(&ctx.mls, ctx.me, &chat.group_id, &plain)?;
+        let idem = IdemKey(arr(&idem)?);
+        let env = envelope::seal(&keys, &chat.log, idem, None, &mls_message)?;
+        ctx.db
+            .execute(
+                "INSERT INTO outbox (chat_id, kind, server_link, target, idem, body, message_id)
+                 VALUES (?1, 'message', ?2, ?3, ?4, ?5, ?6)",
+                params![chat.id, server, &chat.log.0[..], &idem.0[..], env, id],
+            )
+            .map_err(dbe)?;
+    }
+    Ok(())
+}
+
+/// The oldest outbox item that can go now.
+pub(crate) fn next_outbox(ctx: &Ctx<'_>, skip: &[i64]) -> Result<Option<OutboxItem>, ClientError> {
+    type Row = (i64, String, String, Vec<u8>, Vec<u8>, Vec<u8>, Option<Zeroizing<Vec<u8>>>);
+    let mut stmt = ctx
+        .db
+        .prepare(
+            "SELECT id, kind, server_link, target, idem, body, signer FROM outbox
+             WHERE kind <> 'welcome' ORDER BY id",
+        )
+        .map_err(dbe)?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get::<_, Option<Vec<u8>>>(6)?.map(Zeroizing::new),
+            ))
+        })
+        .map_err(dbe)?;
+    for row in rows {
+        let (id, kind, server, target, idem, body, signer): Row = row.map_err(dbe)?;
+        if skip.contains(&id) {
+            continue;
+        }
+        let signer = || -> Result<SigningKey, ClientError> {
+            Ok(SigningKey::from_bytes(&arr(signer
+                .as_deref()
+                .ok_or(bad("unsigned outbox item"))?)?))
+        };
+        let op = match kind.as_str() {
+            "log_create" => OutboxOp::LogCreate { log: LogId(arr(&target)?), key: signer()? },
+            "commit" | "message" => OutboxOp::Append {
+                log: LogId(arr(&target)?),
+                idem: IdemKey(arr(&idem)?),
+                envelope: body,
+            },
+            "drop" => {
+                OutboxOp::Drop { drop: DropId(arr(&target)?), idem: IdemKey(arr(&idem)?), body }
+            }
+            "drop_create" => OutboxOp::DropCreate {
+                mailbox: MailboxId(arr(&body)?),
+                drop: DropId(arr(&target)?),
+                owner: signer()?,
+            },
+            "drop_revoke" => OutboxOp::DropRevoke {
+                mailbox: MailboxId(arr(&body)?),
+                drop: DropId(arr(&target)?),
+                owner: signer()?,
+            },
+            _ => return Err(bad("unknown outbox item")),
+        };
+        return Ok(Some(OutboxItem { id, server: ServerLink::parse(&server)?, op }));
+    }
+    Ok(None)
+}
+
+/// The server acknowledged an outbox item (`seq` for appends and drops). Applies what
+/// follows: a commit is merged and its chat becomes active, a message records its place.
+pub(crate) fn outbox_done(ctx: &Ctx<'_>, id: i64, seq: Option<u64>) -> Result<(), ClientError> {
+    let row: Option<(Option<i64>, String, Option<i64>)> = ctx
+        .db
+        .query_row("SELECT chat_id, kind, message_id FROM outbox WHERE id = ?1", [id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()
+        .map_err(dbe)?;
+    let Some((chat, kind, message)) = row else { return Ok(()) };
+    ctx.db.execute("DELETE FROM outbox WHERE id = ?1", [id]).map_err(dbe)?;
+    match kind.as_str() {
+        "commit" => {
+            let chat = chat.ok_or(bad("commit without chat"))?;
+            let seq = seq.ok_or(bad("commit without seq"))?;
+            commit_won(ctx, chat, seq)?;
+        }
+        "message" => {
+            ctx.db
+                .execute(
+                    "UPDATE messages SET state = 'sent', seq = ?2 WHERE id = ?1",
+                    params![message, seq],
+                )
+                .map_err(dbe)?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Our commit is in the log at `seq`: merge it, move to the new epoch, release the Welcome
+/// and the messages that waited. The log is new and only we held its first append key, so
+/// nothing before `seq` can be a competing commit (groups' commit races are part 3).
+fn commit_won(ctx: &Ctx<'_>, chat: i64, seq: u64) -> Result<(), ClientError> {
+    let row = chat_row(ctx.db, "id = ?1", &chat)?.ok_or(bad("commit for a missing chat"))?;
+    pause_point("before-merge");
+    mls::merge_pending(&ctx.mls, &row.group_id)?;
+    save_epoch(ctx.db, chat, &mls::epoch_keys(&ctx.mls, &row.group_id)?)?;
+    ctx.db
+        .execute(
+            "UPDATE chats SET active = 1, cursor = max(cursor, ?2) WHERE id = ?1",
+            params![chat, seq],
+        )
+        .map_err(dbe)?;
+    type Welcome = (i64, Vec<u8>, Vec<u8>, Vec<u8>);
+    let welcomes: Vec<Welcome> = {
+        let mut stmt = ctx
+            .db
+            .prepare("SELECT id, target, body, hpke_key FROM outbox WHERE chat_id = ?1 AND kind = 'welcome'")
+            .map_err(dbe)?;
+        let rows = stmt
+            .query_map([chat], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .map_err(dbe)?;
+        rows.collect::<Result<_, _>>().map_err(dbe)?
+    };
+    for (id, target, welcome, hpke) in welcomes {
+        let payload = DropPayload::Welcome {
+            drop: DropId(arr(&target)?),
+            name: ctx.me.name.clone(),
+            server: ctx.server.to_link_string(),
+            log: row.log,
+            after: seq,
+            welcome,
+        };
+        let sealed = seal_drop(&ctx.mls, &arr(&hpke)?, &payload)?;
+        ctx.db
+            .execute(
+                "UPDATE outbox SET kind = 'drop', body = ?2, hpke_key = NULL WHERE id = ?1",
+                params![id, sealed],
+            )
+            .map_err(dbe)?;
+    }
+    let row = ChatRow { active: true, ..row };
+    seal_queued(ctx, &row)
+}
+
+/// The server refused an outbox item for good: drop it (and fail its message).
+pub(crate) fn outbox_failed(ctx: &Ctx<'_>, id: i64) -> Result<Option<Event>, ClientError> {
+    let row: Option<(Option<i64>, Option<i64>)> = ctx
+        .db
+        .query_row("SELECT chat_id, message_id FROM outbox WHERE id = ?1", [id], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()
+        .map_err(dbe)?;
+    ctx.db.execute("DELETE FROM outbox WHERE id = ?1", [id]).map_err(dbe)?;
+    let Some((chat, message)) = row else { return Ok(None) };
+    if let Some(message) = message {
+        ctx.db
+            .execute("UPDATE messages SET state = 'failed' WHERE id = ?1", [message])
+            .map_err(dbe)?;
+    }
+    let Some(chat) = chat else { return Ok(None) };
+    let reference = chat_row(ctx.db, "id = ?1", &chat)?.map(|c| c.reference).unwrap_or_default();
+    Ok(Some(Event::Failed { chat: reference }))
+}
+
+/// Where an outgoing message stands.
+pub(crate) fn message_state(ctx: &Ctx<'_>, id: i64) -> Result<MessageState, ClientError> {
+    let state: String = ctx
+        .db
+        .query_row("SELECT state FROM messages WHERE id = ?1", [id], |r| r.get(0))
+        .map_err(dbe)?;
+    Ok(MessageState::parse(&state))
+}
+
+// ---------------------------------------------------------------------------------------
+// Receiving
+
+/// Every active chat's log and cursor.
+pub(crate) fn logs(ctx: &Ctx<'_>) -> Result<Vec<LogCursor>, ClientError> {
+    let mut stmt = ctx
+        .db
+        .prepare("SELECT ref, server_link, log_id, cursor FROM chats WHERE active = 1 ORDER BY id")
+        .map_err(dbe)?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?, r.get(3)?))
+        })
+        .map_err(dbe)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (chat, server, log, cursor) = row.map_err(dbe)?;
+        out.push(LogCursor {
+            chat,
+            server: ServerLink::parse(&server)?,
+            log: LogId(arr(&log)?),
+            cursor,
+        });
+    }
+    Ok(out)
+}
+
+/// Applies one log entry. An `Err` leaves everything as it was; the caller then skips the
+/// entry with [`skip_entry`] when the error is the entry's fault.
+pub(crate) fn receive_entry(
+    ctx: &Ctx<'_>,
+    log: &LogId,
+    seq: u64,
+    bytes: &[u8],
+) -> Result<Vec<Event>, ClientError> {
+    let Some(chat) = chat_row(ctx.db, "log_id = ?1", &&log.0[..])? else { return Ok(vec![]) };
+    if seq <= chat.cursor {
+        return Ok(vec![]);
+    }
+    let env = Envelope::decode(bytes).map_err(|_| MlsError::Invalid)?;
+    ctx.db
+        .execute("UPDATE chats SET cursor = ?2 WHERE id = ?1", params![chat.id, seq])
+        .map_err(dbe)?;
+    // Our own entry, acknowledged or not: finish its outbox item, never decrypt it.
+    let ours: Option<i64> = ctx
+        .db
+        .query_row(
+            "SELECT id FROM outbox WHERE chat_id = ?1 AND idem = ?2",
+            params![chat.id, &env.idem.0[..]],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(dbe)?;
+    if let Some(item) = ours {
+        outbox_done(ctx, item, Some(seq))?;
+        return Ok(vec![]);
+    }
+    let sent: bool = ctx
+        .db
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM messages WHERE chat_id = ?1 AND idem = ?2 AND outgoing = 1)",
+            params![chat.id, &env.idem.0[..]],
+            |r| r.get(0),
+        )
+        .map_err(dbe)?;
+    if sent {
+        return Ok(vec![]);
+    }
+    let keys = epoch_by_key_id(ctx.db, chat.id, &env.key_id.0)?.ok_or(MlsError::Invalid)?;
+    let mls_message = envelope::open(&keys, &chat.log, &env)?;
+    match mls::receive(&ctx.mls, &chat.group_id, &mls_message)? {
+        Received::Message { sender, plaintext } => {
+            pause_point("between-decrypt-and-store");
+            store_message(ctx, &chat, &keys, &env, seq, &sender, &plaintext)
+        }
+        Received::Commit => {
+            let new = mls::epoch_keys(&ctx.mls, &chat.group_id)?;
+            if env.next_key != Some(new.append_public()) {
+                // A commit must register the append key of the epoch it makes.
+                return Err(MlsError::Invalid.into());
+            }
+            save_epoch(ctx.db, chat.id, &new)?;
+            Ok(vec![])
+        }
+    }
+}
+
+fn store_message(
+    ctx: &Ctx<'_>,
+    chat: &ChatRow,
+    keys: &EpochKeys,
+    env: &Envelope,
+    seq: u64,
+    sender: &DeviceCredential,
+    plaintext: &[u8],
+) -> Result<Vec<Event>, ClientError> {
+    let message = AppMessage::decode(plaintext).map_err(|_| MlsError::Invalid)?;
+    let mut events = Vec::new();
+    if message.epoch_tag != keys.authenticator_tag {
+        ctx.db.execute("UPDATE chats SET fork_alarm = 1 WHERE id = ?1", [chat.id]).map_err(dbe)?;
+        events.push(Event::ForkAlarm { chat: chat.reference.clone() });
+    }
+    let Content::Text { sent_at, body } = message.content;
+    let outgoing = sender.identity_key == ctx.me.identity_public();
+    ctx.db
+        .execute(
+            "INSERT INTO messages (chat_id, idem, seq, sender_key, outgoing, body, sent_at, state, seen)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'received', ?5)",
+            params![chat.id, &env.idem.0[..], seq, &sender.identity_key.0[..], outgoing, body, sent_at],
+        )
+        .map_err(dbe)?;
+    events.push(Event::Message(Message {
+        chat: chat.reference.clone(),
+        seq: Some(seq),
+        from: identity_name(ctx, &sender.identity_key)?,
+        outgoing,
+        text: body,
+        sent_at,
+        state: MessageState::Received,
+    }));
+    Ok(events)
+}
+
+/// Moves past an entry that cannot be applied.
+pub(crate) fn skip_entry(ctx: &Ctx<'_>, log: &LogId, seq: u64) -> Result<Vec<Event>, ClientError> {
+    let Some(chat) = chat_row(ctx.db, "log_id = ?1", &&log.0[..])? else { return Ok(vec![]) };
+    if seq <= chat.cursor {
+        return Ok(vec![]);
+    }
+    ctx.db
+        .execute("UPDATE chats SET cursor = ?2 WHERE id = ?1", params![chat.id, seq])
+        .map_err(dbe)?;
+    Ok(vec![Event::Skipped { chat: chat.reference, seq }])
+}
+
+/// The mailbox fetch cursor.
+pub(crate) fn mailbox_cursor(ctx: &Ctx<'_>) -> Result<u64, ClientError> {
+    ctx.db.query_row("SELECT fetched FROM mailbox WHERE id = 1", [], |r| r.get(0)).map_err(dbe)
+}
+
+fn set_mailbox_cursor(ctx: &Ctx<'_>, seq: u64) -> Result<(), ClientError> {
+    ctx.db
+        .execute("UPDATE mailbox SET fetched = max(fetched, ?1) WHERE id = 1", [seq])
+        .map_err(dbe)?;
+    Ok(())
+}
+
+/// Applies one mailbox item: a Welcome becomes a chat, a request waits for `accept`.
+pub(crate) fn receive_drop(
+    ctx: &Ctx<'_>,
+    seq: u64,
+    bytes: &[u8],
+) -> Result<Vec<Event>, ClientError> {
+    if seq <= mailbox_cursor(ctx)? {
+        return Ok(vec![]);
+    }
+    set_mailbox_cursor(ctx, seq)?;
+    let (private, _) = crate::store::hpke_keypair(ctx.db)?;
+    match open_drop(&ctx.mls, &private, bytes)? {
+        DropPayload::Welcome { drop, name, server, log, after, welcome } => {
+            let invite: Option<(String, Option<Vec<u8>>)> = ctx
+                .db
+                .query_row(
+                    "SELECT kind, expect_identity FROM invites WHERE drop_id = ?1",
+                    [&drop.0[..]],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(dbe)?;
+            let (group_id, members) = mls::join(&ctx.mls, &welcome)?;
+            let me = ctx.me.identity_public();
+            let mut others: Vec<PublicKey> =
+                members.iter().map(|m| m.identity_key).filter(|k| *k != me).collect();
+            others.dedup();
+            let [other] = others[..] else { return Err(MlsError::Invalid.into()) };
+            match invite {
+                Some((kind, Some(expected))) if kind == "reply" && expected != other.0 => {
+                    return Err(MlsError::BadCredential.into());
+                }
+                Some((kind, _)) if kind == "once" => {
+                    // A used one-time address is revoked, so nobody else can drop into it.
+                    let keys = mailbox_keys(ctx)?;
+                    let owner = keys.owner.to_bytes();
+                    insert_outbox(
+                        ctx.db,
+                        None,
+                        "drop_revoke",
+                        &ctx.server.to_link_string(),
+                        &drop.0,
+                        &keys.mailbox.0,
+                        (Some(&owner[..]), None, None),
+                    )?;
+                }
+                _ => {}
+            }
+            ctx.db
+                .execute("UPDATE invites SET used = 1 WHERE drop_id = ?1", [&drop.0[..]])
+                .map_err(dbe)?;
+            ServerLink::parse(&server)?;
+            let (contact, contact_name) = contact_for(ctx.db, &other, &name)?;
+            let reference = new_ref(ctx.db, "chats")?;
+            ctx.db
+                .execute(
+                    "INSERT INTO chats (ref, group_id, contact_id, server_link, log_id, cursor, active, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7)",
+                    params![reference, group_id, contact, server, &log.0[..], after, now_ms() / 1000],
+                )
+                .map_err(|_| MlsError::Invalid)?;
+            let chat = ctx.db.last_insert_rowid();
+            save_epoch(ctx.db, chat, &mls::epoch_keys(&ctx.mls, &group_id)?)?;
+            Ok(vec![Event::Connected { chat: reference, contact: contact_name }])
+        }
+        DropPayload::Request { ref key_packages, ref name, .. } => {
+            let identity = request_identity(&ctx.mls, key_packages)?;
+            let reference = new_ref(ctx.db, "requests")?;
+            let name =
+                if crate::check_name(name).is_ok() { name.clone() } else { "Unnamed".into() };
+            let payload = open_drop(&ctx.mls, &private, bytes)?.encode();
+            ctx.db
+                .execute(
+                    "INSERT INTO requests (ref, name, identity_key, payload, received_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![reference, name, &identity.0[..], payload, now_ms() / 1000],
+                )
+                .map_err(dbe)?;
+            Ok(vec![Event::Request(ConnectRequest {
+                id: reference,
+                name,
+                fingerprint: fingerprint(&identity),
+            })])
+        }
+    }
+}
+
+/// Moves past a mailbox item that cannot be applied.
+pub(crate) fn skip_drop(ctx: &Ctx<'_>, seq: u64) -> Result<(), ClientError> {
+    set_mailbox_cursor(ctx, seq)
+}
+
+// ---------------------------------------------------------------------------------------
+// Listing
+
+/// Contacts, by name.
+pub(crate) fn contacts(db: &Connection) -> Result<Vec<Contact>, ClientError> {
+    let mut stmt =
+        db.prepare("SELECT name, identity_key FROM contacts ORDER BY name").map_err(dbe)?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))
+        .map_err(dbe)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (name, key) = row.map_err(dbe)?;
+        out.push(Contact { name, fingerprint: fingerprint(&PublicKey(arr(&key)?)) });
+    }
+    Ok(out)
+}
+
+/// Chats, oldest first.
+pub(crate) fn chats(db: &Connection) -> Result<Vec<ChatSummary>, ClientError> {
+    let mut stmt = db
+        .prepare(
+            "SELECT c.ref, coalesce(k.name, ''), c.active, c.fork_alarm,
+                    (SELECT count(*) FROM messages m WHERE m.chat_id = c.id AND m.seen = 0)
+             FROM chats c LEFT JOIN contacts k ON k.id = c.contact_id ORDER BY c.id",
+        )
+        .map_err(dbe)?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(ChatSummary {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                active: r.get(2)?,
+                fork_alarm: r.get(3)?,
+                unread: r.get(4)?,
+            })
+        })
+        .map_err(dbe)?;
+    rows.collect::<Result<_, _>>().map_err(dbe)
+}
+
+/// A chat's messages in log order (queued ones last), the last `limit` of them; marks them seen.
+pub(crate) fn read(
+    ctx: &Ctx<'_>,
+    chat: &str,
+    limit: Option<usize>,
+) -> Result<Vec<Message>, ClientError> {
+    let chat = resolve(ctx, chat)?;
+    let mut stmt = ctx
+        .db
+        .prepare(
+            "SELECT seq, sender_key, outgoing, body, sent_at, state FROM messages WHERE chat_id = ?1
+             ORDER BY seq IS NULL, seq, id",
+        )
+        .map_err(dbe)?;
+    let rows = stmt
+        .query_map([chat.id], |r| {
+            Ok((
+                r.get::<_, Option<u64>>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, bool>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, u64>(4)?,
+                r.get::<_, String>(5)?,
+            ))
+        })
+        .map_err(dbe)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (seq, sender, outgoing, text, sent_at, state) = row.map_err(dbe)?;
+        out.push(Message {
+            chat: chat.reference.clone(),
+            seq,
+            from: identity_name(ctx, &PublicKey(arr(&sender)?))?,
+            outgoing,
+            text,
+            sent_at,
+            state: MessageState::parse(&state),
+        });
+    }
+    ctx.db.execute("UPDATE messages SET seen = 1 WHERE chat_id = ?1", [chat.id]).map_err(dbe)?;
+    if let Some(limit) = limit {
+        let skip = out.len().saturating_sub(limit);
+        out.drain(..skip);
+    }
+    Ok(out)
+}
+
+/// Pending requests.
+pub(crate) fn requests(db: &Connection) -> Result<Vec<ConnectRequest>, ClientError> {
+    let mut stmt =
+        db.prepare("SELECT ref, name, identity_key FROM requests ORDER BY id").map_err(dbe)?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?))
+        })
+        .map_err(dbe)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, name, key) = row.map_err(dbe)?;
+        out.push(ConnectRequest { id, name, fingerprint: fingerprint(&PublicKey(arr(&key)?)) });
+    }
+    Ok(out)
+}

@@ -1,0 +1,340 @@
+//! What clients say to each other, inside encryption the server cannot remove.
+//!
+//! Three payloads, each versioned and each decoded from bytes another person chose:
+//!
+//! - [`KeyPackagePayload`]: what a mailbox owner seals under the key-package key and uploads;
+//!   whoever claims it with an invite learns the owner's display name and gets one device's
+//!   MLS key package.
+//! - [`DropPayload`]: what a sender HPKE-seals to a mailbox and drops through a drop address:
+//!   a Welcome into a new chat, or a request to connect through a long-lived address.
+//! - [`AppMessage`]: the plaintext of an MLS application message: the sender's view of the
+//!   epoch (a tag of the epoch authenticator, for fork detection) and the content.
+//!
+//! Layouts (integers big-endian, `bytes` = u32 length · bytes):
+//!
+//! ```text
+//! KeyPackagePayload  version u8 (1) · name bytes · key_package bytes
+//! DropPayload        version u8 (1) · kind u8 · …
+//!   kind 1 Welcome   drop [32] · name bytes · server bytes · log [32] · after u64 · welcome bytes
+//!   kind 2 Request   drop [32] · name bytes · server bytes · reply_drop [32] · reply_hpke [32]
+//!                    · count u8 · key_package bytes × count
+//! AppMessage         version u8 (1) · epoch_tag [8] · kind u8 · …
+//!   kind 1 Text      sent_at u64 (ms since the Unix epoch) · body bytes (UTF-8)
+//! ```
+
+use crate::DecodeError;
+use crate::codec::{Reader, Writer};
+use crate::ids::{DropId, LogId};
+
+const VERSION: u8 = 1;
+
+/// Longest display name, in bytes (64 characters of at most 4 bytes).
+pub const MAX_NAME: usize = 256;
+/// Longest server link inside a payload.
+pub const MAX_LINK: usize = 2048;
+/// Longest MLS key package or Welcome carried here.
+pub const MAX_MLS: usize = 256 * 1024;
+/// Longest text message, in bytes of UTF-8.
+pub const MAX_TEXT: usize = 8 * 1024;
+/// Most key packages in one request (one per device).
+pub const MAX_DEVICES: usize = 16;
+
+fn string(r: &mut Reader<'_>, max: usize) -> Result<String, DecodeError> {
+    String::from_utf8(r.bytes(max)?.to_vec()).map_err(|_| DecodeError::Invalid("UTF-8 text"))
+}
+
+fn version(r: &mut Reader<'_>) -> Result<(), DecodeError> {
+    match r.u8()? {
+        VERSION => Ok(()),
+        v => Err(DecodeError::UnsupportedVersion(v)),
+    }
+}
+
+/// A claimed key package and the owner's display name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPackagePayload {
+    /// The mailbox owner's display name.
+    pub name: String,
+    /// One device's MLS key package (TLS-encoded).
+    pub key_package: Vec<u8>,
+}
+
+impl KeyPackagePayload {
+    /// Wire form.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u8(VERSION).bytes(self.name.as_bytes()).bytes(&self.key_package);
+        w.finish()
+    }
+
+    /// Parses the wire form.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes);
+        version(&mut r)?;
+        let name = string(&mut r, MAX_NAME)?;
+        let key_package = r.bytes(MAX_MLS)?.to_vec();
+        r.finish()?;
+        Ok(KeyPackagePayload { name, key_package })
+    }
+}
+
+/// What arrives in a mailbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DropPayload {
+    /// Someone created a chat with us: join it.
+    Welcome {
+        /// The drop address it came through (which invite was used).
+        drop: DropId,
+        /// The sender's display name.
+        name: String,
+        /// The link of the server that holds the chat's log.
+        server: String,
+        /// The chat's log.
+        log: LogId,
+        /// The sequence number of the commit the Welcome belongs to; read from after it.
+        after: u64,
+        /// The MLS Welcome (TLS-encoded).
+        welcome: Vec<u8>,
+    },
+    /// Someone asks to connect through a long-lived address.
+    Request {
+        /// The drop address it came through.
+        drop: DropId,
+        /// The requester's display name.
+        name: String,
+        /// The link of the requester's server, where `reply_drop` lives.
+        server: String,
+        /// Where to drop the Welcome on acceptance.
+        reply_drop: DropId,
+        /// The HPKE key to seal that Welcome to.
+        reply_hpke: [u8; 32],
+        /// One key package per requesting device.
+        key_packages: Vec<Vec<u8>>,
+    },
+}
+
+const DROP_WELCOME: u8 = 1;
+const DROP_REQUEST: u8 = 2;
+
+impl DropPayload {
+    /// Wire form.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u8(VERSION);
+        match self {
+            DropPayload::Welcome { drop, name, server, log, after, welcome } => {
+                w.u8(DROP_WELCOME)
+                    .fixed(&drop.0)
+                    .bytes(name.as_bytes())
+                    .bytes(server.as_bytes())
+                    .fixed(&log.0)
+                    .u64(*after)
+                    .bytes(welcome);
+            }
+            DropPayload::Request { drop, name, server, reply_drop, reply_hpke, key_packages } => {
+                w.u8(DROP_REQUEST)
+                    .fixed(&drop.0)
+                    .bytes(name.as_bytes())
+                    .bytes(server.as_bytes())
+                    .fixed(&reply_drop.0)
+                    .fixed(reply_hpke)
+                    .u8(u8::try_from(key_packages.len()).unwrap_or(u8::MAX));
+                for kp in key_packages.iter().take(usize::from(u8::MAX)) {
+                    w.bytes(kp);
+                }
+            }
+        }
+        w.finish()
+    }
+
+    /// Parses the wire form.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes);
+        version(&mut r)?;
+        let payload = match r.u8()? {
+            DROP_WELCOME => DropPayload::Welcome {
+                drop: DropId(r.array()?),
+                name: string(&mut r, MAX_NAME)?,
+                server: string(&mut r, MAX_LINK)?,
+                log: LogId(r.array()?),
+                after: r.u64()?,
+                welcome: r.bytes(MAX_MLS)?.to_vec(),
+            },
+            DROP_REQUEST => {
+                let drop = DropId(r.array()?);
+                let name = string(&mut r, MAX_NAME)?;
+                let server = string(&mut r, MAX_LINK)?;
+                let reply_drop = DropId(r.array()?);
+                let reply_hpke = r.array()?;
+                let count = usize::from(r.u8()?);
+                if count == 0 || count > MAX_DEVICES {
+                    return Err(DecodeError::Invalid("key package count"));
+                }
+                let key_packages =
+                    (0..count).map(|_| Ok(r.bytes(MAX_MLS)?.to_vec())).collect::<Result<_, _>>()?;
+                DropPayload::Request { drop, name, server, reply_drop, reply_hpke, key_packages }
+            }
+            _ => return Err(DecodeError::Invalid("drop payload kind")),
+        };
+        r.finish()?;
+        Ok(payload)
+    }
+}
+
+/// The content of an application message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    /// A text message.
+    Text {
+        /// When the sender wrote it, in milliseconds since the Unix epoch (their clock).
+        sent_at: u64,
+        /// The text.
+        body: String,
+    },
+}
+
+const CONTENT_TEXT: u8 = 1;
+
+/// The plaintext of an MLS application message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppMessage {
+    /// The first 8 bytes of a hash of the sender's epoch authenticator; a receiver in the
+    /// same epoch with a different value has forked from the sender.
+    pub epoch_tag: [u8; 8],
+    /// What was said.
+    pub content: Content,
+}
+
+impl AppMessage {
+    /// Wire form.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u8(VERSION).fixed(&self.epoch_tag);
+        match &self.content {
+            Content::Text { sent_at, body } => {
+                w.u8(CONTENT_TEXT).u64(*sent_at).bytes(body.as_bytes());
+            }
+        }
+        w.finish()
+    }
+
+    /// Parses the wire form.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes);
+        version(&mut r)?;
+        let epoch_tag = r.array()?;
+        let content = match r.u8()? {
+            CONTENT_TEXT => Content::Text { sent_at: r.u64()?, body: string(&mut r, MAX_TEXT)? },
+            _ => return Err(DecodeError::Invalid("content kind")),
+        };
+        r.finish()?;
+        Ok(AppMessage { epoch_tag, content })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn every_prefix_fails<T: std::fmt::Debug>(
+        bytes: &[u8],
+        decode: impl Fn(&[u8]) -> Result<T, DecodeError>,
+    ) {
+        for n in 0..bytes.len() {
+            assert!(decode(&bytes[..n]).is_err(), "prefix of {n} bytes decoded");
+        }
+    }
+
+    #[test]
+    fn truncations_and_trailing_bytes_are_refused() {
+        let kp = KeyPackagePayload { name: "Alice".into(), key_package: vec![7; 40] }.encode();
+        every_prefix_fails(&kp, KeyPackagePayload::decode);
+        let welcome = DropPayload::Welcome {
+            drop: DropId([1; 32]),
+            name: "Bob".into(),
+            server: "postern://server#v=1".into(),
+            log: LogId([2; 32]),
+            after: 9,
+            welcome: vec![3; 50],
+        }
+        .encode();
+        every_prefix_fails(&welcome, DropPayload::decode);
+        let msg = AppMessage {
+            epoch_tag: [4; 8],
+            content: Content::Text { sent_at: 5, body: "hi".into() },
+        }
+        .encode();
+        every_prefix_fails(&msg, AppMessage::decode);
+        for bytes in [&kp, &welcome, &msg] {
+            let mut long = bytes.clone();
+            long.push(0);
+            assert!(KeyPackagePayload::decode(&long).is_err());
+            assert!(DropPayload::decode(&long).is_err());
+            assert!(AppMessage::decode(&long).is_err());
+        }
+    }
+
+    #[test]
+    fn bad_text_and_counts_are_refused() {
+        let mut msg = AppMessage {
+            epoch_tag: [0; 8],
+            content: Content::Text { sent_at: 0, body: "é".into() },
+        }
+        .encode();
+        let last = msg.len() - 1;
+        msg[last] = 0xff;
+        assert_eq!(AppMessage::decode(&msg), Err(DecodeError::Invalid("UTF-8 text")));
+        let request = DropPayload::Request {
+            drop: DropId([0; 32]),
+            name: "B".into(),
+            server: String::new(),
+            reply_drop: DropId([1; 32]),
+            reply_hpke: [2; 32],
+            key_packages: vec![],
+        }
+        .encode();
+        assert_eq!(DropPayload::decode(&request), Err(DecodeError::Invalid("key package count")));
+        let mut future = KeyPackagePayload { name: String::new(), key_package: vec![] }.encode();
+        future[0] = 2;
+        assert_eq!(KeyPackagePayload::decode(&future), Err(DecodeError::UnsupportedVersion(2)));
+    }
+
+    proptest! {
+        #[test]
+        fn key_package_payload_round_trips(name in "\\PC{0,64}", kp in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let p = KeyPackagePayload { name, key_package: kp };
+            prop_assert_eq!(KeyPackagePayload::decode(&p.encode()), Ok(p));
+        }
+
+        #[test]
+        fn drop_payload_round_trips(
+            welcome in any::<bool>(),
+            ids in any::<[u8; 32]>(),
+            name in "\\PC{0,64}",
+            server in "\\PC{0,100}",
+            after in any::<u64>(),
+            blobs in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 1..4),
+        ) {
+            let p = if welcome {
+                DropPayload::Welcome { drop: DropId(ids), name, server, log: LogId(ids), after, welcome: blobs[0].clone() }
+            } else {
+                DropPayload::Request { drop: DropId(ids), name, server, reply_drop: DropId(ids), reply_hpke: ids, key_packages: blobs }
+            };
+            prop_assert_eq!(DropPayload::decode(&p.encode()), Ok(p));
+        }
+
+        #[test]
+        fn app_message_round_trips(tag in any::<[u8; 8]>(), sent_at in any::<u64>(), body in "\\PC{0,200}") {
+            let m = AppMessage { epoch_tag: tag, content: Content::Text { sent_at, body } };
+            prop_assert_eq!(AppMessage::decode(&m.encode()), Ok(m));
+        }
+
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = KeyPackagePayload::decode(&bytes);
+            let _ = DropPayload::decode(&bytes);
+            let _ = AppMessage::decode(&bytes);
+        }
+    }
+}
