@@ -242,6 +242,7 @@ pub struct ConnectRequest {
 
 /// Something that happened while receiving.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Event {
     /// A new chat with a contact.
     Connected {
@@ -416,12 +417,14 @@ fn new_ref(db: &Connection, table: &str) -> Result<String, ClientError> {
     }
 }
 
-/// The contact for an identity, created with a locally unique name when new.
+/// The contact for an identity, created when new with a name unique among our contacts and
+/// different from our own.
 fn contact_for(
-    db: &Connection,
+    ctx: &Ctx<'_>,
     identity: &PublicKey,
     chosen: &str,
 ) -> Result<(i64, String), ClientError> {
+    let db = ctx.db;
     if let Some(found) = db
         .query_row(
             "SELECT id, name FROM contacts WHERE identity_key = ?1",
@@ -442,7 +445,7 @@ fn contact_for(
                 r.get(0)
             })
             .map_err(dbe)?;
-        if !taken {
+        if !taken && name != ctx.me.name {
             break;
         }
         name = format!("{chosen} ({n})");
@@ -614,7 +617,7 @@ fn create_chat(ctx: &Ctx<'_>, invitee: Invitee<'_>) -> Result<(String, String), 
     let keys = mls::epoch_keys(&ctx.mls, &created.group_id)?;
     let next = mls::pending_epoch_keys(&ctx.mls, &created.group_id)?;
     let log = keys.log_id;
-    let (contact, name) = contact_for(ctx.db, &invitee.identity, invitee.name)?;
+    let (contact, name) = contact_for(ctx, &invitee.identity, invitee.name)?;
     let reference = new_ref(ctx.db, "chats")?;
     // The log lives on the server of whoever creates the chat.
     let server = ctx.server.to_link_string();
@@ -1220,7 +1223,7 @@ pub(crate) fn receive_drop(
                 .execute("UPDATE invites SET used = 1 WHERE drop_id = ?1", [&drop.0[..]])
                 .map_err(dbe)?;
             ServerLink::parse(&server)?;
-            let (contact, contact_name) = contact_for(ctx.db, &other, &name)?;
+            let (contact, contact_name) = contact_for(ctx, &other, &name)?;
             let reference = new_ref(ctx.db, "chats")?;
             ctx.db
                 .execute(

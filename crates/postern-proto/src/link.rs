@@ -56,8 +56,8 @@ impl std::fmt::Debug for ServerLink {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum LinkError {
-    /// Not a `postern://server#` link.
-    #[error("not a Postern server link")]
+    /// Not a `postern://` link of the expected kind (`server#` or `invite#`).
+    #[error("not a Postern link of this kind")]
     NotALink,
     /// Longer than [`MAX_LINK`].
     #[error("link too long")]

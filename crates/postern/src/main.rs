@@ -35,12 +35,85 @@ enum Command {
     Init(client::InitArgs),
     /// Show your name, safety number, device and server.
     Whoami,
-    /// Show your safety number.
-    Fingerprint,
-    /// Send what is queued for the server.
+    /// Show your safety number, or a contact's.
+    Fingerprint {
+        /// A contact's name; without it, your own.
+        contact: Option<String>,
+    },
+    /// Send what is queued and fetch what arrived.
     Sync,
     /// Make an invite link (and QR code) for someone to connect with you.
-    Invite(client::InviteArgs),
+    Invite {
+        /// A one-time invite: whoever uses it first is connected, with no accept step.
+        /// Without it, the invite is a long-lived address whose uses arrive as requests.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Connect with the person who gave you an invite link.
+    Connect {
+        /// The invite link (`postern://invite#…`).
+        link: String,
+    },
+    /// List requests to connect that arrived through your addresses.
+    Requests,
+    /// Accept a request to connect.
+    Accept {
+        /// The request's id, from `postern requests`.
+        request: String,
+    },
+    /// List your chats.
+    Chats,
+    /// List your contacts.
+    Contacts,
+    /// Send a message; exit status 0 means the server has it durably.
+    Send {
+        /// A chat id or a contact's name.
+        chat: String,
+        /// The text; `-` reads it from standard input.
+        text: String,
+    },
+    /// Show a chat's messages (after fetching new ones).
+    Read {
+        /// A chat id or a contact's name.
+        chat: String,
+        /// Show only the last N messages.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Stay connected: print messages as they arrive and serve other commands on this home.
+    Listen,
+}
+
+impl Command {
+    /// The form a running `listen` can be handed, reading stdin for `send … -`.
+    fn for_client(self) -> anyhow::Result<client::Command> {
+        use client::Command as C;
+        Ok(match self {
+            Command::Whoami => C::Whoami,
+            Command::Fingerprint { contact } => C::Fingerprint { contact },
+            Command::Sync => C::Sync,
+            Command::Invite { once } => C::Invite { once },
+            Command::Connect { link } => C::Connect { link },
+            Command::Requests => C::Requests,
+            Command::Accept { request } => C::Accept { request },
+            Command::Chats => C::Chats,
+            Command::Contacts => C::Contacts,
+            Command::Send { chat, text } => {
+                let text = if text == "-" {
+                    let mut buf = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut buf)?;
+                    buf.trim_end_matches('\n').to_owned()
+                } else {
+                    text
+                };
+                C::Send { chat, text }
+            }
+            Command::Read { chat, limit } => C::Read { chat, limit },
+            Command::Server(_) | Command::Init(_) | Command::Listen => {
+                anyhow::bail!("not a client command")
+            }
+        })
+    }
 }
 
 /// `$XDG_DATA_HOME/postern`, else `~/.local/share/postern`.
@@ -67,10 +140,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Server(args) => server::run(args, cli.json),
         Command::Init(args) => client::init(&home, args, cli.json),
-        Command::Whoami => client::whoami(&home, cli.json),
-        Command::Fingerprint => client::fingerprint(&home, cli.json),
-        Command::Sync => client::sync(&home, cli.json),
-        Command::Invite(args) => client::invite(&home, args, cli.json),
+        Command::Listen => client::listen(&home, cli.json),
+        other => other.for_client().and_then(|c| client::run(&home, c, cli.json)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

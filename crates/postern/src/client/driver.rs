@@ -1,0 +1,408 @@
+//! The async driver: carries what the client core queues to the servers and feeds what
+//! comes back into it. It holds no state of its own beyond open connections; everything that
+//! must survive a crash is in the client store, written by the core before or after each
+//! network step.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use postern_client::{Client, Event, OutboxItem, OutboxOp};
+use postern_net::{Connection, NetError};
+use postern_proto::frame::{Body, ErrorCode, Item, Push, Request, Response};
+use postern_proto::ids::{LogId, UploadId, public_key};
+use postern_proto::limits::MAX_INLINE;
+use postern_proto::link::ServerLink;
+
+/// How long one request may take before the connection counts as broken.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Items asked for per read.
+const READ_BATCH: u16 = 64;
+
+/// A server's answer, or why there was none. Refusals are the server's word on the request;
+/// everything else is the network's fault and worth a retry.
+enum Outcome {
+    Done(Response),
+    Refused(ErrorCode),
+}
+
+/// The client core and its connections.
+pub(crate) struct Driver {
+    pub(crate) client: Client,
+    conns: HashMap<String, Connection>,
+}
+
+impl Driver {
+    pub(crate) fn new(client: Client) -> Self {
+        Driver { client, conns: HashMap::new() }
+    }
+
+    /// The connection to a server, opened on first use.
+    async fn conn(&mut self, link: &ServerLink) -> Result<&mut Connection> {
+        let key = link.to_link_string();
+        if !self.conns.contains_key(&key) {
+            let conn = Connection::connect(link)
+                .await
+                .with_context(|| format!("cannot reach the server at {}", link.addrs.join(", ")))?;
+            self.conns.insert(key.clone(), conn);
+        }
+        self.conns.get_mut(&key).ok_or_else(|| anyhow!("connection vanished"))
+    }
+
+    /// Sends one request; a broken connection is dropped so the next call reconnects.
+    async fn call(
+        &mut self,
+        link: &ServerLink,
+        request: Request,
+        signer: Option<&ed25519_dalek::SigningKey>,
+    ) -> Result<Outcome> {
+        let conn = self.conn(link).await?;
+        let answer = tokio::time::timeout(REQUEST_TIMEOUT, conn.request(request, signer)).await;
+        match answer {
+            Ok(Ok(response)) => Ok(Outcome::Done(response)),
+            Ok(Err(NetError::Refused(code))) if !code.closes_connection() => {
+                Ok(Outcome::Refused(code))
+            }
+            Ok(Err(e)) => {
+                self.conns.remove(&link.to_link_string());
+                Err(anyhow!(e))
+                    .with_context(|| format!("lost the server at {}", link.addrs.join(", ")))
+            }
+            Err(_) => {
+                self.conns.remove(&link.to_link_string());
+                Err(anyhow!("no answer from the server at {}", link.addrs.join(", ")))
+            }
+        }
+    }
+
+    /// Closes every connection politely.
+    pub(crate) async fn close(&mut self) {
+        for (_, conn) in self.conns.drain() {
+            conn.close().await;
+        }
+    }
+
+    /// Publishes the mailbox and key packages if that has not happened yet; true if now.
+    pub(crate) async fn publish(&mut self) -> Result<bool> {
+        let Some(publication) = self.client.pending_publication()? else { return Ok(false) };
+        let link = self.client.server().clone();
+        for request in publication.requests {
+            match self.call(&link, request, Some(&publication.owner)).await? {
+                // Our ids are ours alone: a conflict means an earlier attempt got through.
+                Outcome::Done(_) | Outcome::Refused(ErrorCode::Conflict) => {}
+                Outcome::Refused(code) => {
+                    return Err(anyhow!("the server refused to publish the mailbox: {code}"));
+                }
+            }
+        }
+        self.client.mark_published()?;
+        Ok(true)
+    }
+
+    /// Sends owner-signed requests in order to the home server (a conflict counts as done).
+    pub(crate) async fn send_signed(
+        &mut self,
+        requests: Vec<Request>,
+        owner: &ed25519_dalek::SigningKey,
+    ) -> Result<()> {
+        let link = self.client.server().clone();
+        for request in requests {
+            match self.call(&link, request, Some(owner)).await? {
+                Outcome::Done(_) | Outcome::Refused(ErrorCode::Conflict) => {}
+                Outcome::Refused(code) => return Err(anyhow!("the server refused: {code}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Claims an invite's key packages.
+    pub(crate) async fn claim(
+        &mut self,
+        link: &ServerLink,
+        token: postern_proto::ids::ClaimToken,
+    ) -> Result<Vec<Vec<u8>>> {
+        match self.call(link, Request::KeyPackageClaim { token }, None).await? {
+            Outcome::Done(Response::KeyPackages(packages)) if !packages.is_empty() => Ok(packages),
+            Outcome::Done(_) => Err(anyhow!("the server answered the claim with something else")),
+            Outcome::Refused(ErrorCode::NotFound) => Err(anyhow!(
+                "this invite was already used, has expired or was revoked: ask for a new one"
+            )),
+            Outcome::Refused(code) => Err(anyhow!("the server refused the invite: {code}")),
+        }
+    }
+
+    /// A body for an append or drop: inline, or uploaded in chunks first (the upload id is
+    /// the idempotency key, so a retry resumes the same upload).
+    async fn body(&mut self, link: &ServerLink, upload: [u8; 16], bytes: Vec<u8>) -> Result<Body> {
+        if bytes.len() <= MAX_INLINE {
+            return Ok(Body::Inline(bytes));
+        }
+        let total_len = u32::try_from(bytes.len()).context("entry too large")?;
+        let upload = UploadId(upload);
+        for (i, chunk) in bytes.chunks(MAX_INLINE).enumerate() {
+            let offset = u32::try_from(i * MAX_INLINE).context("entry too large")?;
+            let request = Request::UploadChunk { upload, total_len, offset, bytes: chunk.to_vec() };
+            if let Outcome::Refused(code) = self.call(link, request, None).await? {
+                return Err(anyhow!("the server refused an upload: {code}"));
+            }
+        }
+        Ok(Body::Upload(upload))
+    }
+
+    /// Sends one outbox item. `Ok(Some(seq))`/`Ok(None)`: done; an error: try again later.
+    async fn send_item(&mut self, item: OutboxItem) -> Result<Result<Option<u64>, ErrorCode>> {
+        let link = item.server;
+        let (request, signer) = match item.op {
+            OutboxOp::LogCreate { log, key } => {
+                (Request::LogCreate { log, key: public_key(&key) }, Some(key))
+            }
+            OutboxOp::Append { log, idem, envelope } => {
+                let body = self.body(&link, idem.0, envelope).await?;
+                (Request::LogAppend { log, body }, None)
+            }
+            OutboxOp::Drop { drop, idem, body } => {
+                let body = self.body(&link, idem.0, body).await?;
+                (Request::Drop { drop, idem, body }, None)
+            }
+            OutboxOp::DropCreate { mailbox, drop, owner } => {
+                (Request::DropCreate { mailbox, drop }, Some(owner))
+            }
+            OutboxOp::DropRevoke { mailbox, drop, owner } => {
+                (Request::DropRevoke { mailbox, drop }, Some(owner))
+            }
+        };
+        let creates = matches!(request, Request::LogCreate { .. } | Request::DropCreate { .. });
+        let revokes = matches!(request, Request::DropRevoke { .. });
+        Ok(match self.call(&link, request, signer.as_ref()).await? {
+            Outcome::Done(Response::Seq(seq)) => Ok(Some(seq)),
+            Outcome::Done(_) => Ok(None),
+            // Our own fresh ids: taken means an earlier attempt created it.
+            Outcome::Refused(ErrorCode::Conflict) if creates => Ok(None),
+            Outcome::Refused(ErrorCode::NotFound) if revokes => Ok(None),
+            // Worth retrying later: the item stays.
+            Outcome::Refused(
+                code @ (ErrorCode::RateLimited
+                | ErrorCode::ServerFull
+                | ErrorCode::QuotaExceeded
+                | ErrorCode::Internal),
+            ) => return Err(anyhow!("the server asks to retry later: {code}")),
+            Outcome::Refused(code) => Err(code),
+        })
+    }
+
+    /// Sends the outbox, oldest first, until it is empty. Stops at the first item the network
+    /// could not carry (it stays queued); items the server refuses for good are dropped and
+    /// reported.
+    pub(crate) async fn flush(&mut self) -> Result<Vec<Event>> {
+        let mut events = Vec::new();
+        let mut refused = Vec::new();
+        while let Some(item) = self.client.next_outbox(&refused)? {
+            let id = item.id;
+            match self.send_item(item).await? {
+                Ok(seq) => {
+                    postern_client::pause_point("after-ack");
+                    self.client.outbox_done(id, seq)?;
+                }
+                Err(code) => {
+                    tracing::warn!(%code, "the server refused a queued request");
+                    refused.push(id);
+                    events.extend(self.client.outbox_failed(id)?);
+                }
+            }
+        }
+        Ok(events)
+    }
+
+    /// The rest of a partly delivered item.
+    async fn complete(
+        &mut self,
+        link: &ServerLink,
+        mut item: Item,
+        part: impl Fn(u64, u32) -> Request,
+        owner: Option<&ed25519_dalek::SigningKey>,
+    ) -> Result<Option<Item>> {
+        while item.bytes.len() < item.total_len as usize {
+            let offset = u32::try_from(item.bytes.len()).context("item too large")?;
+            match self.call(link, part(item.seq, offset), owner).await? {
+                Outcome::Done(Response::Part(bytes)) if !bytes.is_empty() => {
+                    item.bytes.extend_from_slice(&bytes);
+                }
+                // Expired meanwhile, or a server that will not finish it: skip the item.
+                _ => return Ok(None),
+            }
+        }
+        Ok(Some(item))
+    }
+
+    /// Reads new mailbox items and applies them.
+    pub(crate) async fn fetch_mailbox(&mut self) -> Result<Vec<Event>> {
+        let keys = self.client.mailbox()?;
+        let link = self.client.server().clone();
+        let mut events = Vec::new();
+        loop {
+            let after = self.client.mailbox_cursor()?;
+            let request =
+                Request::MailboxFetch { mailbox: keys.mailbox, after, max_items: READ_BATCH };
+            let (items, more) = match self.call(&link, request, Some(&keys.owner)).await? {
+                Outcome::Done(Response::Items { items, more }) => (items, more),
+                // Not published yet: nothing can have arrived.
+                Outcome::Refused(ErrorCode::NotFound) => return Ok(events),
+                other => return Err(unexpected(other)),
+            };
+            let mailbox = keys.mailbox;
+            for item in items {
+                let seq = item.seq;
+                let part = |seq, offset| Request::MailboxReadPart { mailbox, seq, offset };
+                let item = self.complete(&link, item, part, Some(&keys.owner)).await?;
+                let bytes = item.map(|i| i.bytes).unwrap_or_default();
+                events.extend(self.client.receive_drop(seq, &bytes)?);
+            }
+            if !more {
+                return Ok(events);
+            }
+        }
+    }
+
+    /// Applies log entries in order.
+    pub(crate) async fn apply_entries(
+        &mut self,
+        link: &ServerLink,
+        log: LogId,
+        items: Vec<Item>,
+    ) -> Result<Vec<Event>> {
+        let mut events = Vec::new();
+        for item in items {
+            let seq = item.seq;
+            let part = |seq, offset| Request::LogReadPart { log, seq, offset };
+            let item = self.complete(link, item, part, None).await?;
+            let bytes = item.map(|i| i.bytes).unwrap_or_default();
+            events.extend(self.client.receive_entry(&log, seq, &bytes)?);
+        }
+        Ok(events)
+    }
+
+    /// Reads every active chat's new entries.
+    pub(crate) async fn pull_logs(&mut self) -> Result<Vec<Event>> {
+        let mut events = Vec::new();
+        for chat in self.client.logs()? {
+            let mut after = chat.cursor;
+            loop {
+                let request = Request::LogRead { log: chat.log, after, max_items: READ_BATCH };
+                let (items, more) = match self.call(&chat.server, request, None).await? {
+                    Outcome::Done(Response::Items { items, more }) => (items, more),
+                    Outcome::Refused(code) => {
+                        tracing::warn!(chat = %chat.chat, %code, "cannot read a chat's log");
+                        break;
+                    }
+                    other => return Err(unexpected(other)),
+                };
+                after = items.last().map_or(after, |i| i.seq);
+                events.extend(self.apply_entries(&chat.server, chat.log, items).await?);
+                if !more {
+                    break;
+                }
+            }
+        }
+        Ok(events)
+    }
+
+    /// Everything: publish, send the outbox, read the mailbox and the logs, and send what
+    /// that queued (a revoked address, a released Welcome).
+    pub(crate) async fn sync(&mut self) -> Result<Vec<Event>> {
+        self.publish().await?;
+        let mut events = self.flush().await?;
+        events.extend(self.fetch_mailbox().await?);
+        events.extend(self.pull_logs().await?);
+        events.extend(self.flush().await?);
+        Ok(events)
+    }
+
+    /// Subscribes to each active chat's log not in `subscribed`, from its cursor (after a
+    /// sync, so pushes carry only what is new).
+    pub(crate) async fn subscribe_new(
+        &mut self,
+        subscribed: &mut std::collections::HashSet<[u8; 32]>,
+    ) -> Result<()> {
+        for chat in self.client.logs()? {
+            if subscribed.contains(&chat.log.0) {
+                continue;
+            }
+            let request = Request::Subscribe { log: chat.log, after: chat.cursor };
+            match self.call(&chat.server, request, None).await? {
+                Outcome::Refused(code) => {
+                    tracing::warn!(chat = %chat.chat, %code, "cannot subscribe to a chat's log");
+                }
+                Outcome::Done(_) => {
+                    subscribed.insert(chat.log.0);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The next push from any open connection; `None` after `wait` with nothing, or when a
+    /// connection broke (it is dropped; the caller syncs again).
+    pub(crate) async fn next_push(&mut self, wait: Duration) -> Option<(ServerLink, Push)> {
+        if self.conns.is_empty() {
+            tokio::time::sleep(wait).await;
+            return None;
+        }
+        let waits = self
+            .conns
+            .iter_mut()
+            .map(|(key, conn)| Box::pin(async move { (key.clone(), conn.next_push(wait).await) }));
+        let ((key, result), _, _) = futures_util::future::select_all(waits).await;
+        match result {
+            Ok(push) => ServerLink::parse(&key).ok().map(|link| (link, push)),
+            Err(NetError::Timeout) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "lost a server connection");
+                self.conns.remove(&key);
+                None
+            }
+        }
+    }
+
+    /// Applies a push.
+    pub(crate) async fn handle_push(
+        &mut self,
+        link: &ServerLink,
+        push: Push,
+    ) -> Result<Vec<Event>> {
+        match push {
+            Push::Items { log, items } => self.apply_entries(link, log, items).await,
+            Push::SubscriptionLost { log } => {
+                // Too slow for the push stream: read what was missed, then subscribe again.
+                let events = self.pull_logs().await?;
+                if let Some(chat) = self.client.logs()?.into_iter().find(|c| c.log == log) {
+                    let request = Request::Subscribe { log, after: chat.cursor };
+                    self.call(&chat.server, request, None).await?;
+                }
+                Ok(events)
+            }
+            _ => Ok(vec![]),
+        }
+    }
+
+    /// Keeps idle connections open (the server closes silent ones after five minutes).
+    pub(crate) async fn ping(&mut self) -> Result<()> {
+        let links: Vec<String> = self.conns.keys().cloned().collect();
+        for key in links {
+            let link = ServerLink::parse(&key)?;
+            self.call(&link, Request::Ping, None).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether any connection is open.
+    pub(crate) fn connected(&self) -> bool {
+        !self.conns.is_empty()
+    }
+}
+
+fn unexpected(outcome: Outcome) -> anyhow::Error {
+    match outcome {
+        Outcome::Refused(code) => anyhow!("the server refused: {code}"),
+        Outcome::Done(_) => anyhow!("the server answered with something unexpected"),
+    }
+}

@@ -1,0 +1,461 @@
+//! The client commands. Each runs against an open client and a [`driver::Driver`]; when
+//! `postern listen` owns the home, commands are handed to it over the home's control socket
+//! ([`control`]) instead of opening the store beside it.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use postern_client::{Client, ClientError, Event, InviteKind, InviteLink, KeySource, MessageState};
+use postern_proto::link::ServerLink;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+mod control;
+mod driver;
+
+use driver::Driver;
+
+/// Where the client's home is: `--home`, else `$XDG_DATA_HOME/postern/client`.
+pub(crate) fn home_dir(home: Option<PathBuf>) -> PathBuf {
+    home.unwrap_or_else(|| crate::data_dir().join("client"))
+}
+
+/// The store key: `POSTERN_PASSPHRASE` when set, else the home's key file.
+fn key_source() -> KeySource {
+    match std::env::var("POSTERN_PASSPHRASE") {
+        Ok(p) if !p.is_empty() => KeySource::Passphrase(Zeroizing::new(p)),
+        _ => KeySource::KeyFile,
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct InitArgs {
+    /// Your display name, shown to the people you connect with.
+    #[arg(long)]
+    name: String,
+    /// The link of your home server (`postern://server#…`).
+    #[arg(long)]
+    server: String,
+}
+
+pub(crate) fn init(home: &Path, args: InitArgs, json: bool) -> Result<()> {
+    let link = ServerLink::parse(&args.server).context("invalid server link")?;
+    let client = Client::init(home, key_source(), &args.name, link)?;
+    let who = client.whoami();
+    let mut driver = Driver::new(client);
+    runtime()?
+        .block_on(async {
+            let published = driver.publish().await;
+            driver.close().await;
+            published
+        })
+        .context("your identity is created; run `postern sync` to finish")?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        let line = serde_json::json!({
+            "event": "initialized",
+            "name": who.name,
+            "fingerprint": who.fingerprint,
+            "device": who.device,
+            "home": home.display().to_string(),
+        });
+        writeln!(out, "{line}")?;
+    } else {
+        writeln!(out, "Created the identity of {} in {}.", who.name, home.display())?;
+        writeln!(out, "Your safety number: {}", who.fingerprint)?;
+    }
+    Ok(())
+}
+
+/// A command that works on an existing home, in a form `listen` can be handed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum Command {
+    Whoami,
+    Fingerprint { contact: Option<String> },
+    Sync,
+    Invite { once: bool },
+    Connect { link: String },
+    Requests,
+    Accept { request: String },
+    Chats,
+    Contacts,
+    Send { chat: String, text: String },
+    Read { chat: String, limit: Option<usize> },
+}
+
+/// How long a command waits for another short-lived process to release the home.
+const BUSY_WAIT: Duration = Duration::from_secs(30);
+
+/// Runs a command: here when the home is free, else handed to the `listen` that owns it,
+/// else after waiting for the other process to finish.
+pub(crate) fn run(home: &Path, command: Command, json: bool) -> Result<()> {
+    let deadline = std::time::Instant::now() + BUSY_WAIT;
+    loop {
+        match Client::open(home, key_source()) {
+            Ok(client) => {
+                let mut out = Vec::new();
+                let result = runtime()?.block_on(async {
+                    let mut driver = Driver::new(client);
+                    let result = execute(&mut driver, &command, json, &mut out).await;
+                    driver.close().await;
+                    result
+                });
+                std::io::stdout().lock().write_all(&out)?;
+                return result;
+            }
+            Err(ClientError::Busy(dir)) => {
+                if let Some(reply) = control::forward(home, &command, json)? {
+                    std::io::stdout().lock().write_all(reply.output.as_bytes())?;
+                    return match reply.error {
+                        None => Ok(()),
+                        Some(e) => Err(anyhow!(e)),
+                    };
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(ClientError::Busy(dir).into());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Runs one command against an open client, writing its output to `out`.
+pub(crate) async fn execute(
+    driver: &mut Driver,
+    command: &Command,
+    json: bool,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    match command {
+        Command::Whoami => {
+            let who = driver.client.whoami();
+            if json {
+                let line = serde_json::json!({
+                    "name": who.name,
+                    "fingerprint": who.fingerprint,
+                    "device": who.device,
+                    "server": who.server,
+                });
+                writeln!(out, "{line}")?;
+            } else {
+                writeln!(out, "{}", who.name)?;
+                writeln!(out, "safety number: {}", who.fingerprint)?;
+                writeln!(out, "device: {}", who.device)?;
+                writeln!(out, "server: {}", who.server.join(", "))?;
+            }
+        }
+        Command::Fingerprint { contact } => {
+            let (name, fingerprint) = match contact {
+                None => {
+                    let who = driver.client.whoami();
+                    (who.name, who.fingerprint)
+                }
+                Some(wanted) => {
+                    let found = driver.client.contacts()?.into_iter().find(|c| c.name == *wanted);
+                    let c = found.ok_or_else(|| ClientError::NotFound(wanted.clone()))?;
+                    (c.name, c.fingerprint)
+                }
+            };
+            if json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({ "name": name, "fingerprint": fingerprint })
+                )?;
+            } else {
+                writeln!(out, "{fingerprint}")?;
+            }
+        }
+        Command::Sync => {
+            let published = driver.publish().await?;
+            let events = driver.sync().await?;
+            print_events(out, &events, json)?;
+            if json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({ "event": "synced", "published": published })
+                )?;
+            } else if published {
+                writeln!(out, "Published your mailbox and key packages.")?;
+            }
+        }
+        Command::Invite { once } => invite(driver, *once, json, out).await?,
+        Command::Connect { link } => connect(driver, link, json, out).await?,
+        Command::Requests => {
+            let events = sync_quietly(driver).await;
+            print_events(out, &events, json)?;
+            for r in driver.client.requests()? {
+                if json {
+                    let line = serde_json::json!({
+                        "request": r.id, "name": r.name, "fingerprint": r.fingerprint,
+                    });
+                    writeln!(out, "{line}")?;
+                } else {
+                    writeln!(out, "{}  {}  safety number {}", r.id, r.name, r.fingerprint)?;
+                }
+            }
+        }
+        Command::Accept { request } => {
+            let (chat, name) = driver.client.accept(request)?;
+            let sent = driver.flush().await;
+            report_connected(out, &chat, &name, json)?;
+            sent.context("the chat is created here; run `postern sync` to finish")?;
+        }
+        Command::Chats => {
+            for c in driver.client.chats()? {
+                if json {
+                    let line = serde_json::json!({
+                        "chat": c.id, "name": c.name, "unread": c.unread,
+                        "active": c.active, "fork_alarm": c.fork_alarm,
+                    });
+                    writeln!(out, "{line}")?;
+                } else {
+                    let mut flags = String::new();
+                    if !c.active {
+                        flags.push_str("  (not yet on the server: run `postern sync`)");
+                    }
+                    if c.fork_alarm {
+                        flags.push_str("  (WARNING: members disagree about this chat's state)");
+                    }
+                    writeln!(out, "{}  {}  {} unread{flags}", c.id, c.name, c.unread)?;
+                }
+            }
+        }
+        Command::Contacts => {
+            for c in driver.client.contacts()? {
+                if json {
+                    let line = serde_json::json!({ "name": c.name, "fingerprint": c.fingerprint });
+                    writeln!(out, "{line}")?;
+                } else {
+                    writeln!(out, "{}  safety number {}", c.name, c.fingerprint)?;
+                }
+            }
+        }
+        Command::Send { chat, text } => send(driver, chat, text, json, out).await?,
+        Command::Read { chat, limit } => {
+            sync_quietly(driver).await;
+            for m in driver.client.read(chat, *limit)? {
+                print_message(out, &m, json)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A sync whose failure is only a warning (the command goes on with what is stored here).
+async fn sync_quietly(driver: &mut Driver) -> Vec<Event> {
+    match driver.sync().await {
+        Ok(events) => events,
+        Err(e) => {
+            tracing::warn!("showing what is stored here: {e:#}");
+            vec![]
+        }
+    }
+}
+
+async fn invite(driver: &mut Driver, once: bool, json: bool, out: &mut Vec<u8>) -> Result<()> {
+    driver.publish().await?;
+    let kind = if once { InviteKind::Once } else { InviteKind::Address };
+    let today = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u32::try_from(d.as_secs() / 86_400).unwrap_or(u32::MAX));
+    let invite = driver.client.new_invite(kind, today)?;
+    driver
+        .send_signed(invite.requests, &invite.owner)
+        .await
+        .context("cannot register the invite")?;
+    let link = invite.link.to_link_string();
+    if json {
+        let kind = if once { "once" } else { "address" };
+        writeln!(out, "{}", serde_json::json!({ "event": "invite", "kind": kind, "link": link }))?;
+    } else {
+        let qr = qrcode::QrCode::new(link.as_bytes()).context("the link does not fit a QR code")?;
+        let art = qr.render::<qrcode::render::unicode::Dense1x2>().quiet_zone(true).build();
+        writeln!(out, "{art}")?;
+        writeln!(out, "{link}")?;
+        let note = if once {
+            "One-time invite: the first person to use it is connected to you."
+        } else {
+            "Address: each use arrives as a request for you to accept."
+        };
+        writeln!(
+            out,
+            "{note} Share it only with them; it expires in {} days.",
+            postern_client::INVITE_DAYS
+        )?;
+    }
+    Ok(())
+}
+
+async fn connect(driver: &mut Driver, link: &str, json: bool, out: &mut Vec<u8>) -> Result<()> {
+    let link = InviteLink::parse(link.trim()).context("invalid invite link")?;
+    if link.identity == driver.client.identity().identity_public() {
+        return Err(ClientError::OwnInvite.into());
+    }
+    match link.kind {
+        InviteKind::Once => {
+            let sealed = driver.claim(&link.server, link.token.clone()).await?;
+            let (chat, name) = driver.client.connect_once(&link, &sealed)?;
+            let sent = driver.flush().await;
+            report_connected(out, &chat, &name, json)?;
+            sent.context("the chat is created here; run `postern sync` to finish")?;
+        }
+        InviteKind::Address => {
+            driver.publish().await?;
+            driver.client.request_connect(&link)?;
+            driver
+                .flush()
+                .await
+                .context("the request is queued here; run `postern sync` to send it")?;
+            let fingerprint = postern_client::fingerprint(&link.identity);
+            if json {
+                let line = serde_json::json!({ "event": "requested", "fingerprint": fingerprint });
+                writeln!(out, "{line}")?;
+            } else {
+                writeln!(out, "Request sent to the person with safety number {fingerprint}.")?;
+                writeln!(out, "You are connected when they accept; `postern sync` picks it up.")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn report_connected(out: &mut Vec<u8>, chat: &str, name: &str, json: bool) -> Result<()> {
+    if json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({ "event": "connected", "chat": chat, "contact": name })
+        )?;
+    } else {
+        writeln!(out, "Connected with {name} (chat {chat}).")?;
+    }
+    Ok(())
+}
+
+async fn send(
+    driver: &mut Driver,
+    chat: &str,
+    text: &str,
+    json: bool,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let id = driver.client.queue_message(chat, text)?;
+    let flushed = driver.flush().await;
+    let state = driver.client.message_state(id)?;
+    match (state, flushed) {
+        (MessageState::Sent, _) => {
+            if json {
+                writeln!(out, "{}", serde_json::json!({ "event": "sent", "chat": chat }))?;
+            }
+            Ok(())
+        }
+        (MessageState::Failed, _) => Err(anyhow!("the server refused the message")),
+        (_, Err(e)) => {
+            Err(e.context("the message is queued and goes out with the next `postern sync`"))
+        }
+        (_, Ok(_)) => Err(anyhow!(
+            "the chat is not on the server yet; the message is queued for the next `postern sync`"
+        )),
+    }
+}
+
+pub(crate) fn print_message(
+    out: &mut Vec<u8>,
+    m: &postern_client::Message,
+    json: bool,
+) -> Result<()> {
+    if json {
+        let line = serde_json::json!({
+            "chat": m.chat, "seq": m.seq, "from": m.from, "outgoing": m.outgoing,
+            "text": m.text, "sent_at": m.sent_at, "state": m.state.as_str(),
+        });
+        writeln!(out, "{line}")?;
+    } else {
+        let state = match m.state {
+            MessageState::Queued => " (queued)",
+            MessageState::Failed => " (not delivered)",
+            MessageState::Sent | MessageState::Received => "",
+        };
+        writeln!(out, "{}: {}{state}", m.from, m.text)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn print_events(out: &mut Vec<u8>, events: &[Event], json: bool) -> Result<()> {
+    for event in events {
+        match event {
+            Event::Message(m) => {
+                if json {
+                    let line = serde_json::json!({
+                        "event": "message", "chat": m.chat, "seq": m.seq, "from": m.from,
+                        "outgoing": m.outgoing, "text": m.text, "sent_at": m.sent_at,
+                    });
+                    writeln!(out, "{line}")?;
+                } else {
+                    writeln!(out, "[{}] {}: {}", m.chat, m.from, m.text)?;
+                }
+            }
+            Event::Connected { chat, contact } => {
+                if json {
+                    let line = serde_json::json!({ "event": "connected", "chat": chat, "contact": contact });
+                    writeln!(out, "{line}")?;
+                } else {
+                    writeln!(out, "Connected with {contact} (chat {chat}).")?;
+                }
+            }
+            Event::Request(r) => {
+                if json {
+                    let line = serde_json::json!({
+                        "event": "request", "request": r.id, "name": r.name,
+                        "fingerprint": r.fingerprint,
+                    });
+                    writeln!(out, "{line}")?;
+                } else {
+                    writeln!(out, "{} asks to connect: `postern accept {}`.", r.name, r.id)?;
+                }
+            }
+            Event::Skipped { chat, seq } => {
+                tracing::warn!(%chat, seq, "skipped a log entry that does not open");
+            }
+            Event::ForkAlarm { chat } => {
+                if json {
+                    writeln!(
+                        out,
+                        "{}",
+                        serde_json::json!({ "event": "fork_alarm", "chat": chat })
+                    )?;
+                } else {
+                    writeln!(out, "WARNING: members of chat {chat} disagree about its state.")?;
+                }
+            }
+            Event::Failed { chat } => {
+                if json {
+                    writeln!(out, "{}", serde_json::json!({ "event": "failed", "chat": chat }))?;
+                } else {
+                    writeln!(out, "A message in chat {chat} could not be delivered.")?;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// `postern listen`: own the home, print what arrives, and serve the other commands.
+pub(crate) fn listen(home: &Path, json: bool) -> Result<()> {
+    let client = Client::open(home, key_source())?;
+    runtime()?.block_on(control::listen(Driver::new(client), home, json))
+}
