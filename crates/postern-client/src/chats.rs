@@ -136,16 +136,26 @@ fn arr<const N: usize>(v: &[u8]) -> Result<[u8; N], ClientError> {
     v.try_into().map_err(|_| bad("a stored value has the wrong size"))
 }
 
-/// Test hook: with `POSTERN_TEST_PAUSE_AT=<point>`, the process stops at that point of the
-/// state machine (after saying so on stderr) and waits to be killed. Crash tests use it to
-/// SIGKILL the client at an exact step. Unset, it does nothing.
+/// Test hook: with `POSTERN_TEST_PAUSE_AT=<point>` (or `<point>#<n>` for its n-th passage),
+/// the process stops at that point of the state machine, says so on stderr and waits to be
+/// killed. Crash tests use it to SIGKILL the client at an exact step. Unset, it does nothing.
 pub fn pause_point(point: &str) {
-    if std::env::var("POSTERN_TEST_PAUSE_AT").is_ok_and(|p| p == point) {
-        use std::io::Write;
-        let _ = writeln!(std::io::stderr(), "postern: paused at {point}");
-        loop {
-            std::thread::sleep(std::time::Duration::from_secs(3600));
-        }
+    static PASSED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let Ok(wanted) = std::env::var("POSTERN_TEST_PAUSE_AT") else { return };
+    let (name, nth) = match wanted.split_once('#') {
+        Some((name, n)) => (name, n.parse().unwrap_or(1)),
+        None => (wanted.as_str(), 1),
+    };
+    if name != point {
+        return;
+    }
+    if PASSED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 != nth {
+        return;
+    }
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "postern: paused at {point}");
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
     }
 }
 
@@ -322,15 +332,6 @@ pub enum OutboxOp {
         /// The owner key.
         owner: SigningKey,
     },
-    /// Revoke a used one-time drop address, signed by the owner key.
-    DropRevoke {
-        /// Our mailbox.
-        mailbox: MailboxId,
-        /// The address.
-        drop: DropId,
-        /// The owner key.
-        owner: SigningKey,
-    },
 }
 
 impl std::fmt::Debug for OutboxOp {
@@ -340,7 +341,6 @@ impl std::fmt::Debug for OutboxOp {
             OutboxOp::Append { .. } => "Append",
             OutboxOp::Drop { .. } => "Drop",
             OutboxOp::DropCreate { .. } => "DropCreate",
-            OutboxOp::DropRevoke { .. } => "DropRevoke",
         })
     }
 }
@@ -905,11 +905,6 @@ pub(crate) fn next_outbox(ctx: &Ctx<'_>, skip: &[i64]) -> Result<Option<OutboxIt
                 drop: DropId(arr(&target)?),
                 owner: signer()?,
             },
-            "drop_revoke" => OutboxOp::DropRevoke {
-                mailbox: MailboxId(arr(&body)?),
-                drop: DropId(arr(&target)?),
-                owner: signer()?,
-            },
             _ => return Err(bad("unknown outbox item")),
         };
         return Ok(Some(OutboxItem { id, server: ServerLink::parse(&server)?, op }));
@@ -1199,25 +1194,15 @@ pub(crate) fn receive_drop(
                 members.iter().map(|m| m.identity_key).filter(|k| *k != me).collect();
             others.dedup();
             let [other] = others[..] else { return Err(MlsError::Invalid.into()) };
-            match invite {
-                Some((kind, Some(expected))) if kind == "reply" && expected != other.0 => {
-                    return Err(MlsError::BadCredential.into());
-                }
-                Some((kind, _)) if kind == "once" => {
-                    // A used one-time address is revoked, so nobody else can drop into it.
-                    let keys = mailbox_keys(ctx)?;
-                    let owner = keys.owner.to_bytes();
-                    insert_outbox(
-                        ctx.db,
-                        None,
-                        "drop_revoke",
-                        &ctx.server.to_link_string(),
-                        &drop.0,
-                        &keys.mailbox.0,
-                        (Some(&owner[..]), None, None),
-                    )?;
-                }
-                _ => {}
+            // A Welcome through the drop address of our own request must come from the person
+            // we asked. A used one-time address is not revoked here: revoking deletes unread
+            // items, and our other devices may not have fetched this Welcome yet. Nobody can
+            // use the invite again anyway, since its claim token is spent.
+            if let Some((kind, Some(expected))) = invite
+                && kind == "reply"
+                && expected != other.0
+            {
+                return Err(MlsError::BadCredential.into());
             }
             ctx.db
                 .execute("UPDATE invites SET used = 1 WHERE drop_id = ?1", [&drop.0[..]])

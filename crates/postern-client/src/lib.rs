@@ -247,6 +247,29 @@ impl Client {
         Ok(Client { home, store, identity, server })
     }
 
+    /// A second device of `existing`'s user in `dir`: the same identity, mailbox and name,
+    /// a new device key. **Test hook**: real device linking (a QR code between devices,
+    /// with its own key transfer) is not built yet; the CLI exposes this only as a hidden
+    /// flag so tests can run a user with two devices.
+    pub fn init_device_of(
+        dir: &Path,
+        key: KeySource,
+        existing: &Client,
+    ) -> Result<Self, ClientError> {
+        if dir.join(store::DATABASE).exists() {
+            return Err(ClientError::AlreadyInitialized(dir.to_owned()));
+        }
+        let home = Home::lock(dir, true)?;
+        let mut identity = Identity::generate(&existing.identity.name);
+        identity.identity_key = existing.identity.identity_key.clone();
+        let store = store::Store::create(home.dir(), &key)?;
+        store.save_identity(&identity, &existing.server)?;
+        store.save_mailbox(&existing.mailbox()?)?;
+        let (private, public) = existing.store.hpke_keypair()?;
+        store.set_hpke_keypair(&private, &public)?;
+        Ok(Client { home, store, identity, server: existing.server.clone() })
+    }
+
     /// Opens the client in `dir`.
     pub fn open(dir: &Path, key: KeySource) -> Result<Self, ClientError> {
         let home = Home::lock(dir, false)?;

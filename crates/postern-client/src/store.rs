@@ -195,6 +195,20 @@ impl Store {
         hpke_keypair(&self.conn)
     }
 
+    pub(crate) fn set_hpke_keypair(
+        &self,
+        private: &[u8; 32],
+        public: &[u8; 32],
+    ) -> Result<(), ClientError> {
+        self.conn
+            .execute(
+                "UPDATE mailbox SET hpke_private = ?1, hpke_public = ?2 WHERE id = 1",
+                params![&private[..], &public[..]],
+            )
+            .map_err(db_err)?;
+        Ok(())
+    }
+
     /// The connection, for reads outside a transaction.
     pub(crate) fn conn(&self) -> &Connection {
         &self.conn

@@ -71,7 +71,7 @@ impl TestServer {
         let data_dir = data_dir.unwrap_or_else(|| root.path().join("data"));
         let log_path = root.path().join("server.log");
         let env = extra_env;
-        let (child, link, admin) = launch(bin, &data_dir, &log_path, &env).await;
+        let (child, link, admin) = launch(bin, "127.0.0.1:0", &data_dir, &log_path, &env).await;
         TestServer {
             bin: bin.to_owned(),
             child: Some(child),
@@ -119,11 +119,13 @@ impl TestServer {
         status.success()
     }
 
-    /// Starts the server again on the same data directory (a new port; same keys and secret).
+    /// Starts the server again on the same data directory and address (same keys and
+    /// secret), so clients holding its link reach it again.
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "stop the server first");
+        let addr = self.link.addrs.first().cloned().expect("the link has an address");
         let (child, link, admin) =
-            launch(&self.bin, &self.data_dir, &self.log_path, &self.extra_env).await;
+            launch(&self.bin, &addr, &self.data_dir, &self.log_path, &self.extra_env).await;
         self.child = Some(child);
         self.link = link;
         self.admin = admin;
@@ -157,6 +159,7 @@ impl TestServer {
 
 async fn launch(
     bin: &Path,
+    listen: &str,
     data_dir: &Path,
     log_path: &Path,
     extra_env: &[(String, String)],
@@ -167,7 +170,7 @@ async fn launch(
         .open(log_path)
         .expect("server log file");
     let mut cmd = Command::new(bin);
-    cmd.args(["--json", "server", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--data"])
+    cmd.args(["--json", "server", "--listen", listen, "--admin", "127.0.0.1:0", "--data"])
         .arg(data_dir)
         .env("POSTERN_LOG", "debug")
         .envs(extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))

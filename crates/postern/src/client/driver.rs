@@ -167,18 +167,13 @@ impl Driver {
             OutboxOp::DropCreate { mailbox, drop, owner } => {
                 (Request::DropCreate { mailbox, drop }, Some(owner))
             }
-            OutboxOp::DropRevoke { mailbox, drop, owner } => {
-                (Request::DropRevoke { mailbox, drop }, Some(owner))
-            }
         };
         let creates = matches!(request, Request::LogCreate { .. } | Request::DropCreate { .. });
-        let revokes = matches!(request, Request::DropRevoke { .. });
         Ok(match self.call(&link, request, signer.as_ref()).await? {
             Outcome::Done(Response::Seq(seq)) => Ok(Some(seq)),
             Outcome::Done(_) => Ok(None),
             // Our own fresh ids: taken means an earlier attempt created it.
             Outcome::Refused(ErrorCode::Conflict) if creates => Ok(None),
-            Outcome::Refused(ErrorCode::NotFound) if revokes => Ok(None),
             // Worth retrying later: the item stays.
             Outcome::Refused(
                 code @ (ErrorCode::RateLimited

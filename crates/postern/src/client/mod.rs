@@ -43,13 +43,26 @@ pub(crate) struct InitArgs {
     #[arg(long)]
     name: String,
     /// The link of your home server (`postern://server#…`).
-    #[arg(long)]
-    server: String,
+    #[arg(long, required_unless_present = "test_device_of")]
+    server: Option<String>,
+    /// Test hook: make this home a second device of the user in DIR (same identity and
+    /// mailbox). Real device linking is not built yet.
+    #[arg(long, hide = true, value_name = "DIR", conflicts_with = "server")]
+    test_device_of: Option<PathBuf>,
 }
 
 pub(crate) fn init(home: &Path, args: InitArgs, json: bool) -> Result<()> {
-    let link = ServerLink::parse(&args.server).context("invalid server link")?;
-    let client = Client::init(home, key_source(), &args.name, link)?;
+    let client = match (&args.server, &args.test_device_of) {
+        (Some(server), _) => {
+            let link = ServerLink::parse(server).context("invalid server link")?;
+            Client::init(home, key_source(), &args.name, link)?
+        }
+        (None, Some(first)) => {
+            let first = Client::open(first, key_source())?;
+            Client::init_device_of(home, key_source(), &first)?
+        }
+        (None, None) => anyhow::bail!("--server is required"),
+    };
     let who = client.whoami();
     let mut driver = Driver::new(client);
     runtime()?
@@ -194,8 +207,8 @@ pub(crate) async fn execute(
         Command::Invite { once } => invite(driver, *once, json, out).await?,
         Command::Connect { link } => connect(driver, link, json, out).await?,
         Command::Requests => {
-            let events = sync_quietly(driver).await;
-            print_events(out, &events, json)?;
+            // New messages stay stored for `read`; the requests are the list below.
+            sync_quietly(driver).await;
             for r in driver.client.requests()? {
                 if json {
                     let line = serde_json::json!({

@@ -16,7 +16,7 @@ fn doc() -> String {
 }
 
 /// Every file under `dir`, recursively.
-fn files(dir: &Path) -> Vec<std::path::PathBuf> {
+pub(crate) fn files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
@@ -29,7 +29,7 @@ fn files(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-fn encodings(bytes: &[u8]) -> Vec<Vec<u8>> {
+pub(crate) fn encodings(bytes: &[u8]) -> Vec<Vec<u8>> {
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     vec![
         bytes.to_vec(),
@@ -40,7 +40,7 @@ fn encodings(bytes: &[u8]) -> Vec<Vec<u8>> {
     ]
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+pub(crate) fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
