@@ -6,7 +6,6 @@
 //! `listen`, on the store it already holds open, so two processes never open the state side
 //! by side.
 
-use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::time::Duration;
@@ -71,18 +70,19 @@ fn emit(out: &[u8]) {
     let _ = stdout.flush();
 }
 
-/// Syncs and subscribes to every chat not yet subscribed. Errors are reported and retried
-/// at the next poll.
-async fn catch_up(driver: &mut Driver, subscribed: &mut HashSet<[u8; 32]>, json: bool) {
+/// Polls (reconnecting when a connection was lost) and subscribes to every chat not yet
+/// subscribed on its server's current connection; a subscription from the chat's cursor
+/// brings what was missed. Errors are reported and retried at the next poll.
+async fn catch_up(driver: &mut Driver, json: bool) {
     let mut out = Vec::new();
-    match driver.sync().await {
+    match driver.poll().await {
         Ok(events) => {
             let _ = print_events(&mut out, &events, json);
         }
         Err(e) => tracing::warn!("{e:#}"),
     }
     emit(&out);
-    if let Err(e) = driver.subscribe_new(subscribed).await {
+    if let Err(e) = driver.subscribe_new().await {
         tracing::warn!("{e:#}");
     }
 }
@@ -95,8 +95,7 @@ pub(crate) async fn listen(mut driver: Driver, home: &Path, json: bool) -> Resul
         .with_context(|| format!("cannot listen on {}", path.display()))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    let mut subscribed = HashSet::new();
-    catch_up(&mut driver, &mut subscribed, json).await;
+    catch_up(&mut driver, json).await;
     if json {
         emit(format!("{}\n", serde_json::json!({ "event": "listening" })).as_bytes());
     } else {
@@ -110,7 +109,7 @@ pub(crate) async fn listen(mut driver: Driver, home: &Path, json: bool) -> Resul
             accepted = listener.accept() => {
                 if let Ok((stream, _)) = accepted {
                     serve(&mut driver, stream).await;
-                    if let Err(e) = driver.subscribe_new(&mut subscribed).await {
+                    if let Err(e) = driver.subscribe_new().await {
                         tracing::warn!("{e:#}");
                     }
                 }
@@ -124,12 +123,7 @@ pub(crate) async fn listen(mut driver: Driver, home: &Path, json: bool) -> Resul
                 }
                 emit(&out);
             }
-            _ = poll.tick() => {
-                if !driver.connected() {
-                    subscribed.clear();
-                }
-                catch_up(&mut driver, &mut subscribed, json).await;
-            }
+            _ = poll.tick() => catch_up(&mut driver, json).await,
             _ = ping.tick() => {
                 if let Err(e) = driver.ping().await {
                     tracing::warn!("{e:#}");

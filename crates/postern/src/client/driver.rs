@@ -3,7 +3,7 @@
 //! must survive a crash is in the client store, written by the core before or after each
 //! network step.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
@@ -29,12 +29,15 @@ enum Outcome {
 /// The client core and its connections.
 pub(crate) struct Driver {
     pub(crate) client: Client,
+    /// One connection per server link.
     conns: HashMap<String, Connection>,
+    /// The logs subscribed on each server's current connection.
+    subscribed: HashMap<String, HashSet<LogId>>,
 }
 
 impl Driver {
     pub(crate) fn new(client: Client) -> Self {
-        Driver { client, conns: HashMap::new() }
+        Driver { client, conns: HashMap::new(), subscribed: HashMap::new() }
     }
 
     /// The connection to a server, opened on first use.
@@ -44,6 +47,8 @@ impl Driver {
             let conn = Connection::connect(link)
                 .await
                 .with_context(|| format!("cannot reach the server at {}", link.addrs.join(", ")))?;
+            // A new connection starts with no subscriptions.
+            self.subscribed.remove(&key);
             self.conns.insert(key.clone(), conn);
         }
         self.conns.get_mut(&key).ok_or_else(|| anyhow!("connection vanished"))
@@ -312,14 +317,24 @@ impl Driver {
         Ok(events)
     }
 
-    /// Subscribes to each active chat's log not in `subscribed`, from its cursor (after a
-    /// sync, so pushes carry only what is new).
-    pub(crate) async fn subscribe_new(
-        &mut self,
-        subscribed: &mut std::collections::HashSet<[u8; 32]>,
-    ) -> Result<()> {
+    /// What `listen` does between pushes: publish, send the outbox, read the mailbox (it has
+    /// no push), send what that queued. Logs come by subscription.
+    pub(crate) async fn poll(&mut self) -> Result<Vec<Event>> {
+        self.publish().await?;
+        let mut events = self.flush().await?;
+        events.extend(self.fetch_mailbox().await?);
+        events.extend(self.flush().await?);
+        Ok(events)
+    }
+
+    /// Subscribes to each active chat's log not yet subscribed on its server's current
+    /// connection, from its cursor (after a sync, so pushes carry only what is new).
+    pub(crate) async fn subscribe_new(&mut self) -> Result<()> {
         for chat in self.client.logs()? {
-            if subscribed.contains(&chat.log.0) {
+            let key = chat.server.to_link_string();
+            if self.conns.contains_key(&key)
+                && self.subscribed.get(&key).is_some_and(|s| s.contains(&chat.log))
+            {
                 continue;
             }
             let request = Request::Subscribe { log: chat.log, after: chat.cursor };
@@ -328,7 +343,7 @@ impl Driver {
                     tracing::warn!(chat = %chat.chat, %code, "cannot subscribe to a chat's log");
                 }
                 Outcome::Done(_) => {
-                    subscribed.insert(chat.log.0);
+                    self.subscribed.entry(key).or_default().insert(chat.log);
                 }
             }
         }
@@ -387,11 +402,6 @@ impl Driver {
             self.call(&link, Request::Ping, None).await?;
         }
         Ok(())
-    }
-
-    /// Whether any connection is open.
-    pub(crate) fn connected(&self) -> bool {
-        !self.conns.is_empty()
     }
 }
 

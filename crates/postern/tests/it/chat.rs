@@ -265,7 +265,7 @@ async fn five_hundred_messages_arrive_in_order_without_duplicates() {
 
 #[tokio::test]
 async fn send_while_listen_runs_is_handed_to_it() {
-    let server = TestServer::start(bin()).await;
+    let mut server = TestServer::start(bin()).await;
     let dir = tempfile::tempdir().unwrap();
     let alice = init(dir.path(), "Alice", &server);
     let bob = init(dir.path(), "Bob", &server);
@@ -318,12 +318,30 @@ async fn send_while_listen_runs_is_handed_to_it() {
         "`read` while listening shows the same history"
     );
 
+    // The server restarts under a running listen: it reconnects, subscribes again, and
+    // what was sent meanwhile arrives once. `send -` reads the text from stdin.
+    server.kill().await;
+    server.restart().await;
+    let mut send = command(&bob, &["send", "Alice", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut send.stdin.take().unwrap(), b"after the restart\n").unwrap();
+    let out = send.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(next("message")["text"], "after the restart");
+
     // SIGTERM stops listen and removes its socket; the home works directly again.
     let pid = listen.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     assert!(listen.wait().unwrap().success());
     assert!(!alice.join("control.sock").exists());
     assert_eq!(ok(&alice, &["whoami"])[0]["name"], "Alice");
+    assert_eq!(
+        texts(&alice, "Bob"),
+        ["pushed to a listening client", "sent through listen", "after the restart"]
+    );
 }
 
 #[tokio::test]
