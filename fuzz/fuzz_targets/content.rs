@@ -1,8 +1,8 @@
 //! Payloads other clients send inside encryption: claimed key packages, mailbox drops and
-//! application messages. Each decoder must refuse or round-trip exactly.
+//! application messages, and the group context extension with a group's rules. Each decoder must refuse or round-trip exactly.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use postern_proto::content::{AppMessage, DropPayload, KeyPackagePayload};
+use postern_proto::content::{AppMessage, DropPayload, GroupMeta, KeyPackagePayload};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(p) = KeyPackagePayload::decode(data) {
@@ -12,6 +12,9 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(p.encode(), data);
     }
     if let Ok(m) = AppMessage::decode(data) {
+        assert_eq!(m.encode(), data);
+    }
+    if let Ok(m) = GroupMeta::decode(data) {
         assert_eq!(m.encode(), data);
     }
 });

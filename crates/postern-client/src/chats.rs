@@ -23,12 +23,13 @@ use openmls_traits::crypto::OpenMlsCrypto as _;
 use openmls_traits::types::{HpkeAeadType, HpkeCiphertext, HpkeConfig, HpkeKdfType, HpkeKemType};
 use postern_proto::content::{AppMessage, Content, DropPayload, KeyPackagePayload, MAX_TEXT};
 use postern_proto::envelope::Envelope;
-use postern_proto::ids::{DropId, IdemKey, LogId, MailboxId, PublicKey};
+use postern_proto::ids::{DropId, IdemKey, LogId, MailboxId, PublicKey, TokenHash};
 use postern_proto::link::{InviteLink, ServerLink};
 use rand::RngCore;
 use rusqlite::{Connection, OptionalExtension, params};
 use zeroize::Zeroizing;
 
+use crate::groups::{self, Invitee, WelcomeTarget};
 use crate::identity::{DeviceCredential, Identity, fingerprint};
 use crate::mls::{self, EpochKeys, MlsError, Provider, Received};
 use crate::{ClientError, envelope};
@@ -108,21 +109,56 @@ ALTER TABLE invites ADD COLUMN used INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE invites ADD COLUMN expect_identity BLOB;
 "#;
 
-fn dbe(e: rusqlite::Error) -> ClientError {
+/// Groups: chat kinds and membership state, acknowledged-but-unresolved commits, contact
+/// cards, names of group members who are not contacts, and intents.
+pub(crate) const MIGRATION_GROUPS: &str = r#"
+ALTER TABLE chats ADD COLUMN kind TEXT NOT NULL DEFAULT 'direct';
+ALTER TABLE chats ADD COLUMN title TEXT;
+ALTER TABLE chats ADD COLUMN state TEXT NOT NULL DEFAULT 'member';
+ALTER TABLE chats ADD COLUMN leave_epoch INTEGER;
+ALTER TABLE chats ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE outbox ADD COLUMN acked_seq INTEGER;
+ALTER TABLE contacts ADD COLUMN card BLOB;
+CREATE TABLE names (
+    identity_key BLOB PRIMARY KEY,
+    name         TEXT NOT NULL
+);
+CREATE TABLE own_entries (
+    chat_id INTEGER NOT NULL REFERENCES chats(id),
+    idem    BLOB NOT NULL,
+    PRIMARY KEY (chat_id, idem)
+);
+CREATE TABLE intents (
+    id       INTEGER PRIMARY KEY,
+    chat_id  INTEGER NOT NULL REFERENCES chats(id),
+    kind     TEXT NOT NULL,
+    identity BLOB NOT NULL,
+    payload  BLOB,
+    state    TEXT NOT NULL
+);
+"#;
+
+pub(crate) fn dbe(e: rusqlite::Error) -> ClientError {
     ClientError::Store(e.to_string())
 }
 
-fn bad(what: &'static str) -> ClientError {
+pub(crate) fn bad(what: &'static str) -> ClientError {
     ClientError::Internal(what)
 }
 
-fn now_ms() -> u64 {
+/// Days since the Unix epoch, as the server counts expiry.
+pub(crate) fn today() -> u32 {
+    u32::try_from(now_ms() / 86_400_000).unwrap_or(u32::MAX)
+}
+
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-fn random<const N: usize>() -> [u8; N] {
+pub(crate) fn random<const N: usize>() -> [u8; N] {
     let mut out = [0u8; N];
     rand::rngs::OsRng.fill_bytes(&mut out);
     out
@@ -132,7 +168,7 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn arr<const N: usize>(v: &[u8]) -> Result<[u8; N], ClientError> {
+pub(crate) fn arr<const N: usize>(v: &[u8]) -> Result<[u8; N], ClientError> {
     v.try_into().map_err(|_| bad("a stored value has the wrong size"))
 }
 
@@ -176,7 +212,7 @@ pub struct Contact {
 pub struct ChatSummary {
     /// The chat's local id.
     pub id: String,
-    /// The contact's name.
+    /// The contact's name, or the group's.
     pub name: String,
     /// Messages received and not yet shown by `read`.
     pub unread: u64,
@@ -184,6 +220,10 @@ pub struct ChatSummary {
     pub active: bool,
     /// Set when a member's view of the group differs from ours (a fork).
     pub fork_alarm: bool,
+    /// A group (not a 1:1 chat).
+    pub group: bool,
+    /// False once we have left or been removed.
+    pub member: bool,
 }
 
 /// Where an outgoing message stands.
@@ -282,6 +322,11 @@ pub enum Event {
         /// The chat.
         chat: String,
     },
+    /// We were removed from a group (or our leave was committed).
+    Removed {
+        /// The chat.
+        chat: String,
+    },
 }
 
 /// One request for the server, as the outbox holds it.
@@ -323,6 +368,19 @@ pub enum OutboxOp {
         /// The sealed payload.
         body: Vec<u8>,
     },
+    /// Register a claim token (for a contact card) on our mailbox, signed by the owner key.
+    ClaimTokenCreate {
+        /// Our mailbox.
+        mailbox: MailboxId,
+        /// The token's hash.
+        token_hash: TokenHash,
+        /// When it expires.
+        expires_day: u32,
+        /// Claims allowed per day.
+        per_day: u16,
+        /// The owner key.
+        owner: SigningKey,
+    },
     /// Register a drop address on our mailbox, signed by the owner key.
     DropCreate {
         /// Our mailbox.
@@ -341,6 +399,7 @@ impl std::fmt::Debug for OutboxOp {
             OutboxOp::Append { .. } => "Append",
             OutboxOp::Drop { .. } => "Drop",
             OutboxOp::DropCreate { .. } => "DropCreate",
+            OutboxOp::ClaimTokenCreate { .. } => "ClaimTokenCreate",
         })
     }
 }
@@ -367,7 +426,7 @@ const HPKE_INFO: &[u8] = b"postern/v1/drop";
 const KEM_OUTPUT: usize = 32;
 
 /// HPKE-seals a drop payload to a mailbox key: `kem_output [32] · ciphertext`.
-fn seal_drop(
+pub(crate) fn seal_drop(
     provider: &Provider<'_>,
     hpke_key: &[u8; 32],
     payload: &DropPayload,
@@ -401,7 +460,7 @@ fn open_drop(
 // ---------------------------------------------------------------------------------------
 // Small store helpers
 
-fn new_ref(db: &Connection, table: &str) -> Result<String, ClientError> {
+pub(crate) fn new_ref(db: &Connection, table: &str) -> Result<String, ClientError> {
     loop {
         let candidate = hex(&random::<4>());
         let taken: bool = db
@@ -419,7 +478,7 @@ fn new_ref(db: &Connection, table: &str) -> Result<String, ClientError> {
 
 /// The contact for an identity, created when new with a name unique among our contacts and
 /// different from our own.
-fn contact_for(
+pub(crate) fn contact_for(
     ctx: &Ctx<'_>,
     identity: &PublicKey,
     chosen: &str,
@@ -459,7 +518,7 @@ fn contact_for(
     Ok((db.last_insert_rowid(), name))
 }
 
-fn save_epoch(db: &Connection, chat: i64, keys: &EpochKeys) -> Result<(), ClientError> {
+pub(crate) fn save_epoch(db: &Connection, chat: i64, keys: &EpochKeys) -> Result<(), ClientError> {
     db.execute(
         "INSERT OR REPLACE INTO chat_epochs (chat_id, epoch, key_id, append_secret, envelope_key, auth_tag)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -507,61 +566,90 @@ fn epoch_by_key_id(
     }))
 }
 
-struct ChatRow {
-    id: i64,
-    reference: String,
-    group_id: Vec<u8>,
-    log: LogId,
-    cursor: u64,
-    active: bool,
+pub(crate) struct ChatRow {
+    pub(crate) id: i64,
+    pub(crate) reference: String,
+    pub(crate) group_id: Vec<u8>,
+    pub(crate) log: LogId,
+    pub(crate) cursor: u64,
+    pub(crate) active: bool,
+    pub(crate) kind: String,
+    pub(crate) state: String,
+    pub(crate) server: String,
+    pub(crate) leave_epoch: Option<u64>,
 }
 
-fn chat_row(
+pub(crate) fn chat_row(
     db: &Connection,
     where_: &str,
     arg: &dyn rusqlite::ToSql,
 ) -> Result<Option<ChatRow>, ClientError> {
-    db.query_row(
-        &format!("SELECT id, ref, group_id, log_id, cursor, active FROM chats WHERE {where_}"),
-        [arg],
-        |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, Vec<u8>>(2)?,
-                r.get::<_, Vec<u8>>(3)?,
-                r.get::<_, u64>(4)?,
-                r.get::<_, bool>(5)?,
-            ))
-        },
-    )
-    .optional()
-    .map_err(dbe)?
-    .map(|(id, reference, group_id, log, cursor, active)| {
-        Ok(ChatRow { id, reference, group_id, log: LogId(arr(&log)?), cursor, active })
-    })
-    .transpose()
+    let row = db
+        .query_row(
+            &format!(
+                "SELECT id, ref, group_id, log_id, cursor, active, kind, state, server_link, leave_epoch
+                 FROM chats WHERE {where_}"
+            ),
+            [arg],
+            |r| {
+                Ok((
+                    (r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?),
+                    (r.get::<_, Vec<u8>>(3)?, r.get::<_, u64>(4)?, r.get::<_, bool>(5)?),
+                    (r.get::<_, String>(6)?, r.get::<_, String>(7)?, r.get::<_, String>(8)?),
+                    r.get::<_, Option<u64>>(9)?,
+                ))
+            },
+        )
+        .optional()
+        .map_err(dbe)?;
+    let Some((
+        (id, reference, group_id),
+        (log, cursor, active),
+        (kind, state, server),
+        leave_epoch,
+    )) = row
+    else {
+        return Ok(None);
+    };
+    Ok(Some(ChatRow {
+        id,
+        reference,
+        group_id,
+        log: LogId(arr(&log)?),
+        cursor,
+        active,
+        kind,
+        state,
+        server,
+        leave_epoch,
+    }))
 }
 
-fn identity_name(ctx: &Ctx<'_>, identity: &PublicKey) -> Result<String, ClientError> {
+pub(crate) fn identity_name(ctx: &Ctx<'_>, identity: &PublicKey) -> Result<String, ClientError> {
     if *identity == ctx.me.identity_public() {
         return Ok(ctx.me.name.clone());
     }
+    // A contact by our name for them; a group member who is not a contact by the name they
+    // chose, marked so nobody passes for a contact.
     let name: Option<String> = ctx
         .db
-        .query_row("SELECT name FROM contacts WHERE identity_key = ?1", [&identity.0[..]], |r| {
-            r.get(0)
-        })
+        .query_row(
+            "SELECT name FROM contacts WHERE identity_key = ?1
+             UNION ALL SELECT name || ' (not a contact)' FROM names WHERE identity_key = ?1
+             LIMIT 1",
+            [&identity.0[..]],
+            |r| r.get(0),
+        )
         .optional()
         .map_err(dbe)?;
     Ok(name.unwrap_or_else(|| "unknown".to_owned()))
 }
 
-fn mailbox_keys(ctx: &Ctx<'_>) -> Result<crate::MailboxKeys, ClientError> {
+pub(crate) fn mailbox_keys(ctx: &Ctx<'_>) -> Result<crate::MailboxKeys, ClientError> {
     crate::store::read_mailbox(ctx.db)?.map(|(k, _)| k).ok_or(bad("no mailbox"))
 }
 
-fn insert_outbox(
+pub(crate) fn insert_outbox(
     db: &Connection,
     chat: Option<i64>,
     kind: &str,
@@ -571,10 +659,17 @@ fn insert_outbox(
     extra: (Option<&[u8]>, Option<&[u8]>, Option<i64>),
 ) -> Result<(), ClientError> {
     let (signer, hpke_key, message) = extra;
+    // An envelope's own idempotency key, so we recognise it when we read it back.
+    let idem = match kind {
+        "commit" | "message" | "proposal" => {
+            Envelope::decode(body).map_err(|_| bad("queued envelope does not decode"))?.idem.0
+        }
+        _ => random(),
+    };
     db.execute(
         "INSERT INTO outbox (chat_id, kind, server_link, target, idem, body, signer, hpke_key, message_id)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        params![chat, kind, server, target, &random::<16>()[..], body, signer, hpke_key, message],
+        params![chat, kind, server, target, &idem[..], body, signer, hpke_key, message],
     )
     .map_err(dbe)?;
     Ok(())
@@ -582,84 +677,6 @@ fn insert_outbox(
 
 // ---------------------------------------------------------------------------------------
 // Creating chats
-
-/// The members' key packages for a new chat, with the person's identity and name.
-struct Invitee<'a> {
-    identity: PublicKey,
-    name: &'a str,
-    key_packages: Vec<Vec<u8>>,
-    /// Where the Welcome goes: server link, drop address, HPKE key.
-    welcome_to: (String, DropId, [u8; 32]),
-}
-
-/// Creates the group and the chat, and queues `log_create`, the commit and the Welcome
-/// (released once the commit has won). Returns the chat id and the contact's name.
-fn create_chat(ctx: &Ctx<'_>, invitee: Invitee<'_>) -> Result<(String, String), ClientError> {
-    let members = invitee
-        .key_packages
-        .iter()
-        .map(|kp| {
-            let kp = mls::peer_key_package(&ctx.mls, kp)?;
-            let device = mls::check_credential(
-                kp.leaf_node().credential(),
-                kp.leaf_node().signature_key().as_slice(),
-            )?;
-            if device.identity_key != invitee.identity {
-                return Err(MlsError::BadCredential);
-            }
-            Ok(kp)
-        })
-        .collect::<Result<Vec<_>, MlsError>>()?;
-    if members.is_empty() {
-        return Err(MlsError::Invalid.into());
-    }
-    let created = mls::create_group(&ctx.mls, ctx.me, &members)?;
-    let keys = mls::epoch_keys(&ctx.mls, &created.group_id)?;
-    let next = mls::pending_epoch_keys(&ctx.mls, &created.group_id)?;
-    let log = keys.log_id;
-    let (contact, name) = contact_for(ctx, &invitee.identity, invitee.name)?;
-    let reference = new_ref(ctx.db, "chats")?;
-    // The log lives on the server of whoever creates the chat.
-    let server = ctx.server.to_link_string();
-    ctx.db
-        .execute(
-            "INSERT INTO chats (ref, group_id, contact_id, server_link, log_id, cursor, active, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, 0, 0, ?6)",
-            params![reference, created.group_id, contact, server, &log.0[..], now_ms() / 1000],
-        )
-        .map_err(dbe)?;
-    let chat = ctx.db.last_insert_rowid();
-    save_epoch(ctx.db, chat, &keys)?;
-    let commit = envelope::seal(
-        &keys,
-        &log,
-        IdemKey(random()),
-        Some(next.append_public()),
-        &created.commit,
-    )?;
-    let key = keys.append_key.to_bytes();
-    insert_outbox(
-        ctx.db,
-        Some(chat),
-        "log_create",
-        &server,
-        &log.0,
-        &[],
-        (Some(&key[..]), None, None),
-    )?;
-    insert_outbox(ctx.db, Some(chat), "commit", &server, &log.0, &commit, (None, None, None))?;
-    let (to_server, drop, hpke) = invitee.welcome_to;
-    insert_outbox(
-        ctx.db,
-        Some(chat),
-        "welcome",
-        &to_server,
-        &drop.0,
-        &created.welcome,
-        (None, Some(&hpke[..]), None),
-    )?;
-    Ok((reference, name))
-}
 
 /// `connect` with a one-time invite: the inviter's key packages were claimed with its token.
 pub(crate) fn connect_once(
@@ -675,15 +692,17 @@ pub(crate) fn connect_once(
         })
         .collect::<Result<Vec<_>, MlsError>>()?;
     let name = payloads.first().map(|p| p.name.clone()).ok_or(MlsError::Invalid)?;
-    create_chat(
-        ctx,
-        Invitee {
-            identity: link.identity,
-            name: &name,
-            key_packages: payloads.into_iter().map(|p| p.key_package).collect(),
-            welcome_to: (link.server.to_link_string(), link.drop, link.hpke_key),
+    let invitee = Invitee {
+        identity: link.identity.0,
+        name,
+        key_packages: payloads.into_iter().map(|p| p.key_package).collect(),
+        welcome_to: WelcomeTarget {
+            server: link.server.to_link_string(),
+            drop: link.drop.0,
+            hpke: link.hpke_key,
         },
-    )
+    };
+    groups::create_chat(ctx, vec![invitee], None)
 }
 
 /// `connect` with an address: queue a request with this device's key package and a fresh
@@ -747,15 +766,9 @@ pub(crate) fn accept(ctx: &Ctx<'_>, request: &str) -> Result<(String, String), C
     };
     let identity = request_identity(&ctx.mls, &key_packages)?;
     ctx.db.execute("DELETE FROM requests WHERE id = ?1", [id]).map_err(dbe)?;
-    create_chat(
-        ctx,
-        Invitee {
-            identity,
-            name: &name,
-            key_packages,
-            welcome_to: (server, reply_drop, reply_hpke),
-        },
-    )
+    let welcome_to = WelcomeTarget { server, drop: reply_drop.0, hpke: reply_hpke };
+    let invitee = Invitee { identity: identity.0, name, key_packages, welcome_to };
+    groups::create_chat(ctx, vec![invitee], None)
 }
 
 /// The one identity behind a request's key packages.
@@ -780,16 +793,33 @@ fn request_identity(
 // Sending
 
 /// Finds a chat by id or by its contact's name.
-fn resolve(ctx: &Ctx<'_>, chat: &str) -> Result<ChatRow, ClientError> {
+pub(crate) fn resolve(ctx: &Ctx<'_>, chat: &str) -> Result<ChatRow, ClientError> {
     if let Some(row) = chat_row(ctx.db, "ref = ?1", &chat)? {
         return Ok(row);
     }
-    chat_row(
+    if let Some(row) = chat_row(
         ctx.db,
         "contact_id = (SELECT id FROM contacts WHERE name = ?1) ORDER BY id DESC LIMIT 1",
         &chat,
-    )?
-    .ok_or_else(|| ClientError::NotFound(chat.to_owned()))
+    )? {
+        return Ok(row);
+    }
+    // A group by its name (the newest one we are still in, if several share it).
+    let groups: Vec<String> = {
+        let mut stmt = ctx
+            .db
+            .prepare("SELECT ref FROM chats WHERE kind = 'group' ORDER BY state = 'left', id DESC")
+            .map_err(dbe)?;
+        let rows = stmt.query_map([], |r| r.get(0)).map_err(dbe)?;
+        rows.collect::<Result<_, _>>().map_err(dbe)?
+    };
+    for reference in groups {
+        let row = chat_row(ctx.db, "ref = ?1", &reference)?.ok_or(bad("chat vanished"))?;
+        if mls::group_meta(&ctx.mls, &row.group_id)?.is_some_and(|m| m.name == chat) {
+            return Ok(row);
+        }
+    }
+    Err(ClientError::NotFound(chat.to_owned()))
 }
 
 /// Stores an outgoing message, sealing it at once when the chat is ready. Returns its id.
@@ -798,6 +828,9 @@ pub(crate) fn queue_message(ctx: &Ctx<'_>, chat: &str, text: &str) -> Result<i64
         return Err(ClientError::InvalidMessage);
     }
     let chat = resolve(ctx, chat)?;
+    if chat.state == "left" {
+        return Err(ClientError::NotAMember(chat.reference));
+    }
     ctx.db
         .execute(
             "INSERT INTO messages (chat_id, idem, sender_key, outgoing, body, sent_at, state, seen)
@@ -806,14 +839,13 @@ pub(crate) fn queue_message(ctx: &Ctx<'_>, chat: &str, text: &str) -> Result<i64
         )
         .map_err(dbe)?;
     let id = ctx.db.last_insert_rowid();
-    if chat.active {
-        seal_queued(ctx, &chat)?;
-    }
+    groups::pump(ctx, chat.id)?;
     Ok(id)
 }
 
-/// Encrypts and seals every queued message of an active chat into the outbox.
-fn seal_queued(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<(), ClientError> {
+/// Encrypts and seals every queued message of an active chat into the outbox (only when no
+/// commit or proposal waits: [`groups::pump`] decides).
+pub(crate) fn seal_queued(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<(), ClientError> {
     let queued: Vec<(i64, Vec<u8>, String, u64)> = {
         let mut stmt = ctx
             .db
@@ -833,10 +865,7 @@ fn seal_queued(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<(), ClientError> {
         return Ok(());
     }
     let keys = mls::epoch_keys(&ctx.mls, &chat.group_id)?;
-    let server: String = ctx
-        .db
-        .query_row("SELECT server_link FROM chats WHERE id = ?1", [chat.id], |r| r.get(0))
-        .map_err(dbe)?;
+    let server = &chat.server;
     for (id, idem, body, sent_at) in queued {
         let plain = AppMessage {
             epoch_tag: keys.authenticator_tag,
@@ -864,7 +893,7 @@ pub(crate) fn next_outbox(ctx: &Ctx<'_>, skip: &[i64]) -> Result<Option<OutboxIt
         .db
         .prepare(
             "SELECT id, kind, server_link, target, idem, body, signer FROM outbox
-             WHERE kind <> 'welcome' ORDER BY id",
+             WHERE kind <> 'welcome' AND acked_seq IS NULL ORDER BY id",
         )
         .map_err(dbe)?;
     let rows = stmt
@@ -892,7 +921,7 @@ pub(crate) fn next_outbox(ctx: &Ctx<'_>, skip: &[i64]) -> Result<Option<OutboxIt
         };
         let op = match kind.as_str() {
             "log_create" => OutboxOp::LogCreate { log: LogId(arr(&target)?), key: signer()? },
-            "commit" | "message" => OutboxOp::Append {
+            "commit" | "message" | "proposal" => OutboxOp::Append {
                 log: LogId(arr(&target)?),
                 idem: IdemKey(arr(&idem)?),
                 envelope: body,
@@ -905,6 +934,18 @@ pub(crate) fn next_outbox(ctx: &Ctx<'_>, skip: &[i64]) -> Result<Option<OutboxIt
                 drop: DropId(arr(&target)?),
                 owner: signer()?,
             },
+            "claim_token_create" => {
+                // body: mailbox [32] · expires_day u32 · claims per day u16
+                let (mailbox, rest) = body.split_at_checked(32).ok_or(bad("claim token item"))?;
+                let (day, per_day) = rest.split_at_checked(4).ok_or(bad("claim token item"))?;
+                OutboxOp::ClaimTokenCreate {
+                    mailbox: MailboxId(arr(mailbox)?),
+                    token_hash: TokenHash(arr(&target)?),
+                    expires_day: u32::from_be_bytes(arr(day)?),
+                    per_day: u16::from_be_bytes(arr(per_day)?),
+                    owner: signer()?,
+                }
+            }
             _ => return Err(bad("unknown outbox item")),
         };
         return Ok(Some(OutboxItem { id, server: ServerLink::parse(&server)?, op }));
@@ -912,81 +953,81 @@ pub(crate) fn next_outbox(ctx: &Ctx<'_>, skip: &[i64]) -> Result<Option<OutboxIt
     Ok(None)
 }
 
-/// The server acknowledged an outbox item (`seq` for appends and drops). Applies what
-/// follows: a commit is merged and its chat becomes active, a message records its place.
+/// The server acknowledged an outbox item (`seq` for appends and drops). A message records
+/// its place. A commit only records its place: whether it won is decided when the log is
+/// read up to it ([`groups::resolve_own_commit`]); until then it stays, and nothing after it
+/// in its chat is sealed.
 pub(crate) fn outbox_done(ctx: &Ctx<'_>, id: i64, seq: Option<u64>) -> Result<(), ClientError> {
-    let row: Option<(Option<i64>, String, Option<i64>)> = ctx
+    let row: Option<(String, Option<i64>)> = ctx
         .db
-        .query_row("SELECT chat_id, kind, message_id FROM outbox WHERE id = ?1", [id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        .query_row("SELECT kind, message_id FROM outbox WHERE id = ?1", [id], |r| {
+            Ok((r.get(0)?, r.get(1)?))
         })
         .optional()
         .map_err(dbe)?;
-    let Some((chat, kind, message)) = row else { return Ok(()) };
+    let Some((kind, message)) = row else { return Ok(()) };
+    if kind == "commit" {
+        let seq = seq.ok_or(bad("commit without seq"))?;
+        ctx.db
+            .execute("UPDATE outbox SET acked_seq = ?2 WHERE id = ?1", params![id, seq])
+            .map_err(dbe)?;
+        return Ok(());
+    }
+    // Our control messages and proposals have no message row: remember their keys so we
+    // recognise them when we read the log.
+    if (kind == "message" && message.is_none()) || kind == "proposal" {
+        ctx.db
+            .execute(
+                "INSERT OR IGNORE INTO own_entries (chat_id, idem)
+                 SELECT chat_id, idem FROM outbox WHERE id = ?1",
+                [id],
+            )
+            .map_err(dbe)?;
+    }
     ctx.db.execute("DELETE FROM outbox WHERE id = ?1", [id]).map_err(dbe)?;
-    match kind.as_str() {
-        "commit" => {
-            let chat = chat.ok_or(bad("commit without chat"))?;
-            let seq = seq.ok_or(bad("commit without seq"))?;
-            commit_won(ctx, chat, seq)?;
-        }
-        "message" => {
-            ctx.db
-                .execute(
-                    "UPDATE messages SET state = 'sent', seq = ?2 WHERE id = ?1",
-                    params![message, seq],
-                )
-                .map_err(dbe)?;
-        }
-        _ => {}
+    if kind == "message" {
+        ctx.db
+            .execute(
+                "UPDATE messages SET state = 'sent', seq = ?2,
+                     generation = (SELECT generation FROM chats WHERE chats.id = messages.chat_id)
+                 WHERE id = ?1",
+                params![message, seq],
+            )
+            .map_err(dbe)?;
     }
     Ok(())
 }
 
-/// Our commit is in the log at `seq`: merge it, move to the new epoch, release the Welcome
-/// and the messages that waited. The log is new and only we held its first append key, so
-/// nothing before `seq` can be a competing commit (groups' commit races are part 3).
-fn commit_won(ctx: &Ctx<'_>, chat: i64, seq: u64) -> Result<(), ClientError> {
-    let row = chat_row(ctx.db, "id = ?1", &chat)?.ok_or(bad("commit for a missing chat"))?;
-    pause_point("before-merge");
-    mls::merge_pending(&ctx.mls, &row.group_id)?;
-    save_epoch(ctx.db, chat, &mls::epoch_keys(&ctx.mls, &row.group_id)?)?;
-    ctx.db
-        .execute(
-            "UPDATE chats SET active = 1, cursor = max(cursor, ?2) WHERE id = ?1",
-            params![chat, seq],
+/// Chats with a commit of ours acknowledged and not yet resolved (including a new chat
+/// whose first commit is): their logs must be read up to it.
+pub(crate) fn unresolved(ctx: &Ctx<'_>) -> Result<Vec<LogCursor>, ClientError> {
+    let mut stmt = ctx
+        .db
+        .prepare(
+            "SELECT ref, server_link, log_id, cursor FROM chats c WHERE state <> 'left'
+             AND EXISTS (SELECT 1 FROM outbox o WHERE o.chat_id = c.id AND o.acked_seq IS NOT NULL)",
         )
         .map_err(dbe)?;
-    type Welcome = (i64, Vec<u8>, Vec<u8>, Vec<u8>);
-    let welcomes: Vec<Welcome> = {
-        let mut stmt = ctx
-            .db
-            .prepare("SELECT id, target, body, hpke_key FROM outbox WHERE chat_id = ?1 AND kind = 'welcome'")
-            .map_err(dbe)?;
-        let rows = stmt
-            .query_map([chat], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-            .map_err(dbe)?;
-        rows.collect::<Result<_, _>>().map_err(dbe)?
-    };
-    for (id, target, welcome, hpke) in welcomes {
-        let payload = DropPayload::Welcome {
-            drop: DropId(arr(&target)?),
-            name: ctx.me.name.clone(),
-            server: ctx.server.to_link_string(),
-            log: row.log,
-            after: seq,
-            welcome,
-        };
-        let sealed = seal_drop(&ctx.mls, &arr(&hpke)?, &payload)?;
-        ctx.db
-            .execute(
-                "UPDATE outbox SET kind = 'drop', body = ?2, hpke_key = NULL WHERE id = ?1",
-                params![id, sealed],
-            )
-            .map_err(dbe)?;
+    cursors(&mut stmt)
+}
+
+fn cursors(stmt: &mut rusqlite::Statement<'_>) -> Result<Vec<LogCursor>, ClientError> {
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?, r.get(3)?))
+        })
+        .map_err(dbe)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (chat, server, log, cursor) = row.map_err(dbe)?;
+        out.push(LogCursor {
+            chat,
+            server: ServerLink::parse(&server)?,
+            log: LogId(arr(&log)?),
+            cursor,
+        });
     }
-    let row = ChatRow { active: true, ..row };
-    seal_queued(ctx, &row)
+    Ok(out)
 }
 
 /// The server refused an outbox item for good: drop it (and fail its message).
@@ -1026,24 +1067,12 @@ pub(crate) fn message_state(ctx: &Ctx<'_>, id: i64) -> Result<MessageState, Clie
 pub(crate) fn logs(ctx: &Ctx<'_>) -> Result<Vec<LogCursor>, ClientError> {
     let mut stmt = ctx
         .db
-        .prepare("SELECT ref, server_link, log_id, cursor FROM chats WHERE active = 1 ORDER BY id")
+        .prepare(
+            "SELECT ref, server_link, log_id, cursor FROM chats
+             WHERE active = 1 AND state <> 'left' ORDER BY id",
+        )
         .map_err(dbe)?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?, r.get(3)?))
-        })
-        .map_err(dbe)?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (chat, server, log, cursor) = row.map_err(dbe)?;
-        out.push(LogCursor {
-            chat,
-            server: ServerLink::parse(&server)?,
-            log: LogId(arr(&log)?),
-            cursor,
-        });
-    }
-    Ok(out)
+    cursors(&mut stmt)
 }
 
 /// Applies one log entry. An `Err` leaves everything as it was; the caller then skips the
@@ -1062,24 +1091,33 @@ pub(crate) fn receive_entry(
     ctx.db
         .execute("UPDATE chats SET cursor = ?2 WHERE id = ?1", params![chat.id, seq])
         .map_err(dbe)?;
-    // Our own entry, acknowledged or not: finish its outbox item, never decrypt it.
-    let ours: Option<i64> = ctx
+    // Our own entry, acknowledged or not: finish its outbox item, never decrypt it. Our
+    // commit is resolved here, in log order: it wins only if nothing valid came first.
+    let ours: Option<(i64, String)> = ctx
         .db
         .query_row(
-            "SELECT id FROM outbox WHERE chat_id = ?1 AND idem = ?2",
+            "SELECT id, kind FROM outbox WHERE chat_id = ?1 AND idem = ?2",
             params![chat.id, &env.idem.0[..]],
-            |r| r.get(0),
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()
         .map_err(dbe)?;
-    if let Some(item) = ours {
-        outbox_done(ctx, item, Some(seq))?;
-        return Ok(vec![]);
+    match ours {
+        Some((item, kind)) if kind == "commit" => {
+            groups::resolve_own_commit(ctx, &chat, item, seq)?;
+            return Ok(vec![]);
+        }
+        Some((item, _)) => {
+            outbox_done(ctx, item, Some(seq))?;
+            return Ok(vec![]);
+        }
+        None => {}
     }
     let sent: bool = ctx
         .db
         .query_row(
-            "SELECT EXISTS (SELECT 1 FROM messages WHERE chat_id = ?1 AND idem = ?2 AND outgoing = 1)",
+            "SELECT EXISTS (SELECT 1 FROM messages WHERE chat_id = ?1 AND idem = ?2 AND outgoing = 1)
+                 OR EXISTS (SELECT 1 FROM own_entries WHERE chat_id = ?1 AND idem = ?2)",
             params![chat.id, &env.idem.0[..]],
             |r| r.get(0),
         )
@@ -1094,13 +1132,29 @@ pub(crate) fn receive_entry(
             pause_point("between-decrypt-and-store");
             store_message(ctx, &chat, &keys, &env, seq, &sender, &plaintext)
         }
-        Received::Commit => {
-            let new = mls::epoch_keys(&ctx.mls, &chat.group_id)?;
-            if env.next_key != Some(new.append_public()) {
-                // A commit must register the append key of the epoch it makes.
-                return Err(MlsError::Invalid.into());
+        Received::Proposal => {
+            groups::pump(ctx, chat.id)?;
+            Ok(vec![])
+        }
+        Received::Commit { removed_me, removed_any, added_any } => {
+            if !removed_me {
+                let new = mls::epoch_keys(&ctx.mls, &chat.group_id)?;
+                if env.next_key != Some(new.append_public()) {
+                    // A commit must register the append key of the epoch it makes.
+                    return Err(MlsError::Invalid.into());
+                }
             }
-            save_epoch(ctx.db, chat.id, &new)?;
+            // Another commit came first: ours, if any, lost (merging cleared it).
+            groups::lose_commit(ctx, &chat)?;
+            groups::after_commit(ctx, &chat, seq, removed_any, removed_me)?;
+            if removed_me {
+                return Ok(vec![Event::Removed { chat: chat.reference }]);
+            }
+            if added_any && chat.kind == "group" {
+                let row = chat_row(ctx.db, "id = ?1", &chat.id)?.ok_or(bad("chat vanished"))?;
+                groups::send_profile(ctx, &row)?;
+            }
+            groups::pump(ctx, chat.id)?;
             Ok(vec![])
         }
     }
@@ -1121,12 +1175,32 @@ fn store_message(
         ctx.db.execute("UPDATE chats SET fork_alarm = 1 WHERE id = ?1", [chat.id]).map_err(dbe)?;
         events.push(Event::ForkAlarm { chat: chat.reference.clone() });
     }
-    let Content::Text { sent_at, body } = message.content;
     let outgoing = sender.identity_key == ctx.me.identity_public();
+    let (sent_at, body) = match message.content {
+        Content::Text { sent_at, body } => (sent_at, body),
+        Content::Card { server, drop, hpke, kp_key, token } => {
+            if !outgoing {
+                let card = groups::Card { server, drop: drop.0, hpke, kp_key, token };
+                groups::store_card(ctx, &sender.identity_key, card)?;
+            }
+            return Ok(events);
+        }
+        Content::Profile { name } => {
+            if !outgoing && crate::check_name(&name).is_ok() {
+                ctx.db
+                    .execute(
+                        "INSERT OR REPLACE INTO names (identity_key, name) VALUES (?1, ?2)",
+                        params![&sender.identity_key.0[..], name],
+                    )
+                    .map_err(dbe)?;
+            }
+            return Ok(events);
+        }
+    };
     ctx.db
         .execute(
-            "INSERT INTO messages (chat_id, idem, seq, sender_key, outgoing, body, sent_at, state, seen)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'received', ?5)",
+            "INSERT INTO messages (chat_id, idem, seq, sender_key, outgoing, body, sent_at, state, seen, generation)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'received', ?5, (SELECT generation FROM chats WHERE id = ?1))",
             params![chat.id, &env.idem.0[..], seq, &sender.identity_key.0[..], outgoing, body, sent_at],
         )
         .map_err(dbe)?;
@@ -1143,7 +1217,12 @@ fn store_message(
 }
 
 /// Moves past an entry that cannot be applied.
-pub(crate) fn skip_entry(ctx: &Ctx<'_>, log: &LogId, seq: u64) -> Result<Vec<Event>, ClientError> {
+pub(crate) fn skip_entry(
+    ctx: &Ctx<'_>,
+    log: &LogId,
+    seq: u64,
+    bytes: &[u8],
+) -> Result<Vec<Event>, ClientError> {
     let Some(chat) = chat_row(ctx.db, "log_id = ?1", &&log.0[..])? else { return Ok(vec![]) };
     if seq <= chat.cursor {
         return Ok(vec![]);
@@ -1151,6 +1230,21 @@ pub(crate) fn skip_entry(ctx: &Ctx<'_>, log: &LogId, seq: u64) -> Result<Vec<Eve
     ctx.db
         .execute("UPDATE chats SET cursor = ?2 WHERE id = ?1", params![chat.id, seq])
         .map_err(dbe)?;
+    // Our own commit that cannot be applied lost: never wait for it again.
+    if let Ok(env) = Envelope::decode(bytes) {
+        let own_commit: bool = ctx
+            .db
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM outbox WHERE chat_id = ?1 AND idem = ?2 AND kind = 'commit')",
+                params![chat.id, &env.idem.0[..]],
+                |r| r.get(0),
+            )
+            .map_err(dbe)?;
+        if own_commit {
+            groups::lose_commit(ctx, &chat)?;
+            groups::pump(ctx, chat.id)?;
+        }
+    }
     Ok(vec![Event::Skipped { chat: chat.reference, seq }])
 }
 
@@ -1189,37 +1283,50 @@ pub(crate) fn receive_drop(
                 .optional()
                 .map_err(dbe)?;
             let (group_id, members) = mls::join(&ctx.mls, &welcome)?;
+            ServerLink::parse(&server)?;
             let me = ctx.me.identity_public();
             let mut others: Vec<PublicKey> =
                 members.iter().map(|m| m.identity_key).filter(|k| *k != me).collect();
             others.dedup();
-            let [other] = others[..] else { return Err(MlsError::Invalid.into()) };
+            let meta = mls::group_meta(&ctx.mls, &group_id)?;
             // A Welcome through the drop address of our own request must come from the person
             // we asked. A used one-time address is not revoked here: revoking deletes unread
             // items, and our other devices may not have fetched this Welcome yet. Nobody can
             // use the invite again anyway, since its claim token is spent.
-            if let Some((kind, Some(expected))) = invite
-                && kind == "reply"
-                && expected != other.0
-            {
-                return Err(MlsError::BadCredential.into());
-            }
+            let (contact, title, kind) = match (&meta, &others[..]) {
+                (Some(meta), _) => (None, meta.name.clone(), "group"),
+                (None, [other]) => {
+                    if let Some((kind, Some(expected))) = invite
+                        && kind == "reply"
+                        && expected != other.0
+                    {
+                        return Err(MlsError::BadCredential.into());
+                    }
+                    let (id, name) = contact_for(ctx, other, &name)?;
+                    (Some(id), name, "direct")
+                }
+                (None, _) => return Err(MlsError::Invalid.into()),
+            };
             ctx.db
                 .execute("UPDATE invites SET used = 1 WHERE drop_id = ?1", [&drop.0[..]])
                 .map_err(dbe)?;
-            ServerLink::parse(&server)?;
-            let (contact, contact_name) = contact_for(ctx, &other, &name)?;
             let reference = new_ref(ctx.db, "chats")?;
             ctx.db
                 .execute(
-                    "INSERT INTO chats (ref, group_id, contact_id, server_link, log_id, cursor, active, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7)",
-                    params![reference, group_id, contact, server, &log.0[..], after, now_ms() / 1000],
+                    "INSERT INTO chats (ref, group_id, contact_id, server_link, log_id, cursor, active, created_at, kind)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7, ?8)",
+                    params![reference, group_id, contact, server, &log.0[..], after, now_ms() / 1000, kind],
                 )
                 .map_err(|_| MlsError::Invalid)?;
             let chat = ctx.db.last_insert_rowid();
             save_epoch(ctx.db, chat, &mls::epoch_keys(&ctx.mls, &group_id)?)?;
-            Ok(vec![Event::Connected { chat: reference, contact: contact_name }])
+            let row = chat_row(ctx.db, "id = ?1", &chat)?.ok_or(bad("chat vanished"))?;
+            if kind == "direct" {
+                groups::send_card(ctx, &row)?;
+            } else {
+                groups::send_profile(ctx, &row)?;
+            }
+            Ok(vec![Event::Connected { chat: reference, contact: title }])
         }
         DropPayload::Request { ref key_packages, ref name, .. } => {
             let identity = request_identity(&ctx.mls, key_packages)?;
@@ -1265,27 +1372,47 @@ pub(crate) fn contacts(db: &Connection) -> Result<Vec<Contact>, ClientError> {
     Ok(out)
 }
 
-/// Chats, oldest first.
-pub(crate) fn chats(db: &Connection) -> Result<Vec<ChatSummary>, ClientError> {
-    let mut stmt = db
-        .prepare(
-            "SELECT c.ref, coalesce(k.name, ''), c.active, c.fork_alarm,
-                    (SELECT count(*) FROM messages m WHERE m.chat_id = c.id AND m.seen = 0)
-             FROM chats c LEFT JOIN contacts k ON k.id = c.contact_id ORDER BY c.id",
-        )
-        .map_err(dbe)?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok(ChatSummary {
-                id: r.get(0)?,
-                name: r.get(1)?,
-                active: r.get(2)?,
-                fork_alarm: r.get(3)?,
-                unread: r.get(4)?,
+/// Chats, oldest first. A group's name comes from its MLS group context.
+pub(crate) fn chats(ctx: &Ctx<'_>) -> Result<Vec<ChatSummary>, ClientError> {
+    type Row = (ChatSummary, Vec<u8>);
+    let rows: Vec<Row> = {
+        let mut stmt = ctx
+            .db
+            .prepare(
+                "SELECT c.ref, coalesce(k.name, ''), c.active, c.fork_alarm,
+                        (SELECT count(*) FROM messages m WHERE m.chat_id = c.id AND m.seen = 0),
+                        c.kind = 'group', c.state <> 'left', c.group_id
+                 FROM chats c LEFT JOIN contacts k ON k.id = c.contact_id ORDER BY c.id",
+            )
+            .map_err(dbe)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    ChatSummary {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        active: r.get(2)?,
+                        fork_alarm: r.get(3)?,
+                        unread: r.get(4)?,
+                        group: r.get(5)?,
+                        member: r.get(6)?,
+                    },
+                    r.get(7)?,
+                ))
             })
+            .map_err(dbe)?;
+        rows.collect::<Result<_, _>>().map_err(dbe)?
+    };
+    rows.into_iter()
+        .map(|(mut summary, group_id)| {
+            if summary.group
+                && let Some(meta) = mls::group_meta(&ctx.mls, &group_id)?
+            {
+                summary.name = meta.name;
+            }
+            Ok(summary)
         })
-        .map_err(dbe)?;
-    rows.collect::<Result<_, _>>().map_err(dbe)
+        .collect()
 }
 
 /// A chat's messages in log order (queued ones last), the last `limit` of them; marks them seen.
@@ -1299,7 +1426,7 @@ pub(crate) fn read(
         .db
         .prepare(
             "SELECT seq, sender_key, outgoing, body, sent_at, state FROM messages WHERE chat_id = ?1
-             ORDER BY seq IS NULL, seq, id",
+             ORDER BY seq IS NULL, generation, seq, id",
         )
         .map_err(dbe)?;
     let rows = stmt

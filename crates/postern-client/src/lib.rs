@@ -22,6 +22,7 @@ use postern_proto::link::{LinkError, ServerLink};
 
 mod chats;
 pub mod envelope;
+mod groups;
 mod identity;
 mod mls;
 mod store;
@@ -30,8 +31,10 @@ pub use chats::{
     ChatSummary, ConnectRequest, Contact, Event, LogCursor, Message, MessageState, OutboxItem,
     OutboxOp, pause_point,
 };
+pub use groups::{Card, Member};
 pub use identity::{DeviceCredential, Identity, fingerprint};
 pub use mls::{CIPHERSUITE, EpochKeys, MlsError, Received};
+use postern_proto::ids::PublicKey;
 pub use store::KeySource;
 
 /// Why a client operation failed.
@@ -71,6 +74,18 @@ pub enum ClientError {
     /// `connect` with one's own invite.
     #[error("this invite is your own")]
     OwnInvite,
+    /// A contact's card (how to add them to groups) has not arrived yet.
+    #[error("{0}'s contact card has not arrived yet: run `postern sync` once they are online")]
+    NoCard(String),
+    /// A group command on a 1:1 chat.
+    #[error("{0} is not a group")]
+    NotAGroup(String),
+    /// A command on a group we have left or been removed from.
+    #[error("you are no longer a member of {0}")]
+    NotAMember(String),
+    /// The group's rules let only its admins do that.
+    #[error("only the group's admins may do that")]
+    NotAllowed,
     /// A file in the home could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -342,7 +357,7 @@ impl Client {
                 .iter()
                 .map(|kp| mls::peer_key_package(p, kp))
                 .collect::<Result<Vec<_>, _>>()?;
-            let created = mls::create_group(p, id, &members)?;
+            let created = mls::create_group(p, id, &members, None)?;
             Ok(NewGroup {
                 group_id: created.group_id,
                 commit: created.commit,
@@ -353,7 +368,7 @@ impl Client {
 
     /// Applies our pending commit after it has won its place in the log.
     pub fn merge_pending_commit(&mut self, group_id: &[u8]) -> Result<(), ClientError> {
-        self.in_transaction(|p, _| mls::merge_pending(p, group_id))
+        self.in_transaction(|p, _| mls::merge_pending(p, group_id).map(|_| ()))
     }
 
     /// Joins a group from a Welcome; returns its id and the members' device credentials.
@@ -554,7 +569,9 @@ impl Client {
         bytes: &[u8],
     ) -> Result<Vec<Event>, ClientError> {
         match self.step(|ctx| chats::receive_entry(ctx, log, seq, bytes)) {
-            Err(e) if entry_at_fault(&e) => self.step(|ctx| chats::skip_entry(ctx, log, seq)),
+            Err(e) if entry_at_fault(&e) => {
+                self.step(|ctx| chats::skip_entry(ctx, log, seq, bytes))
+            }
             other => other,
         }
     }
@@ -581,13 +598,86 @@ impl Client {
     }
 
     /// Chats, oldest first.
-    pub fn chats(&self) -> Result<Vec<ChatSummary>, ClientError> {
-        chats::chats(self.store.conn())
+    pub fn chats(&mut self) -> Result<Vec<ChatSummary>, ClientError> {
+        self.step(chats::chats)
     }
 
     /// Pending requests to connect.
     pub fn requests(&self) -> Result<Vec<ConnectRequest>, ClientError> {
         chats::requests(self.store.conn())
+    }
+
+    /// Chats with a commit of ours acknowledged and not yet resolved: read these logs.
+    pub fn unresolved(&mut self) -> Result<Vec<LogCursor>, ClientError> {
+        self.step(chats::unresolved)
+    }
+
+    /// A contact's card (to claim their key packages and add them to a group).
+    pub fn card(&mut self, contact: &str) -> Result<(PublicKey, String, Card), ClientError> {
+        self.step(|ctx| groups::card_of(ctx, contact))
+    }
+
+    /// `group create`: key packages claimed with each contact's card.
+    pub fn group_create(
+        &mut self,
+        name: &str,
+        claimed: Vec<(PublicKey, String, Card, Vec<Vec<u8>>)>,
+    ) -> Result<(String, String), ClientError> {
+        self.step(|ctx| {
+            let invitees = claimed
+                .into_iter()
+                .map(|(identity, name, card, sealed)| {
+                    groups::invitee(identity, name, &card, &sealed)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            groups::create_group(ctx, name, invitees)
+        })
+    }
+
+    /// `group add`.
+    pub fn group_add(
+        &mut self,
+        chat: &str,
+        claimed: (PublicKey, String, Card, Vec<Vec<u8>>),
+    ) -> Result<(), ClientError> {
+        let (identity, name, card, sealed) = claimed;
+        self.step(|ctx| groups::add(ctx, chat, groups::invitee(identity, name, &card, &sealed)?))
+    }
+
+    /// `group remove`.
+    pub fn group_remove(&mut self, chat: &str, contact: &str) -> Result<(), ClientError> {
+        self.step(|ctx| groups::remove(ctx, chat, contact))
+    }
+
+    /// `group leave`.
+    pub fn group_leave(&mut self, chat: &str) -> Result<(), ClientError> {
+        self.step(|ctx| groups::leave(ctx, chat))
+    }
+
+    /// `group members`: the group's name and members.
+    pub fn group_members(&mut self, chat: &str) -> Result<(String, Vec<Member>), ClientError> {
+        self.step(|ctx| groups::members(ctx, chat))
+    }
+
+    /// A chat's epoch and epoch-authenticator tag (members in sync share both).
+    pub fn chat_epoch(&mut self, chat: &str) -> Result<(u64, [u8; 8]), ClientError> {
+        self.step(|ctx| {
+            let row = chats::resolve(ctx, chat)?;
+            let keys = mls::epoch_keys(&ctx.mls, &row.group_id)?;
+            Ok((keys.epoch, keys.authenticator_tag))
+        })
+    }
+
+    /// A chat's current log and the keys of its current epoch (tests use them to play a
+    /// removed member or a hostile one).
+    pub fn chat_keys(
+        &mut self,
+        chat: &str,
+    ) -> Result<(postern_proto::ids::LogId, EpochKeys), ClientError> {
+        self.step(|ctx| {
+            let row = chats::resolve(ctx, chat)?;
+            Ok((row.log, mls::epoch_keys(&ctx.mls, &row.group_id)?))
+        })
     }
 
     /// A chat's messages (the last `limit`), marked as seen.

@@ -18,6 +18,7 @@ use openmls_sqlite_storage::{Codec, SqliteStorageProvider};
 use openmls_traits::OpenMlsProvider;
 use openmls_traits::signatures::{Signer, SignerError};
 use openmls_traits::types::SignatureScheme;
+use postern_proto::content::GroupMeta;
 use postern_proto::ids::{LogId, PublicKey};
 use rand::RngCore;
 use rusqlite::Connection;
@@ -150,15 +151,33 @@ pub fn check_credential(
     Ok(device)
 }
 
+/// The group context extension with a group's name and rules.
+const META: ExtensionType = ExtensionType::Unknown(GroupMeta::EXTENSION_TYPE);
+
+/// What our leaves support beyond the defaults: the group-rules extension.
+fn capabilities() -> Capabilities {
+    Capabilities::new(
+        None,
+        Some(&[CIPHERSUITE]),
+        Some(&[META]),
+        None,
+        Some(&[CredentialType::Basic]),
+    )
+}
+
 fn create_config() -> MlsGroupCreateConfig {
+    create_builder().build()
+}
+
+fn create_builder() -> MlsGroupCreateConfigBuilder {
     MlsGroupCreateConfig::builder()
+        .capabilities(capabilities())
         .ciphersuite(CIPHERSUITE)
         .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
         .use_ratchet_tree_extension(true)
         .max_past_epochs(MAX_PAST_EPOCHS)
         .padding_size(PADDING)
         .sender_ratchet_configuration(SenderRatchetConfiguration::new(32, 1_000))
-        .build()
 }
 
 /// The same settings for joining as for creating, so creators and joiners never differ.
@@ -172,7 +191,7 @@ pub(crate) fn new_key_package(
     identity: &Identity,
     last_resort: bool,
 ) -> Result<Vec<u8>, MlsError> {
-    let mut builder = KeyPackage::builder();
+    let mut builder = KeyPackage::builder().leaf_node_capabilities(capabilities());
     if last_resort {
         builder = builder.mark_as_last_resort();
     }
@@ -212,19 +231,34 @@ pub(crate) struct Created {
 }
 
 /// Creates a group and a pending commit adding `members`. The commit is merged only when it
-/// has won its place in the log ([`merge_pending`]).
+/// has won its place in the log ([`merge_pending`]). A group with `meta` carries its name
+/// and rules in its context; a 1:1 chat has none.
 pub(crate) fn create_group(
     provider: &Provider<'_>,
     identity: &Identity,
     members: &[KeyPackage],
+    meta: Option<&GroupMeta>,
 ) -> Result<Created, MlsError> {
     let mut id = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut id);
     let signer = DeviceSigner(&identity.device_key);
+    let mut config = create_builder();
+    if let Some(meta) = meta {
+        let extensions = Extensions::from_vec(vec![
+            Extension::Unknown(GroupMeta::EXTENSION_TYPE, UnknownExtension(meta.encode())),
+            Extension::RequiredCapabilities(RequiredCapabilitiesExtension::new(
+                &[META],
+                &[],
+                &[CredentialType::Basic],
+            )),
+        ])
+        .map_err(lib)?;
+        config = config.with_group_context_extensions(extensions);
+    }
     let mut group = MlsGroup::new_with_group_id(
         provider,
         &signer,
-        &create_config(),
+        &config.build(),
         GroupId::from_slice(&id),
         credential_with_key(identity),
     )
@@ -244,9 +278,13 @@ fn load(provider: &Provider<'_>, group_id: &[u8]) -> Result<MlsGroup, MlsError> 
         .ok_or(MlsError::UnknownGroup)
 }
 
-/// Merges our pending commit after it won.
-pub(crate) fn merge_pending(provider: &Provider<'_>, group_id: &[u8]) -> Result<(), MlsError> {
-    load(provider, group_id)?.merge_pending_commit(provider).map_err(lib)
+/// Merges our pending commit after it won; returns whether it removed anyone.
+pub(crate) fn merge_pending(provider: &Provider<'_>, group_id: &[u8]) -> Result<bool, MlsError> {
+    let mut group = load(provider, group_id)?;
+    let removed_any =
+        group.pending_commit().is_some_and(|staged| staged.remove_proposals().next().is_some());
+    group.merge_pending_commit(provider).map_err(lib)?;
+    Ok(removed_any)
 }
 
 /// Joins a group from a Welcome, checking every member's credential.
@@ -295,11 +333,189 @@ pub enum Received {
         /// The plaintext.
         plaintext: Vec<u8>,
     },
-    /// A commit from another member, now applied.
-    Commit,
+    /// A proposal (a member asking to leave), stored until a commit covers it.
+    Proposal,
+    /// A commit from another member, validated and applied.
+    Commit {
+        /// It removed us: the chat is over for this device.
+        removed_me: bool,
+        /// It removed someone: the log moves to one named by the new epoch.
+        removed_any: bool,
+        /// It added someone.
+        added_any: bool,
+    },
 }
 
-/// Decrypts and applies a message from the group's log.
+/// A member of a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MemberInfo {
+    pub(crate) leaf: u32,
+    pub(crate) credential: DeviceCredential,
+}
+
+fn member_credential(m: &Member) -> Result<DeviceCredential, MlsError> {
+    check_credential(&m.credential, &m.signature_key)
+}
+
+/// The group's members, in leaf order.
+pub(crate) fn members(
+    provider: &Provider<'_>,
+    group_id: &[u8],
+) -> Result<Vec<MemberInfo>, MlsError> {
+    let group = load(provider, group_id)?;
+    group
+        .members()
+        .map(|m| Ok(MemberInfo { leaf: m.index.u32(), credential: member_credential(&m)? }))
+        .collect()
+}
+
+/// Our own leaf index.
+pub(crate) fn own_leaf(provider: &Provider<'_>, group_id: &[u8]) -> Result<u32, MlsError> {
+    Ok(load(provider, group_id)?.own_leaf_index().u32())
+}
+
+/// The group's name and rules, if it is a group (1:1 chats have none).
+pub(crate) fn group_meta(
+    provider: &Provider<'_>,
+    group_id: &[u8],
+) -> Result<Option<GroupMeta>, MlsError> {
+    meta_of(&load(provider, group_id)?)
+}
+
+fn meta_of(group: &MlsGroup) -> Result<Option<GroupMeta>, MlsError> {
+    group
+        .extensions()
+        .unknown(GroupMeta::EXTENSION_TYPE)
+        .map(|e| GroupMeta::decode(&e.0).map_err(|_| MlsError::Invalid))
+        .transpose()
+}
+
+/// Whether a commit of ours waits for its place in the log.
+pub(crate) fn has_pending_commit(
+    provider: &Provider<'_>,
+    group_id: &[u8],
+) -> Result<bool, MlsError> {
+    Ok(load(provider, group_id)?.pending_commit().is_some())
+}
+
+/// Whether proposals wait for a commit (openmls will not encrypt messages meanwhile).
+pub(crate) fn has_pending_proposals(
+    provider: &Provider<'_>,
+    group_id: &[u8],
+) -> Result<bool, MlsError> {
+    Ok(load(provider, group_id)?.has_pending_proposals())
+}
+
+/// The leaves that stored Remove proposals remove.
+fn proposed_removals(group: &MlsGroup) -> Vec<LeafNodeIndex> {
+    group
+        .pending_proposals()
+        .filter_map(|p| match p.proposal() {
+            Proposal::Remove(r) => Some(r.removed()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The leaves that stored Remove proposals would remove.
+pub(crate) fn proposed_removal_leaves(
+    provider: &Provider<'_>,
+    group_id: &[u8],
+) -> Result<Vec<u32>, MlsError> {
+    Ok(proposed_removals(&load(provider, group_id)?).into_iter().map(|l| l.u32()).collect())
+}
+
+/// Whether our pending commit still wins where it stands in the log: it covers every Remove
+/// proposal seen before it (the rule every member applies to every commit).
+pub(crate) fn pending_commit_valid(
+    provider: &Provider<'_>,
+    group_id: &[u8],
+) -> Result<bool, MlsError> {
+    let group = load(provider, group_id)?;
+    let Some(staged) = group.pending_commit() else { return Ok(false) };
+    let removed: Vec<LeafNodeIndex> =
+        staged.remove_proposals().map(|r| r.remove_proposal().removed()).collect();
+    Ok(proposed_removals(&group).iter().all(|leaf| removed.contains(leaf)))
+}
+
+/// Drops our pending commit after it lost its race.
+pub(crate) fn clear_pending(provider: &Provider<'_>, group_id: &[u8]) -> Result<(), MlsError> {
+    load(provider, group_id)?.clear_pending_commit(provider.storage()).map_err(lib)
+}
+
+/// A commit adding `adds`, removing the leaves `removes` and covering every stored
+/// proposal; returns the commit and the Welcome (when it adds someone). Merged only after it
+/// wins.
+pub(crate) fn commit(
+    provider: &Provider<'_>,
+    identity: &Identity,
+    group_id: &[u8],
+    adds: Vec<KeyPackage>,
+    removes: Vec<u32>,
+) -> Result<(Vec<u8>, Option<Vec<u8>>), MlsError> {
+    let mut group = load(provider, group_id)?;
+    let bundle = group
+        .commit_builder()
+        .consume_proposal_store(true)
+        .propose_adds(adds)
+        .propose_removals(removes.into_iter().map(LeafNodeIndex::new))
+        .load_psks(provider.storage())
+        .map_err(lib)?
+        .build(provider.rand(), provider.crypto(), &DeviceSigner(&identity.device_key), |_| true)
+        .map_err(lib)?
+        .stage_commit(provider)
+        .map_err(lib)?;
+    let (commit, welcome, _) = bundle.into_contents();
+    let welcome = match welcome {
+        Some(w) => Some(
+            MlsMessageOut::from_welcome(w, ProtocolVersion::Mls10)
+                .tls_serialize_detached()
+                .map_err(lib)?,
+        ),
+        None => None,
+    };
+    Ok((commit.tls_serialize_detached().map_err(lib)?, welcome))
+}
+
+/// A proposal to remove ourselves, for another member to commit.
+pub(crate) fn leave(
+    provider: &Provider<'_>,
+    identity: &Identity,
+    group_id: &[u8],
+) -> Result<Vec<u8>, MlsError> {
+    let mut group = load(provider, group_id)?;
+    let proposal = group.leave_group(provider, &DeviceSigner(&identity.device_key)).map_err(lib)?;
+    proposal.tls_serialize_detached().map_err(lib)
+}
+
+/// Whether `sender` may make `proposal` under the group's rules. Depends only on group
+/// state, so every member reaches the same answer.
+fn allowed(
+    group: &MlsGroup,
+    meta: Option<&GroupMeta>,
+    sender: &Sender,
+    proposal: &Proposal,
+) -> Result<bool, MlsError> {
+    let Sender::Member(leaf) = sender else { return Ok(false) };
+    let is_admin = || -> Result<bool, MlsError> {
+        let Some(meta) = meta else { return Ok(true) };
+        let member = group.member_at(*leaf).ok_or(MlsError::Invalid)?;
+        Ok(meta.admins.contains(&member_credential(&member)?.identity_key.0))
+    };
+    Ok(match proposal {
+        Proposal::Add(_) => meta.is_none_or(|m| m.members_can_add) || is_admin()?,
+        Proposal::Remove(r) if r.removed() == *leaf => true,
+        Proposal::Remove(_) => meta.is_none_or(|m| m.members_can_remove) || is_admin()?,
+        Proposal::Update(_) => true,
+        Proposal::GroupContextExtensions(_) => is_admin()?,
+        _ => false,
+    })
+}
+
+/// Decrypts and applies a message from the group's log. A commit is applied only if it is
+/// valid for every member alike: sent by a member (no external commits), every proposal
+/// allowed by the group's rules, every added credential valid, and every Remove proposal
+/// stored before it covered.
 pub(crate) fn receive(
     provider: &Provider<'_>,
     group_id: &[u8],
@@ -310,6 +526,8 @@ pub(crate) fn receive(
     let protocol = msg.try_into_protocol_message().map_err(|_| MlsError::Invalid)?;
     let processed = group.process_message(provider, protocol).map_err(|_| MlsError::Invalid)?;
     let sender_credential = processed.credential().clone();
+    let sender = processed.sender().clone();
+    let meta = meta_of(&group)?;
     match processed.into_content() {
         ProcessedMessageContent::ApplicationMessage(app) => {
             let sender = DeviceCredential::decode(sender_credential.serialized_content())
@@ -319,13 +537,35 @@ pub(crate) fn receive(
             }
             Ok(Received::Message { sender, plaintext: app.into_bytes() })
         }
+        ProcessedMessageContent::ProposalMessage(proposal) => {
+            if !allowed(&group, meta.as_ref(), proposal.sender(), proposal.proposal())? {
+                return Err(MlsError::Invalid);
+            }
+            group.store_pending_proposal(provider.storage(), *proposal).map_err(lib)?;
+            Ok(Received::Proposal)
+        }
         ProcessedMessageContent::StagedCommitMessage(staged) => {
+            if !matches!(sender, Sender::Member(_)) {
+                return Err(MlsError::Invalid);
+            }
+            for queued in staged.queued_proposals() {
+                if !allowed(&group, meta.as_ref(), queued.sender(), queued.proposal())? {
+                    return Err(MlsError::Invalid);
+                }
+            }
             for add in staged.add_proposals() {
                 let leaf = add.add_proposal().key_package().leaf_node();
                 check_credential(leaf.credential(), leaf.signature_key().as_slice())?;
             }
+            let removed: Vec<LeafNodeIndex> =
+                staged.remove_proposals().map(|r| r.remove_proposal().removed()).collect();
+            if !proposed_removals(&group).iter().all(|leaf| removed.contains(leaf)) {
+                return Err(MlsError::Invalid);
+            }
+            let removed_me = staged.self_removed();
+            let added_any = staged.add_proposals().next().is_some();
             group.merge_staged_commit(provider, *staged).map_err(lib)?;
-            Ok(Received::Commit)
+            Ok(Received::Commit { removed_me, removed_any: !removed.is_empty(), added_any })
         }
         _ => Err(MlsError::Invalid),
     }

@@ -70,6 +70,7 @@ CREATE TABLE invites (
 );
 "#,
     crate::chats::MIGRATION,
+    crate::chats::MIGRATION_GROUPS,
 ];
 
 #[derive(Debug)]

@@ -282,32 +282,82 @@ fn published_key_packages_open_with_the_invite_key_and_start_a_group() {
     assert!(bob.pending_publication().unwrap().is_none());
 }
 
-/// Takes every outbox item the client has now, acknowledging each as a server would, and
-/// returns what an append or drop carried: `(log or drop address, bytes, seq)`.
-fn drain_outbox(client: &mut Client, next_seq: &mut u64) -> Vec<([u8; 32], Vec<u8>, u64)> {
-    let mut carried = Vec::new();
-    while let Some(item) = client.next_outbox(&[]).unwrap() {
-        let seq = match item.op {
-            OutboxOp::LogCreate { .. } | OutboxOp::DropCreate { .. } => None,
-            OutboxOp::Append { log, envelope, .. } => {
-                *next_seq += 1;
-                carried.push((log.0, envelope, *next_seq));
-                Some(*next_seq)
+/// A server in memory: logs and drop addresses, appends idempotent by envelope.
+#[derive(Default)]
+struct MemServer {
+    logs: std::collections::HashMap<[u8; 32], Vec<Vec<u8>>>,
+    drops: std::collections::HashMap<[u8; 32], Vec<Vec<u8>>>,
+}
+
+impl MemServer {
+    /// Sends everything the client has queued and resolves its commits by reading their
+    /// logs, as the driver does.
+    fn drain(&mut self, c: &mut Client) {
+        for _ in 0..20 {
+            while let Some(item) = c.next_outbox(&[]).unwrap() {
+                let seq = match item.op {
+                    OutboxOp::Append { log, envelope, .. } => {
+                        let entries = self.logs.entry(log.0).or_default();
+                        let at = match entries.iter().position(|e| *e == envelope) {
+                            Some(i) => i,
+                            None => {
+                                entries.push(envelope);
+                                entries.len() - 1
+                            }
+                        };
+                        Some(at as u64 + 1)
+                    }
+                    OutboxOp::Drop { drop, body, .. } => {
+                        let items = self.drops.entry(drop.0).or_default();
+                        items.push(body);
+                        Some(items.len() as u64)
+                    }
+                    _ => None,
+                };
+                c.outbox_done(item.id, seq).unwrap();
             }
-            OutboxOp::Drop { drop, body, .. } => {
-                carried.push((drop.0, body, 1));
-                Some(1)
+            let unresolved = c.unresolved().unwrap();
+            if unresolved.is_empty() {
+                return;
             }
-        };
-        client.outbox_done(item.id, seq).unwrap();
+            for l in unresolved {
+                self.read_log(c, l.log, l.cursor);
+            }
+        }
+        panic!("a commit stayed unresolved after reading its log");
     }
-    carried
+
+    fn read_log(&self, c: &mut Client, log: postern_proto::ids::LogId, after: u64) -> Vec<Event> {
+        let entries = self.logs.get(&log.0).cloned().unwrap_or_default();
+        let mut events = Vec::new();
+        for (i, bytes) in entries.iter().enumerate().skip(after as usize) {
+            events.extend(c.receive_entry(&log, i as u64 + 1, bytes).unwrap());
+        }
+        events
+    }
+
+    /// Reads every chat's log and the given drop addresses, as `sync` does.
+    fn sync(&mut self, c: &mut Client, drops: &[[u8; 32]]) -> Vec<Event> {
+        let mut events = Vec::new();
+        for drop in drops {
+            let items = self.drops.get(drop).cloned().unwrap_or_default();
+            for (i, bytes) in items.iter().enumerate() {
+                events.extend(c.receive_drop(i as u64 + 1, bytes).unwrap());
+            }
+        }
+        for l in c.logs().unwrap() {
+            events.extend(self.read_log(c, l.log, l.cursor));
+        }
+        self.drain(c);
+        events
+    }
 }
 
 #[test]
 fn a_one_time_invite_connects_two_people_who_then_chat_both_ways() {
     let dir = tempfile::tempdir().unwrap();
     let (mut alice, mut bob) = two_clients(dir.path());
+    let mut server = MemServer::default();
     let invite = alice.new_invite(InviteKind::Once, 20_000).unwrap();
     let publication = alice.pending_publication().unwrap().unwrap();
     let postern_proto::frame::Request::KeyPackageUpload { packages, .. } = &publication.requests[1]
@@ -324,50 +374,37 @@ fn a_one_time_invite_connects_two_people_who_then_chat_both_ways() {
     // Until the creation reaches the server, messages wait.
     let early = bob.queue_message("Alice", "sent before the chat existed").unwrap();
     assert_eq!(bob.message_state(early).unwrap(), MessageState::Queued);
-    let mut seq = 0;
-    let carried = drain_outbox(&mut bob, &mut seq);
+    server.drain(&mut bob);
     assert_eq!(bob.message_state(early).unwrap(), MessageState::Sent);
-    // The commit (seq 1), then the queued message (seq 2), then the Welcome drop.
-    assert_eq!(carried.len(), 3);
-    let log = postern_proto::ids::LogId(carried[0].0);
-    let welcome = carried.iter().find(|c| c.0 == invite.link.drop.0).unwrap();
+    assert!(bob.chats().unwrap()[0].active);
 
-    let events = alice.receive_drop(1, &welcome.1).unwrap();
-    let [Event::Connected { chat: alice_chat, contact }] = &events[..] else {
+    let events = server.sync(&mut alice, &[invite.link.drop.0]);
+    let [Event::Connected { chat: alice_chat, contact }, Event::Message(m)] = &events[..] else {
         panic!("{events:?}")
     };
     assert_eq!(contact, "Bob");
-    // Alice reads the log from after the commit: the early message arrives.
-    for (_, bytes, s) in &carried[..2] {
-        let events = alice.receive_entry(&log, *s, bytes).unwrap();
-        if *s == 2 {
-            assert!(
-                matches!(&events[..], [Event::Message(m)] if m.text == "sent before the chat existed" && m.from == "Bob")
-            );
-        } else {
-            assert!(events.is_empty(), "the commit is before Alice's start");
-        }
-    }
+    assert_eq!((m.from.as_str(), m.text.as_str()), ("Bob", "sent before the chat existed"));
     // And back.
     alice.queue_message(alice_chat, "hello Bob").unwrap();
-    let mut alice_seq = seq;
-    let sent = drain_outbox(&mut alice, &mut alice_seq);
-    let (_, bytes, s) = sent.iter().find(|c| c.0 == log.0).unwrap();
-    let events = bob.receive_entry(&log, *s, bytes).unwrap();
+    server.drain(&mut alice);
+    let events = server.sync(&mut bob, &[]);
     assert!(
-        matches!(&events[..], [Event::Message(m)] if m.text == "hello Bob" && m.from == "Alice" && !m.outgoing)
+        matches!(&events[..], [Event::Message(m)] if m.text == "hello Bob" && m.from == "Alice" && !m.outgoing),
+        "{events:?}"
     );
     // Replays and Bob's own entries change nothing.
-    assert!(bob.receive_entry(&log, *s, bytes).unwrap().is_empty());
-    assert!(bob.receive_entry(&log, 2, &carried[1].1).unwrap().is_empty());
+    let log = bob.logs().unwrap()[0].log;
+    assert!(server.read_log(&mut bob, log, 0).is_empty());
     let history = bob.read(&chat, None).unwrap();
-    assert_eq!(
-        history.iter().map(|m| (m.seq, m.text.as_str())).collect::<Vec<_>>(),
-        [(Some(2), "sent before the chat existed"), (Some(3), "hello Bob")]
-    );
+    let texts: Vec<&str> = history.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, ["sent before the chat existed", "hello Bob"]);
     // A junk entry is skipped, once.
-    let events = bob.receive_entry(&log, 4, b"junk").unwrap();
-    assert!(matches!(&events[..], [Event::Skipped { seq: 4, .. }]));
+    let next = server.logs[&log.0].len() as u64 + 1;
+    let events = bob.receive_entry(&log, next, b"junk").unwrap();
+    assert!(matches!(&events[..], [Event::Skipped { .. }]));
     assert_eq!(bob.chats().unwrap()[0].unread, 0);
     assert_eq!(bob.contacts().unwrap()[0].fingerprint, alice.whoami().fingerprint);
+    // Both sent their contact card inside the chat: each can now add the other to groups.
+    assert!(bob.card("Alice").is_ok());
+    assert!(alice.card("Bob").is_ok());
 }

@@ -20,7 +20,11 @@
 //!                    · count u8 · key_package bytes × count
 //! AppMessage         version u8 (1) · epoch_tag [8] · kind u8 · …
 //!   kind 1 Text      sent_at u64 (ms since the Unix epoch) · body bytes (UTF-8)
+//!   kind 2 Card      server bytes · drop [32] · hpke [32] · kp_key [32] · token [32]
+//!   kind 3 Profile   name bytes
 //! ```
+//!
+//! [`GroupMeta`] is the group context extension with a group's name and rules.
 
 use crate::DecodeError;
 use crate::codec::{Reader, Writer};
@@ -191,9 +195,32 @@ pub enum Content {
         /// The text.
         body: String,
     },
+    /// A contact card, sent once in each 1:1 chat: how the contact can add us to groups
+    /// (claim our key packages with `token`, open them with `kp_key`, drop the Welcome
+    /// through `drop` sealed to `hpke`, all on `server`).
+    Card {
+        /// Our server's link.
+        server: String,
+        /// A drop address of ours for this contact.
+        drop: DropId,
+        /// Our mailbox's HPKE key.
+        hpke: [u8; 32],
+        /// The key that opens our key packages.
+        kp_key: [u8; 32],
+        /// A claim token for this contact.
+        token: [u8; 32],
+    },
+    /// The sender's display name, sent once on joining a group so members who are not
+    /// contacts can name them.
+    Profile {
+        /// The name chosen at `init`.
+        name: String,
+    },
 }
 
 const CONTENT_TEXT: u8 = 1;
+const CONTENT_CARD: u8 = 2;
+const CONTENT_PROFILE: u8 = 3;
 
 /// The plaintext of an MLS application message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,6 +241,17 @@ impl AppMessage {
             Content::Text { sent_at, body } => {
                 w.u8(CONTENT_TEXT).u64(*sent_at).bytes(body.as_bytes());
             }
+            Content::Card { server, drop, hpke, kp_key, token } => {
+                w.u8(CONTENT_CARD)
+                    .bytes(server.as_bytes())
+                    .fixed(&drop.0)
+                    .fixed(hpke)
+                    .fixed(kp_key)
+                    .fixed(token);
+            }
+            Content::Profile { name } => {
+                w.u8(CONTENT_PROFILE).bytes(name.as_bytes());
+            }
         }
         w.finish()
     }
@@ -225,10 +263,83 @@ impl AppMessage {
         let epoch_tag = r.array()?;
         let content = match r.u8()? {
             CONTENT_TEXT => Content::Text { sent_at: r.u64()?, body: string(&mut r, MAX_TEXT)? },
+            CONTENT_CARD => Content::Card {
+                server: string(&mut r, MAX_LINK)?,
+                drop: DropId(r.array()?),
+                hpke: r.array()?,
+                kp_key: r.array()?,
+                token: r.array()?,
+            },
+            CONTENT_PROFILE => Content::Profile { name: string(&mut r, MAX_NAME)? },
             _ => return Err(DecodeError::Invalid("content kind")),
         };
         r.finish()?;
         Ok(AppMessage { epoch_tag, content })
+    }
+}
+
+/// A group's name and rules, carried in the MLS group context (extension
+/// [`GroupMeta::EXTENSION_TYPE`]), so every member checks the same rules on the same bytes.
+///
+/// ```text
+/// version u8 (1) · name bytes · flags u8 (1: members may add, 2: members may remove)
+///   · count u8 · admin identity key [32] × count
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupMeta {
+    /// The group's name.
+    pub name: String,
+    /// Identity keys allowed to add and remove anyone.
+    pub admins: Vec<[u8; 32]>,
+    /// Whether members who are not admins may add members.
+    pub members_can_add: bool,
+    /// Whether members who are not admins may remove others (anyone may leave).
+    pub members_can_remove: bool,
+}
+
+const MEMBERS_ADD: u8 = 1;
+const MEMBERS_REMOVE: u8 = 2;
+/// Most admins listed.
+pub const MAX_ADMINS: usize = 16;
+
+impl GroupMeta {
+    /// The group context extension type (from the private-use range).
+    pub const EXTENSION_TYPE: u16 = 0xff50;
+
+    /// Wire form.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        let flags = u8::from(self.members_can_add) * MEMBERS_ADD
+            + u8::from(self.members_can_remove) * MEMBERS_REMOVE;
+        let admins = &self.admins[..self.admins.len().min(MAX_ADMINS)];
+        w.u8(VERSION).bytes(self.name.as_bytes()).u8(flags).u8(admins.len() as u8);
+        for a in admins {
+            w.fixed(a);
+        }
+        w.finish()
+    }
+
+    /// Parses the wire form.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes);
+        version(&mut r)?;
+        let name = string(&mut r, MAX_NAME)?;
+        let flags = r.u8()?;
+        if flags & !(MEMBERS_ADD | MEMBERS_REMOVE) != 0 {
+            return Err(DecodeError::Invalid("group flags"));
+        }
+        let count = usize::from(r.u8()?);
+        if count > MAX_ADMINS {
+            return Err(DecodeError::TooLong);
+        }
+        let admins = (0..count).map(|_| r.array()).collect::<Result<_, _>>()?;
+        r.finish()?;
+        Ok(GroupMeta {
+            name,
+            admins,
+            members_can_add: flags & MEMBERS_ADD != 0,
+            members_can_remove: flags & MEMBERS_REMOVE != 0,
+        })
     }
 }
 
@@ -331,10 +442,30 @@ mod tests {
         }
 
         #[test]
+        fn cards_profiles_and_group_meta_round_trip(
+            ids in any::<[u8; 32]>(),
+            name in "\\PC{0,64}",
+            admins in proptest::collection::vec(any::<[u8; 32]>(), 0..=MAX_ADMINS),
+            add in any::<bool>(),
+            remove in any::<bool>(),
+        ) {
+            for content in [
+                Content::Card { server: name.clone(), drop: DropId(ids), hpke: ids, kp_key: ids, token: ids },
+                Content::Profile { name: name.clone() },
+            ] {
+                let m = AppMessage { epoch_tag: [1; 8], content };
+                prop_assert_eq!(AppMessage::decode(&m.encode()), Ok(m));
+            }
+            let meta = GroupMeta { name, admins, members_can_add: add, members_can_remove: remove };
+            prop_assert_eq!(GroupMeta::decode(&meta.encode()), Ok(meta));
+        }
+
+        #[test]
         fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
             let _ = KeyPackagePayload::decode(&bytes);
             let _ = DropPayload::decode(&bytes);
             let _ = AppMessage::decode(&bytes);
+            let _ = GroupMeta::decode(&bytes);
         }
     }
 }

@@ -82,6 +82,45 @@ enum Command {
     },
     /// Stay connected: print messages as they arrive and serve other commands on this home.
     Listen,
+    /// Groups: create, add, remove, leave, list members.
+    #[command(subcommand)]
+    Group(GroupCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum GroupCommand {
+    /// Create a group with contacts (you are its admin).
+    Create {
+        /// The group's name.
+        name: String,
+        /// Contacts to add.
+        #[arg(required = true)]
+        contacts: Vec<String>,
+    },
+    /// Add a contact to a group.
+    Add {
+        /// The group (its id or name).
+        chat: String,
+        /// The contact.
+        contact: String,
+    },
+    /// Remove a member from a group (all their devices).
+    Remove {
+        /// The group (its id or name).
+        chat: String,
+        /// The member (a contact's name).
+        contact: String,
+    },
+    /// Leave a group.
+    Leave {
+        /// The group (its id or name).
+        chat: String,
+    },
+    /// List a group's members.
+    Members {
+        /// The group (its id or name).
+        chat: String,
+    },
 }
 
 impl Command {
@@ -109,6 +148,13 @@ impl Command {
                 C::Send { chat, text }
             }
             Command::Read { chat, limit } => C::Read { chat, limit },
+            Command::Group(g) => match g {
+                GroupCommand::Create { name, contacts } => C::GroupCreate { name, contacts },
+                GroupCommand::Add { chat, contact } => C::GroupAdd { chat, contact },
+                GroupCommand::Remove { chat, contact } => C::GroupRemove { chat, contact },
+                GroupCommand::Leave { chat } => C::GroupLeave { chat },
+                GroupCommand::Members { chat } => C::GroupMembers { chat },
+            },
             Command::Server(_) | Command::Init(_) | Command::Listen => {
                 anyhow::bail!("not a client command")
             }

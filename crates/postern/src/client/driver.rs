@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use postern_client::{Client, Event, OutboxItem, OutboxOp};
 use postern_net::{Connection, NetError};
-use postern_proto::frame::{Body, ErrorCode, Item, Push, Request, Response};
+use postern_proto::frame::{Body, ClaimPolicy, ErrorCode, Item, Push, Request, Response};
 use postern_proto::ids::{LogId, UploadId, public_key};
 use postern_proto::limits::MAX_INLINE;
 use postern_proto::link::ServerLink;
@@ -18,6 +18,8 @@ use postern_proto::link::ServerLink;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Items asked for per read.
 const READ_BATCH: u16 = 64;
+/// Rounds of sending and resolving commits in one flush (each commit needs one).
+const MAX_FLUSH_ROUNDS: usize = 16;
 
 /// A server's answer, or why there was none. Refusals are the server's word on the request;
 /// everything else is the network's fault and worth a retry.
@@ -172,8 +174,22 @@ impl Driver {
             OutboxOp::DropCreate { mailbox, drop, owner } => {
                 (Request::DropCreate { mailbox, drop }, Some(owner))
             }
+            OutboxOp::ClaimTokenCreate { mailbox, token_hash, expires_day, per_day, owner } => (
+                Request::ClaimTokenCreate {
+                    mailbox,
+                    token_hash,
+                    policy: ClaimPolicy::Daily(per_day),
+                    expires_day,
+                },
+                Some(owner),
+            ),
         };
-        let creates = matches!(request, Request::LogCreate { .. } | Request::DropCreate { .. });
+        let creates = matches!(
+            request,
+            Request::LogCreate { .. }
+                | Request::DropCreate { .. }
+                | Request::ClaimTokenCreate { .. }
+        );
         Ok(match self.call(&link, request, signer.as_ref()).await? {
             Outcome::Done(Response::Seq(seq)) => Ok(Some(seq)),
             Outcome::Done(_) => Ok(None),
@@ -190,27 +206,38 @@ impl Driver {
         })
     }
 
-    /// Sends the outbox, oldest first, until it is empty. Stops at the first item the network
-    /// could not carry (it stays queued); items the server refuses for good are dropped and
-    /// reported.
+    /// Sends the outbox, oldest first, until it is empty, and resolves our acknowledged
+    /// commits by reading their logs up to them (which may queue more: Welcomes, the
+    /// messages that waited). Stops at the first item the network could not carry (it stays
+    /// queued); items the server refuses for good are dropped and reported.
     pub(crate) async fn flush(&mut self) -> Result<Vec<Event>> {
         let mut events = Vec::new();
         let mut refused = Vec::new();
-        while let Some(item) = self.client.next_outbox(&refused)? {
-            let id = item.id;
-            match self.send_item(item).await? {
-                Ok(seq) => {
-                    postern_client::pause_point("after-ack");
-                    self.client.outbox_done(id, seq)?;
-                }
-                Err(code) => {
-                    tracing::warn!(%code, "the server refused a queued request");
-                    refused.push(id);
-                    events.extend(self.client.outbox_failed(id)?);
+        for _ in 0..MAX_FLUSH_ROUNDS {
+            while let Some(item) = self.client.next_outbox(&refused)? {
+                let id = item.id;
+                postern_client::pause_point("before-send");
+                match self.send_item(item).await? {
+                    Ok(seq) => {
+                        postern_client::pause_point("after-ack");
+                        self.client.outbox_done(id, seq)?;
+                    }
+                    Err(code) => {
+                        tracing::warn!(%code, "the server refused a queued request");
+                        refused.push(id);
+                        events.extend(self.client.outbox_failed(id)?);
+                    }
                 }
             }
+            let unresolved = self.client.unresolved()?;
+            if unresolved.is_empty() {
+                return Ok(events);
+            }
+            for chat in unresolved {
+                events.extend(self.read_log(&chat).await?);
+            }
         }
-        Ok(events)
+        Err(anyhow!("a commit of ours is still unresolved after reading its log"))
     }
 
     /// The rest of a partly delivered item.
@@ -281,26 +308,44 @@ impl Driver {
         Ok(events)
     }
 
-    /// Reads every active chat's new entries.
+    /// Reads one chat's new entries.
+    async fn read_log(&mut self, chat: &postern_client::LogCursor) -> Result<Vec<Event>> {
+        let mut events = Vec::new();
+        let mut after = chat.cursor;
+        loop {
+            let request = Request::LogRead { log: chat.log, after, max_items: READ_BATCH };
+            let (items, more) = match self.call(&chat.server, request, None).await? {
+                Outcome::Done(Response::Items { items, more }) => (items, more),
+                Outcome::Refused(code) => {
+                    // A rotated log no member has created yet (read again next time), or
+                    // one that expired.
+                    tracing::debug!(chat = %chat.chat, %code, "cannot read a chat's log");
+                    return Ok(events);
+                }
+                other => return Err(unexpected(other)),
+            };
+            after = items.last().map_or(after, |i| i.seq);
+            events.extend(self.apply_entries(&chat.server, chat.log, items).await?);
+            if !more {
+                return Ok(events);
+            }
+        }
+    }
+
+    /// Reads every active chat's new entries (again for a chat whose log rotated while it
+    /// was read).
     pub(crate) async fn pull_logs(&mut self) -> Result<Vec<Event>> {
         let mut events = Vec::new();
-        for chat in self.client.logs()? {
-            let mut after = chat.cursor;
-            loop {
-                let request = Request::LogRead { log: chat.log, after, max_items: READ_BATCH };
-                let (items, more) = match self.call(&chat.server, request, None).await? {
-                    Outcome::Done(Response::Items { items, more }) => (items, more),
-                    Outcome::Refused(code) => {
-                        tracing::warn!(chat = %chat.chat, %code, "cannot read a chat's log");
-                        break;
-                    }
-                    other => return Err(unexpected(other)),
-                };
-                after = items.last().map_or(after, |i| i.seq);
-                events.extend(self.apply_entries(&chat.server, chat.log, items).await?);
-                if !more {
-                    break;
-                }
+        let mut done = HashSet::new();
+        for _ in 0..MAX_FLUSH_ROUNDS {
+            let pending: Vec<_> =
+                self.client.logs()?.into_iter().filter(|c| !done.contains(&c.log)).collect();
+            if pending.is_empty() {
+                break;
+            }
+            for chat in pending {
+                events.extend(self.read_log(&chat).await?);
+                done.insert(chat.log);
             }
         }
         Ok(events)

@@ -103,6 +103,11 @@ pub(crate) enum Command {
     Contacts,
     Send { chat: String, text: String },
     Read { chat: String, limit: Option<usize> },
+    GroupCreate { name: String, contacts: Vec<String> },
+    GroupAdd { chat: String, contact: String },
+    GroupRemove { chat: String, contact: String },
+    GroupLeave { chat: String },
+    GroupMembers { chat: String },
 }
 
 /// How long a command waits for another short-lived process to release the home.
@@ -230,12 +235,18 @@ pub(crate) async fn execute(
             for c in driver.client.chats()? {
                 if json {
                     let line = serde_json::json!({
-                        "chat": c.id, "name": c.name, "unread": c.unread,
-                        "active": c.active, "fork_alarm": c.fork_alarm,
+                        "chat": c.id, "name": c.name, "unread": c.unread, "group": c.group,
+                        "member": c.member, "active": c.active, "fork_alarm": c.fork_alarm,
                     });
                     writeln!(out, "{line}")?;
                 } else {
                     let mut flags = String::new();
+                    if c.group {
+                        flags.push_str("  (group)");
+                    }
+                    if !c.member {
+                        flags.push_str("  (you left)");
+                    }
                     if !c.active {
                         flags.push_str("  (not yet on the server: run `postern sync`)");
                     }
@@ -263,6 +274,103 @@ pub(crate) async fn execute(
                 print_message(out, &m, json)?;
             }
         }
+        Command::GroupCreate { name, contacts } => {
+            let mut claimed = Vec::new();
+            for contact in contacts {
+                claimed.push(claim_contact(driver, contact).await?);
+            }
+            let (chat, name) = driver.client.group_create(name, claimed)?;
+            let sent = driver.flush().await;
+            if json {
+                let line =
+                    serde_json::json!({ "event": "group_created", "chat": chat, "name": name });
+                writeln!(out, "{line}")?;
+            } else {
+                writeln!(out, "Created the group {name} (chat {chat}).")?;
+            }
+            sent.context("the group is created here; run `postern sync` to finish")?;
+        }
+        Command::GroupAdd { chat, contact } => {
+            sync_quietly(driver).await;
+            let claimed = claim_contact(driver, contact).await?;
+            driver.client.group_add(chat, claimed)?;
+            driver.flush().await.context("queued; run `postern sync` to finish")?;
+            report_membership(driver, out, chat, contact, true, json)?;
+        }
+        Command::GroupRemove { chat, contact } => {
+            sync_quietly(driver).await;
+            driver.client.group_remove(chat, contact)?;
+            driver.flush().await.context("queued; run `postern sync` to finish")?;
+            report_membership(driver, out, chat, contact, false, json)?;
+        }
+        Command::GroupLeave { chat } => {
+            sync_quietly(driver).await;
+            driver.client.group_leave(chat)?;
+            driver.flush().await.context("queued; run `postern sync` to finish")?;
+            if json {
+                writeln!(out, "{}", serde_json::json!({ "event": "leaving", "chat": chat }))?;
+            } else {
+                writeln!(out, "Asked to leave {chat}; the next member online completes it.")?;
+            }
+        }
+        Command::GroupMembers { chat } => {
+            sync_quietly(driver).await;
+            let (name, members) = driver.client.group_members(chat)?;
+            for m in members {
+                if json {
+                    let line = serde_json::json!({
+                        "group": name, "name": m.name, "fingerprint": m.fingerprint,
+                        "devices": m.devices, "admin": m.admin, "me": m.me,
+                    });
+                    writeln!(out, "{line}")?;
+                } else {
+                    let role = if m.admin { "  (admin)" } else { "" };
+                    let me = if m.me { "  (you)" } else { "" };
+                    writeln!(out, "{}{role}{me}  safety number {}", m.name, m.fingerprint)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A contact's card and the key packages claimed with it.
+async fn claim_contact(
+    driver: &mut Driver,
+    contact: &str,
+) -> Result<(postern_proto::ids::PublicKey, String, postern_client::Card, Vec<Vec<u8>>)> {
+    let (identity, name, card) = driver.client.card(contact)?;
+    let sealed = driver.claim(&card.server()?, card.token()).await?;
+    Ok((identity, name, card, sealed))
+}
+
+/// Says whether an add or remove is done, or waits for another member's commit.
+fn report_membership(
+    driver: &mut Driver,
+    out: &mut Vec<u8>,
+    chat: &str,
+    contact: &str,
+    added: bool,
+    json: bool,
+) -> Result<()> {
+    let (_, members) = driver.client.group_members(chat)?;
+    let member = members.iter().any(|m| m.name == contact);
+    let done = member == added;
+    if json {
+        let event = match (added, done) {
+            (true, true) => "added",
+            (false, true) => "removed",
+            _ => "queued",
+        };
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({ "event": event, "chat": chat, "contact": contact })
+        )?;
+    } else if done {
+        writeln!(out, "{} {contact}.", if added { "Added" } else { "Removed" })?;
+    } else {
+        writeln!(out, "Queued; it completes when the group's pending changes have settled.")?;
     }
     Ok(())
 }
@@ -452,6 +560,13 @@ pub(crate) fn print_events(out: &mut Vec<u8>, events: &[Event], json: bool) -> R
                     )?;
                 } else {
                     writeln!(out, "WARNING: members of chat {chat} disagree about its state.")?;
+                }
+            }
+            Event::Removed { chat } => {
+                if json {
+                    writeln!(out, "{}", serde_json::json!({ "event": "removed", "chat": chat }))?;
+                } else {
+                    writeln!(out, "You are no longer a member of chat {chat}.")?;
                 }
             }
             Event::Failed { chat } => {

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::bin;
 
-fn command(home: &Path, args: &[&str]) -> Command {
+pub(crate) fn command(home: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(bin());
     cmd.arg("--home")
         .arg(home)
@@ -21,12 +21,12 @@ fn command(home: &Path, args: &[&str]) -> Command {
     cmd
 }
 
-fn run(home: &Path, args: &[&str]) -> Output {
+pub(crate) fn run(home: &Path, args: &[&str]) -> Output {
     command(home, args).output().expect("run postern")
 }
 
 /// Runs a command that must succeed; returns its JSON lines.
-fn ok(home: &Path, args: &[&str]) -> Vec<Value> {
+pub(crate) fn ok(home: &Path, args: &[&str]) -> Vec<Value> {
     let mut all = vec!["--json"];
     all.extend_from_slice(args);
     let out = run(home, &all);
@@ -42,23 +42,23 @@ fn ok(home: &Path, args: &[&str]) -> Vec<Value> {
         .collect()
 }
 
-fn stderr(out: &Output) -> String {
+pub(crate) fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-fn init(dir: &Path, name: &str, server: &TestServer) -> PathBuf {
+pub(crate) fn init(dir: &Path, name: &str, server: &TestServer) -> PathBuf {
     let home = dir.join(name.to_lowercase());
     ok(&home, &["init", "--name", name, "--server", &server.link.to_link_string()]);
     home
 }
 
-fn invite(home: &Path, once: bool) -> String {
+pub(crate) fn invite(home: &Path, once: bool) -> String {
     let args: &[&str] = if once { &["invite", "--once"] } else { &["invite"] };
     ok(home, args)[0]["link"].as_str().expect("link").to_owned()
 }
 
 /// Connects `joiner` to `inviter` with a one-time invite; returns the joiner's chat id.
-fn connect(inviter: &Path, joiner: &Path) -> String {
+pub(crate) fn connect(inviter: &Path, joiner: &Path) -> String {
     let link = invite(inviter, true);
     let out = ok(joiner, &["connect", &link]);
     assert_eq!(out[0]["event"], "connected");
@@ -66,20 +66,20 @@ fn connect(inviter: &Path, joiner: &Path) -> String {
 }
 
 /// `(from, text)` of every message in a chat, in log order.
-fn history(home: &Path, chat: &str) -> Vec<(String, String)> {
+pub(crate) fn history(home: &Path, chat: &str) -> Vec<(String, String)> {
     ok(home, &["read", chat])
         .into_iter()
         .map(|m| (m["from"].as_str().unwrap().to_owned(), m["text"].as_str().unwrap().to_owned()))
         .collect()
 }
 
-fn texts(home: &Path, chat: &str) -> Vec<String> {
+pub(crate) fn texts(home: &Path, chat: &str) -> Vec<String> {
     history(home, chat).into_iter().map(|(_, t)| t).collect()
 }
 
 /// Starts a command that will stop at `point` (the `POSTERN_TEST_PAUSE_AT` hook), waits
 /// until it has, and kills it with SIGKILL.
-fn kill_at(home: &Path, args: &[&str], point: &str) {
+pub(crate) fn kill_at(home: &Path, args: &[&str], point: &str) {
     let mut child = command(home, args)
         .env("POSTERN_TEST_PAUSE_AT", point)
         .stdout(Stdio::null())

@@ -8,6 +8,7 @@ mod cli;
 mod config;
 mod disclosure;
 mod durability;
+mod group;
 mod ops;
 mod stranger;
 
