@@ -21,7 +21,7 @@ use ed25519_dalek::SigningKey;
 use openmls_traits::OpenMlsProvider as _;
 use openmls_traits::crypto::OpenMlsCrypto as _;
 use openmls_traits::types::{HpkeAeadType, HpkeCiphertext, HpkeConfig, HpkeKdfType, HpkeKemType};
-use postern_proto::content::{AppMessage, Content, DropPayload, KeyPackagePayload, MAX_TEXT};
+use postern_proto::content::{AppMessage, Content, DropPayload, MAX_TEXT};
 use postern_proto::envelope::Envelope;
 use postern_proto::ids::{DropId, IdemKey, LogId, MailboxId, PublicKey, TokenHash};
 use postern_proto::link::{InviteLink, ServerLink};
@@ -684,13 +684,7 @@ pub(crate) fn connect_once(
     link: &InviteLink,
     sealed: &[Vec<u8>],
 ) -> Result<(String, String), ClientError> {
-    let payloads = sealed
-        .iter()
-        .map(|s| {
-            let plain = Zeroizing::new(envelope::open_key_package(&link.kp_key, s)?);
-            KeyPackagePayload::decode(&plain).map_err(|_| MlsError::Invalid)
-        })
-        .collect::<Result<Vec<_>, MlsError>>()?;
+    let payloads = groups::open_key_packages(&link.kp_key, sealed)?;
     let name = payloads.first().map(|p| p.name.clone()).ok_or(MlsError::Invalid)?;
     let invitee = Invitee {
         identity: link.identity.0,

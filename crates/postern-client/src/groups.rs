@@ -13,6 +13,9 @@
 //!   removed member cannot compute. Every member creates the new log (the same id and key for
 //!   all; a conflict means another member was first) and moves to it; our own messages that
 //!   landed in the old log after the removal are sealed again for the new one.
+//! - **Removals go out as a Remove proposal, then the commit.** Every member refuses a commit
+//!   that leaves out a Remove proposal before it in the log, so a member who keeps
+//!   committing cannot outrun its own removal.
 //! - **Proposals** (a member leaving) are committed by the member with the lowest leaf index
 //!   that is not leaving, at once, or by anyone who has something to send (openmls encrypts
 //!   nothing while a proposal waits), so one leave never stalls the group.
@@ -271,6 +274,20 @@ pub(crate) fn store_card(ctx: &Ctx<'_>, sender: &PublicKey, card: Card) -> Resul
     Ok(())
 }
 
+/// Opens claimed key packages (sealed under `kp_key` with the owner's name).
+pub(crate) fn open_key_packages(
+    kp_key: &[u8; 32],
+    sealed: &[Vec<u8>],
+) -> Result<Vec<KeyPackagePayload>, ClientError> {
+    sealed
+        .iter()
+        .map(|s| {
+            let plain = Zeroizing::new(envelope::open_key_package(kp_key, s)?);
+            Ok(KeyPackagePayload::decode(&plain).map_err(|_| MlsError::Invalid)?)
+        })
+        .collect()
+}
+
 /// The invitee for a contact, from their card and the key packages claimed with it.
 pub(crate) fn invitee(
     identity: PublicKey,
@@ -278,13 +295,8 @@ pub(crate) fn invitee(
     card: &Card,
     sealed: &[Vec<u8>],
 ) -> Result<Invitee, ClientError> {
-    let key_packages = sealed
-        .iter()
-        .map(|s| {
-            let plain = Zeroizing::new(envelope::open_key_package(&card.kp_key, s)?);
-            Ok(KeyPackagePayload::decode(&plain).map_err(|_| MlsError::Invalid)?.key_package)
-        })
-        .collect::<Result<Vec<_>, ClientError>>()?;
+    let key_packages =
+        open_key_packages(&card.kp_key, sealed)?.into_iter().map(|p| p.key_package).collect();
     Ok(Invitee {
         identity: identity.0,
         name,
@@ -512,7 +524,23 @@ pub(crate) fn pump(ctx: &Ctx<'_>, chat: i64) -> Result<(), ClientError> {
         return Ok(());
     }
     let keys = mls::epoch_keys(&ctx.mls, &row.group_id)?;
-    let (commit, welcome) = mls::commit(&ctx.mls, ctx.me, &row.group_id, adds, removes)?;
+    // Removals first as proposals (unless one already waits in this epoch), then the
+    // commit that covers them.
+    let proposed = mls::proposed_removal_leaves(&ctx.mls, &row.group_id)?;
+    for leaf in removes.into_iter().filter(|l| !proposed.contains(l)) {
+        let proposal = mls::propose_remove(&ctx.mls, ctx.me, &row.group_id, leaf)?;
+        let env = envelope::seal(&keys, &row.log, IdemKey(random()), None, &proposal)?;
+        insert_outbox(
+            ctx.db,
+            Some(chat),
+            "proposal",
+            &row.server,
+            &row.log.0,
+            &env,
+            (None, None, None),
+        )?;
+    }
+    let (commit, welcome) = mls::commit(&ctx.mls, ctx.me, &row.group_id, adds)?;
     let next = mls::pending_epoch_keys(&ctx.mls, &row.group_id)?;
     let env =
         envelope::seal(&keys, &row.log, IdemKey(random()), Some(next.append_public()), &commit)?;

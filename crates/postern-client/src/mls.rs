@@ -443,22 +443,19 @@ pub(crate) fn clear_pending(provider: &Provider<'_>, group_id: &[u8]) -> Result<
     load(provider, group_id)?.clear_pending_commit(provider.storage()).map_err(lib)
 }
 
-/// A commit adding `adds`, removing the leaves `removes` and covering every stored
-/// proposal; returns the commit and the Welcome (when it adds someone). Merged only after it
-/// wins.
+/// A commit adding `adds` and covering every stored proposal (removals among them); returns
+/// the commit and the Welcome (when it adds someone). Merged only after it wins.
 pub(crate) fn commit(
     provider: &Provider<'_>,
     identity: &Identity,
     group_id: &[u8],
     adds: Vec<KeyPackage>,
-    removes: Vec<u32>,
 ) -> Result<(Vec<u8>, Option<Vec<u8>>), MlsError> {
     let mut group = load(provider, group_id)?;
     let bundle = group
         .commit_builder()
         .consume_proposal_store(true)
         .propose_adds(adds)
-        .propose_removals(removes.into_iter().map(LeafNodeIndex::new))
         .load_psks(provider.storage())
         .map_err(lib)?
         .build(provider.rand(), provider.crypto(), &DeviceSigner(&identity.device_key), |_| true)
@@ -475,6 +472,26 @@ pub(crate) fn commit(
         None => None,
     };
     Ok((commit.tls_serialize_detached().map_err(lib)?, welcome))
+}
+
+/// A proposal to remove the member at `leaf`. Removals go out as a proposal before their
+/// commit, so no commit that leaves them out can win after it (a member who keeps
+/// committing is still removed).
+pub(crate) fn propose_remove(
+    provider: &Provider<'_>,
+    identity: &Identity,
+    group_id: &[u8],
+    leaf: u32,
+) -> Result<Vec<u8>, MlsError> {
+    let mut group = load(provider, group_id)?;
+    let (proposal, _) = group
+        .propose_remove_member(
+            provider,
+            &DeviceSigner(&identity.device_key),
+            LeafNodeIndex::new(leaf),
+        )
+        .map_err(lib)?;
+    proposal.tls_serialize_detached().map_err(lib)
 }
 
 /// A proposal to remove ourselves, for another member to commit.

@@ -282,11 +282,12 @@ fn published_key_packages_open_with_the_invite_key_and_start_a_group() {
     assert!(bob.pending_publication().unwrap().is_none());
 }
 
-/// A server in memory: logs and drop addresses, appends idempotent by envelope.
+/// A server in memory: logs, and dropped items in one sequence (each mailbox sees its own
+/// items in order, with gaps), appends idempotent by envelope.
 #[derive(Default)]
 struct MemServer {
     logs: std::collections::HashMap<[u8; 32], Vec<Vec<u8>>>,
-    drops: std::collections::HashMap<[u8; 32], Vec<Vec<u8>>>,
+    drops: Vec<([u8; 32], Vec<u8>)>,
 }
 
 impl MemServer {
@@ -308,9 +309,8 @@ impl MemServer {
                         Some(at as u64 + 1)
                     }
                     OutboxOp::Drop { drop, body, .. } => {
-                        let items = self.drops.entry(drop.0).or_default();
-                        items.push(body);
-                        Some(items.len() as u64)
+                        self.drops.push((drop.0, body));
+                        Some(self.drops.len() as u64)
                     }
                     _ => None,
                 };
@@ -339,9 +339,8 @@ impl MemServer {
     /// Reads every chat's log and the given drop addresses, as `sync` does.
     fn sync(&mut self, c: &mut Client, drops: &[[u8; 32]]) -> Vec<Event> {
         let mut events = Vec::new();
-        for drop in drops {
-            let items = self.drops.get(drop).cloned().unwrap_or_default();
-            for (i, bytes) in items.iter().enumerate() {
+        for (i, (drop, bytes)) in self.drops.clone().iter().enumerate() {
+            if drops.contains(drop) {
                 events.extend(c.receive_drop(i as u64 + 1, bytes).unwrap());
             }
         }
@@ -407,4 +406,127 @@ fn a_one_time_invite_connects_two_people_who_then_chat_both_ways() {
     // Both sent their contact card inside the chat: each can now add the other to groups.
     assert!(bob.card("Alice").is_ok());
     assert!(alice.card("Bob").is_ok());
+}
+
+/// Alice, Bob and Carol, connected pairwise through Alice with cards exchanged, in a group
+/// "G" that Alice created. Returns the clients and the server.
+fn group_of_three(dir: &Path) -> (Client, Client, Client, MemServer) {
+    let mut server = MemServer::default();
+    let mut alice = Client::init(&dir.join("alice"), KeySource::KeyFile, "Alice", link()).unwrap();
+    let mut others = Vec::new();
+    for name in ["Bob", "Carol"] {
+        let mut other =
+            Client::init(&dir.join(name.to_lowercase()), KeySource::KeyFile, name, link()).unwrap();
+        let invite = alice.new_invite(InviteKind::Once, 20_000).unwrap();
+        let kp = alice.sealed_key_package(&invite.link.kp_key, false).unwrap();
+        other.connect_once(&invite.link, &[kp]).unwrap();
+        server.drain(&mut other);
+        server.sync(&mut alice, &[invite.link.drop.0]);
+        server.sync(&mut other, &[]);
+        others.push(other);
+    }
+    let mut carol = others.pop().unwrap();
+    let mut bob = others.pop().unwrap();
+    let mut claimed = Vec::new();
+    for (name, client) in [("Bob", &mut bob), ("Carol", &mut carol)] {
+        let (identity, name, card) = alice.card(name).unwrap();
+        let keys = client.mailbox().unwrap();
+        assert_eq!(card.kp_key, keys.kp_key);
+        let kp = client.sealed_key_package(&keys.kp_key, false).unwrap();
+        claimed.push((identity, name, card, vec![kp]));
+    }
+    alice.group_create("G", claimed).unwrap();
+    server.drain(&mut alice);
+    let cards: Vec<[u8; 32]> = server.drops.iter().map(|(d, _)| *d).collect();
+    for client in [&mut bob, &mut carol] {
+        server.sync(client, &cards);
+    }
+    server.sync(&mut alice, &[]);
+    (alice, bob, carol, server)
+}
+
+fn in_sync(clients: &mut [&mut Client]) {
+    let views: Vec<_> = clients.iter_mut().map(|c| c.chat_epoch("G").unwrap()).collect();
+    assert!(views.windows(2).all(|w| w[0] == w[1]), "members differ: {views:?}");
+}
+
+#[test]
+fn a_junk_commit_from_a_member_does_not_block_the_next_valid_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut alice, mut bob, mut carol, mut server) = group_of_three(dir.path());
+    // Bob holds this epoch's keys and appends garbage that claims to be a commit.
+    let (log, keys) = bob.chat_keys("G").unwrap();
+    let junk_next =
+        postern_proto::ids::public_key(&ed25519_dalek::SigningKey::from_bytes(&[9; 32]));
+    let junk =
+        envelope::seal(&keys, &log, postern_proto::ids::IdemKey([5; 16]), Some(junk_next), b"junk")
+            .unwrap();
+    server.logs.get_mut(&log.0).unwrap().push(junk);
+    // Alice removes Carol: her proposal and commit come after the junk and win.
+    for c in [&mut alice, &mut bob, &mut carol] {
+        server.sync(c, &[]);
+    }
+    alice.group_remove("G", "Carol").unwrap();
+    server.drain(&mut alice);
+    server.sync(&mut bob, &[]);
+    let events = server.sync(&mut carol, &[]);
+    assert!(events.iter().any(|e| matches!(e, Event::Removed { .. })), "{events:?}");
+    in_sync(&mut [&mut alice, &mut bob]);
+    bob.queue_message("G", "still moving").unwrap();
+    server.drain(&mut bob);
+    let events = server.sync(&mut alice, &[]);
+    assert!(events.iter().any(|e| matches!(e, Event::Message(m) if m.text == "still moving")));
+}
+
+/// A valid commit made behind the client's back (it covers only the proposals this client
+/// has read), appended straight to the log: what a hostile member can send.
+fn commit_behind_the_back(c: &mut Client, server: &mut MemServer) {
+    let (log, envelope) = c
+        .step(|ctx| {
+            let row = chats::resolve(ctx, "G")?;
+            let keys = mls::epoch_keys(&ctx.mls, &row.group_id)?;
+            let (commit, _) = mls::commit(&ctx.mls, ctx.me, &row.group_id, vec![])?;
+            let next = mls::pending_epoch_keys(&ctx.mls, &row.group_id)?;
+            let idem = postern_proto::ids::IdemKey([6; 16]);
+            Ok((
+                row.log,
+                envelope::seal(&keys, &row.log, idem, Some(next.append_public()), &commit)?,
+            ))
+        })
+        .unwrap();
+    server.logs.get_mut(&log.0).unwrap().push(envelope);
+}
+
+#[test]
+fn a_member_who_commits_ahead_of_their_removal_is_still_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut alice, mut bob, mut carol, mut server) = group_of_three(dir.path());
+    let (epoch, _) = alice.chat_epoch("G").unwrap();
+    // Alice removes Bob: her Remove proposal reaches the log; her commit is not sent yet.
+    alice.group_remove("G", "Bob").unwrap();
+    let proposal = alice.next_outbox(&[]).unwrap().unwrap();
+    let OutboxOp::Append { log, envelope, .. } = proposal.op else { panic!("a proposal first") };
+    server.logs.get_mut(&log.0).unwrap().push(envelope);
+    let seq = server.logs[&log.0].len() as u64;
+    alice.outbox_done(proposal.id, Some(seq)).unwrap();
+    // Bob, who has not read it, gets a valid commit in first.
+    commit_behind_the_back(&mut bob, &mut server);
+    // Every member refuses a commit that leaves out an earlier Remove: Alice's wins.
+    server.drain(&mut alice);
+    let events = server.sync(&mut bob, &[]);
+    assert!(events.iter().any(|e| matches!(e, Event::Removed { .. })), "{events:?}");
+    server.sync(&mut carol, &[]);
+    in_sync(&mut [&mut alice, &mut carol]);
+    assert_eq!(
+        alice.chat_epoch("G").unwrap().0,
+        epoch + 1,
+        "Bob's commit was skipped, not applied"
+    );
+    let (_, members) = alice.group_members("G").unwrap();
+    let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["Alice", "Carol"]);
+    carol.queue_message("G", "without Bob").unwrap();
+    server.drain(&mut carol);
+    let events = server.sync(&mut alice, &[]);
+    assert!(events.iter().any(|e| matches!(e, Event::Message(m) if m.text == "without Bob")));
 }
