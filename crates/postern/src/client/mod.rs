@@ -473,8 +473,19 @@ async fn send(
     json: bool,
     out: &mut Vec<u8>,
 ) -> Result<()> {
+    // Read first, so the message is sealed for the group as it is now (a removal may have
+    // moved it to a new log) ...
+    let _ = driver.pull_logs().await;
     let id = driver.client.queue_message(chat, text)?;
-    let flushed = driver.flush().await;
+    let mut flushed = driver.flush().await;
+    // ... and read again after: if a removal landed just before our message, it is sealed
+    // again for the new log and sent there before we report success.
+    if flushed.is_ok() {
+        flushed = match driver.pull_logs().await {
+            Ok(_) => driver.flush().await,
+            Err(e) => Err(e),
+        };
+    }
     let state = driver.client.message_state(id)?;
     match (state, flushed) {
         (MessageState::Sent, _) => {
