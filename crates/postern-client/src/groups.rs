@@ -440,12 +440,12 @@ pub(crate) fn pump(ctx: &Ctx<'_>, chat: i64) -> Result<(), ClientError> {
     if !row.active || row.state == "left" || mls::has_pending_commit(&ctx.mls, &row.group_id)? {
         return Ok(());
     }
-    let epoch = mls::epoch_keys(&ctx.mls, &row.group_id)?.epoch;
+    let keys = mls::epoch_keys(&ctx.mls, &row.group_id)?;
+    let epoch = keys.epoch;
     if row.state == "leaving" {
         // Proposals last one epoch: propose again in each new epoch until removed.
         if row.leave_epoch != Some(epoch) {
             let proposal = mls::leave(&ctx.mls, ctx.me, &row.group_id)?;
-            let keys = mls::epoch_keys(&ctx.mls, &row.group_id)?;
             let env = envelope::seal(&keys, &row.log, IdemKey(random()), None, &proposal)?;
             insert_outbox(
                 ctx.db,
@@ -523,7 +523,6 @@ pub(crate) fn pump(ctx: &Ctx<'_>, chat: i64) -> Result<(), ClientError> {
         }
         return Ok(());
     }
-    let keys = mls::epoch_keys(&ctx.mls, &row.group_id)?;
     // Removals first as proposals (unless one already waits in this epoch), then the
     // commit that covers them.
     let proposed = mls::proposed_removal_leaves(&ctx.mls, &row.group_id)?;
