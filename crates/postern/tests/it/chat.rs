@@ -263,6 +263,63 @@ async fn five_hundred_messages_arrive_in_order_without_duplicates() {
     assert_eq!(history(&bob, "Alice"), expected);
 }
 
+/// A running `postern --json listen` and the events it prints.
+pub(crate) struct Listener {
+    child: std::process::Child,
+    events: std::sync::mpsc::Receiver<Value>,
+    /// Events printed while we waited for another kind, oldest first.
+    seen: std::collections::VecDeque<Value>,
+}
+
+impl Listener {
+    /// Starts listening on `home` and waits until it is ready.
+    pub(crate) fn start(home: &Path) -> Self {
+        let mut child = command(home, &["--json", "listen"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn listen");
+        let (tx, events) = std::sync::mpsc::channel::<Value>();
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str(&line) {
+                    let _ = tx.send(v);
+                }
+            }
+        });
+        let mut listener = Listener { child, events, seen: Default::default() };
+        listener.next("listening");
+        listener
+    }
+
+    /// The oldest event of this kind not yet taken, waiting up to a minute for it.
+    pub(crate) fn next(&mut self, want: &str) -> Value {
+        if let Some(at) = self.seen.iter().position(|v| v["event"] == want) {
+            return self.seen.remove(at).expect("present");
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let v = self
+                .events
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("listen never printed {want}"));
+            if v["event"] == want {
+                return v;
+            }
+            self.seen.push_back(v);
+        }
+    }
+
+    /// Stops it with SIGTERM; it must exit cleanly.
+    pub(crate) fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        assert!(self.child.wait().unwrap().success());
+    }
+}
+
 #[tokio::test]
 async fn send_while_listen_runs_is_handed_to_it() {
     let mut server = TestServer::start(bin()).await;
@@ -271,32 +328,8 @@ async fn send_while_listen_runs_is_handed_to_it() {
     let bob = init(dir.path(), "Bob", &server);
     let link = invite(&alice, true);
 
-    let mut listen = command(&alice, &["--json", "listen"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn listen");
-    let (tx, rx) = std::sync::mpsc::channel::<Value>();
-    let stdout = listen.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str(&line) {
-                let _ = tx.send(v);
-            }
-        }
-    });
-    let next = |want: &str| -> Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let v = rx.recv_timeout(left).unwrap_or_else(|_| panic!("listen never printed {want}"));
-            if v["event"] == want {
-                return v;
-            }
-        }
-    };
-    next("listening");
-
+    let mut listen = Listener::start(&alice);
+    let mut next = |want: &str| listen.next(want);
     ok(&bob, &["connect", &link]);
     // Listen finds the Welcome in the mailbox, joins and subscribes.
     let connected = next("connected");
@@ -333,9 +366,7 @@ async fn send_while_listen_runs_is_handed_to_it() {
     assert_eq!(next("message")["text"], "after the restart");
 
     // SIGTERM stops listen and removes its socket; the home works directly again.
-    let pid = listen.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    assert!(listen.wait().unwrap().success());
+    listen.stop();
     assert!(!alice.join("control.sock").exists());
     assert_eq!(ok(&alice, &["whoami"])[0]["name"], "Alice");
     assert_eq!(

@@ -8,7 +8,7 @@ use postern_proto::ids::IdemKey;
 use postern_test_support::TestServer;
 
 use crate::bin;
-use crate::chat::{connect, init, kill_at, ok, run, stderr, texts};
+use crate::chat::{Listener, connect, init, kill_at, ok, run, stderr, texts};
 
 /// `(epoch, epoch-authenticator tag)` of a home's view of a group.
 fn epoch(home: &Path, chat: &str) -> (u64, [u8; 8]) {
@@ -203,4 +203,26 @@ async fn five_hundred_group_messages_in_order_without_duplicates() {
     for home in &homes {
         assert_eq!(texts(home, "Many"), expected);
     }
+}
+
+#[tokio::test]
+async fn listen_follows_a_group_across_a_removal() {
+    let server = TestServer::start(bin()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let homes = people(dir.path(), &server, &["Alice", "Bob", "Carol"]);
+    let [alice, bob, carol] = &homes[..] else { unreachable!() };
+    ok(alice, &["group", "create", "Live", "Bob", "Carol"]);
+    ok(carol, &["sync"]);
+    // Bob listens: he joins from the mailbox, then follows the group's log as it rotates.
+    let mut listen = Listener::start(bob);
+    assert_eq!(listen.next("connected")["contact"], "Live");
+    ok(carol, &["send", "Live", "before"]);
+    assert_eq!(listen.next("message")["text"], "before");
+    assert_eq!(ok(alice, &["group", "remove", "Live", "Carol"])[0]["event"], "removed");
+    ok(alice, &["send", "Live", "after the rotation"]);
+    assert_eq!(listen.next("message")["text"], "after the rotation");
+    // A command handed to listen sends into the new log too.
+    ok(bob, &["send", "Live", "from Bob"]);
+    listen.stop();
+    assert_eq!(texts(alice, "Live"), ["before", "after the rotation", "from Bob"]);
 }
