@@ -859,7 +859,6 @@ pub(crate) fn seal_queued(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<(), ClientErr
         return Ok(());
     }
     let keys = mls::epoch_keys(&ctx.mls, &chat.group_id)?;
-    let server = &chat.server;
     for (id, idem, body, sent_at) in queued {
         let plain = AppMessage {
             epoch_tag: keys.authenticator_tag,
@@ -867,17 +866,28 @@ pub(crate) fn seal_queued(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<(), ClientErr
         }
         .encode();
         let mls_message = mls::encrypt(&ctx.mls, ctx.me, &chat.group_id, &plain)?;
-        let idem = IdemKey(arr(&idem)?);
-        let env = envelope::seal(&keys, &chat.log, idem, None, &mls_message)?;
-        ctx.db
-            .execute(
-                "INSERT INTO outbox (chat_id, kind, server_link, target, idem, body, message_id)
-                 VALUES (?1, 'message', ?2, ?3, ?4, ?5, ?6)",
-                params![chat.id, server, &chat.log.0[..], &idem.0[..], env, id],
-            )
-            .map_err(dbe)?;
+        let message = Some((id, IdemKey(arr(&idem)?)));
+        queue_envelope(ctx, chat, &keys, "message", None, &mls_message, message)?;
     }
     Ok(())
+}
+
+/// Seals an MLS message (an application message, a proposal, a commit carrying the next
+/// epoch's append key) with `keys` for the chat's log and queues it. A text message keeps
+/// its row's idempotency key; anything else gets a fresh one.
+pub(crate) fn queue_envelope(
+    ctx: &Ctx<'_>,
+    chat: &ChatRow,
+    keys: &EpochKeys,
+    kind: &str,
+    next_key: Option<PublicKey>,
+    mls_message: &[u8],
+    message: Option<(i64, IdemKey)>,
+) -> Result<(), ClientError> {
+    let idem = message.map_or_else(|| IdemKey(random()), |(_, idem)| idem);
+    let env = envelope::seal(keys, &chat.log, idem, next_key, mls_message)?;
+    let extra = (None, None, message.map(|(id, _)| id));
+    insert_outbox(ctx.db, Some(chat.id), kind, &chat.server, &chat.log.0, &env, extra)
 }
 
 /// The oldest outbox item that can go now.
@@ -1069,6 +1079,12 @@ pub(crate) fn logs(ctx: &Ctx<'_>) -> Result<Vec<LogCursor>, ClientError> {
     cursors(&mut stmt)
 }
 
+/// The chat reading `log`, if `seq` is past its cursor (entries at or before it are done;
+/// entries of a log the chat has left behind belong to no chat).
+fn chat_before(ctx: &Ctx<'_>, log: &LogId, seq: u64) -> Result<Option<ChatRow>, ClientError> {
+    Ok(chat_row(ctx.db, "log_id = ?1", &&log.0[..])?.filter(|chat| seq > chat.cursor))
+}
+
 /// Applies one log entry. An `Err` leaves everything as it was; the caller then skips the
 /// entry with [`skip_entry`] when the error is the entry's fault.
 pub(crate) fn receive_entry(
@@ -1077,10 +1093,7 @@ pub(crate) fn receive_entry(
     seq: u64,
     bytes: &[u8],
 ) -> Result<Vec<Event>, ClientError> {
-    let Some(chat) = chat_row(ctx.db, "log_id = ?1", &&log.0[..])? else { return Ok(vec![]) };
-    if seq <= chat.cursor {
-        return Ok(vec![]);
-    }
+    let Some(chat) = chat_before(ctx, log, seq)? else { return Ok(vec![]) };
     let env = Envelope::decode(bytes).map_err(|_| MlsError::Invalid)?;
     ctx.db
         .execute("UPDATE chats SET cursor = ?2 WHERE id = ?1", params![chat.id, seq])
@@ -1217,10 +1230,7 @@ pub(crate) fn skip_entry(
     seq: u64,
     bytes: &[u8],
 ) -> Result<Vec<Event>, ClientError> {
-    let Some(chat) = chat_row(ctx.db, "log_id = ?1", &&log.0[..])? else { return Ok(vec![]) };
-    if seq <= chat.cursor {
-        return Ok(vec![]);
-    }
+    let Some(chat) = chat_before(ctx, log, seq)? else { return Ok(vec![]) };
     ctx.db
         .execute("UPDATE chats SET cursor = ?2 WHERE id = ?1", params![chat.id, seq])
         .map_err(dbe)?;
@@ -1265,7 +1275,8 @@ pub(crate) fn receive_drop(
     }
     set_mailbox_cursor(ctx, seq)?;
     let (private, _) = crate::store::hpke_keypair(ctx.db)?;
-    match open_drop(&ctx.mls, &private, bytes)? {
+    let payload = open_drop(&ctx.mls, &private, bytes)?;
+    match &payload {
         DropPayload::Welcome { drop, name, server, log, after, welcome } => {
             let invite: Option<(String, Option<Vec<u8>>)> = ctx
                 .db
@@ -1276,8 +1287,8 @@ pub(crate) fn receive_drop(
                 )
                 .optional()
                 .map_err(dbe)?;
-            let (group_id, members) = mls::join(&ctx.mls, &welcome)?;
-            ServerLink::parse(&server)?;
+            let (group_id, members) = mls::join(&ctx.mls, welcome)?;
+            ServerLink::parse(server)?;
             let me = ctx.me.identity_public();
             let mut others: Vec<PublicKey> =
                 members.iter().map(|m| m.identity_key).filter(|k| *k != me).collect();
@@ -1296,7 +1307,7 @@ pub(crate) fn receive_drop(
                     {
                         return Err(MlsError::BadCredential.into());
                     }
-                    let (id, name) = contact_for(ctx, other, &name)?;
+                    let (id, name) = contact_for(ctx, other, name)?;
                     (Some(id), name, "direct")
                 }
                 (None, _) => return Err(MlsError::Invalid.into()),
@@ -1322,12 +1333,12 @@ pub(crate) fn receive_drop(
             }
             Ok(vec![Event::Connected { chat: reference, contact: title }])
         }
-        DropPayload::Request { ref key_packages, ref name, .. } => {
+        DropPayload::Request { key_packages, name, .. } => {
             let identity = request_identity(&ctx.mls, key_packages)?;
             let reference = new_ref(ctx.db, "requests")?;
             let name =
                 if crate::check_name(name).is_ok() { name.clone() } else { "Unnamed".into() };
-            let payload = open_drop(&ctx.mls, &private, bytes)?.encode();
+            let payload = payload.encode();
             ctx.db
                 .execute(
                     "INSERT INTO requests (ref, name, identity_key, payload, received_at) VALUES (?1, ?2, ?3, ?4, ?5)",

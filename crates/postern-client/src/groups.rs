@@ -21,14 +21,14 @@
 //!   nothing while a proposal waits), so one leave never stalls the group.
 
 use postern_proto::content::{AppMessage, Content, DropPayload, GroupMeta, KeyPackagePayload};
-use postern_proto::ids::{ClaimToken, DropId, IdemKey, PublicKey};
+use postern_proto::ids::{ClaimToken, DropId, PublicKey};
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::chats::{
     ChatRow, Ctx, arr, bad, chat_row, contact_for, dbe, insert_outbox, mailbox_keys, new_ref,
-    now_ms, random, resolve, save_epoch, seal_drop, seal_queued, today,
+    now_ms, queue_envelope, random, resolve, save_epoch, seal_drop, seal_queued, today,
 };
 use crate::mls::{self, MlsError};
 use crate::{ClientError, envelope};
@@ -150,28 +150,23 @@ pub(crate) fn create_chat(
             params![reference, created.group_id, contact, server, &log.0[..], now_ms() / 1000, kind],
         )
         .map_err(dbe)?;
-    let chat = ctx.db.last_insert_rowid();
-    save_epoch(ctx.db, chat, &keys)?;
-    let commit = envelope::seal(
-        &keys,
-        &log,
-        IdemKey(random()),
-        Some(next.append_public()),
-        &created.commit,
-    )?;
+    let chat =
+        chat_row(ctx.db, "id = ?1", &ctx.db.last_insert_rowid())?.ok_or(bad("chat vanished"))?;
+    save_epoch(ctx.db, chat.id, &keys)?;
     let key = keys.append_key.to_bytes();
     insert_outbox(
         ctx.db,
-        Some(chat),
+        Some(chat.id),
         "log_create",
         &server,
         &log.0,
         &[],
         (Some(&key[..]), None, None),
     )?;
-    insert_outbox(ctx.db, Some(chat), "commit", &server, &log.0, &commit, (None, None, None))?;
+    let next_key = Some(next.append_public());
+    queue_envelope(ctx, &chat, &keys, "commit", next_key, &created.commit, None)?;
     let targets: Vec<WelcomeTarget> = invitees.into_iter().map(|i| i.welcome_to).collect();
-    queue_welcomes(ctx, chat, &created.welcome, &targets)?;
+    queue_welcomes(ctx, chat.id, &created.welcome, &targets)?;
     Ok((reference, name))
 }
 
@@ -231,16 +226,7 @@ fn send_control(ctx: &Ctx<'_>, chat: &ChatRow, content: Content) -> Result<(), C
     let keys = mls::epoch_keys(&ctx.mls, &chat.group_id)?;
     let plain = AppMessage { epoch_tag: keys.authenticator_tag, content }.encode();
     let mls_message = mls::encrypt(&ctx.mls, ctx.me, &chat.group_id, &plain)?;
-    let env = envelope::seal(&keys, &chat.log, IdemKey(random()), None, &mls_message)?;
-    insert_outbox(
-        ctx.db,
-        Some(chat.id),
-        "message",
-        &chat.server,
-        &chat.log.0,
-        &env,
-        (None, None, None),
-    )
+    queue_envelope(ctx, chat, &keys, "message", None, &mls_message, None)
 }
 
 /// A contact's card, if it has arrived.
@@ -446,16 +432,7 @@ pub(crate) fn pump(ctx: &Ctx<'_>, chat: i64) -> Result<(), ClientError> {
         // Proposals last one epoch: propose again in each new epoch until removed.
         if row.leave_epoch != Some(epoch) {
             let proposal = mls::leave(&ctx.mls, ctx.me, &row.group_id)?;
-            let env = envelope::seal(&keys, &row.log, IdemKey(random()), None, &proposal)?;
-            insert_outbox(
-                ctx.db,
-                Some(chat),
-                "proposal",
-                &row.server,
-                &row.log.0,
-                &env,
-                (None, None, None),
-            )?;
+            queue_envelope(ctx, &row, &keys, "proposal", None, &proposal, None)?;
             ctx.db
                 .execute("UPDATE chats SET leave_epoch = ?2 WHERE id = ?1", params![chat, epoch])
                 .map_err(dbe)?;
@@ -528,22 +505,11 @@ pub(crate) fn pump(ctx: &Ctx<'_>, chat: i64) -> Result<(), ClientError> {
     let proposed = mls::proposed_removal_leaves(&ctx.mls, &row.group_id)?;
     for leaf in removes.into_iter().filter(|l| !proposed.contains(l)) {
         let proposal = mls::propose_remove(&ctx.mls, ctx.me, &row.group_id, leaf)?;
-        let env = envelope::seal(&keys, &row.log, IdemKey(random()), None, &proposal)?;
-        insert_outbox(
-            ctx.db,
-            Some(chat),
-            "proposal",
-            &row.server,
-            &row.log.0,
-            &env,
-            (None, None, None),
-        )?;
+        queue_envelope(ctx, &row, &keys, "proposal", None, &proposal, None)?;
     }
     let (commit, welcome) = mls::commit(&ctx.mls, ctx.me, &row.group_id, adds)?;
-    let next = mls::pending_epoch_keys(&ctx.mls, &row.group_id)?;
-    let env =
-        envelope::seal(&keys, &row.log, IdemKey(random()), Some(next.append_public()), &commit)?;
-    insert_outbox(ctx.db, Some(chat), "commit", &row.server, &row.log.0, &env, (None, None, None))?;
+    let next_key = Some(mls::pending_epoch_keys(&ctx.mls, &row.group_id)?.append_public());
+    queue_envelope(ctx, &row, &keys, "commit", next_key, &commit, None)?;
     if let Some(welcome) = welcome {
         queue_welcomes(ctx, chat, &welcome, &targets)?;
     }

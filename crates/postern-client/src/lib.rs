@@ -535,6 +535,11 @@ impl Client {
         self.step(|ctx| chats::queue_message(ctx, chat, text))
     }
 
+    /// The id of a chat named by its id, its contact's name or its group's name.
+    pub fn chat_id(&mut self, chat: &str) -> Result<String, ClientError> {
+        self.step(|ctx| Ok(chats::resolve(ctx, chat)?.reference))
+    }
+
     /// Where an outgoing message stands.
     pub fn message_state(&mut self, id: i64) -> Result<MessageState, ClientError> {
         self.step(|ctx| chats::message_state(ctx, id))

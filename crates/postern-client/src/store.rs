@@ -201,13 +201,7 @@ impl Store {
         private: &[u8; 32],
         public: &[u8; 32],
     ) -> Result<(), ClientError> {
-        self.conn
-            .execute(
-                "UPDATE mailbox SET hpke_private = ?1, hpke_public = ?2 WHERE id = 1",
-                params![&private[..], &public[..]],
-            )
-            .map_err(db_err)?;
-        Ok(())
+        write_hpke(&self.conn, private, public)
     }
 
     /// The connection, for reads outside a transaction.
@@ -338,10 +332,15 @@ pub(crate) fn hpke_keypair(conn: &Connection) -> Result<([u8; 32], [u8; 32]), Cl
     }
     let kp = postern_proto::session::StaticKeypair::generate()
         .map_err(|_| ClientError::Internal("cannot generate an X25519 key"))?;
+    write_hpke(conn, &kp.private, &kp.public)?;
+    Ok((kp.private, kp.public))
+}
+
+fn write_hpke(conn: &Connection, private: &[u8; 32], public: &[u8; 32]) -> Result<(), ClientError> {
     conn.execute(
         "UPDATE mailbox SET hpke_private = ?1, hpke_public = ?2 WHERE id = 1",
-        params![&kp.private[..], &kp.public[..]],
+        params![&private[..], &public[..]],
     )
     .map_err(db_err)?;
-    Ok((kp.private, kp.public))
+    Ok(())
 }

@@ -92,21 +92,15 @@ impl Driver {
     /// Publishes the mailbox and key packages if that has not happened yet; true if now.
     pub(crate) async fn publish(&mut self) -> Result<bool> {
         let Some(publication) = self.client.pending_publication()? else { return Ok(false) };
-        let link = self.client.server().clone();
-        for request in publication.requests {
-            match self.call(&link, request, Some(&publication.owner)).await? {
-                // Our ids are ours alone: a conflict means an earlier attempt got through.
-                Outcome::Done(_) | Outcome::Refused(ErrorCode::Conflict) => {}
-                Outcome::Refused(code) => {
-                    return Err(anyhow!("the server refused to publish the mailbox: {code}"));
-                }
-            }
-        }
+        self.send_signed(publication.requests, &publication.owner)
+            .await
+            .context("cannot publish the mailbox")?;
         self.client.mark_published()?;
         Ok(true)
     }
 
-    /// Sends owner-signed requests in order to the home server (a conflict counts as done).
+    /// Sends owner-signed requests in order to the home server. Our ids are ours alone, so
+    /// a conflict means an earlier attempt got through and counts as done.
     pub(crate) async fn send_signed(
         &mut self,
         requests: Vec<Request>,
@@ -335,11 +329,24 @@ impl Driver {
     /// Reads every active chat's new entries (again for a chat whose log rotated while it
     /// was read).
     pub(crate) async fn pull_logs(&mut self) -> Result<Vec<Event>> {
+        self.pull(None).await
+    }
+
+    /// Reads one chat's new entries, following it to a new log if it rotates meanwhile.
+    pub(crate) async fn pull_chat(&mut self, chat: &str) -> Result<Vec<Event>> {
+        self.pull(Some(chat)).await
+    }
+
+    async fn pull(&mut self, only: Option<&str>) -> Result<Vec<Event>> {
         let mut events = Vec::new();
         let mut done = HashSet::new();
         for _ in 0..MAX_FLUSH_ROUNDS {
-            let pending: Vec<_> =
-                self.client.logs()?.into_iter().filter(|c| !done.contains(&c.log)).collect();
+            let pending: Vec<_> = self
+                .client
+                .logs()?
+                .into_iter()
+                .filter(|c| !done.contains(&c.log) && only.is_none_or(|id| id == c.chat))
+                .collect();
             if pending.is_empty() {
                 break;
             }
@@ -352,7 +359,7 @@ impl Driver {
     }
 
     /// Everything: publish, send the outbox, read the mailbox and the logs, and send what
-    /// that queued (a revoked address, a released Welcome).
+    /// that queued (a released Welcome, a rotated log's creation, a contact card).
     pub(crate) async fn sync(&mut self) -> Result<Vec<Event>> {
         self.publish().await?;
         let mut events = self.flush().await?;

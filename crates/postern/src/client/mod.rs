@@ -475,13 +475,14 @@ async fn send(
 ) -> Result<()> {
     // Read first, so the message is sealed for the group as it is now (a removal may have
     // moved it to a new log) ...
-    let _ = driver.pull_logs().await;
-    let id = driver.client.queue_message(chat, text)?;
+    let chat_id = driver.client.chat_id(chat)?;
+    let _ = driver.pull_chat(&chat_id).await;
+    let id = driver.client.queue_message(&chat_id, text)?;
     let mut flushed = driver.flush().await;
     // ... and read again after: if a removal landed just before our message, it is sealed
     // again for the new log and sent there before we report success.
     if flushed.is_ok() {
-        flushed = match driver.pull_logs().await {
+        flushed = match driver.pull_chat(&chat_id).await {
             Ok(_) => driver.flush().await,
             Err(e) => Err(e),
         };
