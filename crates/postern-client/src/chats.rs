@@ -29,6 +29,7 @@ use rand::RngCore;
 use rusqlite::{Connection, OptionalExtension, params};
 use zeroize::Zeroizing;
 
+use crate::gaps::{self, Gap};
 use crate::groups::{self, Invitee, WelcomeTarget};
 use crate::identity::{DeviceCredential, Identity, fingerprint};
 use crate::mls::{self, EpochKeys, MlsError, Provider, Received};
@@ -224,6 +225,8 @@ pub struct ChatSummary {
     pub group: bool,
     /// False once we have left or been removed.
     pub member: bool,
+    /// This device fell behind the group's history and waits to be re-added.
+    pub rejoining: bool,
 }
 
 /// Where an outgoing message stands.
@@ -327,6 +330,37 @@ pub enum Event {
         /// The chat.
         chat: String,
     },
+    /// Entries of a chat's log expired on the server before this device read them.
+    HistoryLost {
+        /// The chat.
+        chat: String,
+        /// How many.
+        entries: u64,
+    },
+    /// This device fell behind a group's history (a commit expired unread) and asked
+    /// `asked` members to re-add it; with none to ask, someone must add it again.
+    Rejoining {
+        /// The chat.
+        chat: String,
+        /// How many members were asked.
+        asked: usize,
+    },
+    /// We are in a chat again: re-added after falling behind (`lost`), or added back.
+    Rejoined {
+        /// The chat.
+        chat: String,
+        /// Whether history between our old and new state is lost to this device.
+        lost: bool,
+    },
+}
+
+/// One item of a chat's history as `read` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HistoryItem {
+    /// A message.
+    Message(Message),
+    /// History this device does not have.
+    Gap(Gap),
 }
 
 /// One request for the server, as the outbox holds it.
@@ -1067,13 +1101,43 @@ pub(crate) fn message_state(ctx: &Ctx<'_>, id: i64) -> Result<MessageState, Clie
 // ---------------------------------------------------------------------------------------
 // Receiving
 
+/// What was sealed for a group state we no longer have is sealed again: messages in the
+/// chat's outbox go back to queued, and its items of `kinds` (only those bound for `log`,
+/// when given) are dropped.
+pub(crate) fn unseal(
+    ctx: &Ctx<'_>,
+    chat: i64,
+    kinds: &[&str],
+    log: Option<&LogId>,
+) -> Result<(), ClientError> {
+    let kinds = kinds.iter().map(|k| format!("'{k}'")).collect::<Vec<_>>().join(", ");
+    let log = log.map(|l| l.0.to_vec());
+    ctx.db
+        .execute(
+            "UPDATE messages SET state = 'queued' WHERE id IN (SELECT message_id FROM outbox
+             WHERE chat_id = ?1 AND kind = 'message' AND (?2 IS NULL OR target = ?2))",
+            params![chat, log],
+        )
+        .map_err(dbe)?;
+    ctx.db
+        .execute(
+            &format!(
+                "DELETE FROM outbox WHERE chat_id = ?1 AND kind IN ({kinds})
+                 AND (?2 IS NULL OR target = ?2)"
+            ),
+            params![chat, log],
+        )
+        .map_err(dbe)?;
+    Ok(())
+}
+
 /// Every active chat's log and cursor.
 pub(crate) fn logs(ctx: &Ctx<'_>) -> Result<Vec<LogCursor>, ClientError> {
     let mut stmt = ctx
         .db
         .prepare(
             "SELECT ref, server_link, log_id, cursor FROM chats
-             WHERE active = 1 AND state <> 'left' ORDER BY id",
+             WHERE active = 1 AND state NOT IN ('left', 'stale') ORDER BY id",
         )
         .map_err(dbe)?;
     cursors(&mut stmt)
@@ -1082,7 +1146,8 @@ pub(crate) fn logs(ctx: &Ctx<'_>) -> Result<Vec<LogCursor>, ClientError> {
 /// The chat reading `log`, if `seq` is past its cursor (entries at or before it are done;
 /// entries of a log the chat has left behind belong to no chat).
 fn chat_before(ctx: &Ctx<'_>, log: &LogId, seq: u64) -> Result<Option<ChatRow>, ClientError> {
-    Ok(chat_row(ctx.db, "log_id = ?1", &&log.0[..])?.filter(|chat| seq > chat.cursor))
+    Ok(chat_row(ctx.db, "log_id = ?1 AND state <> 'stale'", &&log.0[..])?
+        .filter(|chat| seq > chat.cursor))
 }
 
 /// Applies one log entry. An `Err` leaves everything as it was; the caller then skips the
@@ -1094,10 +1159,18 @@ pub(crate) fn receive_entry(
     bytes: &[u8],
 ) -> Result<Vec<Event>, ClientError> {
     let Some(chat) = chat_before(ctx, log, seq)? else { return Ok(vec![]) };
+    let mut events = gaps::advance(ctx, &chat, seq)?;
+    events.extend(apply_entry(ctx, &chat, seq, bytes)?);
+    Ok(events)
+}
+
+fn apply_entry(
+    ctx: &Ctx<'_>,
+    chat: &ChatRow,
+    seq: u64,
+    bytes: &[u8],
+) -> Result<Vec<Event>, ClientError> {
     let env = Envelope::decode(bytes).map_err(|_| MlsError::Invalid)?;
-    ctx.db
-        .execute("UPDATE chats SET cursor = ?2 WHERE id = ?1", params![chat.id, seq])
-        .map_err(dbe)?;
     // Our own entry, acknowledged or not: finish its outbox item, never decrypt it. Our
     // commit is resolved here, in log order: it wins only if nothing valid came first.
     let ours: Option<(i64, String)> = ctx
@@ -1111,7 +1184,7 @@ pub(crate) fn receive_entry(
         .map_err(dbe)?;
     match ours {
         Some((item, kind)) if kind == "commit" => {
-            groups::resolve_own_commit(ctx, &chat, item, seq)?;
+            groups::resolve_own_commit(ctx, chat, item, seq)?;
             return Ok(vec![]);
         }
         Some((item, _)) => {
@@ -1132,12 +1205,18 @@ pub(crate) fn receive_entry(
     if sent {
         return Ok(vec![]);
     }
-    let keys = epoch_by_key_id(ctx.db, chat.id, &env.key_id.0)?.ok_or(MlsError::Invalid)?;
+    let Some(keys) = epoch_by_key_id(ctx.db, chat.id, &env.key_id.0)? else {
+        // Sealed under an epoch we never had: after a gap, we lost a commit.
+        if gaps::behind(ctx, chat)? {
+            return gaps::go_stale(ctx, chat);
+        }
+        return Err(MlsError::Invalid.into());
+    };
     let mls_message = envelope::open(&keys, &chat.log, &env)?;
     match mls::receive(&ctx.mls, &chat.group_id, &mls_message)? {
         Received::Message { sender, plaintext } => {
             pause_point("between-decrypt-and-store");
-            store_message(ctx, &chat, &keys, &env, seq, &sender, &plaintext)
+            store_message(ctx, chat, &keys, &env, seq, &sender, &plaintext)
         }
         Received::Proposal => {
             groups::pump(ctx, chat.id)?;
@@ -1152,10 +1231,10 @@ pub(crate) fn receive_entry(
                 }
             }
             // Another commit came first: ours, if any, lost (merging cleared it).
-            groups::lose_commit(ctx, &chat)?;
-            groups::after_commit(ctx, &chat, seq, removed_any, removed_me)?;
+            groups::lose_commit(ctx, chat)?;
+            groups::after_commit(ctx, chat, seq, removed_any, removed_me)?;
             if removed_me {
-                return Ok(vec![Event::Removed { chat: chat.reference }]);
+                return Ok(vec![Event::Removed { chat: chat.reference.clone() }]);
             }
             if added_any && chat.kind == "group" {
                 let row = chat_row(ctx.db, "id = ?1", &chat.id)?.ok_or(bad("chat vanished"))?;
@@ -1231,9 +1310,7 @@ pub(crate) fn skip_entry(
     bytes: &[u8],
 ) -> Result<Vec<Event>, ClientError> {
     let Some(chat) = chat_before(ctx, log, seq)? else { return Ok(vec![]) };
-    ctx.db
-        .execute("UPDATE chats SET cursor = ?2 WHERE id = ?1", params![chat.id, seq])
-        .map_err(dbe)?;
+    let mut events = gaps::advance(ctx, &chat, seq)?;
     // Our own commit that cannot be applied lost: never wait for it again.
     if let Ok(env) = Envelope::decode(bytes) {
         let own_commit: bool = ctx
@@ -1249,7 +1326,8 @@ pub(crate) fn skip_entry(
             groups::pump(ctx, chat.id)?;
         }
     }
-    Ok(vec![Event::Skipped { chat: chat.reference, seq }])
+    events.push(Event::Skipped { chat: chat.reference, seq });
+    Ok(events)
 }
 
 /// The mailbox fetch cursor.
@@ -1287,11 +1365,20 @@ pub(crate) fn receive_drop(
                 )
                 .optional()
                 .map_err(dbe)?;
-            let (group_id, members) = mls::join(&ctx.mls, welcome)?;
+            let joined = mls::join(&ctx.mls, welcome)?;
             ServerLink::parse(server)?;
+            ctx.db
+                .execute("UPDATE invites SET used = 1 WHERE drop_id = ?1", [&drop.0[..]])
+                .map_err(dbe)?;
+            let group_id = joined.group_id;
+            if joined.replaced {
+                // Re-added to a chat we have: it moves onto the new state.
+                let row = chat_row(ctx.db, "group_id = ?1", &group_id)?.ok_or(MlsError::Invalid)?;
+                return gaps::rejoined(ctx, &row, server, log, *after);
+            }
             let me = ctx.me.identity_public();
             let mut others: Vec<PublicKey> =
-                members.iter().map(|m| m.identity_key).filter(|k| *k != me).collect();
+                joined.members.iter().map(|m| m.identity_key).filter(|k| *k != me).collect();
             others.dedup();
             let meta = mls::group_meta(&ctx.mls, &group_id)?;
             // A Welcome through the drop address of our own request must come from the person
@@ -1312,9 +1399,6 @@ pub(crate) fn receive_drop(
                 }
                 (None, _) => return Err(MlsError::Invalid.into()),
             };
-            ctx.db
-                .execute("UPDATE invites SET used = 1 WHERE drop_id = ?1", [&drop.0[..]])
-                .map_err(dbe)?;
             let reference = new_ref(ctx.db, "chats")?;
             ctx.db
                 .execute(
@@ -1351,6 +1435,12 @@ pub(crate) fn receive_drop(
                 fingerprint: fingerprint(&identity),
             })])
         }
+        DropPayload::Rejoin { group, server, reply_drop, reply_hpke, key_package, .. } => {
+            ServerLink::parse(server)?;
+            let to =
+                WelcomeTarget { server: server.clone(), drop: reply_drop.0, hpke: *reply_hpke };
+            gaps::receive_rejoin(ctx, group, to, key_package)
+        }
     }
 }
 
@@ -1386,7 +1476,7 @@ pub(crate) fn chats(ctx: &Ctx<'_>) -> Result<Vec<ChatSummary>, ClientError> {
             .prepare(
                 "SELECT c.ref, coalesce(k.name, ''), c.active, c.fork_alarm,
                         (SELECT count(*) FROM messages m WHERE m.chat_id = c.id AND m.seen = 0),
-                        c.kind = 'group', c.state <> 'left', c.group_id
+                        c.kind = 'group', c.state <> 'left', c.state = 'stale', c.group_id
                  FROM chats c LEFT JOIN contacts k ON k.id = c.contact_id ORDER BY c.id",
             )
             .map_err(dbe)?;
@@ -1401,8 +1491,9 @@ pub(crate) fn chats(ctx: &Ctx<'_>) -> Result<Vec<ChatSummary>, ClientError> {
                         unread: r.get(4)?,
                         group: r.get(5)?,
                         member: r.get(6)?,
+                        rejoining: r.get(7)?,
                     },
-                    r.get(7)?,
+                    r.get(8)?,
                 ))
             })
             .map_err(dbe)?;
@@ -1420,36 +1511,41 @@ pub(crate) fn chats(ctx: &Ctx<'_>) -> Result<Vec<ChatSummary>, ClientError> {
         .collect()
 }
 
-/// A chat's messages in log order (queued ones last), the last `limit` of them; marks them seen.
+/// A chat's history in log order (queued messages last): its messages and the gaps in it,
+/// the last `limit` items; marks the messages seen.
 pub(crate) fn read(
     ctx: &Ctx<'_>,
     chat: &str,
     limit: Option<usize>,
-) -> Result<Vec<Message>, ClientError> {
+) -> Result<Vec<HistoryItem>, ClientError> {
     let chat = resolve(ctx, chat)?;
     let mut stmt = ctx
         .db
         .prepare(
-            "SELECT seq, sender_key, outgoing, body, sent_at, state FROM messages WHERE chat_id = ?1
-             ORDER BY seq IS NULL, generation, seq, id",
+            "SELECT seq, sender_key, outgoing, body, sent_at, state, generation FROM messages
+             WHERE chat_id = ?1 ORDER BY seq IS NULL, generation, seq, id",
         )
         .map_err(dbe)?;
     let rows = stmt
         .query_map([chat.id], |r| {
             Ok((
-                r.get::<_, Option<u64>>(0)?,
-                r.get::<_, Vec<u8>>(1)?,
-                r.get::<_, bool>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, u64>(4)?,
-                r.get::<_, String>(5)?,
+                (r.get::<_, Option<u64>>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, bool>(2)?),
+                (r.get::<_, String>(3)?, r.get::<_, u64>(4)?, r.get::<_, String>(5)?),
+                r.get::<_, u64>(6)?,
             ))
         })
         .map_err(dbe)?;
+    let mut gaps = gaps::gaps(ctx, &chat)?.into_iter().peekable();
     let mut out = Vec::new();
     for row in rows {
-        let (seq, sender, outgoing, text, sent_at, state) = row.map_err(dbe)?;
-        out.push(Message {
+        let ((seq, sender, outgoing), (text, sent_at, state), generation) = row.map_err(dbe)?;
+        // Gaps go after the last message at or before their place in the log.
+        while let Some(gap) =
+            gaps.next_if(|g| seq.is_none_or(|seq| (g.generation, g.after_seq) < (generation, seq)))
+        {
+            out.push(HistoryItem::Gap(gap.gap));
+        }
+        out.push(HistoryItem::Message(Message {
             chat: chat.reference.clone(),
             seq,
             from: identity_name(ctx, &PublicKey(arr(&sender)?))?,
@@ -1457,7 +1553,24 @@ pub(crate) fn read(
             text,
             sent_at,
             state: MessageState::parse(&state),
-        });
+        }));
+    }
+    out.extend(gaps.map(|g| HistoryItem::Gap(g.gap)));
+    // Each gap spans from the message before it to the one after it.
+    for i in 0..out.len() {
+        if !matches!(out[i], HistoryItem::Gap(_)) {
+            continue;
+        }
+        let sent_at = |item: &HistoryItem| match item {
+            HistoryItem::Message(m) if m.seq.is_some() => Some(m.sent_at),
+            _ => None,
+        };
+        let since = out[..i].iter().rev().find_map(sent_at);
+        let until = out[i + 1..].iter().find_map(sent_at);
+        if let HistoryItem::Gap(gap) = &mut out[i] {
+            gap.since = since;
+            gap.until = until;
+        }
     }
     ctx.db.execute("UPDATE messages SET seen = 1 WHERE chat_id = ?1", [chat.id]).map_err(dbe)?;
     if let Some(limit) = limit {

@@ -28,7 +28,7 @@ use zeroize::Zeroizing;
 
 use crate::chats::{
     ChatRow, Ctx, arr, bad, chat_row, contact_for, dbe, insert_outbox, mailbox_keys, new_ref,
-    now_ms, queue_envelope, random, resolve, save_epoch, seal_drop, seal_queued, today,
+    now_ms, queue_envelope, random, resolve, save_epoch, seal_drop, seal_queued, today, unseal,
 };
 use crate::mls::{self, MlsError};
 use crate::{ClientError, envelope};
@@ -298,8 +298,10 @@ fn group_row(ctx: &Ctx<'_>, chat: &str) -> Result<(ChatRow, GroupMeta), ClientEr
     let row = resolve(ctx, chat)?;
     let meta = mls::group_meta(&ctx.mls, &row.group_id)?
         .ok_or_else(|| ClientError::NotAGroup(chat.to_owned()))?;
-    if row.state != "member" {
-        return Err(ClientError::NotAMember(chat.to_owned()));
+    match row.state.as_str() {
+        "member" => {}
+        "stale" => return Err(ClientError::Rejoining(chat.to_owned())),
+        _ => return Err(ClientError::NotAMember(chat.to_owned())),
     }
     Ok((row, meta))
 }
@@ -337,6 +339,19 @@ pub(crate) fn add(ctx: &Ctx<'_>, chat: &str, invitee: Invitee) -> Result<(), Cli
     ctx.db
         .execute(
             "INSERT INTO intents (chat_id, kind, identity, payload, state) VALUES (?1, 'add', ?2, ?3, 'pending')",
+            params![row.id, &invitee.identity[..], payload],
+        )
+        .map_err(dbe)?;
+    pump(ctx, row.id)
+}
+
+/// A member's device asks to be re-added (its rejoin request was checked): queue replacing
+/// its leaf.
+pub(crate) fn readd(ctx: &Ctx<'_>, row: &ChatRow, invitee: &Invitee) -> Result<(), ClientError> {
+    let payload = serde_json::to_vec(invitee).map_err(|_| bad("intent encoding"))?;
+    ctx.db
+        .execute(
+            "INSERT INTO intents (chat_id, kind, identity, payload, state) VALUES (?1, 'readd', ?2, ?3, 'pending')",
             params![row.id, &invitee.identity[..], payload],
         )
         .map_err(dbe)?;
@@ -423,7 +438,10 @@ pub(crate) fn members(ctx: &Ctx<'_>, chat: &str) -> Result<(String, Vec<Member>)
 /// pending intents and proposals, or seals queued messages.
 pub(crate) fn pump(ctx: &Ctx<'_>, chat: i64) -> Result<(), ClientError> {
     let Some(row) = chat_row(ctx.db, "id = ?1", &chat)? else { return Ok(()) };
-    if !row.active || row.state == "left" || mls::has_pending_commit(&ctx.mls, &row.group_id)? {
+    if !row.active
+        || matches!(row.state.as_str(), "left" | "stale")
+        || mls::has_pending_commit(&ctx.mls, &row.group_id)?
+    {
         return Ok(());
     }
     let keys = mls::epoch_keys(&ctx.mls, &row.group_id)?;
@@ -456,16 +474,20 @@ pub(crate) fn pump(ctx: &Ctx<'_>, chat: i64) -> Result<(), ClientError> {
             .map_err(dbe)?;
         rows.collect::<Result<_, _>>().map_err(dbe)?
     };
+    let decode = |payload: Option<Vec<u8>>| -> Result<Invitee, ClientError> {
+        serde_json::from_slice(payload.as_deref().unwrap_or_default())
+            .map_err(|_| bad("a stored intent does not decode"))
+    };
+    let proposed = mls::proposed_removal_leaves(&ctx.mls, &row.group_id)?;
     let mut adds = Vec::new();
     let mut removes = Vec::new();
+    let mut replace = Vec::new();
     let mut targets = Vec::new();
     let mut used = Vec::new();
     for (id, kind, identity, payload) in intents {
         match (kind.as_str(), is_member(&identity)) {
             ("add", false) => {
-                let invitee: Invitee =
-                    serde_json::from_slice(payload.as_deref().unwrap_or_default())
-                        .map_err(|_| bad("a stored intent does not decode"))?;
+                let invitee = decode(payload)?;
                 adds.extend(checked_key_packages(ctx, &invitee)?);
                 targets.push(invitee.welcome_to);
                 used.push(id);
@@ -478,6 +500,31 @@ pub(crate) fn pump(ctx: &Ctx<'_>, chat: i64) -> Result<(), ClientError> {
                         .map(|m| m.leaf),
                 );
                 used.push(id);
+            }
+            ("readd", true) => {
+                // Replace the device's leaf, unless that happened already or the device is
+                // on its way out.
+                let invitee = decode(payload)?;
+                let kp = checked_key_packages(ctx, &invitee)?.remove(0);
+                let leaf = kp.leaf_node();
+                let old = members.iter().find(|m| {
+                    m.credential.device_key.0[..] == *leaf.signature_key().as_slice()
+                        && m.encryption_key != *leaf.encryption_key()
+                        && !proposed.contains(&m.leaf)
+                        && !removes.contains(&m.leaf)
+                        && !replace.contains(&m.leaf)
+                });
+                match old {
+                    Some(old) => {
+                        replace.push(old.leaf);
+                        adds.push(kp);
+                        targets.push(invitee.welcome_to);
+                        used.push(id);
+                    }
+                    None => {
+                        ctx.db.execute("DELETE FROM intents WHERE id = ?1", [id]).map_err(dbe)?;
+                    }
+                }
             }
             _ => {
                 ctx.db.execute("DELETE FROM intents WHERE id = ?1", [id]).map_err(dbe)?;
@@ -501,13 +548,13 @@ pub(crate) fn pump(ctx: &Ctx<'_>, chat: i64) -> Result<(), ClientError> {
         return Ok(());
     }
     // Removals first as proposals (unless one already waits in this epoch), then the
-    // commit that covers them.
-    let proposed = mls::proposed_removal_leaves(&ctx.mls, &row.group_id)?;
+    // commit that covers them. A replaced leaf goes in the commit itself, beside its
+    // device's new key package.
     for leaf in removes.into_iter().filter(|l| !proposed.contains(l)) {
         let proposal = mls::propose_remove(&ctx.mls, ctx.me, &row.group_id, leaf)?;
         queue_envelope(ctx, &row, &keys, "proposal", None, &proposal, None)?;
     }
-    let (commit, welcome) = mls::commit(&ctx.mls, ctx.me, &row.group_id, adds)?;
+    let (commit, welcome) = mls::commit(&ctx.mls, ctx.me, &row.group_id, adds, replace)?;
     let next_key = Some(mls::pending_epoch_keys(&ctx.mls, &row.group_id)?.append_public());
     queue_envelope(ctx, &row, &keys, "commit", next_key, &commit, None)?;
     if let Some(welcome) = welcome {
@@ -625,19 +672,7 @@ pub(crate) fn after_commit(
             params![chat.id, seq],
         )
         .map_err(dbe)?;
-    ctx.db
-        .execute(
-            "UPDATE messages SET state = 'queued'
-             WHERE id IN (SELECT message_id FROM outbox WHERE chat_id = ?1 AND kind = 'message')",
-            [chat.id],
-        )
-        .map_err(dbe)?;
-    ctx.db
-        .execute(
-            "DELETE FROM outbox WHERE chat_id = ?1 AND kind IN ('message', 'proposal') AND target = ?2",
-            params![chat.id, &chat.log.0[..]],
-        )
-        .map_err(dbe)?;
+    unseal(ctx, chat.id, &["message", "proposal"], Some(&chat.log))?;
     let key = keys.append_key.to_bytes();
     insert_outbox(
         ctx.db,

@@ -22,15 +22,17 @@ use postern_proto::link::{LinkError, ServerLink};
 
 mod chats;
 pub mod envelope;
+mod gaps;
 mod groups;
 mod identity;
 mod mls;
 mod store;
 
 pub use chats::{
-    ChatSummary, ConnectRequest, Contact, Event, LogCursor, Message, MessageState, OutboxItem,
-    OutboxOp, pause_point,
+    ChatSummary, ConnectRequest, Contact, Event, HistoryItem, LogCursor, Message, MessageState,
+    OutboxItem, OutboxOp, pause_point,
 };
+pub use gaps::{Gap, REJOIN_HELPERS};
 pub use groups::{Card, Member};
 pub use identity::{DeviceCredential, Identity, fingerprint};
 pub use mls::{CIPHERSUITE, EpochKeys, MlsError, Received};
@@ -83,6 +85,11 @@ pub enum ClientError {
     /// A command on a group we have left or been removed from.
     #[error("you are no longer a member of {0}")]
     NotAMember(String),
+    /// This device fell behind the group's history and waits to be re-added.
+    #[error(
+        "this device was away longer than the server keeps {0}'s history; it has asked members to re-add it"
+    )]
+    Rejoining(String),
     /// The group's rules let only its admins do that.
     #[error("only the group's admins may do that")]
     NotAllowed,
@@ -376,7 +383,7 @@ impl Client {
         &mut self,
         welcome: &[u8],
     ) -> Result<(Vec<u8>, Vec<DeviceCredential>), ClientError> {
-        self.in_transaction(|p, _| mls::join(p, welcome))
+        self.in_transaction(|p, _| mls::join(p, welcome).map(|j| (j.group_id, j.members)))
     }
 
     /// Encrypts an application message for a group.
@@ -686,8 +693,26 @@ impl Client {
     }
 
     /// A chat's messages (the last `limit`), marked as seen.
-    pub fn read(&mut self, chat: &str, limit: Option<usize>) -> Result<Vec<Message>, ClientError> {
+    pub fn read(
+        &mut self,
+        chat: &str,
+        limit: Option<usize>,
+    ) -> Result<Vec<HistoryItem>, ClientError> {
         self.step(|ctx| chats::read(ctx, chat, limit))
+    }
+
+    /// The server no longer has a chat's log (it answered "not found" to a read): if we had
+    /// read from it before, every entry and key expired while we were away, and this device
+    /// asks to be re-added.
+    pub fn log_gone(&mut self, chat: &str) -> Result<Vec<Event>, ClientError> {
+        self.step(|ctx| gaps::log_gone(ctx, chat))
+    }
+
+    /// Our published mailbox is gone from the server (it expired while we were away): it
+    /// will be published again, and read from its new beginning. Drop addresses and claim
+    /// tokens registered on it are gone with it.
+    pub fn mailbox_lost(&mut self) -> Result<(), ClientError> {
+        self.store.mailbox_lost()
     }
 }
 

@@ -13,6 +13,7 @@
 use ed25519_dalek::{Signer as _, SigningKey};
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;
+use openmls::treesync::EncryptionKey;
 use openmls_rust_crypto::RustCrypto;
 use openmls_sqlite_storage::{Codec, SqliteStorageProvider};
 use openmls_traits::OpenMlsProvider;
@@ -282,16 +283,13 @@ fn load(provider: &Provider<'_>, group_id: &[u8]) -> Result<MlsGroup, MlsError> 
 pub(crate) fn merge_pending(provider: &Provider<'_>, group_id: &[u8]) -> Result<bool, MlsError> {
     let mut group = load(provider, group_id)?;
     let removed_any =
-        group.pending_commit().is_some_and(|staged| staged.remove_proposals().next().is_some());
+        group.pending_commit().is_some_and(|staged| !changes(&group, staged).removed.is_empty());
     group.merge_pending_commit(provider).map_err(lib)?;
     Ok(removed_any)
 }
 
 /// Joins a group from a Welcome, checking every member's credential.
-pub(crate) fn join(
-    provider: &Provider<'_>,
-    welcome: &[u8],
-) -> Result<(Vec<u8>, Vec<DeviceCredential>), MlsError> {
+pub(crate) fn join(provider: &Provider<'_>, welcome: &[u8]) -> Result<Joined, MlsError> {
     let welcome = match MlsMessageIn::tls_deserialize_exact(welcome)
         .map_err(|_| MlsError::Invalid)?
         .extract()
@@ -299,14 +297,40 @@ pub(crate) fn join(
         MlsMessageBodyIn::Welcome(w) => w,
         _ => return Err(MlsError::Invalid),
     };
-    let staged = StagedWelcome::new_from_welcome(provider, &join_config(), welcome, None)
+    let processed = ProcessedWelcome::new_from_welcome(provider, &join_config(), welcome)
         .map_err(|_| MlsError::Invalid)?;
+    // A Welcome into a group we already hold (we were re-added, or added back after leaving)
+    // replaces our state, but only with a later epoch.
+    let group_id = processed.unverified_group_info().group_id().clone();
+    let old = MlsGroup::load(provider.storage(), &group_id)
+        .map_err(|e| MlsError::Store(e.to_string()))?;
+    let old_epoch = old.as_ref().map(|g| g.epoch().as_u64());
+    if let Some(mut old) = old {
+        old.delete(provider.storage()).map_err(|e| MlsError::Store(e.to_string()))?;
+    }
+    let staged = processed.into_staged_welcome(provider, None).map_err(|_| MlsError::Invalid)?;
+    if old_epoch.is_some_and(|old| staged.group_context().epoch().as_u64() <= old) {
+        return Err(MlsError::Invalid);
+    }
     let members = staged
         .members()
         .map(|m| check_credential(&m.credential, &m.signature_key))
         .collect::<Result<Vec<_>, _>>()?;
     let group = staged.into_group(provider).map_err(lib)?;
-    Ok((group.group_id().as_slice().to_vec(), members))
+    Ok(Joined {
+        group_id: group.group_id().as_slice().to_vec(),
+        members,
+        replaced: old_epoch.is_some(),
+    })
+}
+
+/// A group joined from a Welcome.
+pub(crate) struct Joined {
+    pub(crate) group_id: Vec<u8>,
+    /// Every member's device credential (checked).
+    pub(crate) members: Vec<DeviceCredential>,
+    /// Whether it replaced the state of a group we already held.
+    pub(crate) replaced: bool,
 }
 
 /// Encrypts an application message.
@@ -339,9 +363,10 @@ pub enum Received {
     Commit {
         /// It removed us: the chat is over for this device.
         removed_me: bool,
-        /// It removed someone: the log moves to one named by the new epoch.
+        /// It removed someone (a device whose leaf it replaced does not count): the log
+        /// moves to one named by the new epoch.
         removed_any: bool,
-        /// It added someone.
+        /// It added someone (a re-added device does not count).
         added_any: bool,
     },
 }
@@ -351,6 +376,8 @@ pub enum Received {
 pub(crate) struct MemberInfo {
     pub(crate) leaf: u32,
     pub(crate) credential: DeviceCredential,
+    /// The leaf's HPKE key: a re-added device's leaf has a fresh one.
+    pub(crate) encryption_key: EncryptionKey,
 }
 
 fn member_credential(m: &Member) -> Result<DeviceCredential, MlsError> {
@@ -365,7 +392,13 @@ pub(crate) fn members(
     let group = load(provider, group_id)?;
     group
         .members()
-        .map(|m| Ok(MemberInfo { leaf: m.index.u32(), credential: member_credential(&m)? }))
+        .map(|m| {
+            Ok(MemberInfo {
+                leaf: m.index.u32(),
+                credential: member_credential(&m)?,
+                encryption_key: m.encryption_key.clone().into(),
+            })
+        })
         .collect()
 }
 
@@ -443,18 +476,21 @@ pub(crate) fn clear_pending(provider: &Provider<'_>, group_id: &[u8]) -> Result<
     load(provider, group_id)?.clear_pending_commit(provider.storage()).map_err(lib)
 }
 
-/// A commit adding `adds` and covering every stored proposal (removals among them); returns
-/// the commit and the Welcome (when it adds someone). Merged only after it wins.
+/// A commit adding `adds`, replacing the leaves in `replace` (each by the key package of the
+/// same device among `adds`), and covering every stored proposal (removals among them);
+/// returns the commit and the Welcome (when it adds someone). Merged only after it wins.
 pub(crate) fn commit(
     provider: &Provider<'_>,
     identity: &Identity,
     group_id: &[u8],
     adds: Vec<KeyPackage>,
+    replace: Vec<u32>,
 ) -> Result<(Vec<u8>, Option<Vec<u8>>), MlsError> {
     let mut group = load(provider, group_id)?;
     let bundle = group
         .commit_builder()
         .consume_proposal_store(true)
+        .propose_removals(replace.into_iter().map(LeafNodeIndex::new))
         .propose_adds(adds)
         .load_psks(provider.storage())
         .map_err(lib)?
@@ -503,6 +539,36 @@ pub(crate) fn leave(
     let mut group = load(provider, group_id)?;
     let proposal = group.leave_group(provider, &DeviceSigner(&identity.device_key)).map_err(lib)?;
     proposal.tls_serialize_detached().map_err(lib)
+}
+
+/// What a commit does to membership, with re-adds told apart: a removed leaf whose device
+/// (signature key) comes back in an added key package of the same commit is replaced, not
+/// removed. Any member may replace a device's leaf; the group's rules govern the rest.
+struct Changes {
+    /// Leaves removed for good.
+    removed: Vec<LeafNodeIndex>,
+    /// Leaves replaced by a fresh leaf of the same device.
+    replaced: Vec<LeafNodeIndex>,
+    /// Signature keys of the devices that replace them.
+    readded: Vec<Vec<u8>>,
+}
+
+fn changes(group: &MlsGroup, staged: &StagedCommit) -> Changes {
+    let added: Vec<Vec<u8>> = staged
+        .add_proposals()
+        .map(|a| a.add_proposal().key_package().leaf_node().signature_key().as_slice().to_vec())
+        .collect();
+    let mut out = Changes { removed: Vec::new(), replaced: Vec::new(), readded: Vec::new() };
+    for leaf in staged.remove_proposals().map(|r| r.remove_proposal().removed()) {
+        match group.member_at(leaf).filter(|m| added.contains(&m.signature_key)) {
+            Some(m) => {
+                out.replaced.push(leaf);
+                out.readded.push(m.signature_key);
+            }
+            None => out.removed.push(leaf),
+        }
+    }
+    out
 }
 
 /// Whether `sender` may make `proposal` under the group's rules. Depends only on group
@@ -565,24 +631,35 @@ pub(crate) fn receive(
             if !matches!(sender, Sender::Member(_)) {
                 return Err(MlsError::Invalid);
             }
+            let changes = changes(&group, &staged);
             for queued in staged.queued_proposals() {
-                if !allowed(&group, meta.as_ref(), queued.sender(), queued.proposal())? {
+                let readd = match queued.proposal() {
+                    Proposal::Remove(r) => changes.replaced.contains(&r.removed()),
+                    Proposal::Add(a) => changes
+                        .readded
+                        .iter()
+                        .any(|k| k == a.key_package().leaf_node().signature_key().as_slice()),
+                    _ => false,
+                };
+                if !readd && !allowed(&group, meta.as_ref(), queued.sender(), queued.proposal())? {
                     return Err(MlsError::Invalid);
                 }
             }
+            let mut added_any = false;
             for add in staged.add_proposals() {
                 let leaf = add.add_proposal().key_package().leaf_node();
                 check_credential(leaf.credential(), leaf.signature_key().as_slice())?;
+                added_any |= !changes.readded.iter().any(|k| k == leaf.signature_key().as_slice());
             }
-            let removed: Vec<LeafNodeIndex> =
-                staged.remove_proposals().map(|r| r.remove_proposal().removed()).collect();
-            if !proposed_removals(&group).iter().all(|leaf| removed.contains(leaf)) {
+            let covered = |leaf: &LeafNodeIndex| {
+                changes.removed.contains(leaf) || changes.replaced.contains(leaf)
+            };
+            if !proposed_removals(&group).iter().all(covered) {
                 return Err(MlsError::Invalid);
             }
             let removed_me = staged.self_removed();
-            let added_any = staged.add_proposals().next().is_some();
             group.merge_staged_commit(provider, *staged).map_err(lib)?;
-            Ok(Received::Commit { removed_me, removed_any: !removed.is_empty(), added_any })
+            Ok(Received::Commit { removed_me, removed_any: !changes.removed.is_empty(), added_any })
         }
         _ => Err(MlsError::Invalid),
     }

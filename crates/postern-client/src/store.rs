@@ -71,6 +71,7 @@ CREATE TABLE invites (
 "#,
     crate::chats::MIGRATION,
     crate::chats::MIGRATION_GROUPS,
+    crate::gaps::MIGRATION_GAPS,
 ];
 
 #[derive(Debug)]
@@ -221,6 +222,13 @@ impl Store {
                 "INSERT INTO invites (drop_id, token, kind, expires) VALUES (?1, ?2, ?3, ?4)",
                 params![&drop[..], &token[..], kind, expires],
             )
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    pub(crate) fn mailbox_lost(&self) -> Result<(), ClientError> {
+        self.conn
+            .execute("UPDATE mailbox SET published = 0, fetched = 0 WHERE id = 1", [])
             .map_err(db_err)?;
         Ok(())
     }

@@ -6,6 +6,21 @@ use zeroize::Zeroizing;
 
 use super::*;
 
+/// A chat's history as text: messages as they are, gaps as `[gap N]`, `[gap rejoined]` or
+/// `[gap waiting]`.
+fn texts(c: &mut Client, chat: &str) -> Vec<String> {
+    c.read(chat, None)
+        .unwrap()
+        .into_iter()
+        .map(|item| match item {
+            HistoryItem::Message(m) => m.text,
+            HistoryItem::Gap(g) if g.waiting => "[gap waiting]".into(),
+            HistoryItem::Gap(g) if g.rejoined => "[gap rejoined]".into(),
+            HistoryItem::Gap(g) => format!("[gap {}]", g.entries.unwrap_or_default()),
+        })
+        .collect()
+}
+
 fn link() -> ServerLink {
     ServerLink {
         addrs: vec!["127.0.0.1:8443".into()],
@@ -327,13 +342,30 @@ impl MemServer {
         panic!("a commit stayed unresolved after reading its log");
     }
 
+    /// Entries after `after`; an expired entry (emptied) is not served.
     fn read_log(&self, c: &mut Client, log: postern_proto::ids::LogId, after: u64) -> Vec<Event> {
         let entries = self.logs.get(&log.0).cloned().unwrap_or_default();
         let mut events = Vec::new();
         for (i, bytes) in entries.iter().enumerate().skip(after as usize) {
-            events.extend(c.receive_entry(&log, i as u64 + 1, bytes).unwrap());
+            if !bytes.is_empty() {
+                events.extend(c.receive_entry(&log, i as u64 + 1, bytes).unwrap());
+            }
         }
         events
+    }
+
+    /// Expires every entry of `log` after `after` except the newest `keep`.
+    fn expire(&mut self, log: postern_proto::ids::LogId, after: u64, keep: usize) {
+        let entries = self.logs.get_mut(&log.0).unwrap();
+        let end = entries.len() - keep;
+        for e in &mut entries[after as usize..end] {
+            e.clear();
+        }
+    }
+
+    /// Every drop address any client used, for a sync that reads them all.
+    fn all_drops(&self) -> Vec<[u8; 32]> {
+        self.drops.iter().map(|(d, _)| *d).collect()
     }
 
     /// Reads every chat's log and the given drop addresses, as `sync` does.
@@ -394,8 +426,7 @@ fn a_one_time_invite_connects_two_people_who_then_chat_both_ways() {
     // Replays and Bob's own entries change nothing.
     let log = bob.logs().unwrap()[0].log;
     assert!(server.read_log(&mut bob, log, 0).is_empty());
-    let history = bob.read(&chat, None).unwrap();
-    let texts: Vec<&str> = history.iter().map(|m| m.text.as_str()).collect();
+    let texts = texts(&mut bob, &chat);
     assert_eq!(texts, ["sent before the chat existed", "hello Bob"]);
     // A junk entry is skipped, once.
     let next = server.logs[&log.0].len() as u64 + 1;
@@ -413,20 +444,10 @@ fn a_one_time_invite_connects_two_people_who_then_chat_both_ways() {
 fn group_of_three(dir: &Path) -> (Client, Client, Client, MemServer) {
     let mut server = MemServer::default();
     let mut alice = Client::init(&dir.join("alice"), KeySource::KeyFile, "Alice", link()).unwrap();
-    let mut others = Vec::new();
-    for name in ["Bob", "Carol"] {
-        let mut other =
-            Client::init(&dir.join(name.to_lowercase()), KeySource::KeyFile, name, link()).unwrap();
-        let invite = alice.new_invite(InviteKind::Once, 20_000).unwrap();
-        let kp = alice.sealed_key_package(&invite.link.kp_key, false).unwrap();
-        other.connect_once(&invite.link, &[kp]).unwrap();
-        server.drain(&mut other);
-        server.sync(&mut alice, &[invite.link.drop.0]);
-        server.sync(&mut other, &[]);
-        others.push(other);
-    }
-    let mut carol = others.pop().unwrap();
-    let mut bob = others.pop().unwrap();
+    let mut bob = Client::init(&dir.join("bob"), KeySource::KeyFile, "Bob", link()).unwrap();
+    let mut carol = Client::init(&dir.join("carol"), KeySource::KeyFile, "Carol", link()).unwrap();
+    connect(&mut server, &mut alice, &mut bob);
+    connect(&mut server, &mut alice, &mut carol);
     let mut claimed = Vec::new();
     for (name, client) in [("Bob", &mut bob), ("Carol", &mut carol)] {
         let (identity, name, card) = alice.card(name).unwrap();
@@ -443,6 +464,16 @@ fn group_of_three(dir: &Path) -> (Client, Client, Client, MemServer) {
     }
     server.sync(&mut alice, &[]);
     (alice, bob, carol, server)
+}
+
+/// `b` connects to `a` with a one-time invite of `a`'s; both get the other's card.
+fn connect(server: &mut MemServer, a: &mut Client, b: &mut Client) {
+    let invite = a.new_invite(InviteKind::Once, 20_000).unwrap();
+    let kp = a.sealed_key_package(&invite.link.kp_key, false).unwrap();
+    b.connect_once(&invite.link, &[kp]).unwrap();
+    server.drain(b);
+    server.sync(a, &[invite.link.drop.0]);
+    server.sync(b, &[]);
 }
 
 fn in_sync(clients: &mut [&mut Client]) {
@@ -485,7 +516,7 @@ fn commit_behind_the_back(c: &mut Client, server: &mut MemServer) {
         .step(|ctx| {
             let row = chats::resolve(ctx, "G")?;
             let keys = mls::epoch_keys(&ctx.mls, &row.group_id)?;
-            let (commit, _) = mls::commit(&ctx.mls, ctx.me, &row.group_id, vec![])?;
+            let (commit, _) = mls::commit(&ctx.mls, ctx.me, &row.group_id, vec![], vec![])?;
             let next = mls::pending_epoch_keys(&ctx.mls, &row.group_id)?;
             let idem = postern_proto::ids::IdemKey([6; 16]);
             Ok((
@@ -529,4 +560,118 @@ fn a_member_who_commits_ahead_of_their_removal_is_still_removed() {
     server.drain(&mut carol);
     let events = server.sync(&mut alice, &[]);
     assert!(events.iter().any(|e| matches!(e, Event::Message(m) if m.text == "without Bob")));
+}
+
+/// Sends a message in G from `c` and drains it.
+fn say(server: &mut MemServer, c: &mut Client, text: &str) {
+    c.queue_message("G", text).unwrap();
+    server.drain(c);
+}
+
+#[test]
+fn a_member_back_after_retention_reads_past_lost_messages_and_is_re_added_after_a_lost_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut alice, mut bob, mut carol, mut server) = group_of_three(dir.path());
+    // Carol also knows Bob, so she can ask either of them.
+    connect(&mut server, &mut bob, &mut carol);
+    let log = carol.logs().unwrap().into_iter().find(|l| l.chat == carol.chat_id("G").unwrap());
+    let log = log.unwrap();
+    say(&mut server, &mut alice, "one");
+    say(&mut server, &mut alice, "two");
+    say(&mut server, &mut bob, "three");
+
+    // Away past the retention of messages: two expired, the rest reads on.
+    server.expire(log.log, log.cursor, 1);
+    let events = server.sync(&mut carol, &[]);
+    assert!(
+        events.iter().any(|e| matches!(e, Event::HistoryLost { entries: 2, .. })),
+        "{events:?}"
+    );
+    assert!(events.iter().any(|e| matches!(e, Event::Message(m) if m.text == "three")));
+    assert_eq!(texts(&mut carol, "G"), ["[gap 2]", "three"]);
+    in_sync(&mut [&mut alice, &mut bob, &mut carol]);
+
+    // Away past the retention of commits: Dave was added meanwhile.
+    let cursor = carol.logs().unwrap().into_iter().find(|l| l.log == log.log).unwrap().cursor;
+    let mut dave =
+        Client::init(&dir.path().join("dave"), KeySource::KeyFile, "Dave", link()).unwrap();
+    connect(&mut server, &mut alice, &mut dave);
+    let (identity, name, card) = alice.card("Dave").unwrap();
+    let keys = dave.mailbox().unwrap();
+    let kp = dave.sealed_key_package(&keys.kp_key, false).unwrap();
+    alice.group_add("G", (identity, name, card, vec![kp])).unwrap();
+    server.drain(&mut alice);
+    let drops = server.all_drops();
+    server.sync(&mut dave, &drops);
+    server.sync(&mut bob, &[]);
+    say(&mut server, &mut alice, "four");
+    server.expire(log.log, cursor, 1);
+    let events = server.sync(&mut carol, &[]);
+    assert!(events.iter().any(|e| matches!(e, Event::Rejoining { asked: 2, .. })), "{events:?}");
+    assert!(carol.chats().unwrap().iter().any(|c| c.rejoining));
+    assert!(matches!(carol.group_leave("G"), Err(ClientError::Rejoining(_))));
+    carol.queue_message("G", "back again").unwrap();
+    server.drain(&mut carol);
+
+    // Bob (not an admin) gets to it first; Alice's own re-add then loses and is dropped.
+    let drops = server.all_drops();
+    server.sync(&mut bob, &drops);
+    server.sync(&mut alice, &drops);
+    server.sync(&mut dave, &drops);
+    server.sync(&mut bob, &drops);
+    let events = server.sync(&mut carol, &server.all_drops());
+    assert!(events.iter().any(|e| matches!(e, Event::Rejoined { lost: true, .. })), "{events:?}");
+    for c in [&mut alice, &mut bob, &mut dave] {
+        server.sync(c, &[]);
+    }
+    server.sync(&mut carol, &[]);
+    in_sync(&mut [&mut alice, &mut bob, &mut carol, &mut dave]);
+    let (_, members) = alice.group_members("G").unwrap();
+    let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["Alice", "Bob", "Carol", "Dave"]);
+    assert_eq!(alice.chat_keys("G").unwrap().0, log.log, "a re-add does not rotate the log");
+    say(&mut server, &mut alice, "welcome back");
+    server.sync(&mut carol, &[]);
+    server.sync(&mut dave, &[]);
+    let seen = texts(&mut carol, "G");
+    assert_eq!(seen, ["[gap 2]", "three", "[gap rejoined]", "back again", "welcome back"]);
+    assert!(texts(&mut dave, "G").ends_with(&["back again".into(), "welcome back".into()]));
+    // A replayed request changes nothing.
+    let before = alice.chat_epoch("G").unwrap();
+    let drops = server.all_drops();
+    alice
+        .step(|ctx| ctx.db.execute("UPDATE mailbox SET fetched = 0", []).map_err(chats::dbe))
+        .unwrap();
+    server.sync(&mut alice, &drops);
+    assert_eq!(alice.chat_epoch("G").unwrap(), before);
+}
+
+#[test]
+fn a_member_whose_log_expired_entirely_is_re_added_onto_the_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut alice, mut bob, mut carol, mut server) = group_of_three(dir.path());
+    let old = carol.chat_keys("G").unwrap().0;
+    // While Carol is away, Alice removes Bob (the log rotates) and the old log expires.
+    alice.group_remove("G", "Bob").unwrap();
+    server.drain(&mut alice);
+    server.sync(&mut alice, &[]);
+    server.sync(&mut bob, &[]);
+    say(&mut server, &mut alice, "without Bob");
+    server.logs.remove(&old.0);
+    let chat = carol.chat_id("G").unwrap();
+    let events = carol.log_gone(&chat).unwrap();
+    assert!(matches!(&events[..], [Event::Rejoining { asked: 1, .. }]), "{events:?}");
+    assert!(carol.logs().unwrap().iter().all(|l| l.chat != chat), "a stale chat is not read");
+    server.drain(&mut carol);
+    server.sync(&mut alice, &server.all_drops());
+    server.sync(&mut alice, &[]);
+    let events = server.sync(&mut carol, &server.all_drops());
+    assert!(events.iter().any(|e| matches!(e, Event::Rejoined { lost: true, .. })), "{events:?}");
+    in_sync(&mut [&mut alice, &mut carol]);
+    assert_eq!(carol.chat_keys("G").unwrap().0, alice.chat_keys("G").unwrap().0);
+    say(&mut server, &mut carol, "found you");
+    let events = server.sync(&mut alice, &[]);
+    assert!(events.iter().any(|e| matches!(e, Event::Message(m) if m.text == "found you")));
+    // Bob, removed, learns nothing of it.
+    assert!(server.sync(&mut bob, &server.all_drops()).is_empty());
 }

@@ -6,7 +6,8 @@
 //!   whoever claims it with an invite learns the owner's display name and gets one device's
 //!   MLS key package.
 //! - [`DropPayload`]: what a sender HPKE-seals to a mailbox and drops through a drop address:
-//!   a Welcome into a new chat, or a request to connect through a long-lived address.
+//!   a Welcome into a chat, a request to connect through a long-lived address, or a request
+//!   from a member who lost track of a group to be re-added.
 //! - [`AppMessage`]: the plaintext of an MLS application message: the sender's view of the
 //!   epoch (a tag of the epoch authenticator, for fork detection) and the content.
 //!
@@ -18,6 +19,8 @@
 //!   kind 1 Welcome   drop [32] · name bytes · server bytes · log [32] · after u64 · welcome bytes
 //!   kind 2 Request   drop [32] · name bytes · server bytes · reply_drop [32] · reply_hpke [32]
 //!                    · count u8 · key_package bytes × count
+//!   kind 3 Rejoin    drop [32] · group bytes (≤ 64) · server bytes · reply_drop [32]
+//!                    · reply_hpke [32] · key_package bytes
 //! AppMessage         version u8 (1) · epoch_tag [8] · kind u8 · …
 //!   kind 1 Text      sent_at u64 (ms since the Unix epoch) · body bytes (UTF-8)
 //!   kind 2 Card      server bytes · drop [32] · hpke [32] · kp_key [32] · token [32]
@@ -115,10 +118,29 @@ pub enum DropPayload {
         /// One key package per requesting device.
         key_packages: Vec<Vec<u8>>,
     },
+    /// A member whose view of a group fell behind what the server still keeps asks to have
+    /// its device's leaf replaced by a fresh one.
+    Rejoin {
+        /// The drop address it came through.
+        drop: DropId,
+        /// The MLS group id.
+        group: Vec<u8>,
+        /// The link of the requester's server, where `reply_drop` lives.
+        server: String,
+        /// Where to drop the Welcome.
+        reply_drop: DropId,
+        /// The HPKE key to seal that Welcome to.
+        reply_hpke: [u8; 32],
+        /// A fresh key package of the device to re-add.
+        key_package: Vec<u8>,
+    },
 }
 
 const DROP_WELCOME: u8 = 1;
 const DROP_REQUEST: u8 = 2;
+const DROP_REJOIN: u8 = 3;
+/// Longest MLS group id in a rejoin request.
+pub const MAX_GROUP_ID: usize = 64;
 
 impl DropPayload {
     /// Wire form.
@@ -146,6 +168,15 @@ impl DropPayload {
                 for kp in key_packages.iter().take(usize::from(u8::MAX)) {
                     w.bytes(kp);
                 }
+            }
+            DropPayload::Rejoin { drop, group, server, reply_drop, reply_hpke, key_package } => {
+                w.u8(DROP_REJOIN)
+                    .fixed(&drop.0)
+                    .bytes(group)
+                    .bytes(server.as_bytes())
+                    .fixed(&reply_drop.0)
+                    .fixed(reply_hpke)
+                    .bytes(key_package);
             }
         }
         w.finish()
@@ -178,6 +209,14 @@ impl DropPayload {
                     (0..count).map(|_| Ok(r.bytes(MAX_MLS)?.to_vec())).collect::<Result<_, _>>()?;
                 DropPayload::Request { drop, name, server, reply_drop, reply_hpke, key_packages }
             }
+            DROP_REJOIN => DropPayload::Rejoin {
+                drop: DropId(r.array()?),
+                group: r.bytes(MAX_GROUP_ID)?.to_vec(),
+                server: string(&mut r, MAX_LINK)?,
+                reply_drop: DropId(r.array()?),
+                reply_hpke: r.array()?,
+                key_package: r.bytes(MAX_MLS)?.to_vec(),
+            },
             _ => return Err(DecodeError::Invalid("drop payload kind")),
         };
         r.finish()?;
@@ -371,13 +410,26 @@ mod tests {
         }
         .encode();
         every_prefix_fails(&welcome, DropPayload::decode);
+        let rejoin = DropPayload::Rejoin {
+            drop: DropId([1; 32]),
+            group: vec![5; 32],
+            server: "postern://server#v=1".into(),
+            reply_drop: DropId([6; 32]),
+            reply_hpke: [7; 32],
+            key_package: vec![8; 40],
+        }
+        .encode();
+        every_prefix_fails(&rejoin, DropPayload::decode);
+        let mut long_group = rejoin.clone();
+        long_group[2 + 32..2 + 36].copy_from_slice(&(MAX_GROUP_ID as u32 + 1).to_be_bytes());
+        assert!(DropPayload::decode(&long_group).is_err());
         let msg = AppMessage {
             epoch_tag: [4; 8],
             content: Content::Text { sent_at: 5, body: "hi".into() },
         }
         .encode();
         every_prefix_fails(&msg, AppMessage::decode);
-        for bytes in [&kp, &welcome, &msg] {
+        for bytes in [&kp, &welcome, &rejoin, &msg] {
             let mut long = bytes.clone();
             long.push(0);
             assert!(KeyPackagePayload::decode(&long).is_err());
@@ -420,17 +472,17 @@ mod tests {
 
         #[test]
         fn drop_payload_round_trips(
-            welcome in any::<bool>(),
+            kind in 0u8..3,
             ids in any::<[u8; 32]>(),
             name in "\\PC{0,64}",
             server in "\\PC{0,100}",
             after in any::<u64>(),
             blobs in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 1..4),
         ) {
-            let p = if welcome {
-                DropPayload::Welcome { drop: DropId(ids), name, server, log: LogId(ids), after, welcome: blobs[0].clone() }
-            } else {
-                DropPayload::Request { drop: DropId(ids), name, server, reply_drop: DropId(ids), reply_hpke: ids, key_packages: blobs }
+            let p = match kind {
+                0 => DropPayload::Welcome { drop: DropId(ids), name, server, log: LogId(ids), after, welcome: blobs[0].clone() },
+                1 => DropPayload::Request { drop: DropId(ids), name, server, reply_drop: DropId(ids), reply_hpke: ids, key_packages: blobs },
+                _ => DropPayload::Rejoin { drop: DropId(ids), group: ids.to_vec(), server, reply_drop: DropId(ids), reply_hpke: ids, key_package: blobs[0].clone() },
             };
             prop_assert_eq!(DropPayload::decode(&p.encode()), Ok(p));
         }

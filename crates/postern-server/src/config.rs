@@ -28,6 +28,9 @@ pub struct ServerConfig {
     pub retention: Retention,
     /// Most concurrent connections (TLS or not) on the public listener.
     pub max_connections: usize,
+    /// Test hook: expiry takes today to be this many days later than the clock says, so a
+    /// test can restart the server past retention. Only days move; the gate's clock does not.
+    pub days_ahead: u32,
 }
 
 impl ServerConfig {
@@ -44,6 +47,7 @@ impl ServerConfig {
             quotas: Quotas::default(),
             retention: Retention::default(),
             max_connections: 15_000,
+            days_ahead: 0,
         }
     }
 }

@@ -111,6 +111,7 @@ pub(crate) struct App<S> {
     pub(crate) hub: hub::Hub,
     pub(crate) metrics: Metrics,
     pub(crate) clock: Clock,
+    pub(crate) days_ahead: u32,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
 
@@ -120,7 +121,7 @@ impl<S> App<S> {
     }
 
     pub(crate) fn today(&self) -> Day {
-        u32::try_from(self.now() / 86_400).unwrap_or(u32::MAX)
+        u32::try_from(self.now() / 86_400).unwrap_or(u32::MAX).saturating_add(self.days_ahead)
     }
 }
 
@@ -196,6 +197,7 @@ pub async fn start<S: Store>(
         hub: hub::Hub::default(),
         metrics: Metrics::default(),
         clock,
+        days_ahead: config.days_ahead,
         shutdown: shutdown_rx,
     });
     let live = Arc::new(AtomicUsize::new(0));

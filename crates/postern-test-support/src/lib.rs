@@ -119,6 +119,12 @@ impl TestServer {
         status.success()
     }
 
+    /// Sets an environment variable for the next [`restart`](Self::restart).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.extra_env.retain(|(k, _)| k != key);
+        self.extra_env.push((key.to_owned(), value.to_owned()));
+    }
+
     /// Starts the server again on the same data directory and address (same keys and
     /// secret), so clients holding its link reach it again.
     pub async fn restart(&mut self) {

@@ -122,6 +122,11 @@ fn build_config(args: ServerArgs) -> Result<ServerConfig> {
         mailbox_days: r.mailbox_days.unwrap_or(d.mailbox_days),
         upload_days: d.upload_days,
     };
+    // Test hook (docs/cli.md): move expiry days forward, to test what clients do after
+    // being away longer than retention.
+    if let Ok(days) = std::env::var("POSTERN_TEST_DAYS_AHEAD") {
+        config.days_ahead = days.parse().context("POSTERN_TEST_DAYS_AHEAD must be a number")?;
+    }
     Ok(config)
 }
 

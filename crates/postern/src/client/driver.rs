@@ -266,8 +266,12 @@ impl Driver {
                 Request::MailboxFetch { mailbox: keys.mailbox, after, max_items: READ_BATCH };
             let (items, more) = match self.call(&link, request, Some(&keys.owner)).await? {
                 Outcome::Done(Response::Items { items, more }) => (items, more),
-                // Not published yet: nothing can have arrived.
-                Outcome::Refused(ErrorCode::NotFound) => return Ok(events),
+                // Not published yet, or expired while we were away: publish it (again).
+                Outcome::Refused(ErrorCode::NotFound) => {
+                    self.client.mailbox_lost()?;
+                    self.publish().await?;
+                    return Ok(events);
+                }
                 other => return Err(unexpected(other)),
             };
             let mailbox = keys.mailbox;
@@ -310,9 +314,13 @@ impl Driver {
             let request = Request::LogRead { log: chat.log, after, max_items: READ_BATCH };
             let (items, more) = match self.call(&chat.server, request, None).await? {
                 Outcome::Done(Response::Items { items, more }) => (items, more),
+                Outcome::Refused(ErrorCode::NotFound) if chat.cursor > 0 => {
+                    // Read before and now gone: it expired while we were away.
+                    events.extend(self.client.log_gone(&chat.chat)?);
+                    return Ok(events);
+                }
                 Outcome::Refused(code) => {
-                    // A rotated log no member has created yet (read again next time), or
-                    // one that expired.
+                    // A rotated log no member has created yet: read again next time.
                     tracing::debug!(chat = %chat.chat, %code, "cannot read a chat's log");
                     return Ok(events);
                 }
@@ -432,7 +440,17 @@ impl Driver {
         push: Push,
     ) -> Result<Vec<Event>> {
         match push {
-            Push::Items { log, items } => self.apply_entries(link, log, items).await,
+            Push::Items { log, items } => {
+                // Pushes continue from the cursor; if one does not, read the log instead, so
+                // only the log itself can show a gap.
+                let chat = self.client.logs()?.into_iter().find(|c| c.log == log);
+                match (chat, items.first()) {
+                    (Some(chat), Some(first)) if first.seq > chat.cursor + 1 => {
+                        self.pull_chat(&chat.chat).await
+                    }
+                    _ => self.apply_entries(link, log, items).await,
+                }
+            }
             Push::SubscriptionLost { log } => {
                 // Too slow for the push stream: read what was missed, then subscribe again.
                 let events = self.pull_logs().await?;

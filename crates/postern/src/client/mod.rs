@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use postern_client::{Client, ClientError, Event, InviteKind, InviteLink, KeySource, MessageState};
+use postern_client::{
+    Client, ClientError, Event, HistoryItem, InviteKind, InviteLink, KeySource, MessageState,
+};
 use postern_proto::link::ServerLink;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -237,6 +239,7 @@ pub(crate) async fn execute(
                     let line = serde_json::json!({
                         "chat": c.id, "name": c.name, "unread": c.unread, "group": c.group,
                         "member": c.member, "active": c.active, "fork_alarm": c.fork_alarm,
+                        "rejoining": c.rejoining,
                     });
                     writeln!(out, "{line}")?;
                 } else {
@@ -252,6 +255,9 @@ pub(crate) async fn execute(
                     }
                     if c.fork_alarm {
                         flags.push_str("  (WARNING: members disagree about this chat's state)");
+                    }
+                    if c.rejoining {
+                        flags.push_str("  (fell behind: waiting to be re-added)");
                     }
                     writeln!(out, "{}  {}  {} unread{flags}", c.id, c.name, c.unread)?;
                 }
@@ -270,8 +276,11 @@ pub(crate) async fn execute(
         Command::Send { chat, text } => send(driver, chat, text, json, out).await?,
         Command::Read { chat, limit } => {
             sync_quietly(driver).await;
-            for m in driver.client.read(chat, *limit)? {
-                print_message(out, &m, json)?;
+            for item in driver.client.read(chat, *limit)? {
+                match item {
+                    HistoryItem::Message(m) => print_message(out, &m, json)?,
+                    HistoryItem::Gap(g) => print_gap(out, &g, json)?,
+                }
             }
         }
         Command::GroupCreate { name, contacts } => {
@@ -499,10 +508,43 @@ async fn send(
         (_, Err(e)) => {
             Err(e.context("the message is queued and goes out with the next `postern sync`"))
         }
+        (_, Ok(_)) if driver.client.chats()?.iter().any(|c| c.id == chat_id && c.rejoining) => {
+            Err(anyhow!(
+                "this device is waiting to be re-added to the chat; the message is queued and goes out once it is"
+            ))
+        }
         (_, Ok(_)) => Err(anyhow!(
             "the chat is not on the server yet; the message is queued for the next `postern sync`"
         )),
     }
+}
+
+fn print_gap(out: &mut Vec<u8>, g: &postern_client::Gap, json: bool) -> Result<()> {
+    if json {
+        let line = serde_json::json!({
+            "chat": g.chat, "gap": true, "entries": g.entries, "rejoined": g.rejoined,
+            "waiting": g.waiting, "since": g.since, "until": g.until,
+        });
+        writeln!(out, "{line}")?;
+        return Ok(());
+    }
+    let what = match g.entries {
+        Some(1) => "1 entry".to_owned(),
+        Some(n) => format!("{n} entries"),
+        None => "history".to_owned(),
+    };
+    let then = if g.waiting {
+        "; waiting to be re-added"
+    } else if g.rejoined {
+        "; re-added since"
+    } else {
+        ""
+    };
+    writeln!(
+        out,
+        "--- {what} lost here: the server expired it before this device read it{then} ---"
+    )?;
+    Ok(())
 }
 
 pub(crate) fn print_message(
@@ -579,6 +621,48 @@ pub(crate) fn print_events(out: &mut Vec<u8>, events: &[Event], json: bool) -> R
                     writeln!(out, "{}", serde_json::json!({ "event": "removed", "chat": chat }))?;
                 } else {
                     writeln!(out, "You are no longer a member of chat {chat}.")?;
+                }
+            }
+            Event::HistoryLost { chat, entries } => {
+                if json {
+                    let line = serde_json::json!({ "event": "history_lost", "chat": chat, "entries": entries });
+                    writeln!(out, "{line}")?;
+                } else {
+                    writeln!(
+                        out,
+                        "{entries} entries of chat {chat} expired on the server before this device read them."
+                    )?;
+                }
+            }
+            Event::Rejoining { chat, asked } => {
+                if json {
+                    let line =
+                        serde_json::json!({ "event": "rejoining", "chat": chat, "asked": asked });
+                    writeln!(out, "{line}")?;
+                } else if *asked == 0 {
+                    writeln!(
+                        out,
+                        "This device was away longer than the server keeps chat {chat}'s history, and none of its members is a contact to ask: ask a member to add you again."
+                    )?;
+                } else {
+                    writeln!(
+                        out,
+                        "This device was away longer than the server keeps chat {chat}'s history; asked {asked} member(s) to re-add it."
+                    )?;
+                }
+            }
+            Event::Rejoined { chat, lost } => {
+                if json {
+                    let line =
+                        serde_json::json!({ "event": "rejoined", "chat": chat, "lost": lost });
+                    writeln!(out, "{line}")?;
+                } else if *lost {
+                    writeln!(
+                        out,
+                        "Re-added to chat {chat}; the history in between is lost to this device."
+                    )?;
+                } else {
+                    writeln!(out, "You are in chat {chat} again.")?;
                 }
             }
             Event::Failed { chat } => {

@@ -66,10 +66,24 @@ pub(crate) fn connect(inviter: &Path, joiner: &Path) -> String {
 }
 
 /// `(from, text)` of every message in a chat, in log order.
+/// `(from, text)` of each message; a gap in the history reads `("", "[gap N]")` with the
+/// entries it lost, `[gap rejoined]` when it ended with a re-add, `[gap waiting]` before.
 pub(crate) fn history(home: &Path, chat: &str) -> Vec<(String, String)> {
     ok(home, &["read", chat])
         .into_iter()
-        .map(|m| (m["from"].as_str().unwrap().to_owned(), m["text"].as_str().unwrap().to_owned()))
+        .map(|m| {
+            if m["gap"] == true {
+                let what = if m["waiting"] == true {
+                    "waiting".to_owned()
+                } else if m["rejoined"] == true {
+                    "rejoined".to_owned()
+                } else {
+                    m["entries"].to_string()
+                };
+                return (String::new(), format!("[gap {what}]"));
+            }
+            (m["from"].as_str().unwrap().to_owned(), m["text"].as_str().unwrap().to_owned())
+        })
         .collect()
 }
 

@@ -226,3 +226,83 @@ async fn listen_follows_a_group_across_a_removal() {
     listen.stop();
     assert_eq!(texts(alice, "Live"), ["before", "after the rotation", "from Bob"]);
 }
+
+/// Restarts the server with its expiry days `days` ahead of the clock, and waits for the
+/// sweep that runs at start.
+async fn restart_days_ahead(server: &mut TestServer, days: u32) {
+    let swept = |s: &TestServer| s.log().matches("expired data swept").count();
+    let before = swept(server);
+    assert!(server.terminate().await);
+    server.set_env("POSTERN_TEST_DAYS_AHEAD", &days.to_string());
+    server.restart().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while swept(server) == before {
+        assert!(std::time::Instant::now() < deadline, "no sweep after the restart");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_member_away_past_retention_is_told_what_it_lost_and_re_added() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    // Messages last a day; commits, append keys and mailboxes 30 days after last use (a use
+    // extends them only once they are a week closer to expiry).
+    std::fs::write(&config, "[retention]\nentry_days = 1\ncommit_days = 30\nmailbox_days = 30\n")
+        .unwrap();
+    let env = vec![("POSTERN_CONFIG".to_owned(), config.display().to_string())];
+    let mut server = TestServer::start_with_env(bin(), env).await;
+    let homes = people(dir.path(), &server, &["Alice", "Bob", "Carol", "Dave"]);
+    let [alice, bob, carol, dave] = &homes[..] else { unreachable!() };
+    ok(alice, &["group", "create", "Away", "Bob", "Carol"]);
+    ok(bob, &["sync"]);
+    ok(carol, &["sync"]);
+    ok(alice, &["send", "Away", "before"]);
+    assert_eq!(texts(carol, "Away"), ["before"]);
+
+    // Carol goes away. Day 0: Alice adds Dave, Bob writes.
+    ok(alice, &["group", "add", "Away", "Dave"]);
+    ok(dave, &["sync"]);
+    ok(bob, &["send", "Away", "lost to Carol"]);
+    // Day 25: day 0's messages have expired; the group goes on.
+    restart_days_ahead(&mut server, 25).await;
+    for home in [alice, bob, dave] {
+        ok(home, &["sync"]);
+    }
+    ok(alice, &["send", "Away", "day 25"]);
+    // Day 40: the commit that added Dave has expired too, and Carol's mailbox with it.
+    restart_days_ahead(&mut server, 40).await;
+    ok(dave, &["send", "Away", "day 40"]);
+
+    let events = ok(carol, &["sync"]);
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    assert!(kinds.contains(&"history_lost") && kinds.contains(&"rejoining"), "{events:?}");
+    assert_eq!(events.iter().find(|e| e["event"] == "rejoining").unwrap()["asked"], 1);
+    assert_eq!(texts(carol, "Away"), ["before", "[gap waiting]"]);
+    assert_eq!(ok(carol, &["chats"])[1]["rejoining"], true);
+    let out = run(carol, &["group", "add", "Away", "Alice"]);
+    assert!(stderr(&out).contains("re-add"), "{}", stderr(&out));
+    let out = run(carol, &["send", "Away", "I am back"]);
+    assert!(stderr(&out).contains("queued"), "{}", stderr(&out));
+
+    // Alice, the admin and Carol's contact, re-adds her device; Carol moves onto the group.
+    ok(alice, &["sync"]);
+    let events = ok(carol, &["sync"]);
+    assert!(events.iter().any(|e| e["event"] == "rejoined" && e["lost"] == true), "{events:?}");
+    assert_eq!(ok(carol, &["chats"])[1]["rejoining"], false);
+    for home in [alice, bob, dave] {
+        ok(home, &["sync"]);
+    }
+    ok(bob, &["send", "Away", "welcome back"]);
+    for home in [alice, carol, dave] {
+        assert_eq!(epoch(home, "Away"), epoch(bob, "Away"));
+    }
+    assert_eq!(texts(carol, "Away"), ["before", "[gap rejoined]", "I am back", "welcome back"]);
+    // Dave read nothing between day 0 and day 40: he lost messages, but no commit.
+    assert_eq!(texts(dave, "Away"), ["[gap 4]", "day 40", "I am back", "welcome back"]);
+    let names: Vec<String> = ok(bob, &["group", "members", "Away"])
+        .iter()
+        .map(|m| m["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names.len(), 4, "{names:?}");
+}

@@ -1,0 +1,366 @@
+//! History the server no longer keeps, and getting back into a group after it.
+//!
+//! The server expires application entries after its retention period and commits later
+//! (DESIGN: 30 and 180 days by default). A device that was away longer finds a **gap**: the
+//! log's next entry is further on than the entry after its cursor. What it does then:
+//!
+//! - **Only messages lost**: the entries after the gap still open under an epoch we hold.
+//!   The gap is recorded where it is (shown by `read` among the messages) and reading goes on.
+//! - **Fallen behind**: an entry after the gap is sealed under an epoch we do not know (a
+//!   commit was lost), or the whole log is gone. The chat becomes `stale`: it reads nothing,
+//!   and asks up to [`REJOIN_HELPERS`] members it can reach (contacts with a card, admins
+//!   first) to re-add this device, with a fresh key package and a reply drop address.
+//! - **Re-add**: a member that receives the request commits, in one commit, the removal of
+//!   our old leaf and the addition of the new key package of the *same device* (same
+//!   signature key). Every member accepts such a replacement from any member, whatever the
+//!   group's rules, since nobody joins or leaves; it does not rotate the log. Helpers that
+//!   come second see the device's leaf already replaced and drop the request.
+//! - **Rejoined**: the Welcome replaces our old group state (only with a later epoch), the
+//!   chat moves to the log and position the Welcome names, queued messages go out, and the
+//!   gap is marked as ended by a re-add.
+
+use postern_proto::content::DropPayload;
+use postern_proto::ids::{DropId, PublicKey};
+use rusqlite::{OptionalExtension, params};
+use sha2::Digest as _;
+
+use crate::ClientError;
+use crate::chats::{
+    ChatRow, Ctx, Event, chat_row, dbe, insert_outbox, mailbox_keys, random, save_epoch, seal_drop,
+    unseal,
+};
+use crate::groups::{self, Card, Invitee, WelcomeTarget};
+use crate::mls;
+
+/// Gaps, and the key packages of rejoin requests already acted on (a replayed request must
+/// not replace a device's leaf again).
+pub(crate) const MIGRATION_GAPS: &str = r#"
+CREATE TABLE gaps (
+    id         INTEGER PRIMARY KEY,
+    chat_id    INTEGER NOT NULL REFERENCES chats(id),
+    generation INTEGER NOT NULL,
+    after_seq  INTEGER NOT NULL,
+    epoch      INTEGER NOT NULL,
+    entries    INTEGER,
+    stale      INTEGER NOT NULL DEFAULT 0,
+    rejoined   INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE rejoins_seen (
+    key_package_hash BLOB PRIMARY KEY
+);
+"#;
+
+/// How many members a stale device asks to re-add it.
+pub const REJOIN_HELPERS: usize = 3;
+
+/// History we do not have, as `read` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gap {
+    /// The chat's id.
+    pub chat: String,
+    /// How many log entries expired unread, when the log shows it (not across a re-add).
+    pub entries: Option<u64>,
+    /// Whether the gap ends with our device being re-added to the group.
+    pub rejoined: bool,
+    /// Whether we are still waiting to be re-added.
+    pub waiting: bool,
+    /// When the last message before it was sent (ms since the Unix epoch), if any.
+    pub since: Option<u64>,
+    /// When the first message after it was sent, if any yet.
+    pub until: Option<u64>,
+}
+
+/// Where a gap sits among a chat's messages, for ordering: after the entry `after_seq` of
+/// the chat's log `generation`.
+pub(crate) struct GapRow {
+    pub(crate) generation: u64,
+    pub(crate) after_seq: u64,
+    pub(crate) gap: Gap,
+}
+
+fn generation(ctx: &Ctx<'_>, chat: i64) -> Result<u64, ClientError> {
+    ctx.db
+        .query_row("SELECT generation FROM chats WHERE id = ?1", [chat], |r| r.get(0))
+        .map_err(dbe)
+}
+
+fn newest_epoch(ctx: &Ctx<'_>, chat: i64) -> Result<u64, ClientError> {
+    ctx.db
+        .query_row(
+            "SELECT coalesce(max(epoch), 0) FROM chat_epochs WHERE chat_id = ?1",
+            [chat],
+            |r| r.get(0),
+        )
+        .map_err(dbe)
+}
+
+/// Moves the chat's cursor to `seq`, recording a gap when entries before it are gone.
+pub(crate) fn advance(ctx: &Ctx<'_>, chat: &ChatRow, seq: u64) -> Result<Vec<Event>, ClientError> {
+    ctx.db
+        .execute("UPDATE chats SET cursor = ?2 WHERE id = ?1", params![chat.id, seq])
+        .map_err(dbe)?;
+    let missing = seq.saturating_sub(chat.cursor).saturating_sub(1);
+    if missing == 0 {
+        return Ok(vec![]);
+    }
+    ctx.db
+        .execute(
+            "INSERT INTO gaps (chat_id, generation, after_seq, epoch, entries)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                chat.id,
+                generation(ctx, chat.id)?,
+                chat.cursor,
+                newest_epoch(ctx, chat.id)?,
+                missing
+            ],
+        )
+        .map_err(dbe)?;
+    Ok(vec![Event::HistoryLost { chat: chat.reference.clone(), entries: missing }])
+}
+
+/// Whether an entry we cannot open may mean we fell behind: a gap was found since our
+/// epoch last changed.
+pub(crate) fn behind(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<bool, ClientError> {
+    ctx.db
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM gaps WHERE chat_id = ?1 AND generation = ?2 AND epoch = ?3)",
+            params![chat.id, generation(ctx, chat.id)?, newest_epoch(ctx, chat.id)?],
+            |r| r.get(0),
+        )
+        .map_err(dbe)
+}
+
+/// The chat's log is gone from its server (every entry and key expired).
+pub(crate) fn log_gone(ctx: &Ctx<'_>, chat: &str) -> Result<Vec<Event>, ClientError> {
+    let Some(row) = chat_row(ctx.db, "ref = ?1", &chat)? else { return Ok(vec![]) };
+    // A log not created yet (a new chat, a rotation) is not gone.
+    if !row.active || row.cursor == 0 || !matches!(row.state.as_str(), "member" | "leaving") {
+        return Ok(vec![]);
+    }
+    go_stale(ctx, &row)
+}
+
+/// We fell behind the group: stop reading it and ask members to re-add this device.
+pub(crate) fn go_stale(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<Vec<Event>, ClientError> {
+    let generation = generation(ctx, chat.id)?;
+    let marked = ctx
+        .db
+        .execute(
+            "UPDATE gaps SET stale = 1 WHERE id = (SELECT max(id) FROM gaps WHERE chat_id = ?1 AND generation = ?2)",
+            params![chat.id, generation],
+        )
+        .map_err(dbe)?;
+    if marked == 0 {
+        ctx.db
+            .execute(
+                "INSERT INTO gaps (chat_id, generation, after_seq, epoch, stale) VALUES (?1, ?2, ?3, ?4, 1)",
+                params![chat.id, generation, chat.cursor, newest_epoch(ctx, chat.id)?],
+            )
+            .map_err(dbe)?;
+    }
+    ctx.db.execute("UPDATE chats SET state = 'stale' WHERE id = ?1", [chat.id]).map_err(dbe)?;
+    // What was sealed for the state we lost goes out again after the re-add.
+    unseal(ctx, chat.id, &["message", "proposal", "commit", "welcome"], None)?;
+    let helpers = helpers(ctx, chat)?;
+    if !helpers.is_empty() {
+        ask_to_rejoin(ctx, chat, &helpers)?;
+    }
+    Ok(vec![Event::Rejoining { chat: chat.reference.clone(), asked: helpers.len() }])
+}
+
+/// Members we can reach with a rejoin request: contacts of ours with a card, admins first.
+fn helpers(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<Vec<Card>, ClientError> {
+    let me = ctx.me.identity_public();
+    let admins = mls::group_meta(&ctx.mls, &chat.group_id)?.map(|m| m.admins).unwrap_or_default();
+    let mut identities: Vec<PublicKey> = Vec::new();
+    for m in mls::members(&ctx.mls, &chat.group_id)? {
+        let key = m.credential.identity_key;
+        if key != me && !identities.contains(&key) {
+            identities.push(key);
+        }
+    }
+    identities.sort_by_key(|k| !admins.contains(&k.0));
+    let mut cards = Vec::new();
+    for identity in identities {
+        let card: Option<Option<Vec<u8>>> = ctx
+            .db
+            .query_row(
+                "SELECT card FROM contacts WHERE identity_key = ?1",
+                [&identity.0[..]],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(dbe)?;
+        if let Some(Some(json)) = card
+            && let Ok(card) = serde_json::from_slice::<Card>(&json)
+        {
+            cards.push(card);
+            if cards.len() == REJOIN_HELPERS {
+                break;
+            }
+        }
+    }
+    Ok(cards)
+}
+
+/// Queues a fresh drop address of ours for the Welcome and one rejoin request per helper,
+/// all with the same new key package of this device.
+fn ask_to_rejoin(ctx: &Ctx<'_>, chat: &ChatRow, helpers: &[Card]) -> Result<(), ClientError> {
+    let keys = mailbox_keys(ctx)?;
+    let (_, hpke_public) = crate::store::hpke_keypair(ctx.db)?;
+    let reply = DropId(random());
+    ctx.db
+        .execute(
+            "INSERT INTO invites (drop_id, token, kind, expires) VALUES (?1, ?2, 'rejoin', ?3)",
+            params![&reply.0[..], &[0u8; 32][..], u32::MAX],
+        )
+        .map_err(dbe)?;
+    let home = ctx.server.to_link_string();
+    let owner = keys.owner.to_bytes();
+    insert_outbox(
+        ctx.db,
+        None,
+        "drop_create",
+        &home,
+        &reply.0,
+        &keys.mailbox.0,
+        (Some(&owner[..]), None, None),
+    )?;
+    let key_package = mls::new_key_package(&ctx.mls, ctx.me, false)?;
+    for card in helpers {
+        let payload = DropPayload::Rejoin {
+            drop: DropId(card.drop),
+            group: chat.group_id.clone(),
+            server: home.clone(),
+            reply_drop: reply,
+            reply_hpke: hpke_public,
+            key_package: key_package.clone(),
+        };
+        let sealed = seal_drop(&ctx.mls, &card.hpke, &payload)?;
+        insert_outbox(
+            ctx.db,
+            Some(chat.id),
+            "drop",
+            &card.server,
+            &card.drop,
+            &sealed,
+            (None, None, None),
+        )?;
+    }
+    Ok(())
+}
+
+/// A member asks us to re-add its device: queue the replacement if it is still a member,
+/// the device is in the group with another leaf, and the request is new.
+pub(crate) fn receive_rejoin(
+    ctx: &Ctx<'_>,
+    group: &[u8],
+    welcome_to: WelcomeTarget,
+    key_package: &[u8],
+) -> Result<Vec<Event>, ClientError> {
+    let Some(row) = chat_row(ctx.db, "group_id = ?1", &group)? else { return Ok(vec![]) };
+    if !row.active || row.state != "member" {
+        return Ok(vec![]);
+    }
+    let kp = mls::peer_key_package(&ctx.mls, key_package)?;
+    let leaf = kp.leaf_node();
+    let device = mls::check_credential(leaf.credential(), leaf.signature_key().as_slice())?;
+    let members = mls::members(&ctx.mls, &row.group_id)?;
+    let Some(old) = members.iter().find(|m| m.credential.device_key == device.device_key) else {
+        return Ok(vec![]);
+    };
+    if old.encryption_key == *leaf.encryption_key() {
+        return Ok(vec![]);
+    }
+    let hash = sha2::Sha256::digest(key_package);
+    let fresh = ctx
+        .db
+        .execute("INSERT OR IGNORE INTO rejoins_seen (key_package_hash) VALUES (?1)", [&hash[..]])
+        .map_err(dbe)?;
+    if fresh == 0 {
+        return Ok(vec![]);
+    }
+    let invitee = Invitee {
+        identity: device.identity_key.0,
+        name: String::new(),
+        key_packages: vec![key_package.to_vec()],
+        welcome_to,
+    };
+    groups::readd(ctx, &row, &invitee)?;
+    Ok(vec![])
+}
+
+/// A Welcome replaced our state of a group we already had: move the chat onto it.
+pub(crate) fn rejoined(
+    ctx: &Ctx<'_>,
+    chat: &ChatRow,
+    server: &str,
+    log: &postern_proto::ids::LogId,
+    after: u64,
+) -> Result<Vec<Event>, ClientError> {
+    let lost = ctx
+        .db
+        .execute(
+            "UPDATE gaps SET rejoined = 1, entries = NULL WHERE chat_id = ?1 AND stale = 1 AND rejoined = 0",
+            [chat.id],
+        )
+        .map_err(dbe)?
+        > 0;
+    ctx.db
+        .execute(
+            "UPDATE chats SET server_link = ?2, log_id = ?3, cursor = ?4, active = 1, state = 'member',
+                 leave_epoch = NULL, fork_alarm = 0, generation = generation + 1
+             WHERE id = ?1",
+            params![chat.id, server, &log.0[..], after],
+        )
+        .map_err(dbe)?;
+    ctx.db.execute("DELETE FROM chat_epochs WHERE chat_id = ?1", [chat.id]).map_err(dbe)?;
+    save_epoch(ctx.db, chat.id, &mls::epoch_keys(&ctx.mls, &chat.group_id)?)?;
+    // Anything planned or sealed against the old state is planned again.
+    unseal(ctx, chat.id, &["message", "proposal", "commit", "welcome", "log_create"], None)?;
+    ctx.db
+        .execute("UPDATE intents SET state = 'pending' WHERE chat_id = ?1", [chat.id])
+        .map_err(dbe)?;
+    groups::pump(ctx, chat.id)?;
+    Ok(vec![Event::Rejoined { chat: chat.reference.clone(), lost }])
+}
+
+/// A chat's gaps, in order.
+pub(crate) fn gaps(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<Vec<GapRow>, ClientError> {
+    let mut stmt = ctx
+        .db
+        .prepare(
+            "SELECT generation, after_seq, entries, stale, rejoined FROM gaps WHERE chat_id = ?1
+             ORDER BY generation, after_seq, id",
+        )
+        .map_err(dbe)?;
+    let rows = stmt
+        .query_map([chat.id], |r| {
+            Ok((
+                r.get::<_, u64>(0)?,
+                r.get::<_, u64>(1)?,
+                r.get::<_, Option<u64>>(2)?,
+                r.get::<_, bool>(3)?,
+                r.get::<_, bool>(4)?,
+            ))
+        })
+        .map_err(dbe)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (generation, after_seq, entries, stale, rejoined) = row.map_err(dbe)?;
+        out.push(GapRow {
+            generation,
+            after_seq,
+            gap: Gap {
+                chat: chat.reference.clone(),
+                entries,
+                rejoined,
+                waiting: stale && !rejoined,
+                since: None,
+                until: None,
+            },
+        });
+    }
+    Ok(out)
+}
