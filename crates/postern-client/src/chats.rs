@@ -148,9 +148,11 @@ pub(crate) fn bad(what: &'static str) -> ClientError {
     ClientError::Internal(what)
 }
 
-/// Days since the Unix epoch, as the server counts expiry.
-pub(crate) fn today() -> u32 {
-    u32::try_from(now_ms() / 86_400_000).unwrap_or(u32::MAX)
+/// Days since the Unix epoch, as the server counts expiry, by this machine's clock (plus
+/// `POSTERN_TEST_DAYS_AHEAD`, a test hook, as on the server).
+pub fn today() -> u32 {
+    let ahead = std::env::var("POSTERN_TEST_DAYS_AHEAD").ok().and_then(|d| d.parse().ok());
+    u32::try_from(now_ms() / 86_400_000).unwrap_or(u32::MAX).saturating_add(ahead.unwrap_or(0))
 }
 
 pub(crate) fn now_ms() -> u64 {

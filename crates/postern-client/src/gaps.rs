@@ -1,5 +1,11 @@
 //! History the server no longer keeps, and getting back into a group after it.
 //!
+//! **Keeping quiet chats alive.** The server forgets a log whose append keys all went
+//! unused for its commit retention (180 days by default). So that a chat nobody writes in
+//! does not vanish while its members are around, each client re-sends `log_create` for the
+//! chat's log with the current epoch's key once every [`KEEPALIVE_DAYS`] (the server takes
+//! it as a use of that key); [`keep_alive`] queues these after the logs were read.
+//!
 //! The server expires application entries after its retention period and commits later
 //! (DESIGN: 30 and 180 days by default). A device that was away longer finds a **gap**: the
 //! log's next entry is further on than the entry after its cursor. What it does then:
@@ -48,7 +54,11 @@ CREATE TABLE gaps (
 CREATE TABLE rejoins_seen (
     key_package_hash BLOB PRIMARY KEY
 );
+ALTER TABLE chats ADD COLUMN touched INTEGER NOT NULL DEFAULT 0;
 "#;
+
+/// How often, in days, a client tells the server a chat's log is still in use.
+pub const KEEPALIVE_DAYS: u32 = 7;
 
 /// How many members a stale device asks to re-add it.
 pub const REJOIN_HELPERS: usize = 3;
@@ -129,6 +139,40 @@ pub(crate) fn behind(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<bool, ClientError>
             |r| r.get(0),
         )
         .map_err(dbe)
+}
+
+/// Queues a `log_create` for each chat we are in whose log we have not kept alive for
+/// [`KEEPALIVE_DAYS`]; returns how many.
+pub(crate) fn keep_alive(ctx: &Ctx<'_>) -> Result<usize, ClientError> {
+    let today = crate::chats::today();
+    let due: Vec<i64> = {
+        let mut stmt = ctx
+            .db
+            .prepare(
+                "SELECT id FROM chats WHERE active = 1 AND state IN ('member', 'leaving')
+                 AND touched + ?1 <= ?2",
+            )
+            .map_err(dbe)?;
+        let rows = stmt.query_map(params![KEEPALIVE_DAYS, today], |r| r.get(0)).map_err(dbe)?;
+        rows.collect::<Result<_, _>>().map_err(dbe)?
+    };
+    for &chat in &due {
+        let row = chat_row(ctx.db, "id = ?1", &chat)?.ok_or(crate::chats::bad("chat vanished"))?;
+        let key = mls::epoch_keys(&ctx.mls, &row.group_id)?.append_key.to_bytes();
+        insert_outbox(
+            ctx.db,
+            Some(chat),
+            "log_create",
+            &row.server,
+            &row.log.0,
+            &[],
+            (Some(&key[..]), None, None),
+        )?;
+        ctx.db
+            .execute("UPDATE chats SET touched = ?2 WHERE id = ?1", params![chat, today])
+            .map_err(dbe)?;
+    }
+    Ok(due.len())
 }
 
 /// The chat's log is gone from its server (every entry and key expired).
@@ -238,15 +282,7 @@ fn ask_to_rejoin(ctx: &Ctx<'_>, chat: &ChatRow, helpers: &[Card]) -> Result<(), 
             key_package: key_package.clone(),
         };
         let sealed = seal_drop(&ctx.mls, &card.hpke, &payload)?;
-        insert_outbox(
-            ctx.db,
-            Some(chat.id),
-            "drop",
-            &card.server,
-            &card.drop,
-            &sealed,
-            (None, None, None),
-        )?;
+        insert_outbox(ctx.db, None, "drop", &card.server, &card.drop, &sealed, (None, None, None))?;
     }
     Ok(())
 }

@@ -314,18 +314,28 @@ fn may(ctx: &Ctx<'_>, meta: &GroupMeta, members_may: bool) -> Result<(), ClientE
     }
 }
 
+/// What members who are not admins may do in a group (admins may do both).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRules {
+    /// Every member may add people.
+    pub members_can_add: bool,
+    /// Every member may remove people.
+    pub members_can_remove: bool,
+}
+
 /// `group create`: a new group with these people (the creator is its admin).
 pub(crate) fn create_group(
     ctx: &Ctx<'_>,
     name: &str,
     invitees: Vec<Invitee>,
+    rules: GroupRules,
 ) -> Result<(String, String), ClientError> {
     crate::check_name(name)?;
     let meta = GroupMeta {
         name: name.to_owned(),
         admins: vec![ctx.me.identity_public().0],
-        members_can_add: false,
-        members_can_remove: false,
+        members_can_add: rules.members_can_add,
+        members_can_remove: rules.members_can_remove,
     };
     create_chat(ctx, invitees, Some(meta))
 }

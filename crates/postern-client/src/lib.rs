@@ -30,10 +30,10 @@ mod store;
 
 pub use chats::{
     ChatSummary, ConnectRequest, Contact, Event, HistoryItem, LogCursor, Message, MessageState,
-    OutboxItem, OutboxOp, pause_point,
+    OutboxItem, OutboxOp, pause_point, today,
 };
 pub use gaps::{Gap, REJOIN_HELPERS};
-pub use groups::{Card, Member};
+pub use groups::{Card, GroupRules, Member};
 pub use identity::{DeviceCredential, Identity, fingerprint};
 pub use mls::{CIPHERSUITE, EpochKeys, MlsError, Received};
 use postern_proto::ids::PublicKey;
@@ -634,6 +634,7 @@ impl Client {
         &mut self,
         name: &str,
         claimed: Vec<(PublicKey, String, Card, Vec<Vec<u8>>)>,
+        rules: GroupRules,
     ) -> Result<(String, String), ClientError> {
         self.step(|ctx| {
             let invitees = claimed
@@ -642,7 +643,7 @@ impl Client {
                     groups::invitee(identity, name, &card, &sealed)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            groups::create_group(ctx, name, invitees)
+            groups::create_group(ctx, name, invitees, rules)
         })
     }
 
@@ -706,6 +707,12 @@ impl Client {
     /// asks to be re-added.
     pub fn log_gone(&mut self, chat: &str) -> Result<Vec<Event>, ClientError> {
         self.step(|ctx| gaps::log_gone(ctx, chat))
+    }
+
+    /// Queues what keeps quiet chats' logs alive on their servers (call after reading the
+    /// logs, so a log found gone is not created again); returns how many requests.
+    pub fn keep_alive(&mut self) -> Result<usize, ClientError> {
+        self.step(gaps::keep_alive)
     }
 
     /// Our published mailbox is gone from the server (it expired while we were away): it

@@ -442,6 +442,10 @@ fn a_one_time_invite_connects_two_people_who_then_chat_both_ways() {
 /// Alice, Bob and Carol, connected pairwise through Alice with cards exchanged, in a group
 /// "G" that Alice created. Returns the clients and the server.
 fn group_of_three(dir: &Path) -> (Client, Client, Client, MemServer) {
+    group_of_three_with(dir, GroupRules::default())
+}
+
+fn group_of_three_with(dir: &Path, rules: GroupRules) -> (Client, Client, Client, MemServer) {
     let mut server = MemServer::default();
     let mut alice = Client::init(&dir.join("alice"), KeySource::KeyFile, "Alice", link()).unwrap();
     let mut bob = Client::init(&dir.join("bob"), KeySource::KeyFile, "Bob", link()).unwrap();
@@ -456,7 +460,7 @@ fn group_of_three(dir: &Path) -> (Client, Client, Client, MemServer) {
         let kp = client.sealed_key_package(&keys.kp_key, false).unwrap();
         claimed.push((identity, name, card, vec![kp]));
     }
-    alice.group_create("G", claimed).unwrap();
+    alice.group_create("G", claimed, rules).unwrap();
     server.drain(&mut alice);
     let cards: Vec<[u8; 32]> = server.drops.iter().map(|(d, _)| *d).collect();
     for client in [&mut bob, &mut carol] {
@@ -509,14 +513,15 @@ fn a_junk_commit_from_a_member_does_not_block_the_next_valid_one() {
     assert!(events.iter().any(|e| matches!(e, Event::Message(m) if m.text == "still moving")));
 }
 
-/// A valid commit made behind the client's back (it covers only the proposals this client
-/// has read), appended straight to the log: what a hostile member can send.
-fn commit_behind_the_back(c: &mut Client, server: &mut MemServer) {
+/// A commit made behind the client's back (it covers only the proposals this client has
+/// read, and removes the leaves in `remove`), appended straight to the log: what a hostile
+/// member can send.
+fn commit_behind_the_back(c: &mut Client, server: &mut MemServer, remove: Vec<u32>) {
     let (log, envelope) = c
         .step(|ctx| {
             let row = chats::resolve(ctx, "G")?;
             let keys = mls::epoch_keys(&ctx.mls, &row.group_id)?;
-            let (commit, _) = mls::commit(&ctx.mls, ctx.me, &row.group_id, vec![], vec![])?;
+            let (commit, _) = mls::commit(&ctx.mls, ctx.me, &row.group_id, vec![], remove)?;
             let next = mls::pending_epoch_keys(&ctx.mls, &row.group_id)?;
             let idem = postern_proto::ids::IdemKey([6; 16]);
             Ok((
@@ -541,7 +546,7 @@ fn a_member_who_commits_ahead_of_their_removal_is_still_removed() {
     let seq = server.logs[&log.0].len() as u64;
     alice.outbox_done(proposal.id, Some(seq)).unwrap();
     // Bob, who has not read it, gets a valid commit in first.
-    commit_behind_the_back(&mut bob, &mut server);
+    commit_behind_the_back(&mut bob, &mut server, vec![]);
     // Every member refuses a commit that leaves out an earlier Remove: Alice's wins.
     server.drain(&mut alice);
     let events = server.sync(&mut bob, &[]);
@@ -674,4 +679,44 @@ fn a_member_whose_log_expired_entirely_is_re_added_onto_the_new_one() {
     assert!(events.iter().any(|e| matches!(e, Event::Message(m) if m.text == "found you")));
     // Bob, removed, learns nothing of it.
     assert!(server.sync(&mut bob, &server.all_drops()).is_empty());
+}
+
+/// `claimed` for `group_add`: `who`'s card as `by` holds it, with one key package of `who`.
+fn claim(by: &mut Client, who: &mut Client, name: &str) -> (PublicKey, String, Card, Vec<Vec<u8>>) {
+    let (identity, name, card) = by.card(name).unwrap();
+    let keys = who.mailbox().unwrap();
+    let kp = who.sealed_key_package(&keys.kp_key, false).unwrap();
+    (identity, name, card, vec![kp])
+}
+
+#[test]
+fn group_rules_decide_who_may_add_and_every_member_checks_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = GroupRules { members_can_add: true, members_can_remove: false };
+    let (mut alice, mut bob, mut carol, mut server) = group_of_three_with(dir.path(), rules);
+    let mut dave =
+        Client::init(&dir.path().join("dave"), KeySource::KeyFile, "Dave", link()).unwrap();
+    connect(&mut server, &mut bob, &mut dave);
+    // Bob is no admin, but members may add: everyone accepts his commit.
+    let claimed = claim(&mut bob, &mut dave, "Dave");
+    bob.group_add("G", claimed).unwrap();
+    server.drain(&mut bob);
+    let drops = server.all_drops();
+    server.sync(&mut dave, &drops);
+    for c in [&mut alice, &mut carol] {
+        server.sync(c, &[]);
+    }
+    in_sync(&mut [&mut alice, &mut bob, &mut carol, &mut dave]);
+    assert_eq!(alice.group_members("G").unwrap().1.len(), 4);
+    // Removing is still for admins: refused here, and a commit that does it anyway is
+    // skipped by every member.
+    assert!(matches!(bob.group_remove("G", "Dave"), Err(ClientError::NotAllowed)));
+    let before = alice.chat_epoch("G").unwrap();
+    commit_behind_the_back(&mut bob, &mut server, vec![3]);
+    for c in [&mut alice, &mut carol, &mut dave] {
+        server.sync(c, &[]);
+    }
+    assert_eq!(alice.chat_epoch("G").unwrap(), before);
+    in_sync(&mut [&mut alice, &mut carol, &mut dave]);
+    assert_eq!(dave.group_members("G").unwrap().1.len(), 4);
 }

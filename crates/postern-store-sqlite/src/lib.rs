@@ -793,7 +793,14 @@ impl Store for SqliteStore {
                 )
                 .map_err(backend)?;
             if inserted == 0 {
-                return Err(StoreError::Conflict);
+                let held = c
+                    .execute(
+                        "UPDATE log_keys SET expires_day = max(expires_day, ?4)
+                         WHERE log = ?1 AND key_id = ?2 AND key = ?3",
+                        params![&log.0[..], &key.key_id().0[..], &key.0[..], expires],
+                    )
+                    .map_err(backend)?;
+                return if held > 0 { Ok(()) } else { Err(StoreError::Conflict) };
             }
             c.execute(
                 "INSERT INTO log_keys (log, key_id, key, expires_day) VALUES (?1, ?2, ?3, ?4)",

@@ -280,8 +280,12 @@ pub async fn log_keys_register_and_expire<S: Store>(s: &S) {
     let r = Retention::default();
     s.sweep(TODAY + r.commit_days).await.unwrap();
     assert_eq!(s.log_key(l, key(2).key_id()).await, Ok(key(2)));
+    // Creating the log again with a key it holds keeps that key alive, as a use would.
+    s.create_log(l, key(2), TODAY + 10).await.unwrap();
     s.sweep(TODAY + r.commit_days + 1).await.unwrap();
     assert_eq!(s.log_key(l, key(1).key_id()).await, Err(StoreError::NotFound));
+    assert_eq!(s.log_key(l, key(2).key_id()).await, Ok(key(2)));
+    assert_eq!(s.create_log(l, key(1), TODAY + 10).await, Err(StoreError::Conflict));
 }
 
 /// Reads respect the byte budget and truncate large entries; parts return the rest.

@@ -288,7 +288,9 @@ pub trait Store: Send + Sync + 'static {
         today: Day,
     ) -> impl Future<Output = Result<Vec<Vec<u8>>, StoreError>> + Send;
 
-    /// Creates a log with its first append key.
+    /// Creates a log with its first append key. Creating a log that exists, signed by a key
+    /// it holds, succeeds and extends that key's life as an append would (members keep a
+    /// quiet log alive this way); with any other key it is a conflict.
     fn create_log(
         &self,
         log: LogId,

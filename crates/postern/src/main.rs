@@ -96,6 +96,12 @@ enum GroupCommand {
         /// Contacts to add.
         #[arg(required = true)]
         contacts: Vec<String>,
+        /// Let every member add people (otherwise only admins may).
+        #[arg(long)]
+        members_can_add: bool,
+        /// Let every member remove people (otherwise only admins may).
+        #[arg(long)]
+        members_can_remove: bool,
     },
     /// Add a contact to a group.
     Add {
@@ -149,7 +155,10 @@ impl Command {
             }
             Command::Read { chat, limit } => C::Read { chat, limit },
             Command::Group(g) => match g {
-                GroupCommand::Create { name, contacts } => C::GroupCreate { name, contacts },
+                GroupCommand::Create { name, contacts, members_can_add, members_can_remove } => {
+                    let rules = postern_client::GroupRules { members_can_add, members_can_remove };
+                    C::GroupCreate { name, contacts, rules }
+                }
                 GroupCommand::Add { chat, contact } => C::GroupAdd { chat, contact },
                 GroupCommand::Remove { chat, contact } => C::GroupRemove { chat, contact },
                 GroupCommand::Leave { chat } => C::GroupLeave { chat },

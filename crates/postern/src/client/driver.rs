@@ -373,6 +373,7 @@ impl Driver {
         let mut events = self.flush().await?;
         events.extend(self.fetch_mailbox().await?);
         events.extend(self.pull_logs().await?);
+        self.client.keep_alive()?;
         events.extend(self.flush().await?);
         Ok(events)
     }
@@ -383,6 +384,7 @@ impl Driver {
         self.publish().await?;
         let mut events = self.flush().await?;
         events.extend(self.fetch_mailbox().await?);
+        self.client.keep_alive()?;
         events.extend(self.flush().await?);
         Ok(events)
     }

@@ -105,7 +105,7 @@ pub(crate) enum Command {
     Contacts,
     Send { chat: String, text: String },
     Read { chat: String, limit: Option<usize> },
-    GroupCreate { name: String, contacts: Vec<String> },
+    GroupCreate { name: String, contacts: Vec<String>, rules: postern_client::GroupRules },
     GroupAdd { chat: String, contact: String },
     GroupRemove { chat: String, contact: String },
     GroupLeave { chat: String },
@@ -283,12 +283,12 @@ pub(crate) async fn execute(
                 }
             }
         }
-        Command::GroupCreate { name, contacts } => {
+        Command::GroupCreate { name, contacts, rules } => {
             let mut claimed = Vec::new();
             for contact in contacts {
                 claimed.push(claim_contact(driver, contact).await?);
             }
-            let (chat, name) = driver.client.group_create(name, claimed)?;
+            let (chat, name) = driver.client.group_create(name, claimed, *rules)?;
             let sent = driver.flush().await;
             if json {
                 let line =
@@ -398,10 +398,7 @@ async fn sync_quietly(driver: &mut Driver) -> Vec<Event> {
 async fn invite(driver: &mut Driver, once: bool, json: bool, out: &mut Vec<u8>) -> Result<()> {
     driver.publish().await?;
     let kind = if once { InviteKind::Once } else { InviteKind::Address };
-    let today = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u32::try_from(d.as_secs() / 86_400).unwrap_or(u32::MAX));
-    let invite = driver.client.new_invite(kind, today)?;
+    let invite = driver.client.new_invite(kind, postern_client::today())?;
     driver
         .send_signed(invite.requests, &invite.owner)
         .await

@@ -17,6 +17,7 @@ pub(crate) fn command(home: &Path, args: &[&str]) -> Command {
         .args(args)
         .env_remove("POSTERN_PASSPHRASE")
         .env_remove("POSTERN_TEST_PAUSE_AT")
+        .env_remove("POSTERN_TEST_DAYS_AHEAD")
         .env_remove("POSTERN_LOG");
     cmd
 }
@@ -27,9 +28,14 @@ pub(crate) fn run(home: &Path, args: &[&str]) -> Output {
 
 /// Runs a command that must succeed; returns its JSON lines.
 pub(crate) fn ok(home: &Path, args: &[&str]) -> Vec<Value> {
+    ok_with(home, args, &[])
+}
+
+/// [`ok`] with extra environment variables (test hooks).
+pub(crate) fn ok_with(home: &Path, args: &[&str], env: &[(&str, &str)]) -> Vec<Value> {
     let mut all = vec!["--json"];
     all.extend_from_slice(args);
-    let out = run(home, &all);
+    let out = command(home, &all).envs(env.iter().copied()).output().expect("run postern");
     assert!(
         out.status.success(),
         "`postern {}` failed: {}",

@@ -139,7 +139,11 @@ async fn appends_need_a_registered_epoch_key_and_are_idempotent() {
     let log = ids::log();
     let create = Request::LogCreate { log, key: public_key(&k1) };
     member.request(create.clone(), Some(&k1)).await.unwrap();
-    assert_eq!(refused(member.request(create, Some(&k1)).await), ErrorCode::Conflict);
+    // Again with the key it holds: a keep-alive, accepted. With another key: taken.
+    assert_eq!(member.request(create, Some(&k1)).await.unwrap(), Response::Ok);
+    let k0 = ids::signing_key();
+    let other = Request::LogCreate { log, key: public_key(&k0) };
+    assert_eq!(refused(member.request(other, Some(&k0)).await), ErrorCode::Conflict);
 
     let append = |bytes: Vec<u8>| Request::LogAppend { log, body: Body::Inline(bytes) };
     let idem = ids::idem();
