@@ -1,0 +1,176 @@
+//! `postern-lab`: the censor lab's one command. `run` brings the lab up, starts the censor
+//! with a profile, runs a scenario in the client namespace (and servers elsewhere), and
+//! prints one JSON object: the scenario's exit status and the censor's report. The other
+//! subcommands are the daemon and the controls the lab's tests use.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use postern_censor::controls::{self, Payload};
+use postern_censor::profile::Profile;
+use postern_censor::topology::{Host, Lab};
+
+#[derive(Parser)]
+#[command(name = "postern-lab", about = "The censor lab")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a scenario under a profile and print the censor's report as JSON.
+    Run {
+        /// A built-in profile (open, ru-2023, ru-2024, ru-2025-06, ru-whitelist) or a TOML file.
+        #[arg(long)]
+        profile: String,
+        /// A server to start first: `foreign=CMD ARGS…` or `domestic=CMD ARGS…` (repeatable).
+        #[arg(long)]
+        serve: Vec<String>,
+        /// The scenario, run in the client namespace.
+        #[arg(trailing_var_arg = true, required = true)]
+        scenario: Vec<String>,
+    },
+    /// The censor daemon (inside the censor namespace).
+    Censord {
+        #[arg(long)]
+        profile: String,
+        #[arg(long)]
+        report: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        queue: u16,
+    },
+    /// A TLS server answering `GET n` with n bytes.
+    TlsServe {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, value_delimiter = ',')]
+        names: Vec<String>,
+    },
+    /// A TLS client; prints its outcome as JSON.
+    TlsGet {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        sni: String,
+        #[arg(long, default_value_t = 1000)]
+        bytes: u64,
+        #[arg(long, default_value_t = 3)]
+        timeout: u64,
+        /// Write the ClientHello in TCP segments of this many bytes.
+        #[arg(long)]
+        split: Option<usize>,
+    },
+    /// A UDP echo server.
+    UdpEcho {
+        #[arg(long)]
+        addr: SocketAddr,
+    },
+    /// Send one UDP datagram and wait for its echo.
+    UdpSend {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, value_enum)]
+        payload: Payload,
+        #[arg(long, default_value_t = 2)]
+        timeout: u64,
+    },
+    /// A TCP echo server.
+    TcpEcho {
+        #[arg(long)]
+        addr: SocketAddr,
+    },
+    /// Send a first TCP packet and wait for its echo.
+    TcpSend {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, value_enum)]
+        payload: Payload,
+        #[arg(long, default_value_t = 2)]
+        timeout: u64,
+    },
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    let mut out = std::io::stdout();
+    writeln!(out, "{}", serde_json::to_string(value)?)?;
+    Ok(())
+}
+
+fn run(profile: &str, serve: &[String], scenario: &[String]) -> Result<i32> {
+    Profile::load(profile)?;
+    let me = std::env::current_exe()?.display().to_string();
+    let dir = tempfile_dir()?;
+    let report = dir.join("report.json");
+    let mut lab = Lab::up()?;
+    lab.start(
+        Host::Censor,
+        &[&me, "censord", "--profile", profile, "--report", &report.display().to_string()],
+    )?;
+    for s in serve {
+        let (host, cmd) = s.split_once('=').context("--serve HOST=CMD")?;
+        let host = match host {
+            "foreign" => Host::Foreign,
+            "domestic" => Host::Domestic,
+            other => anyhow::bail!("--serve: no host {other:?} (foreign, domestic)"),
+        };
+        let argv: Vec<&str> = cmd.split_whitespace().collect();
+        lab.start(host, &argv)?;
+    }
+    let (program, args) = scenario.split_first().context("no scenario")?;
+    let status = lab.command(Host::Client, program).args(args).status()?;
+    lab.stop_all();
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+    print_json(&serde_json::json!({ "exit": status.code(), "censor": report }))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(status.code().unwrap_or(1))
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    use rand::Rng;
+    let dir =
+        std::env::temp_dir().join(format!("postern-lab-{:08x}", rand::thread_rng().r#gen::<u32>()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let secs = Duration::from_secs;
+    let result = match cli.command {
+        Command::Run { profile, serve, scenario } => run(&profile, &serve, &scenario)
+            .map(|code| if code == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) }),
+        Command::Censord { profile, report, queue } => Profile::load(&profile)
+            .and_then(|p| postern_censor::daemon::run(p, &report, queue))
+            .map(|()| ExitCode::SUCCESS),
+        Command::TlsServe { addr, names } => {
+            controls::tls_serve(addr, names).map(|()| ExitCode::SUCCESS)
+        }
+        Command::TlsGet { addr, sni, bytes, timeout, split } => {
+            print_json(&controls::tls_get(addr, &sni, bytes, secs(timeout), split))
+                .map(|()| ExitCode::SUCCESS)
+        }
+        Command::UdpEcho { addr } => controls::udp_echo(addr).map(|()| ExitCode::SUCCESS),
+        Command::UdpSend { addr, payload, timeout } => {
+            print_json(&controls::udp_send(addr, payload, secs(timeout)))
+                .map(|()| ExitCode::SUCCESS)
+        }
+        Command::TcpEcho { addr } => controls::tcp_echo(addr).map(|()| ExitCode::SUCCESS),
+        Command::TcpSend { addr, payload, timeout } => {
+            print_json(&controls::tcp_send(addr, payload, secs(timeout)))
+                .map(|()| ExitCode::SUCCESS)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "postern-lab: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

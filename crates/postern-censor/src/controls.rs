@@ -1,0 +1,302 @@
+//! Programs the lab's tests run on either side of the censor: servers that print one ready
+//! line and exit when their stdin closes, and clients that print one JSON outcome.
+//!
+//! - TLS: `tls_serve` answers `GET n\n` with `n` bytes; `tls_get` connects with a chosen
+//!   server name (rustls' default ClientHello, optionally written in small TCP segments) and
+//!   reports how far it got before its timeout.
+//! - UDP: `udp_echo` / `udp_send` with a WireGuard handshake initiation or random bytes.
+//! - TCP: `tcp_echo` / `tcp_send` with random bytes (the fully-encrypted shape) or an HTTP
+//!   request.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use rand::RngCore;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use serde::Serialize;
+
+/// Exits the process when stdin closes (the lab closes it to stop a server).
+pub fn exit_when_stdin_closes() {
+    std::thread::spawn(|| {
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        std::process::exit(0);
+    });
+}
+
+fn ready(what: &str) -> Result<()> {
+    let mut out = std::io::stdout();
+    writeln!(out, "{what}")?;
+    out.flush()?;
+    Ok(())
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Serves TLS on `addr` with a self-signed certificate for `names`.
+pub fn tls_serve(addr: SocketAddr, names: Vec<String>) -> Result<()> {
+    let cert = rcgen::generate_simple_self_signed(names)?;
+    let key = PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)?;
+    let config = Arc::new(config);
+    let listener = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
+    exit_when_stdin_closes();
+    ready("listening")?;
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let config = config.clone();
+        std::thread::spawn(move || -> Result<()> {
+            let conn = rustls::ServerConnection::new(config)?;
+            let mut tls = rustls::StreamOwned::new(conn, stream);
+            let mut line = String::new();
+            BufReader::new(&mut tls).read_line(&mut line)?;
+            let n: usize = line.trim().strip_prefix("GET ").unwrap_or("0").parse().unwrap_or(0);
+            let chunk = [b'x'; 4096];
+            let mut left = n.min(64 << 20);
+            while left > 0 {
+                let k = left.min(chunk.len());
+                tls.write_all(&chunk[..k])?;
+                left -= k;
+            }
+            tls.conn.send_close_notify();
+            tls.flush()?;
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+#[derive(Debug)]
+struct AnyCert;
+
+impl ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        provider().signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A TCP stream whose writes go out in pieces of at most `size` bytes, each its own segment.
+struct Split {
+    inner: TcpStream,
+    size: usize,
+}
+
+impl Read for Split {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+impl Write for Split {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.size);
+        self.inner.write_all(&buf[..n])?;
+        std::thread::sleep(Duration::from_millis(2));
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// How far a client got.
+#[derive(Debug, Default, Serialize)]
+pub struct Outcome {
+    /// The TCP connection (or UDP send) succeeded.
+    pub connected: bool,
+    /// The TLS handshake completed (TLS only).
+    pub handshake: bool,
+    /// Bytes received.
+    pub received: u64,
+    /// Everything asked for arrived.
+    pub complete: bool,
+    /// What stopped it, if anything.
+    pub error: Option<String>,
+}
+
+/// Connects to `addr` with server name `sni`, asks for `bytes` bytes and reads them, each
+/// step bounded by `timeout`; the ClientHello goes out in segments of `split` bytes if set.
+pub fn tls_get(
+    addr: SocketAddr,
+    sni: &str,
+    bytes: u64,
+    timeout: Duration,
+    split: Option<usize>,
+) -> Outcome {
+    let mut out = Outcome::default();
+    let result = (|| -> Result<()> {
+        let tcp = TcpStream::connect_timeout(&addr, timeout)?;
+        out.connected = true;
+        tcp.set_read_timeout(Some(timeout))?;
+        tcp.set_write_timeout(Some(timeout))?;
+        tcp.set_nodelay(true)?;
+        let config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCert))
+            .with_no_client_auth();
+        let name = ServerName::try_from(sni.to_owned())?;
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), name)?;
+        let mut io = Split { inner: tcp, size: split.unwrap_or(usize::MAX) };
+        while conn.is_handshaking() {
+            conn.complete_io(&mut io)?;
+        }
+        out.handshake = true;
+        io.size = usize::MAX;
+        let mut tls = rustls::Stream::new(&mut conn, &mut io);
+        tls.write_all(format!("GET {bytes}\n").as_bytes())?;
+        let mut buf = [0u8; 16 * 1024];
+        while out.received < bytes {
+            let n = tls.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            out.received += n as u64;
+        }
+        out.complete = out.received >= bytes;
+        Ok(())
+    })();
+    out.error = result.err().map(|e| e.to_string());
+    out
+}
+
+/// What `udp_send` and `tcp_send` send first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Payload {
+    /// A WireGuard handshake initiation: type 1, 148 bytes.
+    Wireguard,
+    /// 300 random bytes.
+    Random,
+    /// An HTTP/1.1 request.
+    Http,
+}
+
+fn payload(kind: Payload) -> Vec<u8> {
+    let mut rng = rand::thread_rng();
+    match kind {
+        Payload::Wireguard => {
+            let mut p = vec![0u8; 148];
+            rng.fill_bytes(&mut p[4..]);
+            p[0] = 1;
+            p
+        }
+        Payload::Random => {
+            let mut p = vec![0u8; 300];
+            rng.fill_bytes(&mut p);
+            p
+        }
+        Payload::Http => b"GET / HTTP/1.1\r\nHost: fine.example\r\n\r\n".to_vec(),
+    }
+}
+
+/// Echoes UDP datagrams on `addr`.
+pub fn udp_echo(addr: SocketAddr) -> Result<()> {
+    let socket = UdpSocket::bind(addr)?;
+    exit_when_stdin_closes();
+    ready("listening")?;
+    let mut buf = [0u8; 2048];
+    loop {
+        let (n, from) = socket.recv_from(&mut buf)?;
+        socket.send_to(&buf[..n], from)?;
+    }
+}
+
+/// Sends one datagram of `kind` and waits for its echo.
+pub fn udp_send(addr: SocketAddr, kind: Payload, timeout: Duration) -> Outcome {
+    let mut out = Outcome::default();
+    let result = (|| -> Result<()> {
+        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        socket.set_read_timeout(Some(timeout))?;
+        let sent = payload(kind);
+        socket.send_to(&sent, addr)?;
+        out.connected = true;
+        let mut buf = [0u8; 2048];
+        let (n, _) = socket.recv_from(&mut buf)?;
+        out.received = n as u64;
+        out.complete = buf[..n] == sent[..];
+        Ok(())
+    })();
+    out.error = result.err().map(|e| e.to_string());
+    out
+}
+
+/// Echoes TCP streams on `addr`.
+pub fn tcp_echo(addr: SocketAddr) -> Result<()> {
+    let listener = TcpListener::bind(addr)?;
+    exit_when_stdin_closes();
+    ready("listening")?;
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Connects, sends a first packet of `kind` and waits for its echo.
+pub fn tcp_send(addr: SocketAddr, kind: Payload, timeout: Duration) -> Outcome {
+    let mut out = Outcome::default();
+    let result = (|| -> Result<()> {
+        let mut tcp = TcpStream::connect_timeout(&addr, timeout)?;
+        out.connected = true;
+        tcp.set_read_timeout(Some(timeout))?;
+        tcp.set_nodelay(true)?;
+        let sent = payload(kind);
+        tcp.write_all(&sent)?;
+        let mut got = vec![0u8; sent.len()];
+        let started = Instant::now();
+        let mut have = 0;
+        while have < got.len() && started.elapsed() < timeout {
+            let n = tcp.read(&mut got[have..])?;
+            if n == 0 {
+                break;
+            }
+            have += n;
+        }
+        out.received = have as u64;
+        out.complete = have == sent.len() && got == sent;
+        Ok(())
+    })();
+    out.error = result.err().map(|e| e.to_string());
+    out
+}

@@ -1,0 +1,89 @@
+//! `censord`: the [`Engine`] on NFQUEUE, run inside the censor namespace. It binds the
+//! queue, then sends every forwarded packet to it with iptables (`-j NFQUEUE` without
+//! `--queue-bypass`: if the daemon dies, traffic stops rather than flowing uncensored),
+//! prints `ready`, and gives verdicts until its stdin closes. It writes its report (the
+//! profile and every flow) to a JSON file every 100 ms while it changes, and at the end.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::engine::{AddrMap, Engine, Flow, Verdict};
+use crate::profile::Profile;
+
+/// What the daemon saw.
+#[derive(Debug, Serialize)]
+pub struct Report<'a> {
+    /// The profile's name.
+    pub profile: &'a str,
+    /// Every flow, in order of appearance.
+    pub flows: Vec<Flow>,
+}
+
+fn write_report(path: &Path, profile: &str, engine: &Engine) -> Result<()> {
+    let report = Report { profile, flows: engine.flows() };
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&report)?)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn iptables(args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new("iptables").args(args).output().context("run iptables")?;
+    if !out.status.success() {
+        bail!("iptables {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Runs the censor until stdin closes.
+pub fn run(profile: Profile, report: &Path, queue_num: u16) -> Result<()> {
+    let name = profile.name.clone();
+    let mut engine = Engine::new(profile, AddrMap::lab())?;
+    let mut queue = nfq::Queue::open().context("open NFQUEUE (root, nfnetlink_queue)")?;
+    queue.bind(queue_num).context("bind the queue")?;
+    queue.set_copy_range(queue_num, 0xffff)?;
+    queue.set_fail_open(queue_num, false)?;
+    queue.set_nonblocking(true);
+    let num = queue_num.to_string();
+    iptables(&["-I", "FORWARD", "-j", "NFQUEUE", "--queue-num", &num])?;
+    write_report(report, &name, &engine)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        flag.store(true, Ordering::SeqCst);
+    });
+    writeln!(std::io::stdout(), "ready")?;
+    std::io::stdout().flush()?;
+    let mut dirty = false;
+    let mut written = Instant::now();
+    while !stop.load(Ordering::SeqCst) {
+        match queue.recv() {
+            Ok(mut msg) => {
+                let verdict = match engine.packet(msg.get_payload()) {
+                    Verdict::Accept => nfq::Verdict::Accept,
+                    Verdict::Drop => nfq::Verdict::Drop,
+                };
+                msg.set_verdict(verdict);
+                queue.verdict(msg)?;
+                dirty = true;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(e).context("receive from the queue"),
+        }
+        if dirty && written.elapsed() > Duration::from_millis(100) {
+            write_report(report, &name, &engine)?;
+            dirty = false;
+            written = Instant::now();
+        }
+    }
+    write_report(report, &name, &engine)
+}

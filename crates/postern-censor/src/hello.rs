@@ -1,0 +1,273 @@
+//! The TLS ClientHello as a censor sees it: parsed from the reassembled start of a TCP
+//! stream (across segments and across TLS records), with the server name, ALPN and the JA4
+//! fingerprint (FoxIO's JA4, TCP form).
+
+use sha2::{Digest, Sha256};
+
+/// What the start of a client's stream is, so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parsed {
+    /// More bytes are needed.
+    Incomplete,
+    /// Not a TLS handshake.
+    NotTls,
+    /// A TLS handshake record that does not hold a well-formed ClientHello.
+    Invalid,
+    /// A ClientHello.
+    Hello(ClientHello),
+}
+
+/// What a censor reads from a ClientHello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientHello {
+    /// The server name (SNI), if any.
+    pub sni: Option<String>,
+    /// ALPN protocols, in order.
+    pub alpn: Vec<String>,
+    /// The JA4 fingerprint.
+    pub ja4: String,
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.bytes.len() < n {
+            return None;
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn vec8(&mut self) -> Option<&'a [u8]> {
+        let n = self.u8()?;
+        self.take(usize::from(n))
+    }
+    fn vec16(&mut self) -> Option<&'a [u8]> {
+        let n = self.u16()?;
+        self.take(usize::from(n))
+    }
+    fn u16s(bytes: &[u8]) -> Vec<u16> {
+        bytes.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect()
+    }
+}
+
+/// Most handshake bytes gathered before giving up (a ClientHello is a few kilobytes at most).
+const MAX_HELLO: usize = 16 * 1024;
+
+/// Parses the start of a client's TCP stream.
+pub fn parse(stream: &[u8]) -> Parsed {
+    // Gather the handshake message from consecutive handshake records.
+    let mut handshake = Vec::new();
+    let mut rest = stream;
+    loop {
+        if rest.len() < 5 {
+            return if rest.is_empty() || rest[0] == 0x16 {
+                Parsed::Incomplete
+            } else {
+                Parsed::NotTls
+            };
+        }
+        if rest[0] != 0x16 || rest[1] != 0x03 {
+            return if handshake.is_empty() { Parsed::NotTls } else { Parsed::Invalid };
+        }
+        let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
+        if rest.len() < 5 + len {
+            return Parsed::Incomplete;
+        }
+        handshake.extend_from_slice(&rest[5..5 + len]);
+        rest = &rest[5 + len..];
+        if handshake.len() >= 4 {
+            if handshake[0] != 1 {
+                return Parsed::Invalid;
+            }
+            let body = usize::from(handshake[1]) << 16
+                | usize::from(handshake[2]) << 8
+                | usize::from(handshake[3]);
+            if body > MAX_HELLO {
+                return Parsed::Invalid;
+            }
+            if handshake.len() >= 4 + body {
+                return match hello(&handshake[4..4 + body]) {
+                    Some(h) => Parsed::Hello(h),
+                    None => Parsed::Invalid,
+                };
+            }
+        }
+    }
+}
+
+fn grease(v: u16) -> bool {
+    v & 0x0f0f == 0x0a0a && v >> 8 == v & 0xff
+}
+
+fn hash12(s: &str) -> String {
+    let digest = Sha256::digest(s.as_bytes());
+    digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
+}
+
+fn hex_list(values: &[u16]) -> String {
+    values.iter().map(|v| format!("{v:04x}")).collect::<Vec<_>>().join(",")
+}
+
+fn hello(body: &[u8]) -> Option<ClientHello> {
+    let mut r = Reader { bytes: body };
+    let legacy_version = r.u16()?;
+    r.take(32)?;
+    r.vec8()?;
+    let ciphers: Vec<u16> = Reader::u16s(r.vec16()?).into_iter().filter(|c| !grease(*c)).collect();
+    r.vec8()?;
+    let mut extensions = Vec::new();
+    let (mut sni, mut alpn, mut versions, mut sigalgs) = (None, Vec::new(), Vec::new(), Vec::new());
+    if !r.bytes.is_empty() {
+        let mut ext = Reader { bytes: r.vec16()? };
+        while !ext.bytes.is_empty() {
+            let kind = ext.u16()?;
+            let data = ext.vec16()?;
+            if grease(kind) {
+                continue;
+            }
+            extensions.push(kind);
+            let mut d = Reader { bytes: data };
+            match kind {
+                0x0000 => {
+                    let mut list = Reader { bytes: d.vec16()? };
+                    while !list.bytes.is_empty() {
+                        let name_type = list.u8()?;
+                        let name = list.vec16()?;
+                        if name_type == 0 {
+                            sni = Some(String::from_utf8_lossy(name).into_owned());
+                        }
+                    }
+                }
+                0x0010 => {
+                    let mut list = Reader { bytes: d.vec16()? };
+                    while !list.bytes.is_empty() {
+                        alpn.push(String::from_utf8_lossy(list.vec8()?).into_owned());
+                    }
+                }
+                0x002b => versions = Reader::u16s(d.vec8()?),
+                0x000d => sigalgs = Reader::u16s(d.vec16()?),
+                _ => {}
+            }
+        }
+    }
+    let version = versions.into_iter().filter(|v| !grease(*v)).max().unwrap_or(legacy_version);
+    let version = match version {
+        0x0304 => "13",
+        0x0303 => "12",
+        0x0302 => "11",
+        0x0301 => "10",
+        0x0300 => "s3",
+        _ => "00",
+    };
+    let alpn_code = match alpn.first().map(|a| a.as_bytes()) {
+        Some([first, .., last])
+            if first.is_ascii_alphanumeric() && last.is_ascii_alphanumeric() =>
+        {
+            format!("{}{}", char::from(*first), char::from(*last))
+        }
+        Some([only]) if only.is_ascii_alphanumeric() => format!("{0}{0}", char::from(*only)),
+        Some([first, .., last]) => format!("{:x}{:x}", first >> 4, last & 0x0f),
+        _ => "00".to_owned(),
+    };
+    let mut sorted_ciphers = ciphers.clone();
+    sorted_ciphers.sort_unstable();
+    let mut sorted_ext: Vec<u16> =
+        extensions.iter().copied().filter(|e| *e != 0x0000 && *e != 0x0010).collect();
+    sorted_ext.sort_unstable();
+    let cipher_hash = if ciphers.is_empty() {
+        "000000000000".to_owned()
+    } else {
+        hash12(&hex_list(&sorted_ciphers))
+    };
+    let mut ext_input = hex_list(&sorted_ext);
+    if !sigalgs.is_empty() {
+        ext_input = format!("{ext_input}_{}", hex_list(&sigalgs));
+    }
+    let ext_hash =
+        if sorted_ext.is_empty() { "000000000000".to_owned() } else { hash12(&ext_input) };
+    let ja4 = format!(
+        "t{version}{}{:02}{:02}{alpn_code}_{cipher_hash}_{ext_hash}",
+        if sni.is_some() { 'd' } else { 'i' },
+        ciphers.len().min(99),
+        extensions.len().min(99),
+    );
+    Some(ClientHello { sni, alpn, ja4 })
+}
+
+/// A ClientHello record with the given SNI, as rustls' default client writes it.
+#[cfg(test)]
+pub(crate) fn rustls_hello(sni: &str) -> Vec<u8> {
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).unwrap();
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rustls_hello_is_read_whole_and_only_whole() {
+        let bytes = rustls_hello("blocked.example");
+        for n in 0..bytes.len() {
+            assert_eq!(parse(&bytes[..n]), Parsed::Incomplete, "prefix of {n}");
+        }
+        let Parsed::Hello(h) = parse(&bytes) else { panic!("no hello") };
+        assert_eq!(h.sni.as_deref(), Some("blocked.example"));
+        assert!(h.ja4.starts_with("t13d"), "{}", h.ja4);
+        assert_eq!(h.ja4.len(), 36);
+        assert_eq!(parse(b"GET / HTTP/1.1\r\n"), Parsed::NotTls);
+    }
+
+    #[test]
+    fn a_hello_split_across_records_is_reassembled() {
+        let whole = rustls_hello("split.example");
+        let body = &whole[5..];
+        let mut split = Vec::new();
+        for chunk in body.chunks(40) {
+            split.extend_from_slice(&[0x16, 0x03, 0x01]);
+            split.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+            split.extend_from_slice(chunk);
+        }
+        let (Parsed::Hello(a), Parsed::Hello(b)) = (parse(&whole), parse(&split)) else {
+            panic!("no hello")
+        };
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn ja4_matches_the_reference_example() {
+        // FoxIO's JA4 worked example: the sorted cipher list and the extension and signature
+        // algorithm lists hash to these values.
+        assert_eq!(
+            hash12("002f,0035,009c,009d,1301,1302,1303,c013,c014,c02b,c02c,c02f,c030,cca8,cca9"),
+            "8daaf6152771"
+        );
+        assert_eq!(
+            hash12(
+                "0005,000a,000b,000d,0012,0015,0017,001b,0023,002b,002d,0033,4469,ff01_0403,0804,0401,0503,0805,0501,0806,0601"
+            ),
+            "e5627efa2ab1"
+        );
+        assert!(grease(0x1a1a) && grease(0xfafa) && !grease(0x1a2a) && !grease(0x0a0b));
+    }
+}

@@ -1,0 +1,115 @@
+//! Censor profiles: which modules run and how, in TOML (`profiles/*.toml`, embedded).
+
+use serde::{Deserialize, Serialize};
+
+/// A censor profile. Every module is off unless the profile sets it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Profile {
+    /// The profile's name.
+    pub name: String,
+    /// What it models.
+    pub about: String,
+    /// M1: address ranges dropped silently, both ways (CIDRs).
+    pub ip_block: Vec<String>,
+    /// M3: server names (and their subdomains) whose TLS or HTTP flows are cut after the
+    /// ClientHello or request, read after TCP reassembly.
+    pub sni_block: Vec<String>,
+    /// M6: VPN protocol signatures (WireGuard handshake initiation) are dropped.
+    pub vpn_signatures: bool,
+    /// M7: the "fully encrypted first packet" heuristic.
+    pub fully_encrypted: Option<FullyEncrypted>,
+    /// M9: the freeze of flows to foreign hosting.
+    pub freeze: Option<Freeze>,
+    /// M10: whitelist mode.
+    pub whitelist: Option<Whitelist>,
+}
+
+/// M7: a TCP flow whose first client payload looks like random bytes, and is none of the
+/// exempt shapes, is dropped (the GFW rule of Wu et al. 2023, as the Russian TSPU applies it
+/// toward foreign hosting since 2024).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FullyEncrypted {
+    /// Address labels of the servers it applies to.
+    pub labels: Vec<String>,
+}
+
+/// M9: a flow to these labels goes silent, both ways and without a reset, once it has
+/// carried `packets` packets (both directions) or the server has sent `server_bytes` bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Freeze {
+    /// Address labels of the servers it applies to.
+    pub labels: Vec<String>,
+    /// Packets, both ways, after which the flow freezes.
+    pub packets: u64,
+    /// Server-to-client payload bytes after which the flow freezes.
+    pub server_bytes: u64,
+    /// Server names exempt from it.
+    #[serde(default)]
+    pub exempt_sni: Vec<String>,
+}
+
+/// M10: only servers with these labels are reachable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Whitelist {
+    /// Address labels that stay reachable.
+    pub labels: Vec<String>,
+}
+
+const BUILT_IN: &[(&str, &str)] = &[
+    ("open", include_str!("../profiles/open.toml")),
+    ("ru-2023", include_str!("../profiles/ru-2023.toml")),
+    ("ru-2024", include_str!("../profiles/ru-2024.toml")),
+    ("ru-2025-06", include_str!("../profiles/ru-2025-06.toml")),
+    ("ru-whitelist", include_str!("../profiles/ru-whitelist.toml")),
+];
+
+impl Profile {
+    /// A built-in profile by name, or a TOML file by path.
+    pub fn load(name_or_path: &str) -> anyhow::Result<Profile> {
+        let text = match BUILT_IN.iter().find(|(n, _)| *n == name_or_path) {
+            Some((_, text)) => (*text).to_owned(),
+            None => std::fs::read_to_string(name_or_path).map_err(|e| {
+                anyhow::anyhow!("{name_or_path}: not a built-in profile, and not readable: {e}")
+            })?,
+        };
+        let profile: Profile =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("profile {name_or_path}: {e}"))?;
+        Ok(profile)
+    }
+
+    /// The built-in profiles' names.
+    pub fn built_in() -> impl Iterator<Item = &'static str> {
+        BUILT_IN.iter().map(|(n, _)| *n)
+    }
+}
+
+/// Whether `name` is `pattern` or a subdomain of it.
+pub fn name_matches(name: &str, pattern: &str) -> bool {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    let pattern = pattern.trim_end_matches('.').to_ascii_lowercase();
+    name == pattern || name.ends_with(&format!(".{pattern}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_built_in_profile_parses_and_names_itself() {
+        for name in Profile::built_in() {
+            assert_eq!(Profile::load(name).unwrap().name, name);
+        }
+        assert!(Profile::load("no-such-profile").is_err());
+    }
+
+    #[test]
+    fn names_match_themselves_and_subdomains_only() {
+        assert!(name_matches("Blocked.Example.", "blocked.example"));
+        assert!(name_matches("cdn.blocked.example", "blocked.example"));
+        assert!(!name_matches("notblocked.example", "blocked.example"));
+    }
+}

@@ -1,0 +1,193 @@
+//! The lab proves it censors: for each module, its control is blocked under a profile that
+//! runs the module, and passes under `open`. Real namespaces, the real daemon on NFQUEUE
+//! and real clients and servers; needs root, iproute2, iptables and ethtool (`.ci/run`
+//! installs them).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stderr)]
+
+use postern_censor::topology::{Host, Lab, addr};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_postern-lab");
+
+fn root() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let root =
+        status.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+    if !root {
+        eprintln!("the censor lab needs root: skipped");
+    }
+    root
+}
+
+/// A lab with the censor running `profile` and every control server up.
+struct Run {
+    lab: Lab,
+    report: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn lab(profile: &str) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let mut lab = Lab::up().unwrap();
+    let r = report.display().to_string();
+    assert_eq!(
+        lab.start(Host::Censor, &[BIN, "censord", "--profile", profile, "--report", &r]).unwrap(),
+        "ready"
+    );
+    let names = "fine.example,messenger.example";
+    for (host, ip) in [
+        (Host::Foreign, addr::FOREIGN),
+        (Host::Foreign, addr::FOREIGN_BLOCKED),
+        (Host::Domestic, addr::DOMESTIC),
+        (Host::Domestic, addr::WHITELISTED),
+    ] {
+        let a = format!("{ip}:443");
+        lab.start(host, &[BIN, "tls-serve", "--addr", &a, "--names", names]).unwrap();
+    }
+    let udp = format!("{}:51820", addr::FOREIGN);
+    lab.start(Host::Foreign, &[BIN, "udp-echo", "--addr", &udp]).unwrap();
+    let tcp = format!("{}:8443", addr::FOREIGN);
+    lab.start(Host::Foreign, &[BIN, "tcp-echo", "--addr", &tcp]).unwrap();
+    Run { lab, report, _dir: dir }
+}
+
+impl Run {
+    /// Runs a control in the client namespace; returns its JSON outcome.
+    fn client(&self, args: &[&str]) -> Value {
+        let out = self.lab.command(Host::Client, BIN).args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn tls(&self, ip: &str, sni: &str, bytes: u64) -> Value {
+        let a = format!("{ip}:443");
+        self.client(&[
+            "tls-get",
+            "--addr",
+            &a,
+            "--sni",
+            sni,
+            "--bytes",
+            &bytes.to_string(),
+            "--split",
+            "40",
+            "--timeout",
+            "2",
+        ])
+    }
+
+    /// Stops the censor and returns why each flow (by server address) was cut.
+    fn verdicts(mut self) -> Vec<(String, Value)> {
+        self.lab.stop_all();
+        let report: Value = serde_json::from_slice(&std::fs::read(&self.report).unwrap()).unwrap();
+        report["flows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| (f["server"].as_str().unwrap().to_owned(), f["blocked"].clone()))
+            .collect()
+    }
+}
+
+fn blocked_by(verdicts: &[(String, Value)], server: &str) -> Value {
+    verdicts.iter().find(|(s, _)| s == server).map(|(_, b)| b.clone()).unwrap_or(Value::Null)
+}
+
+#[test]
+fn sni_filter_reads_a_split_client_hello_and_open_passes_it() {
+    if !root() {
+        return;
+    }
+    let run = lab("ru-2023");
+    let cut = run.tls(addr::FOREIGN, "messenger.example", 1000);
+    assert_eq!(
+        (cut["connected"].as_bool(), cut["handshake"].as_bool()),
+        (Some(true), Some(false)),
+        "{cut}"
+    );
+    assert_eq!(run.tls(addr::FOREIGN, "fine.example", 1000)["complete"], true);
+    let verdicts = run.verdicts();
+    assert_eq!(verdicts.iter().filter(|(_, b)| *b == "sni").count(), 1, "{verdicts:?}");
+    let open = lab("open");
+    assert_eq!(open.tls(addr::FOREIGN, "messenger.example", 1000)["complete"], true);
+}
+
+#[test]
+fn ip_block_and_whitelist_mode_cut_by_address() {
+    if !root() {
+        return;
+    }
+    let run = lab("ru-2023");
+    assert_eq!(run.tls(addr::FOREIGN_BLOCKED, "fine.example", 100)["connected"], false);
+    assert_eq!(run.tls(addr::FOREIGN, "fine.example", 100)["complete"], true);
+    assert_eq!(blocked_by(&run.verdicts(), &format!("{}:443", addr::FOREIGN_BLOCKED)), "ip-block");
+    let white = lab("ru-whitelist");
+    assert_eq!(white.tls(addr::FOREIGN, "fine.example", 100)["connected"], false);
+    assert_eq!(white.tls(addr::DOMESTIC, "fine.example", 100)["connected"], false);
+    assert_eq!(white.tls(addr::WHITELISTED, "fine.example", 100)["complete"], true);
+    let open = lab("open");
+    assert_eq!(open.tls(addr::FOREIGN_BLOCKED, "fine.example", 100)["complete"], true);
+    assert_eq!(open.tls(addr::DOMESTIC, "fine.example", 100)["complete"], true);
+}
+
+#[test]
+fn vpn_signatures_and_fully_encrypted_first_packets_are_cut() {
+    if !root() {
+        return;
+    }
+    let udp = format!("{}:51820", addr::FOREIGN);
+    let tcp = format!("{}:8443", addr::FOREIGN);
+    let run = lab("ru-2024");
+    assert_eq!(
+        run.client(&["udp-send", "--addr", &udp, "--payload", "wireguard"])["complete"],
+        false
+    );
+    assert_eq!(run.client(&["udp-send", "--addr", &udp, "--payload", "random"])["complete"], true);
+    assert_eq!(run.client(&["tcp-send", "--addr", &tcp, "--payload", "random"])["complete"], false);
+    assert_eq!(run.client(&["tcp-send", "--addr", &tcp, "--payload", "http"])["complete"], true);
+    let verdicts = run.verdicts();
+    assert_eq!(blocked_by(&verdicts, &udp), "vpn-signature", "{verdicts:?}");
+    assert!(verdicts.iter().any(|(s, b)| *s == tcp && *b == "fully-encrypted"), "{verdicts:?}");
+    let open = lab("open");
+    assert_eq!(
+        open.client(&["udp-send", "--addr", &udp, "--payload", "wireguard"])["complete"],
+        true
+    );
+    assert_eq!(open.client(&["tcp-send", "--addr", &tcp, "--payload", "random"])["complete"], true);
+}
+
+#[test]
+fn the_freeze_stops_long_foreign_flows_but_not_domestic_ones() {
+    if !root() {
+        return;
+    }
+    let run = lab("ru-2025-06");
+    let frozen = run.tls(addr::FOREIGN, "fine.example", 200_000);
+    assert_eq!(frozen["handshake"], true);
+    assert_eq!(frozen["complete"], false);
+    let got = frozen["received"].as_u64().unwrap();
+    assert!(got < 24 * 1024, "the freeze came after {got} bytes");
+    assert_eq!(run.tls(addr::WHITELISTED, "fine.example", 200_000)["complete"], true);
+    assert_eq!(blocked_by(&run.verdicts(), &format!("{}:443", addr::FOREIGN)), "freeze");
+    let open = lab("open");
+    assert_eq!(open.tls(addr::FOREIGN, "fine.example", 200_000)["complete"], true);
+}
+
+#[test]
+fn a_failing_test_leaves_no_namespace_behind() {
+    if !root() {
+        return;
+    }
+    let mut names = Vec::new();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let run = lab("ru-2023");
+        names.push(run.lab.netns(Host::Censor));
+        panic!("a test failing with the lab up");
+    }));
+    assert!(result.is_err());
+    let list = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(!names.is_empty() && names.iter().all(|n| !list.contains(n.as_str())), "{list}");
+}
