@@ -12,9 +12,9 @@ fuzz_target!(|data: &[u8]| {
         && let Ok(mut engine) = Engine::new(profile, AddrMap::lab())
     {
         // The same bytes as one packet, then as a stream of packets split at a NUL.
-        engine.packet(data);
+        engine.packet(data, 0);
         for part in data.split(|b| *b == 0) {
-            engine.packet(part);
+            engine.packet(part, 1);
         }
     }
 });

@@ -203,6 +203,10 @@ pub enum Payload {
     Random,
     /// An HTTP/1.1 request.
     Http,
+    /// An OpenVPN client hard reset (with the TCP length prefix over TCP).
+    Openvpn,
+    /// A QUIC version 1 Initial, padded to 1,200 bytes.
+    Quic,
 }
 
 fn payload(kind: Payload) -> Vec<u8> {
@@ -220,7 +224,30 @@ fn payload(kind: Payload) -> Vec<u8> {
             p
         }
         Payload::Http => b"GET / HTTP/1.1\r\nHost: fine.example\r\n\r\n".to_vec(),
+        Payload::Openvpn => {
+            let mut p = vec![0x38];
+            p.extend_from_slice(&rng.next_u64().to_be_bytes());
+            p.extend_from_slice(&[0, 0, 0, 0, 0]);
+            p
+        }
+        Payload::Quic => {
+            let mut p = vec![0xc3, 0, 0, 0, 1, 8];
+            p.resize(1200, 0);
+            rng.fill_bytes(&mut p[6..]);
+            p
+        }
     }
+}
+
+/// `payload` framed for TCP: OpenVPN over TCP carries a two-byte length first.
+fn tcp_payload(kind: Payload) -> Vec<u8> {
+    let p = payload(kind);
+    if kind != Payload::Openvpn {
+        return p;
+    }
+    let mut framed = (p.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&p);
+    framed
 }
 
 /// Echoes UDP datagrams on `addr`.
@@ -281,7 +308,7 @@ pub fn tcp_send(addr: SocketAddr, kind: Payload, timeout: Duration) -> Outcome {
         out.connected = true;
         tcp.set_read_timeout(Some(timeout))?;
         tcp.set_nodelay(true)?;
-        let sent = payload(kind);
+        let sent = tcp_payload(kind);
         tcp.write_all(&sent)?;
         let mut got = vec![0u8; sent.len()];
         let started = Instant::now();

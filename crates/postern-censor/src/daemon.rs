@@ -63,10 +63,12 @@ pub fn run(profile: Profile, report: &Path, queue_num: u16) -> Result<()> {
     std::io::stdout().flush()?;
     let mut dirty = false;
     let mut written = Instant::now();
+    let started = Instant::now();
     while !stop.load(Ordering::SeqCst) {
         match queue.recv() {
             Ok(mut msg) => {
-                let verdict = match engine.packet(msg.get_payload()) {
+                let now = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                let verdict = match engine.packet(msg.get_payload(), now) {
                     Verdict::Accept => nfq::Verdict::Accept,
                     Verdict::Drop => nfq::Verdict::Drop,
                 };

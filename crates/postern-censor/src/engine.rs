@@ -110,6 +110,18 @@ pub enum Reason {
     Freeze,
     /// M10.
     Whitelist,
+    /// M4.
+    Quic,
+    /// M8: a blocked JA4.
+    Fingerprint,
+    /// M8: too many connections to one server (the server's address is blocked a while).
+    ConnectionCount,
+    /// M11: the prober found a proxy (the server's address is blocked a while).
+    Probe,
+    /// M12.
+    EncryptedUdp,
+    /// M14.
+    Residual,
 }
 
 type Key = (Ipv4Addr, u16, Ipv4Addr, u16, u8);
@@ -152,15 +164,70 @@ pub struct Engine {
     profile: Profile,
     map: AddrMap,
     blocked: Vec<Cidr>,
+    /// Addresses blocked for a while (M8's connection count, the prober), with the time
+    /// they are free again.
+    blocked_until: HashMap<Ipv4Addr, u64>,
+    /// M14: (client, server, port) refused until a time.
+    residual: HashMap<(Ipv4Addr, Ipv4Addr, u16), u64>,
+    /// M8: recent connection starts to port 443 per (client, server).
+    starts: HashMap<(Ipv4Addr, Ipv4Addr), Vec<u64>>,
     flows: HashMap<Key, Flow>,
     order: Vec<Key>,
+}
+
+/// A packet's fields the modules use.
+struct Packet<'a> {
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    payload: &'a [u8],
+    /// TCP: SYN without ACK, and the sequence number.
+    tcp: Option<(bool, u32)>,
+}
+
+fn slice(packet: &[u8]) -> Option<Packet<'_>> {
+    let sliced = SlicedPacket::from_ip(packet).ok()?;
+    let Some(NetSlice::Ipv4(ip)) = &sliced.net else { return None };
+    let (src, dst) = (ip.header().source_addr(), ip.header().destination_addr());
+    Some(match sliced.transport? {
+        TransportSlice::Tcp(t) => Packet {
+            src,
+            dst,
+            sport: t.source_port(),
+            dport: t.destination_port(),
+            proto: 6,
+            payload: t.payload(),
+            tcp: Some((t.syn() && !t.ack(), t.sequence_number())),
+        },
+        TransportSlice::Udp(u) => Packet {
+            src,
+            dst,
+            sport: u.source_port(),
+            dport: u.destination_port(),
+            proto: 17,
+            payload: u.payload(),
+            tcp: None,
+        },
+        _ => return None,
+    })
 }
 
 impl Engine {
     /// A censor running `profile` over the lab's addresses.
     pub fn new(profile: Profile, map: AddrMap) -> anyhow::Result<Engine> {
         let blocked = profile.ip_block.iter().map(|c| Cidr::parse(c)).collect::<Result<_, _>>()?;
-        Ok(Engine { profile, map, blocked, flows: HashMap::new(), order: Vec::new() })
+        Ok(Engine {
+            profile,
+            map,
+            blocked,
+            blocked_until: HashMap::new(),
+            residual: HashMap::new(),
+            starts: HashMap::new(),
+            flows: HashMap::new(),
+            order: Vec::new(),
+        })
     }
 
     /// The flows seen, in the order they started.
@@ -168,36 +235,26 @@ impl Engine {
         self.order.iter().filter_map(|k| self.flows.get(k)).cloned().collect()
     }
 
-    /// The verdict on one IPv4 packet.
-    pub fn packet(&mut self, packet: &[u8]) -> Verdict {
-        let Ok(sliced) = SlicedPacket::from_ip(packet) else { return Verdict::Accept };
-        let Some(NetSlice::Ipv4(ip)) = &sliced.net else { return Verdict::Accept };
-        let (src, dst) = (ip.header().source_addr(), ip.header().destination_addr());
-        let (proto, sport, dport, payload, tcp) = match &sliced.transport {
-            Some(TransportSlice::Tcp(t)) => (
-                6u8,
-                t.source_port(),
-                t.destination_port(),
-                t.payload(),
-                Some((t.syn(), t.sequence_number())),
-            ),
-            Some(TransportSlice::Udp(u)) => {
-                (17u8, u.source_port(), u.destination_port(), u.payload(), None)
-            }
-            _ => return Verdict::Accept,
-        };
-        let forward = (src, sport, dst, dport, proto);
-        let backward = (dst, dport, src, sport, proto);
-        let (key, dir) = if self.flows.contains_key(&forward) {
-            (forward, 0)
+    /// Blocks an address until `until_ms` (the prober's verdict).
+    pub fn block_until(&mut self, addr: Ipv4Addr, until_ms: u64) {
+        self.blocked_until.insert(addr, until_ms);
+    }
+
+    /// The verdict on one IPv4 packet seen at `now_ms` (any monotonic clock, in ms).
+    pub fn packet(&mut self, packet: &[u8], now_ms: u64) -> Verdict {
+        let Some(pkt) = slice(packet) else { return Verdict::Accept };
+        let forward = (pkt.src, pkt.sport, pkt.dst, pkt.dport, pkt.proto);
+        let backward = (pkt.dst, pkt.dport, pkt.src, pkt.sport, pkt.proto);
+        let (key, dir, new) = if self.flows.contains_key(&forward) {
+            (forward, 0, false)
         } else if self.flows.contains_key(&backward) {
-            (backward, 1)
+            (backward, 1, false)
         } else {
             let flow = Flow {
-                proto: if proto == 6 { "tcp" } else { "udp" },
-                client: format!("{src}:{sport}"),
-                server: format!("{dst}:{dport}"),
-                server_label: self.map.label(dst).map(str::to_owned),
+                proto: if pkt.proto == 6 { "tcp" } else { "udp" },
+                client: format!("{}:{}", pkt.src, pkt.sport),
+                server: format!("{}:{}", pkt.dst, pkt.dport),
+                server_label: self.map.label(pkt.dst).map(str::to_owned),
                 packets: [0; 2],
                 bytes: [0; 2],
                 sni: None,
@@ -211,70 +268,91 @@ impl Engine {
             };
             self.flows.insert(forward, flow);
             self.order.push(forward);
-            (forward, 0)
+            (forward, 0, true)
         };
-        let server = key.2;
+        let (client, server, port) = (key.0, key.2, key.3);
+        let reason = self.judge(key, dir, new, &pkt, now_ms);
         let Some(flow) = self.flows.get_mut(&key) else { return Verdict::Accept };
-        flow.packets[dir] += 1;
-        flow.bytes[dir] += payload.len() as u64;
         if flow.blocked.is_some() {
             flow.dropped += 1;
             return Verdict::Drop;
         }
+        let Some(reason) = reason else { return Verdict::Accept };
+        flow.blocked = Some(reason);
+        flow.dropped += 1;
+        if let Some(secs) = self.profile.residual_secs {
+            self.residual.insert((client, server, port), now_ms + secs * 1000);
+        }
+        Verdict::Drop
+    }
+
+    /// Counts the packet into its flow and returns the module that cuts the flow now, if any.
+    fn judge(
+        &mut self,
+        key: Key,
+        dir: usize,
+        new: bool,
+        pkt: &Packet<'_>,
+        now: u64,
+    ) -> Option<Reason> {
+        let (client, server, port) = (key.0, key.2, key.3);
         let p = &self.profile;
-        let condemn = |flow: &mut Flow, reason| {
-            flow.blocked = Some(reason);
-            flow.dropped += 1;
-            Verdict::Drop
-        };
-        // M1 and M10: by address.
-        if self.blocked.iter().any(|c| c.contains(server)) {
-            return condemn(flow, Reason::IpBlock);
+        let flow = self.flows.get_mut(&key)?;
+        flow.packets[dir] += 1;
+        flow.bytes[dir] += pkt.payload.len() as u64;
+        if flow.blocked.is_some() {
+            return None;
+        }
+        // By address: M1 (static and timed), M10, M14.
+        if self.blocked.iter().any(|c| c.contains(server))
+            || self.blocked_until.get(&server).is_some_and(|until| now < *until)
+        {
+            return Some(Reason::IpBlock);
         }
         if let Some(w) = &p.whitelist
             && !self.map.has(server, &w.labels)
         {
-            return condemn(flow, Reason::Whitelist);
+            return Some(Reason::Whitelist);
         }
-        // The client's first bytes.
-        if dir == 0 && !payload.is_empty() {
-            match tcp {
+        if new && self.residual.get(&(client, server, port)).is_some_and(|until| now < *until) {
+            return Some(Reason::Residual);
+        }
+        // M8: too many TLS connections from one client to one server.
+        if let (Some(f), Some((true, _)), 0, 443) = (&p.fingerprint, pkt.tcp, dir, port)
+            && self.map.has(server, &f.labels)
+            && let Some(max) = f.max_connections
+        {
+            let window = f.window_secs * 1000;
+            let starts = self.starts.entry((client, server)).or_default();
+            starts.retain(|t| now.saturating_sub(*t) < window);
+            starts.push(now);
+            if starts.len() > max as usize {
+                self.blocked_until.insert(server, now + f.block_secs * 1000);
+                return Some(Reason::ConnectionCount);
+            }
+        }
+        if dir == 0 && !pkt.payload.is_empty() {
+            let first = !flow.first_payload_seen;
+            flow.first_payload_seen = true;
+            match pkt.tcp {
                 Some((_, seq)) => {
                     if let Some(isn) = flow.isn {
                         let offset = seq.wrapping_sub(isn.wrapping_add(1)) as usize;
                         if offset < MAX_STREAM && offset <= flow.stream.len() {
-                            let end = (offset + payload.len()).min(MAX_STREAM);
+                            let end = (offset + pkt.payload.len()).min(MAX_STREAM);
                             if end > flow.stream.len() {
                                 flow.stream.resize(end, 0);
                             }
-                            flow.stream[offset..end].copy_from_slice(&payload[..end - offset]);
+                            flow.stream[offset..end].copy_from_slice(&pkt.payload[..end - offset]);
                         }
                     }
                 }
-                None => {
-                    if !flow.first_payload_seen {
-                        flow.stream = payload.to_vec();
-                    }
-                }
+                None if first => flow.stream = pkt.payload.to_vec(),
+                None => {}
             }
-            let first = !flow.first_payload_seen;
-            flow.first_payload_seen = true;
             if first {
-                // M6: a WireGuard handshake initiation.
-                if p.vpn_signatures
-                    && proto == 17
-                    && payload.len() == 148
-                    && payload[..4] == [1, 0, 0, 0]
-                {
-                    return condemn(flow, Reason::VpnSignature);
-                }
-                // M7: a first TCP payload that looks like random bytes.
-                if let Some(fe) = &p.fully_encrypted
-                    && proto == 6
-                    && self.map.has(server, &fe.labels)
-                    && looks_fully_encrypted(payload)
-                {
-                    return condemn(flow, Reason::FullyEncrypted);
+                if let Some(reason) = first_payload(p, &self.map, server, pkt) {
+                    return Some(reason);
                 }
             }
             if !flow.inspected {
@@ -294,11 +372,17 @@ impl Engine {
                 if let Some(sni) = &flow.sni
                     && p.sni_block.iter().any(|b| name_matches(sni, b))
                 {
-                    return condemn(flow, Reason::Sni);
+                    return Some(Reason::Sni);
+                }
+                if let (Some(f), Some(ja4)) = (&p.fingerprint, &flow.ja4)
+                    && self.map.has(server, &f.labels)
+                    && f.ja4_block.iter().any(|b| b == ja4)
+                {
+                    return Some(Reason::Fingerprint);
                 }
             }
         }
-        if let Some((true, seq)) = tcp
+        if let Some((true, seq)) = pkt.tcp
             && dir == 0
         {
             flow.isn = Some(seq);
@@ -309,10 +393,65 @@ impl Engine {
             && !flow.sni.as_deref().is_some_and(|s| f.exempt_sni.iter().any(|e| name_matches(s, e)))
             && (flow.packets[0] + flow.packets[1] > f.packets || flow.bytes[1] > f.server_bytes)
         {
-            return condemn(flow, Reason::Freeze);
+            return Some(Reason::Freeze);
         }
-        Verdict::Accept
+        None
     }
+}
+
+/// Modules that judge a flow by the client's first payload: M4, M6, M7, M12.
+fn first_payload(p: &Profile, map: &AddrMap, server: Ipv4Addr, pkt: &Packet<'_>) -> Option<Reason> {
+    let payload = pkt.payload;
+    if p.vpn_signatures && (wireguard(pkt) || openvpn(pkt)) {
+        return Some(Reason::VpnSignature);
+    }
+    if pkt.proto == 17 {
+        if let Some(q) = &p.quic
+            && quic_initial(payload)
+            && !map.has(server, &q.allow_labels)
+        {
+            return Some(Reason::Quic);
+        }
+        if let Some(e) = &p.encrypted_udp
+            && map.has(server, &e.labels)
+            && looks_fully_encrypted(payload)
+        {
+            return Some(Reason::EncryptedUdp);
+        }
+    }
+    if let Some(fe) = &p.fully_encrypted
+        && pkt.proto == 6
+        && map.has(server, &fe.labels)
+        && looks_fully_encrypted(payload)
+    {
+        return Some(Reason::FullyEncrypted);
+    }
+    None
+}
+
+/// A WireGuard handshake initiation: type 1, three reserved zero bytes, 148 bytes.
+fn wireguard(pkt: &Packet<'_>) -> bool {
+    pkt.proto == 17 && pkt.payload.len() == 148 && pkt.payload[..4] == [1, 0, 0, 0]
+}
+
+/// An OpenVPN client hard reset (opcode 7 or 10, key id 0): over TCP after a two-byte length
+/// that matches the packet, over UDP as the first byte of a short datagram.
+fn openvpn(pkt: &Packet<'_>) -> bool {
+    let reset = |b: u8| b == 7 << 3 || b == 10 << 3;
+    let p = pkt.payload;
+    match pkt.proto {
+        6 => {
+            p.len() >= 3
+                && usize::from(u16::from_be_bytes([p[0], p[1]])) == p.len() - 2
+                && reset(p[2])
+        }
+        _ => (14..=100).contains(&p.len()) && reset(p[0]),
+    }
+}
+
+/// A QUIC version 1 Initial packet (long header, type 0).
+fn quic_initial(p: &[u8]) -> bool {
+    p.len() >= 1200 && p[0] & 0xf0 == 0xc0 && p[1..5] == [0, 0, 0, 1]
 }
 
 /// The Host header of an HTTP request, if the stream starts with one.
@@ -388,10 +527,10 @@ mod tests {
 
     /// Sends a ClientHello in segments of `size` bytes; returns the verdicts.
     fn send_hello(e: &mut Engine, sni: &str, size: usize) -> Vec<Verdict> {
-        let mut verdicts = vec![e.packet(&tcp(true, FOREIGN, 1000, true, &[]))];
+        let mut verdicts = vec![e.packet(&tcp(true, FOREIGN, 1000, true, &[]), 0)];
         let mut seq = 1001;
         for chunk in hello(sni).chunks(size) {
-            verdicts.push(e.packet(&tcp(true, FOREIGN, seq, false, chunk)));
+            verdicts.push(e.packet(&tcp(true, FOREIGN, seq, false, chunk), 0));
             seq += chunk.len() as u32;
         }
         verdicts
@@ -403,7 +542,11 @@ mod tests {
         let v = send_hello(&mut e, "messenger.example", 7);
         assert_eq!(v.last(), Some(&Verdict::Drop));
         assert!(v[..v.len() - 1].iter().all(|v| *v == Verdict::Accept), "cut only once whole");
-        assert_eq!(e.packet(&tcp(false, FOREIGN, 5, false, b"reply")), Verdict::Drop, "both ways");
+        assert_eq!(
+            e.packet(&tcp(false, FOREIGN, 5, false, b"reply"), 0),
+            Verdict::Drop,
+            "both ways"
+        );
         assert_eq!(e.flows()[0].blocked, Some(Reason::Sni));
         let mut open = engine("open");
         assert!(
@@ -420,7 +563,7 @@ mod tests {
         send_hello(&mut e, "fine.example", 2000);
         let mut dropped_at = None;
         for i in 0..40u32 {
-            if e.packet(&tcp(false, FOREIGN, i * 1000, false, &[0u8; 1000])) == Verdict::Drop {
+            if e.packet(&tcp(false, FOREIGN, i * 1000, false, &[0u8; 1000]), 0) == Verdict::Drop {
                 dropped_at = Some(i);
                 break;
             }
@@ -432,7 +575,7 @@ mod tests {
         let mut d = engine("ru-2025-06");
         for i in 0..100u32 {
             assert_eq!(
-                d.packet(&tcp(false, [10, 0, 3, 130], i, false, &[0u8; 1000])),
+                d.packet(&tcp(false, [10, 0, 3, 130], i, false, &[0u8; 1000]), 0),
                 Verdict::Accept
             );
         }
@@ -441,13 +584,13 @@ mod tests {
     #[test]
     fn address_modules_block_and_open_passes() {
         let mut e = engine("ru-2023");
-        assert_eq!(e.packet(&tcp(true, [10, 0, 2, 66], 1, true, &[])), Verdict::Drop);
+        assert_eq!(e.packet(&tcp(true, [10, 0, 2, 66], 1, true, &[]), 0), Verdict::Drop);
         let mut w = engine("ru-whitelist");
-        assert_eq!(w.packet(&tcp(true, FOREIGN, 1, true, &[])), Verdict::Drop);
-        assert_eq!(w.packet(&tcp(true, [10, 0, 3, 2], 1, true, &[])), Verdict::Drop);
-        assert_eq!(w.packet(&tcp(true, [10, 0, 3, 130], 1, true, &[])), Verdict::Accept);
+        assert_eq!(w.packet(&tcp(true, FOREIGN, 1, true, &[]), 0), Verdict::Drop);
+        assert_eq!(w.packet(&tcp(true, [10, 0, 3, 2], 1, true, &[]), 0), Verdict::Drop);
+        assert_eq!(w.packet(&tcp(true, [10, 0, 3, 130], 1, true, &[]), 0), Verdict::Accept);
         let mut o = engine("open");
-        assert_eq!(o.packet(&tcp(true, [10, 0, 2, 66], 1, true, &[])), Verdict::Accept);
+        assert_eq!(o.packet(&tcp(true, [10, 0, 2, 66], 1, true, &[]), 0), Verdict::Accept);
     }
 
     #[test]
@@ -460,14 +603,97 @@ mod tests {
         assert!(!looks_fully_encrypted(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
         assert!(!looks_fully_encrypted(&[0u8; 300]), "too few bits set");
         let mut e = engine("ru-2024");
-        e.packet(&tcp(true, FOREIGN, 1, true, &[]));
-        assert_eq!(e.packet(&tcp(true, FOREIGN, 2, false, &random)), Verdict::Drop);
+        e.packet(&tcp(true, FOREIGN, 1, true, &[]), 0);
+        assert_eq!(e.packet(&tcp(true, FOREIGN, 2, false, &random), 0), Verdict::Drop);
         let mut o = engine("open");
-        o.packet(&tcp(true, FOREIGN, 1, true, &[]));
-        assert_eq!(o.packet(&tcp(true, FOREIGN, 2, false, &random)), Verdict::Accept);
+        o.packet(&tcp(true, FOREIGN, 1, true, &[]), 0);
+        assert_eq!(o.packet(&tcp(true, FOREIGN, 2, false, &random), 0), Verdict::Accept);
     }
 
     use rand::SeedableRng;
+
+    fn udp(server: [u8; 4], payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        PacketBuilder::ipv4(CLIENT, server, 64).udp(40000, 443).write(&mut out, payload).unwrap();
+        out
+    }
+
+    fn quic() -> Vec<u8> {
+        let mut p = vec![0xc3, 0, 0, 0, 1, 8];
+        p.resize(1200, 0x5a);
+        p
+    }
+
+    #[test]
+    fn udp_modules_quic_openvpn_and_encrypted_datagrams() {
+        use rand::RngCore;
+        let mut random = [0u8; 300];
+        rand::rngs::StdRng::seed_from_u64(9).fill_bytes(&mut random);
+        let mut openvpn_udp = vec![0x38];
+        openvpn_udp.extend_from_slice(&[7; 13]);
+        let cases: [(&str, Vec<u8>, [u8; 4], Verdict); 8] = [
+            ("ru-2023", quic(), FOREIGN, Verdict::Drop),
+            ("ru-2023", quic(), [10, 0, 3, 130], Verdict::Accept),
+            ("open", quic(), FOREIGN, Verdict::Accept),
+            ("ru-2023", openvpn_udp.clone(), FOREIGN, Verdict::Drop),
+            ("open", openvpn_udp, FOREIGN, Verdict::Accept),
+            ("ru-2026-06", random.to_vec(), FOREIGN, Verdict::Drop),
+            ("ru-2024", random.to_vec(), FOREIGN, Verdict::Accept),
+            ("ru-2026-06", random.to_vec(), [10, 0, 3, 130], Verdict::Accept),
+        ];
+        for (profile, payload, server, expected) in cases {
+            assert_eq!(engine(profile).packet(&udp(server, &payload), 0), expected, "{profile}");
+        }
+        // OpenVPN over TCP: a length prefix, then the hard reset.
+        let mut e = engine("ru-2023");
+        e.packet(&tcp(true, FOREIGN, 1, true, &[]), 0);
+        let reset = [0, 14, 0x38, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 1];
+        assert_eq!(e.packet(&tcp(true, FOREIGN, 2, false, &reset), 0), Verdict::Drop);
+    }
+
+    #[test]
+    fn fingerprints_connection_counts_and_residual_blocking() {
+        // A default rustls ClientHello to foreign hosting is cut; to the whitelisted
+        // domestic range it is not.
+        let mut e = engine("ru-2026-06");
+        assert_eq!(send_hello(&mut e, "fine.example", 2000).last(), Some(&Verdict::Drop));
+        assert_eq!(e.flows()[0].blocked, Some(Reason::Fingerprint));
+        // Residual: the next connection to that server and port within a minute is refused.
+        assert_eq!(e.packet(&tcp(true, FOREIGN, 7, false, b"more"), 30_000), Verdict::Drop);
+        let mut r = engine("ru-2026-06");
+        send_hello(&mut r, "fine.example", 2000);
+        let other_port = {
+            let mut out = Vec::new();
+            PacketBuilder::ipv4(CLIENT, FOREIGN, 64)
+                .tcp(40001, 443, 1, 65535)
+                .syn()
+                .write(&mut out, &[])
+                .unwrap();
+            out
+        };
+        assert_eq!(r.packet(&other_port, 30_000), Verdict::Drop);
+        assert_eq!(r.flows()[1].blocked, Some(Reason::Residual));
+        let mut later = engine("ru-2026-06");
+        send_hello(&mut later, "fine.example", 2000);
+        assert_eq!(later.packet(&other_port, 61_000), Verdict::Accept);
+        // More than 20 connections in a minute block the server's address for ten minutes.
+        let mut c = engine("ru-2026-06");
+        let syn = |port: u16| {
+            let mut out = Vec::new();
+            PacketBuilder::ipv4(CLIENT, [10, 0, 3, 2], 64)
+                .tcp(port, 443, 1, 65535)
+                .syn()
+                .write(&mut out, &[])
+                .unwrap();
+            out
+        };
+        for i in 0..20u16 {
+            assert_eq!(c.packet(&syn(41000 + i), u64::from(i) * 1000), Verdict::Accept);
+        }
+        assert_eq!(c.packet(&syn(41100), 20_000), Verdict::Drop);
+        assert_eq!(c.packet(&syn(41101), 100_000), Verdict::Drop, "still blocked");
+        assert_eq!(c.packet(&syn(41102), 700_000), Verdict::Accept, "free again");
+    }
 
     #[test]
     fn http_hosts_are_read() {

@@ -23,6 +23,59 @@ pub struct Profile {
     pub freeze: Option<Freeze>,
     /// M10: whitelist mode.
     pub whitelist: Option<Whitelist>,
+    /// M4: QUIC v1 Initials are dropped except toward these labels.
+    pub quic: Option<Quic>,
+    /// M8: ClientHello fingerprint policy.
+    pub fingerprint: Option<Fingerprint>,
+    /// M12: UDP flows whose first datagram looks fully encrypted are dropped.
+    pub encrypted_udp: Option<EncryptedUdp>,
+    /// M14: after a module cuts a flow, new flows from that client to that server and port
+    /// are dropped for this many seconds.
+    pub residual_secs: Option<u64>,
+}
+
+/// M4: the 2022 QUIC block.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quic {
+    /// Address labels QUIC still reaches.
+    pub allow_labels: Vec<String>,
+}
+
+/// M8: the 2026 ClientHello scoring toward "suspicious" networks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fingerprint {
+    /// Address labels it applies to.
+    pub labels: Vec<String>,
+    /// JA4 fingerprints whose flows are cut (stale browsers, app-specific TLS stacks).
+    #[serde(default)]
+    pub ja4_block: Vec<String>,
+    /// TLS connections one client may open to one server within `window_secs` before the
+    /// server's address is blocked for `block_secs`.
+    pub max_connections: Option<u32>,
+    /// The sliding window, in seconds.
+    #[serde(default = "sixty")]
+    pub window_secs: u64,
+    /// How long an address stays blocked, in seconds.
+    #[serde(default = "six_hundred")]
+    pub block_secs: u64,
+}
+
+fn sixty() -> u64 {
+    60
+}
+
+fn six_hundred() -> u64 {
+    600
+}
+
+/// M12: encrypted UDP on mobile networks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptedUdp {
+    /// Address labels it applies to.
+    pub labels: Vec<String>,
 }
 
 /// M7: a TCP flow whose first client payload looks like random bytes, and is none of the
@@ -64,6 +117,7 @@ const BUILT_IN: &[(&str, &str)] = &[
     ("ru-2023", include_str!("../profiles/ru-2023.toml")),
     ("ru-2024", include_str!("../profiles/ru-2024.toml")),
     ("ru-2025-06", include_str!("../profiles/ru-2025-06.toml")),
+    ("ru-2026-06", include_str!("../profiles/ru-2026-06.toml")),
     ("ru-whitelist", include_str!("../profiles/ru-whitelist.toml")),
 ];
 

@@ -46,8 +46,10 @@ fn lab(profile: &str) -> Run {
         let a = format!("{ip}:443");
         lab.start(host, &[BIN, "tls-serve", "--addr", &a, "--names", names]).unwrap();
     }
-    let udp = format!("{}:51820", addr::FOREIGN);
-    lab.start(Host::Foreign, &[BIN, "udp-echo", "--addr", &udp]).unwrap();
+    for (host, ip) in [(Host::Foreign, addr::FOREIGN), (Host::Domestic, addr::WHITELISTED)] {
+        let udp = format!("{ip}:51820");
+        lab.start(host, &[BIN, "udp-echo", "--addr", &udp]).unwrap();
+    }
     let tcp = format!("{}:8443", addr::FOREIGN);
     lab.start(Host::Foreign, &[BIN, "tcp-echo", "--addr", &tcp]).unwrap();
     Run { lab, report, _dir: dir }
@@ -190,4 +192,67 @@ fn a_failing_test_leaves_no_namespace_behind() {
     let list = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
     let list = String::from_utf8_lossy(&list.stdout);
     assert!(!names.is_empty() && names.iter().all(|n| !list.contains(n.as_str())), "{list}");
+}
+
+#[test]
+fn udp_is_cut_by_quic_vpn_and_encrypted_datagram_rules() {
+    if !root() {
+        return;
+    }
+    let foreign = format!("{}:51820", addr::FOREIGN);
+    let white = format!("{}:51820", addr::WHITELISTED);
+    let tcp = format!("{}:8443", addr::FOREIGN);
+    let send = |run: &Run, a: &str, p: &str| {
+        run.client(&["udp-send", "--addr", a, "--payload", p])["complete"].clone()
+    };
+    let run = lab("ru-2026-06");
+    assert_eq!(send(&run, &foreign, "quic"), false);
+    assert_eq!(send(&run, &white, "quic"), true);
+    assert_eq!(send(&run, &foreign, "openvpn"), false);
+    assert_eq!(
+        run.client(&["tcp-send", "--addr", &tcp, "--payload", "openvpn"])["complete"],
+        false
+    );
+    assert_eq!(send(&run, &white, "random"), true);
+    let verdicts = run.verdicts();
+    let reasons: Vec<&Value> = verdicts.iter().map(|(_, b)| b).collect();
+    for reason in ["quic", "vpn-signature"] {
+        assert!(reasons.iter().any(|r| *r == reason), "{reason}: {verdicts:?}");
+    }
+    // Random datagrams: cut toward foreign hosting only where the profile drops encrypted UDP.
+    let random = lab("ru-2026-06");
+    assert_eq!(send(&random, &foreign, "random"), false);
+    assert_eq!(blocked_by(&random.verdicts(), &foreign), "encrypted-udp");
+    let open = lab("open");
+    for p in ["quic", "openvpn", "random"] {
+        assert_eq!(send(&open, &foreign, p), true, "{p}");
+    }
+    assert_eq!(
+        open.client(&["tcp-send", "--addr", &tcp, "--payload", "openvpn"])["complete"],
+        true
+    );
+}
+
+#[test]
+fn a_default_rustls_client_hello_is_cut_toward_suspicious_networks() {
+    if !root() {
+        return;
+    }
+    let run = lab("ru-2026-06");
+    let cut = run.tls(addr::FOREIGN, "fine.example", 100);
+    assert_eq!(
+        (cut["connected"].as_bool(), cut["handshake"].as_bool()),
+        (Some(true), Some(false)),
+        "{cut}"
+    );
+    assert_eq!(run.tls(addr::WHITELISTED, "fine.example", 100)["complete"], true);
+    // The next connection to the same server and port meets the residual block.
+    assert_eq!(run.tls(addr::FOREIGN, "fine.example", 100)["connected"], false);
+    let verdicts = run.verdicts();
+    let foreign = format!("{}:443", addr::FOREIGN);
+    let reasons: Vec<&Value> =
+        verdicts.iter().filter(|(s, _)| *s == foreign).map(|(_, b)| b).collect();
+    assert_eq!(reasons, [&Value::from("fingerprint"), &Value::from("residual")], "{verdicts:?}");
+    let open = lab("open");
+    assert_eq!(open.tls(addr::FOREIGN, "fine.example", 100)["complete"], true);
 }
