@@ -350,10 +350,8 @@ impl Engine {
                 None if first => flow.stream = pkt.payload.to_vec(),
                 None => {}
             }
-            if first {
-                if let Some(reason) = first_payload(p, &self.map, server, pkt) {
-                    return Some(reason);
-                }
+            if first && let Some(reason) = first_payload(p, &self.map, server, pkt) {
+                return Some(reason);
             }
             if !flow.inspected {
                 match hello::parse(&flow.stream) {
