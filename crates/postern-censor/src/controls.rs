@@ -148,14 +148,23 @@ pub struct Outcome {
     pub error: Option<String>,
 }
 
+/// How `tls_get` shapes its ClientHello.
+#[derive(Debug, Clone, Default)]
+pub struct HelloShape {
+    /// Write it in TCP segments of this many bytes.
+    pub split: Option<usize>,
+    /// ALPN protocols to offer (none: rustls' default, which the lab's profiles list).
+    pub alpn: Vec<String>,
+}
+
 /// Connects to `addr` with server name `sni`, asks for `bytes` bytes and reads them, each
-/// step bounded by `timeout`; the ClientHello goes out in segments of `split` bytes if set.
+/// step bounded by `timeout`.
 pub fn tls_get(
     addr: SocketAddr,
     sni: &str,
     bytes: u64,
     timeout: Duration,
-    split: Option<usize>,
+    shape: &HelloShape,
 ) -> Outcome {
     let mut out = Outcome::default();
     let result = (|| -> Result<()> {
@@ -164,14 +173,15 @@ pub fn tls_get(
         tcp.set_read_timeout(Some(timeout))?;
         tcp.set_write_timeout(Some(timeout))?;
         tcp.set_nodelay(true)?;
-        let config = rustls::ClientConfig::builder_with_provider(provider())
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AnyCert))
             .with_no_client_auth();
+        config.alpn_protocols = shape.alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
         let name = ServerName::try_from(sni.to_owned())?;
         let mut conn = rustls::ClientConnection::new(Arc::new(config), name)?;
-        let mut io = Split { inner: tcp, size: split.unwrap_or(usize::MAX) };
+        let mut io = Split { inner: tcp, size: shape.split.unwrap_or(usize::MAX) };
         while conn.is_handshaking() {
             conn.complete_io(&mut io)?;
         }

@@ -13,7 +13,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
+use crate::dns::Zone;
 use crate::engine::{AddrMap, Engine, Flow, Verdict};
+
+/// The national resolver's address, on the censor router.
+pub const RESOLVER: &str = "10.0.1.1:53";
 use crate::profile::Profile;
 
 /// What the daemon saw.
@@ -44,7 +48,28 @@ fn iptables(args: &[&str]) -> Result<()> {
 /// Runs the censor until stdin closes.
 pub fn run(profile: Profile, report: &Path, queue_num: u16) -> Result<()> {
     let name = profile.name.clone();
-    let mut engine = Engine::new(profile, AddrMap::lab())?;
+    let dns = profile.dns.clone().unwrap_or_default();
+    let mut engine = Engine::new(profile, AddrMap::lab(), Zone::lab())?;
+    let resolver = std::net::UdpSocket::bind(RESOLVER).context("bind the national resolver")?;
+    std::thread::spawn(move || crate::dns::serve(resolver, Zone::lab(), dns.remove));
+    if dns.redirect {
+        for proto in ["udp", "tcp"] {
+            iptables(&[
+                "-t",
+                "nat",
+                "-I",
+                "PREROUTING",
+                "-p",
+                proto,
+                "--dport",
+                "53",
+                "-j",
+                "DNAT",
+                "--to-destination",
+                RESOLVER,
+            ])?;
+        }
+    }
     let mut queue = nfq::Queue::open().context("open NFQUEUE (root, nfnetlink_queue)")?;
     queue.bind(queue_num).context("bind the queue")?;
     queue.set_copy_range(queue_num, 0xffff)?;

@@ -14,6 +14,7 @@ use std::net::Ipv4Addr;
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use serde::Serialize;
 
+use crate::dns::Zone;
 use crate::hello::{self, Parsed};
 use crate::profile::{Profile, name_matches};
 
@@ -114,6 +115,8 @@ pub enum Reason {
     Quic,
     /// M8: a blocked JA4.
     Fingerprint,
+    /// M8: the server name's DNS answer is another address.
+    SniMismatch,
     /// M8: too many connections to one server (the server's address is blocked a while).
     ConnectionCount,
     /// M11: the prober found a proxy (the server's address is blocked a while).
@@ -163,6 +166,7 @@ pub struct Flow {
 pub struct Engine {
     profile: Profile,
     map: AddrMap,
+    zone: Zone,
     blocked: Vec<Cidr>,
     /// Addresses blocked for a while (M8's connection count, the prober), with the time
     /// they are free again.
@@ -216,11 +220,12 @@ fn slice(packet: &[u8]) -> Option<Packet<'_>> {
 
 impl Engine {
     /// A censor running `profile` over the lab's addresses.
-    pub fn new(profile: Profile, map: AddrMap) -> anyhow::Result<Engine> {
+    pub fn new(profile: Profile, map: AddrMap, zone: Zone) -> anyhow::Result<Engine> {
         let blocked = profile.ip_block.iter().map(|c| Cidr::parse(c)).collect::<Result<_, _>>()?;
         Ok(Engine {
             profile,
             map,
+            zone,
             blocked,
             blocked_until: HashMap::new(),
             residual: HashMap::new(),
@@ -374,9 +379,15 @@ impl Engine {
                 }
                 if let (Some(f), Some(ja4)) = (&p.fingerprint, &flow.ja4)
                     && self.map.has(server, &f.labels)
-                    && f.ja4_block.iter().any(|b| b == ja4)
                 {
-                    return Some(Reason::Fingerprint);
+                    if f.ja4_block.iter().any(|b| b == ja4) {
+                        return Some(Reason::Fingerprint);
+                    }
+                    if f.sni_must_resolve
+                        && flow.sni.as_deref().is_some_and(|n| self.zone.lookup(n) != Some(server))
+                    {
+                        return Some(Reason::SniMismatch);
+                    }
                 }
             }
         }
@@ -518,7 +529,7 @@ mod tests {
     }
 
     fn engine(profile: &str) -> Engine {
-        Engine::new(Profile::load(profile).unwrap(), AddrMap::lab()).unwrap()
+        Engine::new(Profile::load(profile).unwrap(), AddrMap::lab(), Zone::lab()).unwrap()
     }
 
     use crate::hello::rustls_hello as hello;

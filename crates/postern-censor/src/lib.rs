@@ -7,10 +7,12 @@
 //! - [`hello`]: the ClientHello and JA4, read after TCP reassembly.
 //! - [`profile`]: which modules run, as TOML.
 //! - [`daemon`]: the engine on NFQUEUE inside the censor namespace.
+//! - [`dns`]: the national resolver.
 //! - [`controls`]: the programs the lab must block or let through.
 
 pub mod controls;
 pub mod daemon;
+pub mod dns;
 pub mod engine;
 pub mod hello;
 pub mod profile;

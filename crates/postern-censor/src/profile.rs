@@ -10,6 +10,8 @@ pub struct Profile {
     pub name: String,
     /// What it models.
     pub about: String,
+    /// M2: the national resolver.
+    pub dns: Option<Dns>,
     /// M1: address ranges dropped silently, both ways (CIDRs).
     pub ip_block: Vec<String>,
     /// M3: server names (and their subdomains) whose TLS or HTTP flows are cut after the
@@ -34,6 +36,19 @@ pub struct Profile {
     pub residual_secs: Option<u64>,
 }
 
+/// M2: names the national resolver does not know, and whether queries to other resolvers
+/// are answered by it instead.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dns {
+    /// Names (and their subdomains) answered with NXDOMAIN.
+    #[serde(default)]
+    pub remove: Vec<String>,
+    /// Queries to any resolver are redirected to the national one.
+    #[serde(default)]
+    pub redirect: bool,
+}
+
 /// M4: the 2022 QUIC block.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,6 +69,10 @@ pub struct Fingerprint {
     /// TLS connections one client may open to one server within `window_secs` before the
     /// server's address is blocked for `block_secs`.
     pub max_connections: Option<u32>,
+    /// A server name whose national DNS answer is not the server's address is cut (the
+    /// suspected TSPU check on REALITY-style proxies that borrow a real site's name).
+    #[serde(default)]
+    pub sni_must_resolve: bool,
     /// The sliding window, in seconds.
     #[serde(default = "sixty")]
     pub window_secs: u64,

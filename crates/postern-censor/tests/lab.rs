@@ -40,6 +40,7 @@ fn lab(profile: &str) -> Run {
     for (host, ip) in [
         (Host::Foreign, addr::FOREIGN),
         (Host::Foreign, addr::FOREIGN_BLOCKED),
+        (Host::Foreign, addr::CDN),
         (Host::Domestic, addr::DOMESTIC),
         (Host::Domestic, addr::WHITELISTED),
     ] {
@@ -52,6 +53,8 @@ fn lab(profile: &str) -> Run {
     }
     let tcp = format!("{}:8443", addr::FOREIGN);
     lab.start(Host::Foreign, &[BIN, "tcp-echo", "--addr", &tcp]).unwrap();
+    let resolver = format!("{}:53", addr::FOREIGN);
+    lab.start(Host::Foreign, &[BIN, "dns-serve", "--addr", &resolver]).unwrap();
     Run { lab, report, _dir: dir }
 }
 
@@ -255,4 +258,44 @@ fn a_default_rustls_client_hello_is_cut_toward_suspicious_networks() {
     assert_eq!(reasons, [&Value::from("fingerprint"), &Value::from("residual")], "{verdicts:?}");
     let open = lab("open");
     assert_eq!(open.tls(addr::FOREIGN, "fine.example", 100)["complete"], true);
+}
+
+#[test]
+fn the_national_resolver_removes_names_and_catches_queries_abroad() {
+    if !root() {
+        return;
+    }
+    let abroad = format!("{}:53", addr::FOREIGN);
+    let national = postern_censor::daemon::RESOLVER;
+    let ask = |run: &Run, server: &str, name: &str| {
+        run.client(&["dns-query", "--server", server, "--name", name])["answer"].clone()
+    };
+    let run = lab("ru-2024");
+    assert_eq!(ask(&run, national, "messenger.example"), Value::Null);
+    assert_eq!(ask(&run, &abroad, "messenger.example"), Value::Null, "redirected");
+    assert_eq!(ask(&run, &abroad, "fine.example"), addr::FOREIGN);
+    let open = lab("open");
+    assert_eq!(ask(&open, national, "messenger.example"), addr::FOREIGN_BLOCKED);
+    assert_eq!(ask(&open, &abroad, "messenger.example"), addr::FOREIGN_BLOCKED);
+}
+
+#[test]
+fn a_server_name_borrowed_from_another_address_is_cut() {
+    if !root() {
+        return;
+    }
+    // bank.example is a whitelisted domestic site; a foreign server claiming its name (a
+    // REALITY-style proxy) does not match the national DNS answer.
+    // It offers ALPN, so its JA4 is not the listed default rustls one.
+    let get = |run: &Run, sni: &str| {
+        let a = format!("{}:443", addr::CDN);
+        run.client(&["tls-get", "--addr", &a, "--sni", sni, "--alpn", "h2", "--timeout", "2"])
+    };
+    let run = lab("ru-2026-06");
+    assert_eq!(get(&run, "cdn.example")["complete"], true);
+    assert_eq!(get(&run, "bank.example")["handshake"], false);
+    let verdicts = run.verdicts();
+    assert!(verdicts.iter().any(|(_, b)| *b == "sni-mismatch"), "{verdicts:?}");
+    let open = lab("open");
+    assert_eq!(get(&open, "bank.example")["complete"], true);
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use postern_censor::controls::{self, Payload};
+use postern_censor::dns::{self, Zone};
 use postern_censor::profile::Profile;
 use postern_censor::topology::{Host, Lab};
 
@@ -65,6 +66,23 @@ enum Command {
         /// Write the ClientHello in TCP segments of this many bytes.
         #[arg(long)]
         split: Option<usize>,
+        /// Offer these ALPN protocols.
+        #[arg(long, value_delimiter = ',')]
+        alpn: Vec<String>,
+    },
+    /// A resolver abroad: the lab's names, nothing removed.
+    DnsServe {
+        #[arg(long)]
+        addr: SocketAddr,
+    },
+    /// Ask a resolver for a name's address; prints `{"answer": …, "nxdomain": …}`.
+    DnsQuery {
+        #[arg(long)]
+        server: SocketAddr,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value_t = 2)]
+        timeout: u64,
     },
     /// A UDP echo server.
     UdpEcho {
@@ -131,6 +149,13 @@ fn run(profile: &str, serve: &[String], scenario: &[String]) -> Result<i32> {
     Ok(status.code().unwrap_or(1))
 }
 
+fn dns_serve(addr: SocketAddr) -> Result<()> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    controls::exit_when_stdin_closes();
+    writeln!(std::io::stdout(), "listening")?;
+    dns::serve(socket, Zone::lab(), Vec::new())
+}
+
 fn tempfile_dir() -> Result<PathBuf> {
     use rand::Rng;
     let dir =
@@ -151,9 +176,20 @@ fn main() -> ExitCode {
         Command::TlsServe { addr, names } => {
             controls::tls_serve(addr, names).map(|()| ExitCode::SUCCESS)
         }
-        Command::TlsGet { addr, sni, bytes, timeout, split } => {
-            print_json(&controls::tls_get(addr, &sni, bytes, secs(timeout), split))
+        Command::TlsGet { addr, sni, bytes, timeout, split, alpn } => {
+            let shape = controls::HelloShape { split, alpn };
+            print_json(&controls::tls_get(addr, &sni, bytes, secs(timeout), &shape))
                 .map(|()| ExitCode::SUCCESS)
+        }
+        Command::DnsServe { addr } => dns_serve(addr).map(|()| ExitCode::SUCCESS),
+        Command::DnsQuery { server, name, timeout } => {
+            let outcome = match dns::query(server, &name, secs(timeout)) {
+                Ok(answer) => serde_json::json!({
+                    "answer": answer.map(|a| a.to_string()), "nxdomain": answer.is_none(),
+                }),
+                Err(e) => serde_json::json!({ "answer": null, "error": e.to_string() }),
+            };
+            print_json(&outcome).map(|()| ExitCode::SUCCESS)
         }
         Command::UdpEcho { addr } => controls::udp_echo(addr).map(|()| ExitCode::SUCCESS),
         Command::UdpSend { addr, payload, timeout } => {
