@@ -34,12 +34,18 @@ fn ready(what: &str) -> Result<()> {
     Ok(())
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Serves TLS on `addr` with a self-signed certificate for `names`.
-pub fn tls_serve(addr: SocketAddr, names: Vec<String>) -> Result<()> {
+/// Serves TLS on `addr` with a self-signed certificate for `names`: a small website
+/// (`GET / HTTP/1.1` gets a page naming the first name) that also answers the lab's own
+/// `GET n` with n bytes. As a `proxy` it plays a naive TLS proxy instead: its certificate
+/// names `proxy.invalid` whatever the client asked for, and an HTTP request gets no answer
+/// (it waits for the tunnel's own protocol).
+pub fn tls_serve(addr: SocketAddr, names: Vec<String>, proxy: bool) -> Result<()> {
+    let page = format!("lab site {}\n", names.first().map_or("", String::as_str));
+    let names = if proxy { vec!["proxy.invalid".to_owned()] } else { names };
     let cert = rcgen::generate_simple_self_signed(names)?;
     let key = PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
     let config = rustls::ServerConfig::builder_with_provider(provider())
@@ -53,11 +59,27 @@ pub fn tls_serve(addr: SocketAddr, names: Vec<String>) -> Result<()> {
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         let config = config.clone();
+        let page = page.clone();
         std::thread::spawn(move || -> Result<()> {
             let conn = rustls::ServerConnection::new(config)?;
             let mut tls = rustls::StreamOwned::new(conn, stream);
             let mut line = String::new();
             BufReader::new(&mut tls).read_line(&mut line)?;
+            if line.starts_with("GET /") && line.contains("HTTP/1.") {
+                if proxy {
+                    let _ = tls.read_to_end(&mut Vec::new());
+                    return Ok(());
+                }
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    page.len()
+                );
+                tls.write_all(head.as_bytes())?;
+                tls.write_all(page.as_bytes())?;
+                tls.conn.send_close_notify();
+                tls.flush()?;
+                return Ok(());
+            }
             let n: usize = line.trim().strip_prefix("GET ").unwrap_or("0").parse().unwrap_or(0);
             let chunk = [b'x'; 4096];
             let mut left = n.min(64 << 20);
@@ -74,18 +96,30 @@ pub fn tls_serve(addr: SocketAddr, names: Vec<String>) -> Result<()> {
     Ok(())
 }
 
-#[derive(Debug)]
-struct AnyCert;
+/// Accepts any server certificate (the lab's are self-signed) and keeps the end-entity one
+/// for whoever wants to look at its names.
+#[derive(Debug, Default)]
+pub(crate) struct AnyCert(std::sync::Mutex<Option<Vec<u8>>>);
+
+impl AnyCert {
+    /// The certificate the server presented, DER.
+    pub(crate) fn seen(&self) -> Vec<u8> {
+        self.0.lock().ok().and_then(|c| c.clone()).unwrap_or_default()
+    }
+}
 
 impl ServerCertVerifier for AnyCert {
     fn verify_server_cert(
         &self,
-        _: &CertificateDer<'_>,
+        end_entity: &CertificateDer<'_>,
         _: &[CertificateDer<'_>],
         _: &ServerName<'_>,
         _: &[u8],
         _: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(end_entity.to_vec());
+        }
         Ok(ServerCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -176,7 +210,7 @@ pub fn tls_get(
         let mut config = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCert))
+            .with_custom_certificate_verifier(Arc::new(AnyCert::default()))
             .with_no_client_auth();
         config.alpn_protocols = shape.alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
         let name = ServerName::try_from(sni.to_owned())?;

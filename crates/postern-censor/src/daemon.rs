@@ -27,10 +27,12 @@ pub struct Report<'a> {
     pub profile: &'a str,
     /// Every flow, in order of appearance.
     pub flows: Vec<Flow>,
+    /// What the prober found, in order.
+    pub probes: &'a [crate::prober::Finding],
 }
 
 fn write_report(path: &Path, profile: &str, engine: &Engine) -> Result<()> {
-    let report = Report { profile, flows: engine.flows() };
+    let report = Report { profile, flows: engine.flows(), probes: engine.findings() };
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&report)?)?;
     std::fs::rename(&tmp, path)?;
@@ -89,6 +91,7 @@ pub fn run(profile: Profile, report: &Path, queue_num: u16) -> Result<()> {
     let mut dirty = false;
     let mut written = Instant::now();
     let started = Instant::now();
+    let (found, findings) = std::sync::mpsc::channel();
     while !stop.load(Ordering::SeqCst) {
         match queue.recv() {
             Ok(mut msg) => {
@@ -100,11 +103,22 @@ pub fn run(profile: Profile, report: &Path, queue_num: u16) -> Result<()> {
                 msg.set_verdict(verdict);
                 queue.verdict(msg)?;
                 dirty = true;
+                for request in engine.take_probe_requests() {
+                    let found = found.clone();
+                    std::thread::spawn(move || {
+                        let _ = found.send(crate::prober::probe(&request, &Zone::lab()));
+                    });
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(1));
             }
             Err(e) => return Err(e).context("receive from the queue"),
+        }
+        while let Ok(finding) = findings.try_recv() {
+            let now = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            engine.probed(finding, now);
+            dirty = true;
         }
         if dirty && written.elapsed() > Duration::from_millis(100) {
             write_report(report, &name, &engine)?;

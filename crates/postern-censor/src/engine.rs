@@ -8,14 +8,15 @@
 //! module condemns the flow, drops every later packet of it in both directions, without a
 //! reset — what users of the real censor see as a hang.
 
-use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use serde::Serialize;
 
 use crate::dns::Zone;
 use crate::hello::{self, Parsed};
+use crate::prober;
 use crate::profile::{Profile, name_matches};
 
 /// How much of the client's stream is reassembled and inspected.
@@ -169,8 +170,12 @@ pub struct Engine {
     zone: Zone,
     blocked: Vec<Cidr>,
     /// Addresses blocked for a while (M8's connection count, the prober), with the time
-    /// they are free again.
-    blocked_until: HashMap<Ipv4Addr, u64>,
+    /// they are free again and why.
+    blocked_until: HashMap<Ipv4Addr, (u64, Reason)>,
+    /// M11: servers probed or queued, requests not yet taken, and what was found.
+    probed: HashSet<SocketAddrV4>,
+    probe_queue: Vec<prober::Request>,
+    findings: Vec<prober::Finding>,
     /// M14: (client, server, port) refused until a time.
     residual: HashMap<(Ipv4Addr, Ipv4Addr, u16), u64>,
     /// M8: recent connection starts to port 443 per (client, server).
@@ -228,6 +233,9 @@ impl Engine {
             zone,
             blocked,
             blocked_until: HashMap::new(),
+            probed: HashSet::new(),
+            probe_queue: Vec::new(),
+            findings: Vec::new(),
             residual: HashMap::new(),
             starts: HashMap::new(),
             flows: HashMap::new(),
@@ -240,9 +248,25 @@ impl Engine {
         self.order.iter().filter_map(|k| self.flows.get(k)).cloned().collect()
     }
 
-    /// Blocks an address until `until_ms` (the prober's verdict).
-    pub fn block_until(&mut self, addr: Ipv4Addr, until_ms: u64) {
-        self.blocked_until.insert(addr, until_ms);
+    /// Servers the prober should visit now.
+    pub fn take_probe_requests(&mut self) -> Vec<prober::Request> {
+        std::mem::take(&mut self.probe_queue)
+    }
+
+    /// The prober's finding: a server that is no ordinary website is blocked for a while.
+    pub fn probed(&mut self, finding: prober::Finding, now_ms: u64) {
+        if !finding.website
+            && let (Some(p), Ok(server)) =
+                (&self.profile.prober, finding.server.parse::<SocketAddrV4>())
+        {
+            self.blocked_until.insert(*server.ip(), (now_ms + p.block_secs * 1000, Reason::Probe));
+        }
+        self.findings.push(finding);
+    }
+
+    /// What the prober found so far.
+    pub fn findings(&self) -> &[prober::Finding] {
+        &self.findings
     }
 
     /// The verdict on one IPv4 packet seen at `now_ms` (any monotonic clock, in ms).
@@ -309,10 +333,13 @@ impl Engine {
             return None;
         }
         // By address: M1 (static and timed), M10, M14.
-        if self.blocked.iter().any(|c| c.contains(server))
-            || self.blocked_until.get(&server).is_some_and(|until| now < *until)
-        {
+        if self.blocked.iter().any(|c| c.contains(server)) {
             return Some(Reason::IpBlock);
+        }
+        if let Some((until, why)) = self.blocked_until.get(&server)
+            && now < *until
+        {
+            return Some(*why);
         }
         if let Some(w) = &p.whitelist
             && !self.map.has(server, &w.labels)
@@ -332,7 +359,8 @@ impl Engine {
             starts.retain(|t| now.saturating_sub(*t) < window);
             starts.push(now);
             if starts.len() > max as usize {
-                self.blocked_until.insert(server, now + f.block_secs * 1000);
+                self.blocked_until
+                    .insert(server, (now + f.block_secs * 1000, Reason::ConnectionCount));
                 return Some(Reason::ConnectionCount);
             }
         }
@@ -365,6 +393,17 @@ impl Engine {
                         flow.inspected = true;
                         flow.sni = h.sni;
                         flow.ja4 = Some(h.ja4);
+                        let target = SocketAddrV4::new(server, port);
+                        if let Some(pr) = &p.prober
+                            && self.map.has(server, &pr.labels)
+                            && self.probed.insert(target)
+                        {
+                            self.probe_queue.push(prober::Request {
+                                server: target,
+                                sni: flow.sni.clone(),
+                                first_flight: flow.stream.clone(),
+                            });
+                        }
                     }
                     Parsed::NotTls => {
                         flow.inspected = true;

@@ -6,6 +6,7 @@
 //! - [`engine`]: the censor's decisions, packet by packet, with its modules.
 //! - [`hello`]: the ClientHello and JA4, read after TCP reassembly.
 //! - [`profile`]: which modules run, as TOML.
+//! - [`prober`]: the active prober.
 //! - [`daemon`]: the engine on NFQUEUE inside the censor namespace.
 //! - [`dns`]: the national resolver.
 //! - [`controls`]: the programs the lab must block or let through.
@@ -15,5 +16,6 @@ pub mod daemon;
 pub mod dns;
 pub mod engine;
 pub mod hello;
+pub mod prober;
 pub mod profile;
 pub mod topology;

@@ -29,6 +29,8 @@ pub struct Profile {
     pub quic: Option<Quic>,
     /// M8: ClientHello fingerprint policy.
     pub fingerprint: Option<Fingerprint>,
+    /// M11: the active prober.
+    pub prober: Option<Prober>,
     /// M12: UDP flows whose first datagram looks fully encrypted are dropped.
     pub encrypted_udp: Option<EncryptedUdp>,
     /// M14: after a module cuts a flow, new flows from that client to that server and port
@@ -87,6 +89,18 @@ fn sixty() -> u64 {
 
 fn six_hundred() -> u64 {
     600
+}
+
+/// M11: every TLS server (address and port) a client reaches in these labels is probed
+/// once; one that does not pass for an ordinary website has its address blocked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Prober {
+    /// Address labels whose servers are probed.
+    pub labels: Vec<String>,
+    /// How long a server that fails stays blocked, in seconds.
+    #[serde(default = "six_hundred")]
+    pub block_secs: u64,
 }
 
 /// M12: encrypted UDP on mobile networks.

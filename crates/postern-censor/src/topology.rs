@@ -135,6 +135,12 @@ impl Lab {
             )?;
         }
         ip(&["-n", &censor, "addr", "add", "10.0.9.1/24", "dev", "lo"])?;
+        // What the router itself sends toward the servers (the prober) comes from the
+        // prober's range.
+        for (net, dev) in [("10.0.2.0/24", "rf"), ("10.0.4.0/24", "rf"), ("10.0.3.0/24", "rd")] {
+            let dev = format!("{p}{dev}");
+            ip(&["-n", &censor, "route", "replace", net, "dev", &dev, "src", "10.0.9.1"])?;
+        }
         self.run_ok(Host::Censor, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
         Ok(())
     }

@@ -36,7 +36,8 @@ fn lab(profile: &str) -> Run {
         lab.start(Host::Censor, &[BIN, "censord", "--profile", profile, "--report", &r]).unwrap(),
         "ready"
     );
-    let names = "fine.example,messenger.example";
+    let names =
+        "fine.example,messenger.example,blocked.example,cdn.example,shop.example,bank.example";
     for (host, ip) in [
         (Host::Foreign, addr::FOREIGN),
         (Host::Foreign, addr::FOREIGN_BLOCKED),
@@ -59,6 +60,23 @@ fn lab(profile: &str) -> Run {
 }
 
 impl Run {
+    /// The prober's finding on `server`, waiting for it up to 15 s.
+    fn finding(&self, server: &str) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let report: Value =
+                serde_json::from_slice(&std::fs::read(&self.report).unwrap_or_default())
+                    .unwrap_or_default();
+            if let Some(found) =
+                report["probes"].as_array().and_then(|p| p.iter().find(|f| f["server"] == server))
+            {
+                return found.clone();
+            }
+            assert!(std::time::Instant::now() < deadline, "no probe of {server}: {report}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// Runs a control in the client namespace; returns its JSON outcome.
     fn client(&self, args: &[&str]) -> Value {
         let out = self.lab.command(Host::Client, BIN).args(args).output().unwrap();
@@ -298,4 +316,51 @@ fn a_server_name_borrowed_from_another_address_is_cut() {
     assert!(verdicts.iter().any(|(_, b)| *b == "sni-mismatch"), "{verdicts:?}");
     let open = lab("open");
     assert_eq!(get(&open, "bank.example")["complete"], true);
+}
+
+#[test]
+fn the_prober_blocks_a_naive_proxy_and_passes_a_website() {
+    if !root() {
+        return;
+    }
+    let proxy = format!("{}:8443", addr::CDN);
+    let site = format!("{}:443", addr::FOREIGN);
+    let get = |run: &Run, a: &str, sni: &str| {
+        run.client(&["tls-get", "--addr", a, "--sni", sni, "--alpn", "h2", "--timeout", "2"])
+    };
+    let mut run = lab("ru-2026-06");
+    run.lab
+        .start(
+            Host::Foreign,
+            &[BIN, "tls-serve", "--addr", &proxy, "--names", "cdn.example", "--proxy"],
+        )
+        .unwrap();
+    assert_eq!(
+        get(&run, &proxy, "cdn.example")["complete"],
+        true,
+        "its own client gets through once"
+    );
+    let found = run.finding(&proxy);
+    assert_eq!(
+        (found["website"].as_bool(), found["certificate_matches"].as_bool()),
+        (Some(false), Some(false)),
+        "{found}"
+    );
+    assert_eq!(get(&run, &proxy, "cdn.example")["connected"], false, "then its address is blocked");
+    assert_eq!(get(&run, &site, "fine.example")["complete"], true);
+    let found = run.finding(&site);
+    assert_eq!(found["website"], true, "{found}");
+    assert_eq!(found["http_status"], 200);
+    assert_eq!(get(&run, &site, "fine.example")["complete"], true);
+    assert!(run.verdicts().iter().any(|(s, b)| *s == proxy && *b == "probe"));
+    let mut open = lab("open");
+    open.lab
+        .start(
+            Host::Foreign,
+            &[BIN, "tls-serve", "--addr", &proxy, "--names", "cdn.example", "--proxy"],
+        )
+        .unwrap();
+    for _ in 0..2 {
+        assert_eq!(get(&open, &proxy, "cdn.example")["complete"], true);
+    }
 }

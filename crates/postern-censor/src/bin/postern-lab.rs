@@ -52,6 +52,9 @@ enum Command {
         addr: SocketAddr,
         #[arg(long, value_delimiter = ',')]
         names: Vec<String>,
+        /// Play a naive TLS proxy (wrong certificate, no website).
+        #[arg(long)]
+        proxy: bool,
     },
     /// A TLS client; prints its outcome as JSON.
     TlsGet {
@@ -173,8 +176,8 @@ fn main() -> ExitCode {
         Command::Censord { profile, report, queue } => Profile::load(&profile)
             .and_then(|p| postern_censor::daemon::run(p, &report, queue))
             .map(|()| ExitCode::SUCCESS),
-        Command::TlsServe { addr, names } => {
-            controls::tls_serve(addr, names).map(|()| ExitCode::SUCCESS)
+        Command::TlsServe { addr, names, proxy } => {
+            controls::tls_serve(addr, names, proxy).map(|()| ExitCode::SUCCESS)
         }
         Command::TlsGet { addr, sni, bytes, timeout, split, alpn } => {
             let shape = controls::HelloShape { split, alpn };
