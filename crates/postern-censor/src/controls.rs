@@ -43,8 +43,16 @@ pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// `GET n` with n bytes. As a `proxy` it plays a naive TLS proxy instead: its certificate
 /// names `proxy.invalid` whatever the client asked for, and an HTTP request gets no answer
 /// (it waits for the tunnel's own protocol).
-pub fn tls_serve(addr: SocketAddr, names: Vec<String>, proxy: bool) -> Result<()> {
-    let page = format!("lab site {}\n", names.first().map_or("", String::as_str));
+pub fn tls_serve(
+    addr: SocketAddr,
+    names: Vec<String>,
+    proxy: bool,
+    page_bytes: usize,
+) -> Result<()> {
+    let mut page = format!("lab site {}\n", names.first().map_or("", String::as_str));
+    while page.len() < page_bytes {
+        page.push_str("All work and no play makes a censor dull.\n");
+    }
     let names = if proxy { vec!["proxy.invalid".to_owned()] } else { names };
     let cert = rcgen::generate_simple_self_signed(names)?;
     let key = PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
@@ -232,6 +240,67 @@ pub fn tls_get(
             out.received += n as u64;
         }
         out.complete = out.received >= bytes;
+        Ok(())
+    })();
+    out.error = result.err().map(|e| e.to_string());
+    out
+}
+
+/// Loads `url` in a headless browser (Debian's `chromium` or `firefox-esr`), killed after
+/// `timeout`. Chromium prints the page, so `complete` means the page arrived; Firefox is run
+/// only for its ClientHello (it refuses the lab's self-signed certificates).
+pub fn browse(browser: &str, url: &str, timeout: Duration) -> Outcome {
+    let mut out = Outcome::default();
+    let result = (|| -> Result<()> {
+        let dir =
+            std::env::temp_dir().join(format!("postern-lab-browser-{:08x}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir)?;
+        let profile = dir.display().to_string();
+        let mut cmd = std::process::Command::new(browser);
+        match browser {
+            "chromium" => cmd.args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--ignore-certificate-errors",
+                &format!("--user-data-dir={profile}"),
+                "--dump-dom",
+                url,
+            ]),
+            _ => cmd.env("HOME", &dir).args([
+                "--headless",
+                "--no-remote",
+                "--profile",
+                &profile,
+                url,
+            ]),
+        };
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("start {browser}"))?;
+        let mut stdout = child.stdout.take().context("browser stdout")?;
+        let reader = std::thread::spawn(move || {
+            let mut page = Vec::new();
+            let _ = stdout.read_to_end(&mut page);
+            page
+        });
+        let started = Instant::now();
+        while child.try_wait()?.is_none() && started.elapsed() < timeout {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let page = reader.join().unwrap_or_default();
+        let _ = std::fs::remove_dir_all(&dir);
+        out.connected = true;
+        out.received = page.len() as u64;
+        out.complete = String::from_utf8_lossy(&page).contains("lab site");
         Ok(())
     })();
     out.error = result.err().map(|e| e.to_string());

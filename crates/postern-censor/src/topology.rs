@@ -8,7 +8,8 @@
 //!                        └── domestic 10.0.3.2 (domestic-dc), 10.0.3.130 (whitelisted)
 //! ```
 //!
-//! Offloads (GRO, GSO, TSO) are off on every veth so the censor sees real packets.
+//! Offloads (GRO, GSO, TSO) are off on every veth so the censor sees real packets. The
+//! client resolves names with the national resolver on the router.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -60,6 +61,7 @@ pub struct Lab {
     prefix: String,
     made: Vec<String>,
     children: Vec<Child>,
+    etc: Option<std::path::PathBuf>,
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -75,7 +77,7 @@ impl Lab {
     pub fn up() -> Result<Lab> {
         use rand::Rng;
         let prefix = format!("pl{:05x}", rand::thread_rng().gen_range(0..0x10_0000));
-        let mut lab = Lab { prefix, made: Vec::new(), children: Vec::new() };
+        let mut lab = Lab { prefix, made: Vec::new(), children: Vec::new(), etc: None };
         lab.build()?;
         Ok(lab)
     }
@@ -134,6 +136,12 @@ impl Lab {
                 &["ethtool", "-K", &b, "gro", "off", "gso", "off", "tso", "off"],
             )?;
         }
+        // The client asks the national resolver (`ip netns exec` mounts this file over
+        // /etc/resolv.conf inside the namespace).
+        let etc = std::path::Path::new("/etc/netns").join(self.netns(Host::Client));
+        std::fs::create_dir_all(&etc).context("create the client's resolver config")?;
+        self.etc = Some(etc.clone());
+        std::fs::write(etc.join("resolv.conf"), "nameserver 10.0.1.1\n")?;
         ip(&["-n", &censor, "addr", "add", "10.0.9.1/24", "dev", "lo"])?;
         // What the router itself sends toward the servers (the prober) comes from the
         // prober's range.
@@ -219,6 +227,9 @@ impl Drop for Lab {
         self.stop_all();
         for ns in self.made.drain(..).rev() {
             let _ = ip(&["netns", "del", &ns]);
+        }
+        if let Some(etc) = self.etc.take() {
+            let _ = std::fs::remove_dir_all(etc);
         }
     }
 }

@@ -10,6 +10,16 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_postern-lab");
 
+/// Whether Debian's `browser` is installed (`.ci/run` installs chromium and firefox-esr).
+fn installed(browser: &str) -> bool {
+    let found =
+        std::process::Command::new("which").arg(browser).output().is_ok_and(|o| o.status.success());
+    if !found {
+        eprintln!("{browser} is not installed: skipped");
+    }
+    found
+}
+
 fn root() -> bool {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let root =
@@ -46,7 +56,9 @@ fn lab(profile: &str) -> Run {
         (Host::Domestic, addr::WHITELISTED),
     ] {
         let a = format!("{ip}:443");
-        lab.start(host, &[BIN, "tls-serve", "--addr", &a, "--names", names]).unwrap();
+        let page = ["--page-bytes", "100000"];
+        lab.start(host, &[&[BIN, "tls-serve", "--addr", &a, "--names", names][..], &page].concat())
+            .unwrap();
     }
     for (host, ip) in [(Host::Foreign, addr::FOREIGN), (Host::Domestic, addr::WHITELISTED)] {
         let udp = format!("{ip}:51820");
@@ -362,5 +374,56 @@ fn the_prober_blocks_a_naive_proxy_and_passes_a_website() {
         .unwrap();
     for _ in 0..2 {
         assert_eq!(get(&open, &proxy, "cdn.example")["complete"], true);
+    }
+}
+
+fn browse(run: &Run, url: &str) -> Value {
+    run.client(&["browse", "--browser", "chromium", "--url", url, "--timeout", "15"])
+}
+
+#[test]
+fn chromium_reaches_a_whitelisted_domestic_site_under_every_profile() {
+    if !root() || !installed("chromium") {
+        return;
+    }
+    for profile in postern_censor::profile::Profile::built_in() {
+        let run = lab(profile);
+        let page = browse(&run, "https://bank.example/");
+        assert_eq!(page["complete"], true, "{profile}: {page}");
+    }
+}
+
+#[test]
+fn chromium_is_frozen_abroad_under_ru_2025_06() {
+    if !root() || !installed("chromium") {
+        return;
+    }
+    let run = lab("ru-2025-06");
+    assert_eq!(browse(&run, "https://fine.example/")["complete"], false);
+    let verdicts = run.verdicts();
+    assert_eq!(blocked_by(&verdicts, &format!("{}:443", addr::FOREIGN)), "freeze", "{verdicts:?}");
+    let open = lab("open");
+    assert_eq!(browse(&open, "https://fine.example/")["complete"], true);
+}
+
+#[test]
+fn browser_fingerprints_are_captured_in_the_lab() {
+    if !root() || !installed("chromium") || !installed("firefox-esr") {
+        return;
+    }
+    let rustls = postern_censor::profile::Profile::load("ru-2026-06")
+        .unwrap()
+        .fingerprint
+        .unwrap()
+        .ja4_block;
+    for browser in ["chromium", "firefox-esr"] {
+        let out =
+            std::process::Command::new(BIN).args(["ja4", "--browser", browser]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let found: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let ja4 = found["ja4"].as_str().unwrap();
+        eprintln!("{browser}: {ja4}");
+        assert!(ja4.starts_with("t13d") && ja4.contains("h2_"), "{browser}: {ja4}");
+        assert!(!rustls.iter().any(|b| b == ja4), "{browser} is on the block list");
     }
 }

@@ -55,6 +55,23 @@ enum Command {
         /// Play a naive TLS proxy (wrong certificate, no website).
         #[arg(long)]
         proxy: bool,
+        /// Pad the website's page to this many bytes.
+        #[arg(long, default_value_t = 0)]
+        page_bytes: usize,
+    },
+    /// Load a page in a headless browser (chromium or firefox-esr); prints its outcome.
+    Browse {
+        #[arg(long)]
+        browser: String,
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 20)]
+        timeout: u64,
+    },
+    /// Capture a browser's JA4 in the lab (open profile); prints `{"browser", "ja4"}`.
+    Ja4 {
+        #[arg(long)]
+        browser: String,
     },
     /// A TLS client; prints its outcome as JSON.
     TlsGet {
@@ -152,6 +169,33 @@ fn run(profile: &str, serve: &[String], scenario: &[String]) -> Result<i32> {
     Ok(status.code().unwrap_or(1))
 }
 
+/// Runs `browser` against a lab website under `open` and reads its JA4 off the censor's
+/// report.
+fn ja4(browser: &str) -> Result<()> {
+    let me = std::env::current_exe()?.display().to_string();
+    let dir = tempfile_dir()?;
+    let report = dir.join("report.json");
+    let mut lab = Lab::up()?;
+    let r = report.display().to_string();
+    lab.start(Host::Censor, &[&me, "censord", "--profile", "open", "--report", &r])?;
+    lab.start(
+        Host::Foreign,
+        &[&me, "tls-serve", "--addr", "10.0.2.2:443", "--names", "fine.example"],
+    )?;
+    lab.command(Host::Client, &me)
+        .args(["browse", "--browser", browser, "--url", "https://fine.example/", "--timeout", "8"])
+        .output()?;
+    lab.stop_all();
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let ja4 = report["flows"]
+        .as_array()
+        .and_then(|flows| flows.iter().find(|f| f["sni"] == "fine.example" && f["ja4"].is_string()))
+        .map(|f| f["ja4"].clone())
+        .context("the browser sent no ClientHello for fine.example")?;
+    print_json(&serde_json::json!({ "browser": browser, "ja4": ja4 }))
+}
+
 fn dns_serve(addr: SocketAddr) -> Result<()> {
     let socket = std::net::UdpSocket::bind(addr)?;
     controls::exit_when_stdin_closes();
@@ -176,9 +220,13 @@ fn main() -> ExitCode {
         Command::Censord { profile, report, queue } => Profile::load(&profile)
             .and_then(|p| postern_censor::daemon::run(p, &report, queue))
             .map(|()| ExitCode::SUCCESS),
-        Command::TlsServe { addr, names, proxy } => {
-            controls::tls_serve(addr, names, proxy).map(|()| ExitCode::SUCCESS)
+        Command::TlsServe { addr, names, proxy, page_bytes } => {
+            controls::tls_serve(addr, names, proxy, page_bytes).map(|()| ExitCode::SUCCESS)
         }
+        Command::Browse { browser, url, timeout } => {
+            print_json(&controls::browse(&browser, &url, secs(timeout))).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Ja4 { browser } => ja4(&browser).map(|()| ExitCode::SUCCESS),
         Command::TlsGet { addr, sni, bytes, timeout, split, alpn } => {
             let shape = controls::HelloShape { split, alpn };
             print_json(&controls::tls_get(addr, &sni, bytes, secs(timeout), &shape))
