@@ -48,6 +48,7 @@ pub fn tls_serve(
     names: Vec<String>,
     proxy: bool,
     page_bytes: usize,
+    forward: Option<SocketAddr>,
 ) -> Result<()> {
     let mut page = format!("lab site {}\n", names.first().map_or("", String::as_str));
     while page.len() < page_bytes {
@@ -71,6 +72,9 @@ pub fn tls_serve(
         std::thread::spawn(move || -> Result<()> {
             let conn = rustls::ServerConnection::new(config)?;
             let mut tls = rustls::StreamOwned::new(conn, stream);
+            if let Some(target) = forward {
+                return pipe(&mut tls, target);
+            }
             let mut line = String::new();
             BufReader::new(&mut tls).read_line(&mut line)?;
             if line.starts_with("GET /") && line.contains("HTTP/1.") {
@@ -149,6 +153,93 @@ impl ServerCertVerifier for AnyCert {
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         provider().signature_verification_algorithms.supported_schemes()
     }
+}
+
+fn quiet(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+}
+
+/// A TLS-in-TLS proxy's core: what arrives inside the outer TLS goes to `target` over TCP,
+/// and back.
+fn pipe(
+    tls: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
+    target: SocketAddr,
+) -> Result<()> {
+    let mut inner = TcpStream::connect(target)?;
+    let tick = Some(Duration::from_millis(5));
+    tls.sock.set_read_timeout(tick)?;
+    inner.set_read_timeout(tick)?;
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match tls.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => inner.write_all(&buf[..n])?,
+            Err(e) if quiet(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+        match inner.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => tls.write_all(&buf[..n])?,
+            Err(e) if quiet(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Fetches `bytes` bytes from a lab server through a TLS-in-TLS proxy at `addr`: an outer
+/// TLS connection named `outer_sni`, and inside it a TLS connection named `inner_sni` whose
+/// ClientHello is padded (with ALPN names) to a browser's size.
+pub fn tls_in_tls(
+    addr: SocketAddr,
+    outer_sni: &str,
+    inner_sni: &str,
+    bytes: u64,
+    timeout: Duration,
+) -> Outcome {
+    let mut out = Outcome::default();
+    let result = (|| -> Result<()> {
+        let mut tcp = TcpStream::connect_timeout(&addr, timeout)?;
+        out.connected = true;
+        tcp.set_read_timeout(Some(timeout))?;
+        tcp.set_nodelay(true)?;
+        let config = |alpn: Vec<Vec<u8>>| -> Result<Arc<rustls::ClientConfig>> {
+            let mut c = rustls::ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyCert::default()))
+                .with_no_client_auth();
+            c.alpn_protocols = alpn;
+            Ok(Arc::new(c))
+        };
+        let outer_name = ServerName::try_from(outer_sni.to_owned())?;
+        let mut outer = rustls::ClientConnection::new(config(vec![b"h2".to_vec()])?, outer_name)?;
+        while outer.is_handshaking() {
+            outer.complete_io(&mut tcp)?;
+        }
+        let mut padding: Vec<Vec<u8>> = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        padding.extend((0..12).map(|i| format!("x-lab-padding-{i:02}").into_bytes()));
+        let inner_name = ServerName::try_from(inner_sni.to_owned())?;
+        let mut inner = rustls::ClientConnection::new(config(padding)?, inner_name)?;
+        let mut tunnel = rustls::Stream::new(&mut outer, &mut tcp);
+        while inner.is_handshaking() {
+            inner.complete_io(&mut tunnel)?;
+        }
+        out.handshake = true;
+        let mut tls = rustls::Stream::new(&mut inner, &mut tunnel);
+        tls.write_all(format!("GET {bytes}\n").as_bytes())?;
+        let mut buf = [0u8; 16 * 1024];
+        while out.received < bytes {
+            let n = tls.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            out.received += n as u64;
+        }
+        out.complete = out.received >= bytes;
+        Ok(())
+    })();
+    out.error = result.err().map(|e| e.to_string());
+    out
 }
 
 /// A TCP stream whose writes go out in pieces of at most `size` bytes, each its own segment.

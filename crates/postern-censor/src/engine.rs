@@ -108,6 +108,8 @@ pub enum Reason {
     VpnSignature,
     /// M7.
     FullyEncrypted,
+    /// M7b.
+    TlsInTls,
     /// M9.
     Freeze,
     /// M10.
@@ -161,6 +163,8 @@ pub struct Flow {
     inspected: bool,
     #[serde(skip)]
     first_payload_seen: bool,
+    #[serde(skip)]
+    nested_checked: bool,
 }
 
 /// The censor: a profile, the address map and the flow table.
@@ -294,6 +298,7 @@ impl Engine {
                 stream: Vec::new(),
                 inspected: false,
                 first_payload_seen: false,
+                nested_checked: false,
             };
             self.flows.insert(forward, flow);
             self.order.push(forward);
@@ -428,6 +433,19 @@ impl Engine {
                         return Some(Reason::SniMismatch);
                     }
                 }
+            }
+        }
+        // M7b: a TLS handshake inside the TLS flow.
+        if let Some(t) = &p.tls_in_tls
+            && dir == 0
+            && flow.ja4.is_some()
+            && !flow.nested_checked
+            && self.map.has(server, &t.labels)
+            && let Some(nested) = hello::tls_in_tls(&flow.stream)
+        {
+            flow.nested_checked = true;
+            if nested {
+                return Some(Reason::TlsInTls);
             }
         }
         if let Some((true, seq)) = pkt.tcp

@@ -105,6 +105,41 @@ pub fn parse(stream: &[u8]) -> Parsed {
     }
 }
 
+/// The content type and length of each complete TLS record at the start of `stream`.
+pub fn records(stream: &[u8]) -> Vec<(u8, usize)> {
+    let mut out = Vec::new();
+    let mut rest = stream;
+    while rest.len() >= 5 && rest[1] == 0x03 {
+        let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
+        if rest.len() < 5 + len {
+            break;
+        }
+        out.push((rest[0], len));
+        rest = &rest[5 + len..];
+    }
+    out
+}
+
+/// Whether a client's TLS 1.3 records show a TLS handshake carried inside the first one
+/// (the lab's model of "encapsulated TLS" detection, after Xue et al., USENIX Security
+/// 2024): after the outer Finished, an application-data record the size of a ClientHello
+/// (300–2,000 bytes), then one the size of an inner Finished (75 or 91 bytes: a 58- or
+/// 74-byte record plus 17 of outer overhead; 81 or 97 with an inner ChangeCipherSpec in
+/// front of it), possibly after a lone inner ChangeCipherSpec (23).
+pub fn tls_in_tls(stream: &[u8]) -> Option<bool> {
+    let data: Vec<usize> =
+        records(stream).into_iter().filter(|(t, _)| *t == 0x17).map(|(_, l)| l).collect();
+    let finished = |l: usize| [75, 81, 91, 97].contains(&l);
+    match data.as_slice() {
+        [_, hello, 23, next, ..] => Some((300..=2000).contains(hello) && finished(*next)),
+        [_, hello, next, ..] if *next != 23 => {
+            Some((300..=2000).contains(hello) && finished(*next))
+        }
+        [_, hello] if !(300..=2000).contains(hello) => Some(false),
+        _ => None,
+    }
+}
+
 fn grease(v: u16) -> bool {
     v & 0x0f0f == 0x0a0a && v >> 8 == v & 0xff
 }
@@ -252,6 +287,29 @@ mod tests {
             panic!("no hello")
         };
         assert_eq!(a, b);
+    }
+
+    fn records_of(lengths: &[(u8, usize)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (kind, len) in lengths {
+            out.extend_from_slice(&[*kind, 3, 3]);
+            out.extend_from_slice(&(*len as u16).to_be_bytes());
+            out.resize(out.len() + len, 0);
+        }
+        out
+    }
+
+    #[test]
+    fn a_handshake_inside_tls_shows_in_record_sizes() {
+        let outer = [(0x16, 250), (0x14, 1), (0x17, 53)];
+        let with = |rest: &[(u8, usize)]| tls_in_tls(&records_of(&[&outer[..], rest].concat()));
+        assert_eq!(with(&[(0x17, 540), (0x17, 75)]), Some(true), "inner ClientHello, Finished");
+        assert_eq!(with(&[(0x17, 540), (0x17, 23), (0x17, 91)]), Some(true), "with a lone CCS");
+        assert_eq!(with(&[(0x17, 540), (0x17, 81)]), Some(true), "CCS and Finished together");
+        assert_eq!(with(&[(0x17, 540)]), None, "not yet known");
+        assert_eq!(with(&[(0x17, 540), (0x17, 23)]), None, "not yet known");
+        assert_eq!(with(&[(0x17, 40)]), Some(false), "a short request");
+        assert_eq!(with(&[(0x17, 540), (0x17, 400)]), Some(false), "two requests");
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct Profile {
     pub whitelist: Option<Whitelist>,
     /// M4: QUIC v1 Initials are dropped except toward these labels.
     pub quic: Option<Quic>,
+    /// M7b: flows to these labels that carry a TLS handshake inside TLS are cut.
+    pub tls_in_tls: Option<TlsInTls>,
     /// M8: ClientHello fingerprint policy.
     pub fingerprint: Option<Fingerprint>,
     /// M11: the active prober.
@@ -135,6 +137,14 @@ pub struct Freeze {
     /// Server names exempt from it.
     #[serde(default)]
     pub exempt_sni: Vec<String>,
+}
+
+/// M7b: the Russian "encapsulated TLS" heuristic toward foreign hosting (2024–25).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsInTls {
+    /// Address labels it applies to.
+    pub labels: Vec<String>,
 }
 
 /// M10: only servers with these labels are reachable.

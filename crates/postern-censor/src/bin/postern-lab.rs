@@ -58,6 +58,22 @@ enum Command {
         /// Pad the website's page to this many bytes.
         #[arg(long, default_value_t = 0)]
         page_bytes: usize,
+        /// Be a TLS-in-TLS proxy: forward what arrives inside TLS to this address.
+        #[arg(long)]
+        forward: Option<SocketAddr>,
+    },
+    /// Fetch through a TLS-in-TLS proxy; prints the outcome as JSON.
+    TlsInTls {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        outer_sni: String,
+        #[arg(long)]
+        inner_sni: String,
+        #[arg(long, default_value_t = 1000)]
+        bytes: u64,
+        #[arg(long, default_value_t = 3)]
+        timeout: u64,
     },
     /// Load a page in a headless browser (chromium or firefox-esr); prints its outcome.
     Browse {
@@ -220,8 +236,12 @@ fn main() -> ExitCode {
         Command::Censord { profile, report, queue } => Profile::load(&profile)
             .and_then(|p| postern_censor::daemon::run(p, &report, queue))
             .map(|()| ExitCode::SUCCESS),
-        Command::TlsServe { addr, names, proxy, page_bytes } => {
-            controls::tls_serve(addr, names, proxy, page_bytes).map(|()| ExitCode::SUCCESS)
+        Command::TlsServe { addr, names, proxy, page_bytes, forward } => {
+            controls::tls_serve(addr, names, proxy, page_bytes, forward).map(|()| ExitCode::SUCCESS)
+        }
+        Command::TlsInTls { addr, outer_sni, inner_sni, bytes, timeout } => {
+            print_json(&controls::tls_in_tls(addr, &outer_sni, &inner_sni, bytes, secs(timeout)))
+                .map(|()| ExitCode::SUCCESS)
         }
         Command::Browse { browser, url, timeout } => {
             print_json(&controls::browse(&browser, &url, secs(timeout))).map(|()| ExitCode::SUCCESS)
