@@ -155,6 +155,32 @@ impl ServerCertVerifier for AnyCert {
     }
 }
 
+/// A client that accepts the lab's self-signed certificates, offering `alpn`.
+fn client_config(alpn: Vec<Vec<u8>>) -> Result<Arc<rustls::ClientConfig>> {
+    let mut c = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert::default()))
+        .with_no_client_auth();
+    c.alpn_protocols = alpn;
+    Ok(Arc::new(c))
+}
+
+/// Asks a lab server for `bytes` bytes over `tls` and counts what arrives into `out`.
+fn get(tls: &mut (impl Read + Write), bytes: u64, out: &mut Outcome) -> Result<()> {
+    tls.write_all(format!("GET {bytes}\n").as_bytes())?;
+    let mut buf = [0u8; 16 * 1024];
+    while out.received < bytes {
+        let n = tls.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        out.received += n as u64;
+    }
+    out.complete = out.received >= bytes;
+    Ok(())
+}
+
 fn quiet(e: &std::io::Error) -> bool {
     matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
 }
@@ -202,41 +228,23 @@ pub fn tls_in_tls(
         out.connected = true;
         tcp.set_read_timeout(Some(timeout))?;
         tcp.set_nodelay(true)?;
-        let config = |alpn: Vec<Vec<u8>>| -> Result<Arc<rustls::ClientConfig>> {
-            let mut c = rustls::ClientConfig::builder_with_provider(provider())
-                .with_safe_default_protocol_versions()?
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AnyCert::default()))
-                .with_no_client_auth();
-            c.alpn_protocols = alpn;
-            Ok(Arc::new(c))
-        };
         let outer_name = ServerName::try_from(outer_sni.to_owned())?;
-        let mut outer = rustls::ClientConnection::new(config(vec![b"h2".to_vec()])?, outer_name)?;
+        let mut outer =
+            rustls::ClientConnection::new(client_config(vec![b"h2".to_vec()])?, outer_name)?;
         while outer.is_handshaking() {
             outer.complete_io(&mut tcp)?;
         }
         let mut padding: Vec<Vec<u8>> = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         padding.extend((0..12).map(|i| format!("x-lab-padding-{i:02}").into_bytes()));
         let inner_name = ServerName::try_from(inner_sni.to_owned())?;
-        let mut inner = rustls::ClientConnection::new(config(padding)?, inner_name)?;
+        let mut inner = rustls::ClientConnection::new(client_config(padding)?, inner_name)?;
         let mut tunnel = rustls::Stream::new(&mut outer, &mut tcp);
         while inner.is_handshaking() {
             inner.complete_io(&mut tunnel)?;
         }
         out.handshake = true;
         let mut tls = rustls::Stream::new(&mut inner, &mut tunnel);
-        tls.write_all(format!("GET {bytes}\n").as_bytes())?;
-        let mut buf = [0u8; 16 * 1024];
-        while out.received < bytes {
-            let n = tls.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            out.received += n as u64;
-        }
-        out.complete = out.received >= bytes;
-        Ok(())
+        get(&mut tls, bytes, &mut out)
     })();
     out.error = result.err().map(|e| e.to_string());
     out
@@ -306,14 +314,9 @@ pub fn tls_get(
         tcp.set_read_timeout(Some(timeout))?;
         tcp.set_write_timeout(Some(timeout))?;
         tcp.set_nodelay(true)?;
-        let mut config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCert::default()))
-            .with_no_client_auth();
-        config.alpn_protocols = shape.alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
+        let config = client_config(shape.alpn.iter().map(|a| a.as_bytes().to_vec()).collect())?;
         let name = ServerName::try_from(sni.to_owned())?;
-        let mut conn = rustls::ClientConnection::new(Arc::new(config), name)?;
+        let mut conn = rustls::ClientConnection::new(config, name)?;
         let mut io = Split { inner: tcp, size: shape.split.unwrap_or(usize::MAX) };
         while conn.is_handshaking() {
             conn.complete_io(&mut io)?;
@@ -321,17 +324,7 @@ pub fn tls_get(
         out.handshake = true;
         io.size = usize::MAX;
         let mut tls = rustls::Stream::new(&mut conn, &mut io);
-        tls.write_all(format!("GET {bytes}\n").as_bytes())?;
-        let mut buf = [0u8; 16 * 1024];
-        while out.received < bytes {
-            let n = tls.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            out.received += n as u64;
-        }
-        out.complete = out.received >= bytes;
-        Ok(())
+        get(&mut tls, bytes, &mut out)
     })();
     out.error = result.err().map(|e| e.to_string());
     out
