@@ -287,6 +287,8 @@ pub struct Outcome {
     pub complete: bool,
     /// What stopped it, if anything.
     pub error: Option<String>,
+    /// How long it took, in milliseconds.
+    pub elapsed_ms: u64,
 }
 
 /// How `tls_get` shapes its ClientHello.
@@ -307,6 +309,7 @@ pub fn tls_get(
     timeout: Duration,
     shape: &HelloShape,
 ) -> Outcome {
+    let started = Instant::now();
     let mut out = Outcome::default();
     let result = (|| -> Result<()> {
         let tcp = TcpStream::connect_timeout(&addr, timeout)?;
@@ -327,6 +330,7 @@ pub fn tls_get(
         get(&mut tls, bytes, &mut out)
     })();
     out.error = result.err().map(|e| e.to_string());
+    out.elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     out
 }
 

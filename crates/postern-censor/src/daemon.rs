@@ -25,14 +25,21 @@ use crate::profile::Profile;
 pub struct Report<'a> {
     /// The profile's name.
     pub profile: &'a str,
+    /// The link's loss and jitter seed, and packets it lost.
+    pub link: Option<(u64, u64)>,
     /// Every flow, in order of appearance.
     pub flows: Vec<Flow>,
     /// What the prober found, in order.
     pub probes: &'a [crate::prober::Finding],
 }
 
-fn write_report(path: &Path, profile: &str, engine: &Engine) -> Result<()> {
-    let report = Report { profile, flows: engine.flows(), probes: engine.findings() };
+fn write_report(
+    path: &Path,
+    profile: &str,
+    link: Option<(u64, u64)>,
+    engine: &Engine,
+) -> Result<()> {
+    let report = Report { profile, link, flows: engine.flows(), probes: engine.findings() };
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&report)?)?;
     std::fs::rename(&tmp, path)?;
@@ -51,6 +58,14 @@ fn iptables(args: &[&str]) -> Result<()> {
 pub fn run(profile: Profile, report: &Path, queue_num: u16) -> Result<()> {
     let name = profile.name.clone();
     let dns = profile.dns.clone().unwrap_or_default();
+    let link = profile.link.clone();
+    let mut rng = {
+        use rand::SeedableRng;
+        rand::rngs::StdRng::seed_from_u64(link.as_ref().map_or(0, |l| l.seed))
+    };
+    let mut lost = 0u64;
+    let mut held: std::collections::VecDeque<(u64, nfq::Message)> =
+        std::collections::VecDeque::new();
     let mut engine = Engine::new(profile, AddrMap::lab(), Zone::lab())?;
     let resolver = std::net::UdpSocket::bind(RESOLVER).context("bind the national resolver")?;
     std::thread::spawn(move || crate::dns::serve(resolver, Zone::lab(), dns.remove));
@@ -79,7 +94,8 @@ pub fn run(profile: Profile, report: &Path, queue_num: u16) -> Result<()> {
     queue.set_nonblocking(true);
     let num = queue_num.to_string();
     iptables(&["-I", "FORWARD", "-j", "NFQUEUE", "--queue-num", &num])?;
-    write_report(report, &name, &engine)?;
+    let link_report = |lost| link.as_ref().map(|l| (l.seed, lost));
+    write_report(report, &name, link_report(lost), &engine)?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     std::thread::spawn(move || {
@@ -96,12 +112,25 @@ pub fn run(profile: Profile, report: &Path, queue_num: u16) -> Result<()> {
         match queue.recv() {
             Ok(mut msg) => {
                 let now = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-                let verdict = match engine.packet(msg.get_payload(), now) {
+                let mut verdict = match engine.packet(msg.get_payload(), now) {
                     Verdict::Accept => nfq::Verdict::Accept,
                     Verdict::Drop => nfq::Verdict::Drop,
                 };
+                let mut due = now;
+                if let (Some(l), nfq::Verdict::Accept) = (&link, verdict) {
+                    use rand::Rng;
+                    if rng.r#gen::<f64>() < l.loss {
+                        verdict = nfq::Verdict::Drop;
+                        lost += 1;
+                    }
+                    due = now + l.delay_ms + rng.gen_range(0..=l.jitter_ms);
+                }
                 msg.set_verdict(verdict);
-                queue.verdict(msg)?;
+                if due > now && verdict == nfq::Verdict::Accept {
+                    held.push_back((due, msg));
+                } else {
+                    queue.verdict(msg)?;
+                }
                 dirty = true;
                 for request in engine.take_probe_requests() {
                     let found = found.clone();
@@ -115,16 +144,24 @@ pub fn run(profile: Profile, report: &Path, queue_num: u16) -> Result<()> {
             }
             Err(e) => return Err(e).context("receive from the queue"),
         }
+        // Held packets whose delay has passed go out (in the order they are due).
+        let now = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        held.make_contiguous().sort_by_key(|(due, _)| *due);
+        while held.front().is_some_and(|(due, _)| *due <= now) {
+            if let Some((_, msg)) = held.pop_front() {
+                queue.verdict(msg)?;
+            }
+        }
         while let Ok(finding) = findings.try_recv() {
             let now = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             engine.probed(finding, now);
             dirty = true;
         }
         if dirty && written.elapsed() > Duration::from_millis(100) {
-            write_report(report, &name, &engine)?;
+            write_report(report, &name, link_report(lost), &engine)?;
             dirty = false;
             written = Instant::now();
         }
     }
-    write_report(report, &name, &engine)
+    write_report(report, &name, link_report(lost), &engine)
 }

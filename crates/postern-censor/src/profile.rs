@@ -35,6 +35,9 @@ pub struct Profile {
     pub prober: Option<Prober>,
     /// M12: UDP flows whose first datagram looks fully encrypted are dropped.
     pub encrypted_udp: Option<EncryptedUdp>,
+    /// The link's own delay and loss (the kernel here has no netem: the daemon holds and
+    /// drops packets it would otherwise pass).
+    pub link: Option<Link>,
     /// M14: after a module cuts a flow, new flows from that client to that server and port
     /// are dropped for this many seconds.
     pub residual_secs: Option<u64>,
@@ -51,6 +54,24 @@ pub struct Dns {
     /// Queries to any resolver are redirected to the national one.
     #[serde(default)]
     pub redirect: bool,
+}
+
+/// Delay and loss on every packet the censor passes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Link {
+    /// Added to every packet, in milliseconds.
+    #[serde(default)]
+    pub delay_ms: u64,
+    /// Up to this much more, uniformly, in milliseconds.
+    #[serde(default)]
+    pub jitter_ms: u64,
+    /// The share of packets lost, 0 to 1.
+    #[serde(default)]
+    pub loss: f64,
+    /// The seed of the loss and jitter draws (the report records it).
+    #[serde(default)]
+    pub seed: u64,
 }
 
 /// M4: the 2022 QUIC block.

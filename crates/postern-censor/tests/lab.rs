@@ -497,3 +497,24 @@ fn a_tls_handshake_inside_tls_is_cut_and_plain_tls_is_not() {
     start(&mut open);
     assert_eq!(nested(&open), true);
 }
+
+#[test]
+fn the_link_delays_and_loses_packets_as_configured() {
+    if !root() {
+        return;
+    }
+    let profile = |text: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("link.toml");
+        std::fs::write(&path, text).unwrap();
+        lab_in(&path.display().to_string(), dir)
+    };
+    // Every packet held 100 ms: connecting, the handshake and the request take three round
+    // trips, so at least 600 ms.
+    let slow = profile("name = \"slow\"\n[link]\ndelay_ms = 100\njitter_ms = 10\nseed = 7\n");
+    let got = slow.tls(addr::WHITELISTED, "fine.example", 10_000);
+    assert_eq!(got["complete"], true, "{got}");
+    assert!(got["elapsed_ms"].as_u64().unwrap() >= 600, "{got}");
+    let lossy = profile("name = \"lossy\"\n[link]\nloss = 1.0\nseed = 7\n");
+    assert_eq!(lossy.tls(addr::WHITELISTED, "fine.example", 100)["connected"], false);
+}
