@@ -528,3 +528,122 @@ pub fn tcp_send(addr: SocketAddr, kind: Payload, timeout: Duration) -> Outcome {
     out.error = result.err().map(|e| e.to_string());
     out
 }
+
+/// Runs Debian's `obfs4proxy` as an obfs4 bridge on `addr` in front of `orport` (Tor's
+/// pluggable-transport managed mode, without Tor), and prints the bridge's `cert=…` as its
+/// ready line. Exits when stdin closes (and the bridge with it).
+pub fn obfs4_serve(addr: SocketAddr, orport: SocketAddr) -> Result<()> {
+    let state =
+        std::env::temp_dir().join(format!("postern-lab-obfs4-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&state)?;
+    let mut child = std::process::Command::new("obfs4proxy")
+        .env("TOR_PT_MANAGED_TRANSPORT_VER", "1")
+        .env("TOR_PT_STATE_LOCATION", &state)
+        .env("TOR_PT_SERVER_TRANSPORTS", "obfs4")
+        .env("TOR_PT_SERVER_BINDADDR", format!("obfs4-{addr}"))
+        .env("TOR_PT_ORPORT", orport.to_string())
+        .env("TOR_PT_EXIT_ON_STDIN_CLOSE", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("start obfs4proxy (Debian package obfs4proxy)")?;
+    let stdout = child.stdout.take().context("obfs4proxy stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let mut cert = None;
+    for line in lines.by_ref() {
+        let line = line?;
+        if let Some(args) = line.strip_prefix("SMETHOD obfs4 ").and_then(|l| l.split_once(" ARGS:"))
+        {
+            cert = args.1.split(',').find_map(|a| a.strip_prefix("cert=")).map(str::to_owned);
+        }
+        if line == "SMETHODS DONE" {
+            break;
+        }
+    }
+    let cert = cert.context("obfs4proxy gave no cert")?;
+    // Keep reading: obfs4proxy dies of a closed stdout.
+    std::thread::spawn(move || lines.for_each(drop));
+    exit_when_stdin_closes();
+    ready(&format!("cert={cert}"))?;
+    // `wait` would close the bridge's stdin, which tells it to exit: hold it open.
+    let _stdin = child.stdin.take();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&state);
+    Ok(())
+}
+
+/// Connects to an obfs4 bridge through Debian's `obfs4proxy` in client mode (over its
+/// SOCKS5 port), sends a line and waits for its echo from the bridge's backend.
+pub fn obfs4_send(bridge: SocketAddr, cert: &str, timeout: Duration) -> Outcome {
+    let mut out = Outcome::default();
+    let result = (|| -> Result<()> {
+        let state =
+            std::env::temp_dir().join(format!("postern-lab-obfs4c-{:08x}", rand::random::<u32>()));
+        std::fs::create_dir_all(&state)?;
+        let mut child = std::process::Command::new("obfs4proxy")
+            .env("TOR_PT_MANAGED_TRANSPORT_VER", "1")
+            .env("TOR_PT_STATE_LOCATION", &state)
+            .env("TOR_PT_CLIENT_TRANSPORTS", "obfs4")
+            .env("TOR_PT_EXIT_ON_STDIN_CLOSE", "1")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("start obfs4proxy")?;
+        let stdout = child.stdout.take().context("obfs4proxy stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let mut socks = None;
+        for line in lines.by_ref() {
+            let line = line?;
+            if let Some(addr) = line.strip_prefix("CMETHOD obfs4 socks5 ") {
+                socks = Some(addr.trim().parse::<SocketAddr>()?);
+            }
+            if line == "CMETHODS DONE" {
+                break;
+            }
+        }
+        std::thread::spawn(move || lines.for_each(drop));
+        let result = (|| -> Result<()> {
+            let socks = socks.context("obfs4proxy gave no SOCKS port")?;
+            let mut s = TcpStream::connect_timeout(&socks, timeout)?;
+            s.set_read_timeout(Some(timeout))?;
+            // SOCKS5 with the transport's arguments as username (pt-spec: the password is
+            // a NUL when the arguments fit in the username).
+            let args = format!("cert={cert};iat-mode=0");
+            s.write_all(&[5, 1, 2])?;
+            let mut reply = [0u8; 2];
+            s.read_exact(&mut reply)?;
+            let mut auth = vec![1, u8::try_from(args.len())?];
+            auth.extend_from_slice(args.as_bytes());
+            auth.extend_from_slice(&[1, 0]);
+            s.write_all(&auth)?;
+            s.read_exact(&mut reply)?;
+            let SocketAddr::V4(v4) = bridge else { anyhow::bail!("an IPv4 bridge") };
+            let mut connect = vec![5, 1, 0, 1];
+            connect.extend_from_slice(&v4.ip().octets());
+            connect.extend_from_slice(&v4.port().to_be_bytes());
+            s.write_all(&connect)?;
+            let mut answer = [0u8; 10];
+            s.read_exact(&mut answer)?;
+            anyhow::ensure!(
+                answer[1] == 0,
+                "the bridge could not be reached (SOCKS {})",
+                answer[1]
+            );
+            out.connected = true;
+            let line = b"hello through obfs4\n";
+            s.write_all(line)?;
+            let mut got = vec![0u8; line.len()];
+            s.read_exact(&mut got)?;
+            out.received = got.len() as u64;
+            out.complete = got == line;
+            Ok(())
+        })();
+        drop(child.stdin.take());
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_dir_all(&state);
+        result
+    })();
+    out.error = result.err().map(|e| e.to_string());
+    out
+}

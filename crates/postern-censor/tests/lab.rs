@@ -518,3 +518,27 @@ fn the_link_delays_and_loses_packets_as_configured() {
     let lossy = profile("name = \"lossy\"\n[link]\nloss = 1.0\nseed = 7\n");
     assert_eq!(lossy.tls(addr::WHITELISTED, "fine.example", 100)["connected"], false);
 }
+
+#[test]
+fn an_obfs4_bridge_is_cut_by_the_fully_encrypted_rule() {
+    if !root() || !installed("obfs4proxy") {
+        return;
+    }
+    let bridge = format!("{}:9443", addr::FOREIGN);
+    let send = |profile: &str| {
+        let mut run = lab(profile);
+        let orport = format!("{}:8443", addr::FOREIGN);
+        let cert = run
+            .lab
+            .start(Host::Foreign, &[BIN, "obfs4-serve", "--addr", &bridge, "--orport", &orport])
+            .unwrap();
+        let cert = cert.strip_prefix("cert=").unwrap().to_owned();
+        let got = run.client(&["obfs4-send", "--bridge", &bridge, "--cert", &cert]);
+        (got, run.verdicts())
+    };
+    let (cut, verdicts) = send("ru-2024");
+    assert_eq!(cut["complete"], false, "{cut}");
+    assert_eq!(blocked_by(&verdicts, &bridge), "fully-encrypted", "{verdicts:?}");
+    let (open, _) = send("open");
+    assert_eq!(open["complete"], true, "{open}");
+}

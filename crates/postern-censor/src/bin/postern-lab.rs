@@ -120,6 +120,22 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         timeout: u64,
     },
+    /// An obfs4 bridge (Debian's obfs4proxy) in front of a TCP backend; prints `cert=…`.
+    Obfs4Serve {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        orport: SocketAddr,
+    },
+    /// Send a line through an obfs4 bridge and wait for its echo.
+    Obfs4Send {
+        #[arg(long)]
+        bridge: SocketAddr,
+        #[arg(long)]
+        cert: String,
+        #[arg(long, default_value_t = 3)]
+        timeout: u64,
+    },
     /// A UDP echo server.
     UdpEcho {
         #[arg(long)]
@@ -261,6 +277,13 @@ fn main() -> ExitCode {
                 Err(e) => serde_json::json!({ "answer": null, "error": e.to_string() }),
             };
             print_json(&outcome).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Obfs4Serve { addr, orport } => {
+            controls::obfs4_serve(addr, orport).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Obfs4Send { bridge, cert, timeout } => {
+            print_json(&controls::obfs4_send(bridge, &cert, secs(timeout)))
+                .map(|()| ExitCode::SUCCESS)
         }
         Command::UdpEcho { addr } => controls::udp_echo(addr).map(|()| ExitCode::SUCCESS),
         Command::UdpSend { addr, payload, timeout } => {
