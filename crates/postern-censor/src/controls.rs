@@ -10,6 +10,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -529,40 +530,55 @@ pub fn tcp_send(addr: SocketAddr, kind: Payload, timeout: Duration) -> Outcome {
     out
 }
 
-/// Runs Debian's `obfs4proxy` as an obfs4 bridge on `addr` in front of `orport` (Tor's
-/// pluggable-transport managed mode, without Tor), and prints the bridge's `cert=…` as its
-/// ready line. Exits when stdin closes (and the bridge with it).
-pub fn obfs4_serve(addr: SocketAddr, orport: SocketAddr) -> Result<()> {
+/// Starts Debian's `obfs4proxy` in Tor's pluggable-transport managed mode with `role`'s
+/// settings, and returns it, its state directory and what it printed up to `done`. The rest
+/// of its output is read away (it dies of a closed stdout); it exits when its stdin closes.
+fn obfs4proxy(
+    role: &[(&str, String)],
+    done: &str,
+) -> Result<(Child, std::path::PathBuf, Vec<String>)> {
     let state =
         std::env::temp_dir().join(format!("postern-lab-obfs4-{:08x}", rand::random::<u32>()));
     std::fs::create_dir_all(&state)?;
     let mut child = std::process::Command::new("obfs4proxy")
         .env("TOR_PT_MANAGED_TRANSPORT_VER", "1")
         .env("TOR_PT_STATE_LOCATION", &state)
-        .env("TOR_PT_SERVER_TRANSPORTS", "obfs4")
-        .env("TOR_PT_SERVER_BINDADDR", format!("obfs4-{addr}"))
-        .env("TOR_PT_ORPORT", orport.to_string())
         .env("TOR_PT_EXIT_ON_STDIN_CLOSE", "1")
+        .envs(role.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("start obfs4proxy (Debian package obfs4proxy)")?;
     let stdout = child.stdout.take().context("obfs4proxy stdout")?;
     let mut lines = BufReader::new(stdout).lines();
-    let mut cert = None;
+    let mut said = Vec::new();
     for line in lines.by_ref() {
         let line = line?;
-        if let Some(args) = line.strip_prefix("SMETHOD obfs4 ").and_then(|l| l.split_once(" ARGS:"))
-        {
-            cert = args.1.split(',').find_map(|a| a.strip_prefix("cert=")).map(str::to_owned);
-        }
-        if line == "SMETHODS DONE" {
+        if line == done {
             break;
         }
+        said.push(line);
     }
-    let cert = cert.context("obfs4proxy gave no cert")?;
-    // Keep reading: obfs4proxy dies of a closed stdout.
     std::thread::spawn(move || lines.for_each(drop));
+    Ok((child, state, said))
+}
+
+/// Runs an obfs4 bridge on `addr` in front of `orport` (Tor's pluggable-transport managed
+/// mode, without Tor), and prints the bridge's `cert=…` as its ready line. Exits when stdin
+/// closes (and the bridge with it).
+pub fn obfs4_serve(addr: SocketAddr, orport: SocketAddr) -> Result<()> {
+    let role = [
+        ("TOR_PT_SERVER_TRANSPORTS", "obfs4".to_owned()),
+        ("TOR_PT_SERVER_BINDADDR", format!("obfs4-{addr}")),
+        ("TOR_PT_ORPORT", orport.to_string()),
+    ];
+    let (mut child, state, said) = obfs4proxy(&role, "SMETHODS DONE")?;
+    let cert = said
+        .iter()
+        .filter_map(|l| l.strip_prefix("SMETHOD obfs4 ").and_then(|l| l.split_once(" ARGS:")))
+        .find_map(|(_, args)| args.split(',').find_map(|a| a.strip_prefix("cert=")))
+        .context("obfs4proxy gave no cert")?
+        .to_owned();
     exit_when_stdin_closes();
     ready(&format!("cert={cert}"))?;
     // `wait` would close the bridge's stdin, which tells it to exit: hold it open.
@@ -572,38 +588,17 @@ pub fn obfs4_serve(addr: SocketAddr, orport: SocketAddr) -> Result<()> {
     Ok(())
 }
 
-/// Connects to an obfs4 bridge through Debian's `obfs4proxy` in client mode (over its
-/// SOCKS5 port), sends a line and waits for its echo from the bridge's backend.
+/// Connects to an obfs4 bridge through `obfs4proxy` in client mode (over its SOCKS5 port),
+/// sends a line and waits for its echo from the bridge's backend.
 pub fn obfs4_send(bridge: SocketAddr, cert: &str, timeout: Duration) -> Outcome {
     let mut out = Outcome::default();
     let result = (|| -> Result<()> {
-        let state =
-            std::env::temp_dir().join(format!("postern-lab-obfs4c-{:08x}", rand::random::<u32>()));
-        std::fs::create_dir_all(&state)?;
-        let mut child = std::process::Command::new("obfs4proxy")
-            .env("TOR_PT_MANAGED_TRANSPORT_VER", "1")
-            .env("TOR_PT_STATE_LOCATION", &state)
-            .env("TOR_PT_CLIENT_TRANSPORTS", "obfs4")
-            .env("TOR_PT_EXIT_ON_STDIN_CLOSE", "1")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .context("start obfs4proxy")?;
-        let stdout = child.stdout.take().context("obfs4proxy stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let mut socks = None;
-        for line in lines.by_ref() {
-            let line = line?;
-            if let Some(addr) = line.strip_prefix("CMETHOD obfs4 socks5 ") {
-                socks = Some(addr.trim().parse::<SocketAddr>()?);
-            }
-            if line == "CMETHODS DONE" {
-                break;
-            }
-        }
-        std::thread::spawn(move || lines.for_each(drop));
+        let role = [("TOR_PT_CLIENT_TRANSPORTS", "obfs4".to_owned())];
+        let (mut child, state, said) = obfs4proxy(&role, "CMETHODS DONE")?;
+        let socks = said.iter().find_map(|l| l.strip_prefix("CMETHOD obfs4 socks5 "));
         let result = (|| -> Result<()> {
-            let socks = socks.context("obfs4proxy gave no SOCKS port")?;
+            let socks: SocketAddr =
+                socks.context("obfs4proxy gave no SOCKS port")?.trim().parse()?;
             let mut s = TcpStream::connect_timeout(&socks, timeout)?;
             s.set_read_timeout(Some(timeout))?;
             // SOCKS5 with the transport's arguments as username (pt-spec: the password is
