@@ -5,12 +5,11 @@
 //! binding it to the identity: `(device key, identity key, identity signature)`. Every group
 //! member checks the credential as part of validity, so a server cannot slip in a device.
 
-use ed25519_dalek::{Signer, SigningKey, Verifier};
+use ed25519_dalek::{Signer, SigningKey};
+pub use postern_proto::credential::DeviceCredential;
 use postern_proto::ids::PublicKey;
 use rand::RngCore;
 use sha2::{Digest, Sha512};
-
-const CREDENTIAL_CONTEXT: &[u8] = b"postern/v1/device-credential\0";
 
 /// A user's identity and this device's keys.
 #[derive(Clone)]
@@ -25,49 +24,6 @@ pub struct Identity {
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Identity").field("name", &self.name).finish_non_exhaustive()
-    }
-}
-
-/// A device's credential: the identity vouches for the device key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceCredential {
-    /// The device's signature key.
-    pub device_key: PublicKey,
-    /// The user's identity key.
-    pub identity_key: PublicKey,
-    /// The identity key's signature over the device key.
-    pub signature: [u8; 64],
-}
-
-impl DeviceCredential {
-    fn signing_input(device_key: &PublicKey) -> Vec<u8> {
-        [CREDENTIAL_CONTEXT, &device_key.0].concat()
-    }
-
-    /// Wire form: device key, identity key, signature (128 bytes).
-    pub fn encode(&self) -> Vec<u8> {
-        [&self.device_key.0[..], &self.identity_key.0, &self.signature].concat()
-    }
-
-    /// Parses the wire form; `None` unless exactly 128 bytes.
-    pub fn decode(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() != 128 {
-            return None;
-        }
-        Some(DeviceCredential {
-            device_key: PublicKey(bytes[..32].try_into().ok()?),
-            identity_key: PublicKey(bytes[32..64].try_into().ok()?),
-            signature: bytes[64..].try_into().ok()?,
-        })
-    }
-
-    /// Whether the identity key really signed the device key.
-    pub fn verify(&self) -> bool {
-        let Ok(identity) = ed25519_dalek::VerifyingKey::from_bytes(&self.identity_key.0) else {
-            return false;
-        };
-        let sig = ed25519_dalek::Signature::from_bytes(&self.signature);
-        identity.verify(&Self::signing_input(&self.device_key), &sig).is_ok()
     }
 }
 

@@ -92,13 +92,34 @@ pub async fn connect_tls(
     alpn: &[&[u8]],
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, NetError> {
     let addr = link.addrs.first().ok_or_else(|| NetError::Connect("link has no address".into()))?;
-    let tcp =
-        TcpStream::connect(addr.as_str()).await.map_err(|e| NetError::Connect(e.to_string()))?;
+    let tcp = connect_tcp(addr).await.map_err(|e| NetError::Connect(e.to_string()))?;
     let _ = tcp.set_nodelay(true);
     let name = rustls::pki_types::ServerName::try_from(link.tls_name())
         .map_err(|e| NetError::Connect(e.to_string()))?;
     let connector = tokio_rustls::TlsConnector::from(tls_config(link, alpn)?);
     connector.connect(name, tcp).await.map_err(|e| NetError::Connect(e.to_string()))
+}
+
+/// A TCP connection to `addr`. Test hook: with `POSTERN_TEST_SOURCE_IP` set, it leaves
+/// from that address (tests give each client its own loopback address).
+async fn connect_tcp(addr: &str) -> std::io::Result<TcpStream> {
+    let Ok(source) = std::env::var("POSTERN_TEST_SOURCE_IP") else {
+        return TcpStream::connect(addr).await;
+    };
+    let source: std::net::IpAddr = source
+        .parse()
+        .map_err(|_| std::io::Error::other("POSTERN_TEST_SOURCE_IP is not an address"))?;
+    let target = tokio::net::lookup_host(addr)
+        .await?
+        .find(|a| a.is_ipv4() == source.is_ipv4())
+        .ok_or_else(|| std::io::Error::other("no address of the same family"))?;
+    let socket = if source.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(std::net::SocketAddr::new(source, 0))?;
+    socket.connect(target).await
 }
 
 /// A fresh gate token for the link's secret.

@@ -11,6 +11,7 @@
 //! - [`envelope`]: what a conversation log stores, signed by a per-epoch append key.
 //! - [`content`]: what clients say to each other inside encryption (key-package payloads,
 //!   mailbox drops, application messages); the server never decodes these.
+//! - [`credential`]: the device credential every group member checks.
 //! - [`link`]: the `postern://server#…` link that carries address, pins, static key and secret.
 //!
 //! `docs/protocol.md` is the normative description; this crate is its implementation.
@@ -24,6 +25,7 @@
 
 mod codec;
 pub mod content;
+pub mod credential;
 pub mod envelope;
 pub mod frame;
 pub mod gate;

@@ -22,7 +22,8 @@ pub fn pad(frame: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Removes padding. The input must be exactly one bucket long and the padding all zeros.
+/// Removes padding. The input must be exactly the smallest bucket that holds the frame (one
+/// encoding per frame, as [`pad`] makes it) and the padding all zeros.
 pub fn unpad(padded: &[u8]) -> Result<&[u8], DecodeError> {
     if !BUCKETS.contains(&padded.len()) {
         return Err(DecodeError::Invalid("padding bucket"));
@@ -31,6 +32,9 @@ pub fn unpad(padded: &[u8]) -> Result<&[u8], DecodeError> {
     let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
     if len > rest.len() {
         return Err(DecodeError::Truncated);
+    }
+    if BUCKETS.iter().find(|b| **b >= len + 4) != Some(&padded.len()) {
+        return Err(DecodeError::Invalid("padding bucket larger than the frame needs"));
     }
     let (frame, padding) = rest.split_at(len);
     if padding.iter().any(|b| *b != 0) {
@@ -62,5 +66,15 @@ mod tests {
         let mut long = pad(b"abc").unwrap();
         long[..4].copy_from_slice(&1000u32.to_be_bytes());
         assert_eq!(unpad(&long), Err(DecodeError::Truncated));
+    }
+
+    #[test]
+    fn only_the_smallest_bucket_is_accepted() {
+        // Found by the padding fuzz target: an empty frame in the 1,024-byte bucket unpadded,
+        // and padded again to 256 bytes.
+        assert!(unpad(&[0u8; 1024]).is_err());
+        let mut big = vec![0u8; 1024];
+        big[..4].copy_from_slice(&300u32.to_be_bytes());
+        assert_eq!(unpad(&big).map(<[u8]>::len), Ok(300));
     }
 }

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use postern_store::{Quotas, Retention};
+use serde::Deserialize;
 
 /// Everything `postern server` needs.
 #[derive(Debug, Clone)]
@@ -49,5 +50,109 @@ impl ServerConfig {
             max_connections: 15_000,
             days_ahead: 0,
         }
+    }
+}
+
+/// The configuration file. Every field is optional; unknown fields are an error.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// The public listener.
+    pub listen: Option<SocketAddr>,
+    /// The admin listener.
+    pub admin: Option<SocketAddr>,
+    /// The data directory.
+    pub data: Option<PathBuf>,
+    /// Addresses put into the server link.
+    pub public_addrs: Option<Vec<String>>,
+    /// The TLS server name.
+    pub server_name: Option<String>,
+    /// An operator's certificate chain (PEM).
+    pub tls_cert: Option<PathBuf>,
+    /// Its key.
+    pub tls_key: Option<PathBuf>,
+    /// Most concurrent connections.
+    pub max_connections: Option<usize>,
+    /// `[quotas]`.
+    #[serde(default)]
+    pub quotas: QuotaConfig,
+    /// `[retention]`.
+    #[serde(default)]
+    pub retention: RetentionConfig,
+}
+
+/// `[quotas]`: each unset field keeps its default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    /// See [`Quotas::disk_bytes`].
+    pub disk_bytes: Option<u64>,
+    /// See [`Quotas::log_bytes`].
+    pub log_bytes: Option<u64>,
+    /// See [`Quotas::log_keys`].
+    pub log_keys: Option<u32>,
+    /// See [`Quotas::drop_bytes`].
+    pub drop_bytes: Option<u64>,
+    /// See [`Quotas::drops_per_mailbox`].
+    pub drops_per_mailbox: Option<u32>,
+    /// See [`Quotas::key_packages_per_device`].
+    pub key_packages_per_device: Option<u32>,
+    /// See [`Quotas::claim_tokens_per_mailbox`].
+    pub claim_tokens_per_mailbox: Option<u32>,
+}
+
+/// `[retention]`, in days: each unset field keeps its default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// See [`Retention::entry_days`].
+    pub entry_days: Option<u32>,
+    /// See [`Retention::commit_days`].
+    pub commit_days: Option<u32>,
+    /// See [`Retention::drop_days`].
+    pub drop_days: Option<u32>,
+    /// See [`Retention::mailbox_days`].
+    pub mailbox_days: Option<u32>,
+}
+
+impl FileConfig {
+    /// Parses a configuration file's text (TOML).
+    pub fn parse(text: &str) -> Result<FileConfig, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Applies what the file sets, other than the listeners and the data directory (the
+    /// command line may override those, so the caller handles them).
+    pub fn apply(self, config: &mut ServerConfig) {
+        config.public_addrs = self.public_addrs.unwrap_or_default();
+        config.server_name = self.server_name;
+        config.tls_cert = self.tls_cert;
+        config.tls_key = self.tls_key;
+        if let Some(n) = self.max_connections {
+            config.max_connections = n;
+        }
+        let q = self.quotas;
+        let d = Quotas::default();
+        config.quotas = Quotas {
+            disk_bytes: q.disk_bytes.unwrap_or(d.disk_bytes),
+            log_bytes: q.log_bytes.unwrap_or(d.log_bytes),
+            log_keys: q.log_keys.unwrap_or(d.log_keys),
+            drop_bytes: q.drop_bytes.unwrap_or(d.drop_bytes),
+            drops_per_mailbox: q.drops_per_mailbox.unwrap_or(d.drops_per_mailbox),
+            key_packages_per_device: q.key_packages_per_device.unwrap_or(d.key_packages_per_device),
+            devices_per_mailbox: d.devices_per_mailbox,
+            claim_tokens_per_mailbox: q
+                .claim_tokens_per_mailbox
+                .unwrap_or(d.claim_tokens_per_mailbox),
+        };
+        let r = self.retention;
+        let d = Retention::default();
+        config.retention = Retention {
+            entry_days: r.entry_days.unwrap_or(d.entry_days),
+            commit_days: r.commit_days.unwrap_or(d.commit_days),
+            drop_days: r.drop_days.unwrap_or(d.drop_days),
+            mailbox_days: r.mailbox_days.unwrap_or(d.mailbox_days),
+            upload_days: d.upload_days,
+        };
     }
 }

@@ -41,7 +41,7 @@ mod identity;
 mod session;
 mod site;
 
-pub use config::ServerConfig;
+pub use config::{FileConfig, QuotaConfig, RetentionConfig, ServerConfig};
 
 /// Time allowed for a TLS handshake and for an HTTP request's headers.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -179,18 +179,25 @@ pub(crate) fn data_dir() -> PathBuf {
     base.unwrap_or_else(|| PathBuf::from(".")).join("postern")
 }
 
+/// Log directives no setting can loosen: dependencies that log secrets when verbose (a
+/// target matches every target that starts with it).
+const QUIET_DEPENDENCIES: &[&str] = &["openmls=warn", "hpke=warn"];
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The server reports its life at info; client commands speak on stdout and log only
     // warnings unless POSTERN_LOG says otherwise.
     let default_filter = if matches!(cli.command, Command::Server(_)) { "info" } else { "warn" };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("POSTERN_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("POSTERN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    // Whatever POSTERN_LOG asks for: openmls logs key schedules and group contexts (keys, group
+    // names) at debug and trace, so it never logs below warnings here.
+    for directive in QUIET_DEPENDENCIES {
+        if let Ok(directive) = directive.parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let home = client::home_dir(cli.home);
     let result = match cli.command {
         Command::Server(args) => server::run(args, cli.json),

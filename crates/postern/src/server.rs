@@ -6,10 +6,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use postern_server::ServerConfig;
-use postern_store::{Quotas, Retention};
+use postern_server::{FileConfig, ServerConfig};
 use postern_store_sqlite::{Options, SqliteStore};
-use serde::Deserialize;
 
 /// Name of the database file in the data directory.
 const DATABASE: &str = "postern.db";
@@ -32,45 +30,6 @@ pub(crate) struct ServerArgs {
     config: Option<PathBuf>,
 }
 
-/// The configuration file. Every field is optional; unknown fields are an error.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<SocketAddr>,
-    admin: Option<SocketAddr>,
-    data: Option<PathBuf>,
-    public_addrs: Option<Vec<String>>,
-    server_name: Option<String>,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    max_connections: Option<usize>,
-    #[serde(default)]
-    quotas: QuotaConfig,
-    #[serde(default)]
-    retention: RetentionConfig,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct QuotaConfig {
-    disk_bytes: Option<u64>,
-    log_bytes: Option<u64>,
-    log_keys: Option<u32>,
-    drop_bytes: Option<u64>,
-    drops_per_mailbox: Option<u32>,
-    key_packages_per_device: Option<u32>,
-    claim_tokens_per_mailbox: Option<u32>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RetentionConfig {
-    entry_days: Option<u32>,
-    commit_days: Option<u32>,
-    drop_days: Option<u32>,
-    mailbox_days: Option<u32>,
-}
-
 fn default_data_dir() -> PathBuf {
     crate::data_dir().join("server")
 }
@@ -78,7 +37,7 @@ fn default_data_dir() -> PathBuf {
 fn read_file_config(path: &Path) -> Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    FileConfig::parse(&text).with_context(|| format!("invalid config file {}", path.display()))
 }
 
 fn build_config(args: ServerArgs) -> Result<ServerConfig> {
@@ -86,7 +45,7 @@ fn build_config(args: ServerArgs) -> Result<ServerConfig> {
         Some(path) => read_file_config(path)?,
         None => FileConfig::default(),
     };
-    let data = args.data.or(file.data).unwrap_or_else(default_data_dir);
+    let data = args.data.or(file.data.clone()).unwrap_or_else(default_data_dir);
     let mut config = ServerConfig::new(data);
     if let Some(listen) = args.listen.or(file.listen) {
         config.listen = listen;
@@ -94,34 +53,7 @@ fn build_config(args: ServerArgs) -> Result<ServerConfig> {
     if let Some(admin) = args.admin.or(file.admin) {
         config.admin = admin;
     }
-    config.public_addrs = file.public_addrs.unwrap_or_default();
-    config.server_name = file.server_name;
-    config.tls_cert = file.tls_cert;
-    config.tls_key = file.tls_key;
-    if let Some(n) = file.max_connections {
-        config.max_connections = n;
-    }
-    let q = file.quotas;
-    let d = Quotas::default();
-    config.quotas = Quotas {
-        disk_bytes: q.disk_bytes.unwrap_or(d.disk_bytes),
-        log_bytes: q.log_bytes.unwrap_or(d.log_bytes),
-        log_keys: q.log_keys.unwrap_or(d.log_keys),
-        drop_bytes: q.drop_bytes.unwrap_or(d.drop_bytes),
-        drops_per_mailbox: q.drops_per_mailbox.unwrap_or(d.drops_per_mailbox),
-        key_packages_per_device: q.key_packages_per_device.unwrap_or(d.key_packages_per_device),
-        devices_per_mailbox: d.devices_per_mailbox,
-        claim_tokens_per_mailbox: q.claim_tokens_per_mailbox.unwrap_or(d.claim_tokens_per_mailbox),
-    };
-    let r = file.retention;
-    let d = Retention::default();
-    config.retention = Retention {
-        entry_days: r.entry_days.unwrap_or(d.entry_days),
-        commit_days: r.commit_days.unwrap_or(d.commit_days),
-        drop_days: r.drop_days.unwrap_or(d.drop_days),
-        mailbox_days: r.mailbox_days.unwrap_or(d.mailbox_days),
-        upload_days: d.upload_days,
-    };
+    file.apply(&mut config);
     // Test hook (docs/cli.md): move expiry days forward, to test what clients do after
     // being away longer than retention.
     if let Ok(days) = std::env::var("POSTERN_TEST_DAYS_AHEAD") {
@@ -228,7 +160,7 @@ mod tests {
 
     #[test]
     fn example_config_parses_and_applies() {
-        let file: FileConfig = toml::from_str(include_str!("../../../docs/server.example.toml"))
+        let file = FileConfig::parse(include_str!("../../../docs/server.example.toml"))
             .expect("docs/server.example.toml parses");
         assert_eq!(file.public_addrs.as_deref(), Some(&["203.0.113.7:8443".to_owned()][..]));
         assert_eq!(file.quotas.disk_bytes, Some(10 << 30));
@@ -237,10 +169,8 @@ mod tests {
 
     #[test]
     fn unknown_settings_are_refused() {
-        assert!(
-            toml::from_str::<FileConfig>("listen = \"127.0.0.1:1\"\nlisten_typo = 1\n").is_err()
-        );
-        assert!(toml::from_str::<FileConfig>("[quotas]\ndisk = 1\n").is_err());
+        assert!(FileConfig::parse("listen = \"127.0.0.1:1\"\nlisten_typo = 1\n").is_err());
+        assert!(FileConfig::parse("[quotas]\ndisk = 1\n").is_err());
     }
 
     #[test]

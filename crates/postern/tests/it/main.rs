@@ -9,6 +9,7 @@ mod config;
 mod disclosure;
 mod durability;
 mod group;
+mod logs;
 mod ops;
 mod stranger;
 
