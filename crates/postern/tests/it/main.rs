@@ -7,6 +7,7 @@ mod authz;
 mod chat;
 mod cli;
 mod config;
+mod crash;
 mod disclosure;
 mod durability;
 mod group;
