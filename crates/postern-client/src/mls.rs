@@ -155,12 +155,14 @@ pub fn check_credential(
 /// The group context extension with a group's name and rules.
 const META: ExtensionType = ExtensionType::Unknown(GroupMeta::EXTENSION_TYPE);
 
-/// What our leaves support beyond the defaults: the group-rules extension.
+/// What our leaves support beyond the defaults: the group-rules extension, and the
+/// last-resort marker (a key package's extensions must be among its leaf's capabilities, or
+/// every member refuses the package — and first contact after a drained pool fails).
 fn capabilities() -> Capabilities {
     Capabilities::new(
         None,
         Some(&[CIPHERSUITE]),
-        Some(&[META]),
+        Some(&[META, ExtensionType::LastResort]),
         None,
         Some(&[CredentialType::Basic]),
     )

@@ -720,3 +720,16 @@ fn group_rules_decide_who_may_add_and_every_member_checks_them() {
     in_sync(&mut [&mut alice, &mut carol, &mut dave]);
     assert_eq!(dave.group_members("G").unwrap().1.len(), 4);
 }
+
+/// Found by the key-package drain test: the last-resort marker was not among the leaf's
+/// capabilities, so every peer refused a last-resort package.
+#[test]
+fn a_last_resort_key_package_is_accepted_by_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut alice =
+        Client::init(&dir.path().join("a"), KeySource::KeyFile, "Alice", link()).unwrap();
+    let mut bob = Client::init(&dir.path().join("b"), KeySource::KeyFile, "Bob", link()).unwrap();
+    let kp = alice.key_package(true).unwrap();
+    let result = bob.step(|ctx| Ok(mls::peer_key_package(&ctx.mls, &kp).map(|_| ())));
+    assert!(matches!(result, Ok(Ok(()))), "{result:?}");
+}

@@ -1,0 +1,182 @@
+//! Abuse and overload: attackers on 127.0.1.x, honest clients on 127.0.2.x (each client
+//! process leaves from its own address with the POSTERN_TEST_SOURCE_IP hook).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use postern_test_support::TestServer;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::bin;
+
+/// The server's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Runs a client command from `source`; returns its JSON lines.
+fn honest(home: &Path, source: &str, args: &[&str]) -> Vec<Value> {
+    let out = Command::new(bin())
+        .arg("--home")
+        .arg(home)
+        .arg("--json")
+        .args(args)
+        .env("POSTERN_TEST_SOURCE_IP", source)
+        .env_remove("POSTERN_PASSPHRASE")
+        .env_remove("POSTERN_LOG")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "postern {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// Bound on the server's memory growth while 5,000 connections hang in the TLS handshake.
+const SLOW_BOUND_KIB: u64 = 160 * 1024;
+
+#[tokio::test]
+async fn five_thousand_slow_connections_do_not_stop_honest_clients() {
+    let server = TestServer::start(bin()).await;
+    let addr: std::net::SocketAddr = server.link.addrs[0].parse().unwrap();
+    let before = rss_kib(server.pid());
+    // Attackers: 5,000 connections from 50 addresses, each sending the first byte of a TLS
+    // record and then nothing (slowloris at the handshake).
+    let mut slow = Vec::new();
+    for i in 0..5_000u32 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("127.0.1.{}:0", 1 + i % 50).parse().unwrap()).unwrap();
+        let mut tcp = socket.connect(addr).await.unwrap();
+        tcp.write_all(&[0x16]).await.unwrap();
+        slow.push(tcp);
+    }
+    let during = rss_kib(server.pid());
+    // Honest people make first contact and talk meanwhile.
+    let dir = tempfile::tempdir().unwrap();
+    let link = server.link.to_link_string();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    honest(&alice, "127.0.2.1", &["init", "--name", "Alice", "--server", &link]);
+    honest(&bob, "127.0.2.2", &["init", "--name", "Bob", "--server", &link]);
+    let invite =
+        honest(&alice, "127.0.2.1", &["invite", "--once"])[0]["link"].as_str().unwrap().to_owned();
+    honest(&bob, "127.0.2.2", &["connect", &invite]);
+    honest(&bob, "127.0.2.2", &["send", "Alice", "through the crowd"]);
+    let got = honest(&alice, "127.0.2.1", &["sync"]);
+    assert!(got.iter().any(|e| e["text"] == "through the crowd"), "{got:?}");
+    let peak = rss_kib(server.pid()).max(during);
+    eprintln!("server RSS {before} KiB before, {peak} KiB with 5,000 slow connections");
+    assert!(peak - before < SLOW_BOUND_KIB, "grew {} KiB", peak - before);
+    // The server drops each slow connection when its handshake time runs out (10 s).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for tcp in slow.iter_mut().step_by(250) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut buf = [0u8; 16];
+        let closed = tokio::time::timeout(left, tcp.read(&mut buf)).await;
+        assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "a slow connection was kept open");
+    }
+}
+
+/// A server whose drop addresses hold at most 1 MiB unread (the default is 16 MiB), so a
+/// flood reaches the quota quickly.
+async fn small_quota_server(dir: &Path) -> TestServer {
+    let config = dir.join("server.toml");
+    std::fs::write(&config, "[quotas]\ndrop_bytes = 1048576\n").unwrap();
+    TestServer::start_with_env(
+        bin(),
+        vec![("POSTERN_CONFIG".to_owned(), config.display().to_string())],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_drop_flood_stops_at_its_address_quota_and_first_contact_still_works() {
+    use postern_net::NetError;
+    use postern_proto::frame::{Body, ErrorCode, Request};
+    use postern_proto::ids::IdemKey;
+    let dir = tempfile::tempdir().unwrap();
+    let server = small_quota_server(dir.path()).await;
+    let link = server.link.to_link_string();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    honest(&alice, "127.0.2.1", &["init", "--name", "Alice", "--server", &link]);
+    honest(&bob, "127.0.2.2", &["init", "--name", "Bob", "--server", &link]);
+    // Alice's long-lived address leaks; an attacker floods its drop address.
+    let address = honest(&alice, "127.0.2.1", &["invite"])[0]["link"].as_str().unwrap().to_owned();
+    let leaked = postern_proto::link::InviteLink::parse(&address).unwrap();
+    let before = rss_kib(server.pid());
+    let mut attacker = server.connect().await;
+    let (mut accepted, mut refused) = (0, None);
+    for i in 0..1_000u32 {
+        let mut idem = [0u8; 16];
+        idem[..4].copy_from_slice(&i.to_be_bytes());
+        let flood = Request::Drop {
+            drop: leaked.drop,
+            idem: IdemKey(idem),
+            body: Body::Inline(vec![0xab; 16_000]),
+        };
+        match attacker.request(flood, None).await {
+            Ok(_) => accepted += 1,
+            Err(NetError::Refused(code)) => {
+                refused = Some(code);
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(refused, Some(ErrorCode::QuotaExceeded), "after {accepted} items");
+    assert!(accepted <= 66, "{accepted} items of 16,000 bytes passed a 1 MiB quota");
+    // Bob makes first contact through a one-time invite (its own drop address) and talks.
+    let invite =
+        honest(&alice, "127.0.2.1", &["invite", "--once"])[0]["link"].as_str().unwrap().to_owned();
+    honest(&bob, "127.0.2.2", &["connect", &invite]);
+    honest(&bob, "127.0.2.2", &["send", "Alice", "not drowned"]);
+    let got = honest(&alice, "127.0.2.1", &["sync"]);
+    assert!(got.iter().any(|e| e["text"] == "not drowned"), "{got:?}");
+    let grown = rss_kib(server.pid()).saturating_sub(before);
+    eprintln!("{accepted} flood items accepted, then quota_exceeded; server RSS grew {grown} KiB");
+    assert!(grown < 64 * 1024, "grew {grown} KiB");
+}
+
+#[tokio::test]
+async fn draining_key_packages_hits_the_daily_claim_limit_and_first_contact_still_works() {
+    use postern_net::NetError;
+    use postern_proto::frame::{ErrorCode, Request};
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(bin()).await;
+    let link = server.link.to_link_string();
+    let (alice, dave) = (dir.path().join("alice"), dir.path().join("dave"));
+    honest(&alice, "127.0.2.1", &["init", "--name", "Alice", "--server", &link]);
+    honest(&dave, "127.0.2.4", &["init", "--name", "Dave", "--server", &link]);
+    let address = honest(&alice, "127.0.2.1", &["invite"])[0]["link"].as_str().unwrap().to_owned();
+    let leaked = postern_proto::link::InviteLink::parse(&address).unwrap();
+    let mut attacker = server.connect().await;
+    let mut claimed = 0;
+    let refused = loop {
+        match attacker.request(Request::KeyPackageClaim { token: leaked.token.clone() }, None).await
+        {
+            Ok(_) => claimed += 1,
+            Err(NetError::Refused(code)) => break code,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(claimed <= 1_000, "no limit");
+    };
+    assert_eq!(refused, ErrorCode::RateLimited);
+    assert_eq!(claimed, usize::from(postern_client::ADDRESS_CLAIMS_PER_DAY));
+    // Dave still connects with a one-time invite (its own token), even with Alice's pool
+    // drained: the last-resort key package answers.
+    let invite =
+        honest(&alice, "127.0.2.1", &["invite", "--once"])[0]["link"].as_str().unwrap().to_owned();
+    honest(&dave, "127.0.2.4", &["connect", &invite]);
+    honest(&dave, "127.0.2.4", &["send", "Alice", "still here"]);
+    let got = honest(&alice, "127.0.2.1", &["sync"]);
+    assert!(got.iter().any(|e| e["text"] == "still here"), "{got:?}");
+}
