@@ -29,6 +29,9 @@ pub struct ServerConfig {
     pub retention: Retention,
     /// Most concurrent connections (TLS or not) on the public listener.
     pub max_connections: usize,
+    /// Most concurrent connections from one address: a backstop only, since relays, NAT and
+    /// loopback put many people behind one address.
+    pub max_connections_per_ip: usize,
     /// Test hook: expiry takes today to be this many days later than the clock says, so a
     /// test can restart the server past retention. Only days move; the gate's clock does not.
     pub days_ahead: u32,
@@ -48,6 +51,7 @@ impl ServerConfig {
             quotas: Quotas::default(),
             retention: Retention::default(),
             max_connections: 15_000,
+            max_connections_per_ip: 1_000,
             days_ahead: 0,
         }
     }
@@ -73,6 +77,8 @@ pub struct FileConfig {
     pub tls_key: Option<PathBuf>,
     /// Most concurrent connections.
     pub max_connections: Option<usize>,
+    /// Most concurrent connections from one address.
+    pub max_connections_per_ip: Option<usize>,
     /// `[quotas]`.
     #[serde(default)]
     pub quotas: QuotaConfig,
@@ -130,6 +136,9 @@ impl FileConfig {
         config.tls_key = self.tls_key;
         if let Some(n) = self.max_connections {
             config.max_connections = n;
+        }
+        if let Some(n) = self.max_connections_per_ip {
+            config.max_connections_per_ip = n;
         }
         let q = self.quotas;
         let d = Quotas::default();

@@ -202,14 +202,9 @@ pub async fn start<S: Store>(
     });
     let live = Arc::new(AtomicUsize::new(0));
     let router = Router::new().fallback(front::<S>).with_state(app.clone());
-    let accept = tokio::spawn(accept_loop(
-        listener,
-        tls,
-        router,
-        app.clone(),
-        live.clone(),
-        config.max_connections,
-    ));
+    let limits = Limits { total: config.max_connections, per_ip: config.max_connections_per_ip };
+    let accept =
+        tokio::spawn(accept_loop(listener, tls, router, app.clone(), live.clone(), limits));
     tokio::spawn(admin_loop(admin, app.clone()));
     tokio::spawn(sweep_loop(app.clone()));
     Ok(RunningServer { addr, admin_addr, link, app, shutdown: shutdown_tx, accept, live })
@@ -234,19 +229,55 @@ impl<S: Store> RunningServer<S> {
     }
 }
 
+/// Connection limits of the public listener.
+#[derive(Clone, Copy)]
+struct Limits {
+    total: usize,
+    per_ip: usize,
+}
+
+/// Open connections per peer address (the per-address backstop).
+#[derive(Default)]
+struct PerIp(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+impl PerIp {
+    /// Counts a connection from `ip`, unless it already has `cap`.
+    fn admit(&self, ip: std::net::IpAddr, cap: usize) -> bool {
+        let Ok(mut open) = self.0.lock() else { return false };
+        let n = open.entry(ip).or_default();
+        if *n >= cap {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn release(&self, ip: std::net::IpAddr) {
+        if let Ok(mut open) = self.0.lock()
+            && let Some(n) = open.get_mut(&ip)
+        {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&ip);
+            }
+        }
+    }
+}
+
 async fn accept_loop<S: Store>(
     listener: TcpListener,
     tls: tokio_rustls::TlsAcceptor,
     router: Router,
     app: Arc<App<S>>,
     live: Arc<AtomicUsize>,
-    max_connections: usize,
+    limits: Limits,
 ) {
     let mut shutdown = app.shutdown.clone();
+    let per_ip = Arc::new(PerIp::default());
     loop {
-        let tcp = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _peer)) => tcp,
+                Ok(accepted) => accepted,
                 Err(_) => {
                     // Out of file descriptors and similar: back off instead of spinning.
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -255,18 +286,20 @@ async fn accept_loop<S: Store>(
             },
             _ = shutdown.changed() => return,
         };
-        if live.load(Ordering::Acquire) >= max_connections {
+        if live.load(Ordering::Acquire) >= limits.total || !per_ip.admit(peer.ip(), limits.per_ip) {
             drop(tcp);
             continue;
         }
         let _ = tcp.set_nodelay(true);
         live.fetch_add(1, Ordering::AcqRel);
         let (tls, router, app, live) = (tls.clone(), router.clone(), app.clone(), live.clone());
+        let per_ip = per_ip.clone();
         tokio::spawn(async move {
             app.metrics.connections_open.inc();
             serve_connection(tls, tcp, router, &app).await;
             app.metrics.connections_open.dec();
             live.fetch_sub(1, Ordering::AcqRel);
+            per_ip.release(peer.ip());
         });
     }
 }

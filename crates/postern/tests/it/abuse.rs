@@ -180,3 +180,40 @@ async fn draining_key_packages_hits_the_daily_claim_limit_and_first_contact_stil
     let got = honest(&alice, "127.0.2.1", &["sync"]);
     assert!(got.iter().any(|e| e["text"] == "still here"), "{got:?}");
 }
+
+#[tokio::test]
+async fn one_address_cannot_hold_more_than_its_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(&config, "max_connections_per_ip = 50\n").unwrap();
+    let env = vec![("POSTERN_CONFIG".to_owned(), config.display().to_string())];
+    let server = TestServer::start_with_env(bin(), env).await;
+    let addr: std::net::SocketAddr = server.link.addrs[0].parse().unwrap();
+    // 60 silent connections from one attacker address: the server keeps 50 (until their
+    // handshake time runs out) and closes the rest at once.
+    let mut conns = Vec::new();
+    for _ in 0..60 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.1.9:0".parse().unwrap()).unwrap();
+        conns.push(socket.connect(addr).await.unwrap());
+    }
+    // Watch them all at once for a second (well inside the 10 s handshake time).
+    let mut watching = tokio::task::JoinSet::new();
+    for mut tcp in conns {
+        watching.spawn(async move {
+            let mut buf = [0u8; 1];
+            let read = tokio::time::timeout(Duration::from_secs(1), tcp.read(&mut buf)).await;
+            matches!(read, Ok(Ok(0) | Err(_)))
+        });
+    }
+    let mut closed = 0;
+    while let Some(was_closed) = watching.join_next().await {
+        closed += usize::from(was_closed.unwrap());
+    }
+    assert_eq!(closed, 10, "the connections over the address's cap are closed, the rest kept");
+    // Someone on another address is not affected.
+    let home = dir.path().join("alice");
+    let link = server.link.to_link_string();
+    honest(&home, "127.0.2.1", &["init", "--name", "Alice", "--server", &link]);
+    honest(&home, "127.0.2.1", &["sync"]);
+}
