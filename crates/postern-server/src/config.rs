@@ -32,6 +32,10 @@ pub struct ServerConfig {
     /// Most concurrent connections from one address: a backstop only, since relays, NAT and
     /// loopback put many people behind one address.
     pub max_connections_per_ip: usize,
+    /// Requests one connection may make per second, on average.
+    pub requests_per_second: u32,
+    /// Requests one connection may make at once beyond that rate.
+    pub request_burst: u32,
     /// Test hook: expiry takes today to be this many days later than the clock says, so a
     /// test can restart the server past retention. Only days move; the gate's clock does not.
     pub days_ahead: u32,
@@ -52,6 +56,8 @@ impl ServerConfig {
             retention: Retention::default(),
             max_connections: 15_000,
             max_connections_per_ip: 1_000,
+            requests_per_second: 1_000,
+            request_burst: 2_000,
             days_ahead: 0,
         }
     }
@@ -79,6 +85,10 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     /// Most concurrent connections from one address.
     pub max_connections_per_ip: Option<usize>,
+    /// Requests per second per connection.
+    pub requests_per_second: Option<u32>,
+    /// Burst of requests per connection.
+    pub request_burst: Option<u32>,
     /// `[quotas]`.
     #[serde(default)]
     pub quotas: QuotaConfig,
@@ -139,6 +149,12 @@ impl FileConfig {
         }
         if let Some(n) = self.max_connections_per_ip {
             config.max_connections_per_ip = n;
+        }
+        if let Some(n) = self.requests_per_second {
+            config.requests_per_second = n;
+        }
+        if let Some(n) = self.request_burst {
+            config.request_burst = n;
         }
         let q = self.quotas;
         let d = Quotas::default();

@@ -112,6 +112,8 @@ pub(crate) struct App<S> {
     pub(crate) metrics: Metrics,
     pub(crate) clock: Clock,
     pub(crate) days_ahead: u32,
+    /// Per-connection request rate and burst.
+    pub(crate) request_rate: (u32, u32),
     pub(crate) shutdown: watch::Receiver<bool>,
 }
 
@@ -198,6 +200,7 @@ pub async fn start<S: Store>(
         metrics: Metrics::default(),
         clock,
         days_ahead: config.days_ahead,
+        request_rate: (config.requests_per_second, config.request_burst),
         shutdown: shutdown_rx,
     });
     let live = Arc::new(AtomicUsize::new(0));

@@ -55,6 +55,8 @@ struct Session<S: Store> {
     transport: Transport,
     nonce: [u8; 32],
     last_request_id: Option<u32>,
+    /// The connection's request budget.
+    bucket: Bucket,
     subs: HashMap<LogId, Sub>,
     work: FuturesUnordered<Work>,
 }
@@ -90,6 +92,7 @@ async fn handshake<S: Store>(app: &Arc<App<S>>, socket: WebSocket) -> Option<Ses
         transport: transport?,
         nonce,
         last_request_id: None,
+        bucket: Bucket::full(app.request_rate.1),
         subs: HashMap::new(),
         work: FuturesUnordered::new(),
     })
@@ -163,6 +166,10 @@ impl<S: Store> Session<S> {
         self.last_request_id = Some(frame.request_id);
         self.app.metrics.requests.inc();
         let request_id = frame.request_id;
+        let (rate, burst) = self.app.request_rate;
+        if !self.bucket.take(tokio::time::Instant::now(), rate, burst) {
+            return self.respond(request_id, Err(ErrorCode::RateLimited)).await;
+        }
         match frame.request {
             Request::Subscribe { log, after } => {
                 if !self.subs.contains_key(&log) && self.subs.len() >= MAX_SUBSCRIPTIONS {
@@ -275,5 +282,29 @@ impl<S: Store> Session<S> {
         sub.cursor = notice.item.seq;
         let items = vec![(*notice.item).clone()];
         self.send(&ServerFrame::Push(Push::Items { log: notice.log, items })).await
+    }
+}
+
+/// A token bucket: `rate` requests a second on average, `burst` at once.
+struct Bucket {
+    tokens: f64,
+    last: tokio::time::Instant,
+}
+
+impl Bucket {
+    fn full(burst: u32) -> Self {
+        Bucket { tokens: f64::from(burst), last: tokio::time::Instant::now() }
+    }
+
+    /// Takes one request's token, if there is one.
+    fn take(&mut self, now: tokio::time::Instant, rate: u32, burst: u32) -> bool {
+        let refill = now.duration_since(self.last).as_secs_f64() * f64::from(rate);
+        self.tokens = (self.tokens + refill).min(f64::from(burst));
+        self.last = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
     }
 }

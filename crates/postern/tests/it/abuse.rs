@@ -217,3 +217,35 @@ async fn one_address_cannot_hold_more_than_its_connections() {
     honest(&home, "127.0.2.1", &["init", "--name", "Alice", "--server", &link]);
     honest(&home, "127.0.2.1", &["sync"]);
 }
+
+#[tokio::test]
+async fn a_connection_past_its_request_rate_is_refused_and_others_are_not() {
+    use postern_proto::frame::{ErrorCode, Request, Response, ServerFrame};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(&config, "requests_per_second = 100\nrequest_burst = 100\n").unwrap();
+    let env = vec![("POSTERN_CONFIG".to_owned(), config.display().to_string())];
+    let server = TestServer::start_with_env(bin(), env).await;
+    // 1,000 pings sent at once: the first 100 pass, then about 100 a second.
+    let mut flood = server.connect().await;
+    let mut ids = Vec::new();
+    for _ in 0..1_000 {
+        ids.push(flood.send(Request::Ping, None).await.unwrap());
+    }
+    // Refusals are answered at once, pongs as their work finishes: in any order.
+    let (mut answered, mut limited) = (0, 0);
+    for _ in &ids {
+        match flood.recv().await.unwrap() {
+            ServerFrame::Response { result: Ok(Response::Pong), .. } => answered += 1,
+            ServerFrame::Response { result: Err(ErrorCode::RateLimited), .. } => limited += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    eprintln!("{answered} answered, {limited} rate-limited");
+    assert!(answered >= 100 && limited >= 500, "{answered} answered, {limited} limited");
+    // Another connection has its own budget; and the flooding one recovers.
+    let mut other = server.connect().await;
+    assert_eq!(other.request(Request::Ping, None).await.unwrap(), Response::Pong);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(flood.request(Request::Ping, None).await.unwrap(), Response::Pong);
+}
