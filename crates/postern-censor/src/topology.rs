@@ -76,7 +76,7 @@ impl Lab {
     /// Makes the namespaces, links, addresses and routes, with a fresh name prefix.
     pub fn up() -> Result<Lab> {
         use rand::Rng;
-        let prefix = format!("pl{:05x}", rand::thread_rng().gen_range(0..0x10_0000));
+        let prefix = format!("pl{:06x}", rand::thread_rng().gen_range(0..0x100_0000));
         let mut lab = Lab { prefix, made: Vec::new(), children: Vec::new(), etc: None };
         lab.build()?;
         Ok(lab)

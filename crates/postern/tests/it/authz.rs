@@ -49,7 +49,8 @@ async fn owner_requests(
     c.request(Request::Drop { drop, idem: ids::idem(), body: Body::Inline(vec![1; 10]) }, None)
         .await
         .unwrap();
-    let token = TokenHash([ids::idem().0[0]; 32]);
+    // Token hashes are global: fresh random ones, so runs and roles never collide.
+    let token = TokenHash(rand::random());
     let create_token = |token_hash| Request::ClaimTokenCreate {
         mailbox,
         token_hash,
@@ -73,7 +74,7 @@ async fn owner_requests(
             },
         ),
         ("key_package_status", Request::KeyPackageStatus { mailbox }),
-        ("claim_token_create", create_token(TokenHash([0xcc; 32]))),
+        ("claim_token_create", create_token(TokenHash(rand::random()))),
         ("claim_token_revoke", Request::ClaimTokenRevoke { mailbox, token_hash: token }),
     ]
 }
