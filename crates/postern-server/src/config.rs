@@ -36,6 +36,9 @@ pub struct ServerConfig {
     pub requests_per_second: u32,
     /// Requests one connection may make at once beyond that rate.
     pub request_burst: u32,
+    /// Bytes of requests all connections together may have in flight; past it, new
+    /// requests are answered `rate_limited` until earlier ones finish.
+    pub buffer_bytes: usize,
     /// Test hook: expiry takes today to be this many days later than the clock says, so a
     /// test can restart the server past retention. Only days move; the gate's clock does not.
     pub days_ahead: u32,
@@ -58,6 +61,7 @@ impl ServerConfig {
             max_connections_per_ip: 1_000,
             requests_per_second: 1_000,
             request_burst: 2_000,
+            buffer_bytes: 256 << 20,
             days_ahead: 0,
         }
     }
@@ -89,6 +93,8 @@ pub struct FileConfig {
     pub requests_per_second: Option<u32>,
     /// Burst of requests per connection.
     pub request_burst: Option<u32>,
+    /// Bytes of requests in flight, all connections together.
+    pub buffer_bytes: Option<usize>,
     /// `[quotas]`.
     #[serde(default)]
     pub quotas: QuotaConfig,
@@ -155,6 +161,9 @@ impl FileConfig {
         }
         if let Some(n) = self.request_burst {
             config.request_burst = n;
+        }
+        if let Some(n) = self.buffer_bytes {
+            config.buffer_bytes = n;
         }
         let q = self.quotas;
         let d = Quotas::default();

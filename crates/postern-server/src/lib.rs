@@ -78,6 +78,41 @@ pub fn system_clock() -> Clock {
     Arc::new(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
 }
 
+/// A budget of bytes shared by every connection: the cap on buffered request data.
+pub(crate) struct Buffered {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl Buffered {
+    pub(crate) fn new(limit: usize) -> Self {
+        Buffered { used: AtomicUsize::new(0), limit }
+    }
+
+    /// Takes `n` bytes of the budget, if they are free; they come back when the lease is
+    /// dropped (answered, or its connection gone).
+    pub(crate) fn try_take(self: &Arc<Self>, n: usize) -> Option<Lease> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(n).filter(|total| *total <= self.limit)
+            })
+            .ok()
+            .map(|_| Lease { budget: self.clone(), n })
+    }
+}
+
+/// Bytes of the shared budget held by one request.
+pub(crate) struct Lease {
+    budget: Arc<Buffered>,
+    n: usize,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.n, Ordering::AcqRel);
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct Counter(AtomicU64);
 
@@ -114,6 +149,8 @@ pub(crate) struct App<S> {
     pub(crate) days_ahead: u32,
     /// Per-connection request rate and burst.
     pub(crate) request_rate: (u32, u32),
+    /// Request bytes in flight, all connections together.
+    pub(crate) buffered: Arc<Buffered>,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
 
@@ -201,6 +238,7 @@ pub async fn start<S: Store>(
         clock,
         days_ahead: config.days_ahead,
         request_rate: (config.requests_per_second, config.request_burst),
+        buffered: Arc::new(Buffered::new(config.buffer_bytes)),
         shutdown: shutdown_rx,
     });
     let live = Arc::new(AtomicUsize::new(0));
@@ -415,5 +453,24 @@ async fn sweep_loop<S: Store>(app: Arc<App<S>>) {
             () = tokio::time::sleep(SWEEP_EVERY) => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[test]
+    fn the_buffer_budget_lends_up_to_its_limit_and_takes_back_on_drop() {
+        let budget = Arc::new(Buffered::new(100));
+        let a = budget.try_take(60);
+        assert!(a.is_some());
+        assert!(budget.try_take(50).is_none(), "over the limit");
+        let b = budget.try_take(40);
+        assert!(b.is_some());
+        drop(a);
+        assert!(budget.try_take(60).is_some(), "given back when dropped");
+        drop(b);
+        assert_eq!(budget.used.load(Ordering::Acquire), 0);
     }
 }

@@ -18,9 +18,9 @@ use postern_proto::session::{Transport, server_respond};
 use postern_store::{Page, Store};
 use rand::RngCore;
 
-use crate::App;
 use crate::handler::{code, handle, read_limit};
 use crate::hub::{Notice, Subscriber};
+use crate::{App, Lease};
 
 /// Requests one session may have running at once; beyond this the session stops reading.
 const MAX_IN_FLIGHT: usize = 64;
@@ -34,8 +34,17 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 type Work = Pin<Box<dyn Future<Output = Done> + Send>>;
 
 enum Done {
-    Response { request_id: u32, result: Result<Response, ErrorCode> },
-    CatchUp { log: LogId, reply_to: Option<u32>, result: Result<Page, ErrorCode> },
+    /// A request's answer; its share of the buffer budget is given back with it.
+    Response {
+        request_id: u32,
+        result: Result<Response, ErrorCode>,
+        lease: Lease,
+    },
+    CatchUp {
+        log: LogId,
+        reply_to: Option<u32>,
+        result: Result<Page, ErrorCode>,
+    },
 }
 
 /// Per-log subscription state: everything up to `cursor` has been pushed.
@@ -192,11 +201,15 @@ impl<S: Store> Session<S> {
                 self.respond(request_id, Ok(Response::Ok)).await
             }
             _ => {
+                // Its bytes count against the budget all connections share until answered.
+                let Some(lease) = self.app.buffered.try_take(plain.len()) else {
+                    return self.respond(request_id, Err(ErrorCode::RateLimited)).await;
+                };
                 let app = self.app.clone();
                 let nonce = self.nonce;
                 self.work.push(Box::pin(async move {
                     let result = handle(&app, &nonce, frame).await;
-                    Done::Response { request_id, result }
+                    Done::Response { request_id, result, lease }
                 }));
                 Ok(())
             }
@@ -224,7 +237,10 @@ impl<S: Store> Session<S> {
 
     async fn on_done(&mut self, done: Done, subscriber: &Subscriber) -> Result<(), Closed> {
         match done {
-            Done::Response { request_id, result } => self.respond(request_id, result).await,
+            Done::Response { request_id, result, lease } => {
+                drop(lease);
+                self.respond(request_id, result).await
+            }
             Done::CatchUp { log, reply_to, result } => {
                 let page = match result {
                     Ok(page) => page,

@@ -249,3 +249,25 @@ async fn a_connection_past_its_request_rate_is_refused_and_others_are_not() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(flood.request(Request::Ping, None).await.unwrap(), Response::Pong);
 }
+
+#[tokio::test]
+async fn past_the_shared_buffer_budget_new_requests_wait_their_turn() {
+    use postern_net::NetError;
+    use postern_proto::frame::{ErrorCode, Request, Response};
+    // A budget smaller than any request: every request that needs work is refused, and the
+    // connection stays usable. The default (256 MiB) serves every other test.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(&config, "buffer_bytes = 1\n").unwrap();
+    let env = vec![("POSTERN_CONFIG".to_owned(), config.display().to_string())];
+    let server = TestServer::start_with_env(bin(), env).await;
+    let mut c = server.connect().await;
+    for _ in 0..3 {
+        match c.request(Request::Ping, None).await {
+            Err(NetError::Refused(ErrorCode::RateLimited)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let open = TestServer::start(bin()).await;
+    assert_eq!(open.connect().await.request(Request::Ping, None).await.unwrap(), Response::Pong);
+}
