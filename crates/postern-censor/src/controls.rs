@@ -156,12 +156,16 @@ impl ServerCertVerifier for AnyCert {
     }
 }
 
-/// A client that accepts the lab's self-signed certificates, offering `alpn`.
-fn client_config(alpn: Vec<Vec<u8>>) -> Result<Arc<rustls::ClientConfig>> {
+/// A client that accepts the lab's self-signed certificates (keeping the one it saw in
+/// `verifier`), offering `alpn`.
+pub(crate) fn client_config(
+    verifier: Arc<AnyCert>,
+    alpn: Vec<Vec<u8>>,
+) -> Result<Arc<rustls::ClientConfig>> {
     let mut c = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCert::default()))
+        .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     c.alpn_protocols = alpn;
     Ok(Arc::new(c))
@@ -230,15 +234,18 @@ pub fn tls_in_tls(
         tcp.set_read_timeout(Some(timeout))?;
         tcp.set_nodelay(true)?;
         let outer_name = ServerName::try_from(outer_sni.to_owned())?;
-        let mut outer =
-            rustls::ClientConnection::new(client_config(vec![b"h2".to_vec()])?, outer_name)?;
+        let mut outer = rustls::ClientConnection::new(
+            client_config(Arc::default(), vec![b"h2".to_vec()])?,
+            outer_name,
+        )?;
         while outer.is_handshaking() {
             outer.complete_io(&mut tcp)?;
         }
         let mut padding: Vec<Vec<u8>> = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         padding.extend((0..12).map(|i| format!("x-lab-padding-{i:02}").into_bytes()));
         let inner_name = ServerName::try_from(inner_sni.to_owned())?;
-        let mut inner = rustls::ClientConnection::new(client_config(padding)?, inner_name)?;
+        let mut inner =
+            rustls::ClientConnection::new(client_config(Arc::default(), padding)?, inner_name)?;
         let mut tunnel = rustls::Stream::new(&mut outer, &mut tcp);
         while inner.is_handshaking() {
             inner.complete_io(&mut tunnel)?;
@@ -318,7 +325,10 @@ pub fn tls_get(
         tcp.set_read_timeout(Some(timeout))?;
         tcp.set_write_timeout(Some(timeout))?;
         tcp.set_nodelay(true)?;
-        let config = client_config(shape.alpn.iter().map(|a| a.as_bytes().to_vec()).collect())?;
+        let config = client_config(
+            Arc::default(),
+            shape.alpn.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        )?;
         let name = ServerName::try_from(sni.to_owned())?;
         let mut conn = rustls::ClientConnection::new(config, name)?;
         let mut io = Split { inner: tcp, size: shape.split.unwrap_or(usize::MAX) };

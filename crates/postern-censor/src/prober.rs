@@ -23,7 +23,7 @@ use anyhow::{Context, Result};
 use rustls::pki_types::ServerName;
 use serde::Serialize;
 
-use crate::controls::{AnyCert, provider};
+use crate::controls::{AnyCert, client_config};
 use crate::dns::Zone;
 
 /// The prober's source address, on the censor router.
@@ -106,18 +106,12 @@ fn names_in(cert: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// `GET /` with `sni` at `server` over TLS, as a browser would (h2 and http/1.1 offered,
-/// http/1.1 spoken): the certificate's names, the status and the body.
+/// `GET /` with `sni` at `server` over TLS (HTTP/1.1): the certificate's names, the status
+/// and the body.
 fn fetch(server: SocketAddrV4, sni: &str) -> Result<(Vec<String>, u16, Vec<u8>)> {
     let capture = Arc::new(AnyCert::default());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .dangerous()
-        .with_custom_certificate_verifier(capture.clone())
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let mut conn =
-        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from(sni.to_owned())?)?;
+    let config = client_config(capture.clone(), vec![b"http/1.1".to_vec()])?;
+    let mut conn = rustls::ClientConnection::new(config, ServerName::try_from(sni.to_owned())?)?;
     let mut tcp = connect(server)?;
     let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
     tls.write_all(

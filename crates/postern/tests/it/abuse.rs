@@ -2,7 +2,6 @@
 //! process leaves from its own address with the POSTERN_TEST_SOURCE_IP hook).
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use postern_test_support::TestServer;
@@ -10,6 +9,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::bin;
+use crate::chat::ok_with;
 
 /// The server's resident memory, in KiB.
 fn rss_kib(pid: u32) -> u64 {
@@ -23,23 +23,7 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// Runs a client command from `source`; returns its JSON lines.
 fn honest(home: &Path, source: &str, args: &[&str]) -> Vec<Value> {
-    let out = Command::new(bin())
-        .arg("--home")
-        .arg(home)
-        .arg("--json")
-        .args(args)
-        .env("POSTERN_TEST_SOURCE_IP", source)
-        .env_remove("POSTERN_PASSPHRASE")
-        .env_remove("POSTERN_LOG")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "postern {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    ok_with(home, args, &[("POSTERN_TEST_SOURCE_IP", source)])
 }
 
 /// Bound on the server's memory growth while 5,000 connections hang in the TLS handshake.
