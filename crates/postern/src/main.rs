@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod client;
 mod server;
+mod signals;
 
 #[derive(Parser, Debug)]
 #[command(

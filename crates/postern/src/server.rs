@@ -72,6 +72,8 @@ pub(crate) fn run(args: ServerArgs, json: bool) -> Result<()> {
 }
 
 async fn serve(config: ServerConfig, json: bool) -> Result<()> {
+    // Before anything is printed: whoever reads "listening" may send SIGTERM at once.
+    let mut signals = crate::signals::Signals::install()?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     let store = SqliteStore::open(
@@ -124,7 +126,7 @@ async fn serve(config: ServerConfig, json: bool) -> Result<()> {
     drop(out);
     tracing::info!("server started");
 
-    wait_for_signal().await?;
+    signals.wait().await;
     tracing::info!("shutting down");
     server.shutdown().await;
     store.close();
@@ -142,16 +144,6 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
         .mode(0o600)
         .open(path)?;
     f.write_all(text.as_bytes())
-}
-
-async fn wait_for_signal() -> Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot install the SIGTERM handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        r = tokio::signal::ctrl_c() => r.context("cannot wait for Ctrl-C")?,
-    }
-    Ok(())
 }
 
 #[cfg(test)]

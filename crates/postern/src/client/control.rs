@@ -95,6 +95,8 @@ pub(crate) async fn listen(mut driver: Driver, home: &Path, json: bool) -> Resul
         .with_context(|| format!("cannot listen on {}", path.display()))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    // Before "listening" is printed: whoever reads it may send SIGTERM at once.
+    let mut signals = crate::signals::Signals::install()?;
     catch_up(&mut driver, json).await;
     if json {
         emit(format!("{}\n", serde_json::json!({ "event": "listening" })).as_bytes());
@@ -103,7 +105,6 @@ pub(crate) async fn listen(mut driver: Driver, home: &Path, json: bool) -> Resul
     }
     let mut poll = tokio::time::interval(POLL);
     let mut ping = tokio::time::interval(PING);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -129,8 +130,7 @@ pub(crate) async fn listen(mut driver: Driver, home: &Path, json: bool) -> Resul
                     tracing::warn!("{e:#}");
                 }
             }
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
+            _ = signals.wait() => break,
         }
     }
     let _ = std::fs::remove_file(&path);
