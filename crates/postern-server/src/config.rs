@@ -32,6 +32,10 @@ pub struct ServerConfig {
     /// Most concurrent connections from one address: a backstop only, since relays, NAT and
     /// loopback put many people behind one address.
     pub max_connections_per_ip: usize,
+    /// New connections one address may open per second, on average (a backstop too).
+    pub new_connections_per_ip_per_second: u32,
+    /// New connections one address may open at once beyond that rate.
+    pub new_connection_burst_per_ip: u32,
     /// Requests one connection may make per second, on average.
     pub requests_per_second: u32,
     /// Requests one connection may make at once beyond that rate.
@@ -59,6 +63,8 @@ impl ServerConfig {
             retention: Retention::default(),
             max_connections: 15_000,
             max_connections_per_ip: 1_000,
+            new_connections_per_ip_per_second: 100,
+            new_connection_burst_per_ip: 1_000,
             requests_per_second: 1_000,
             request_burst: 2_000,
             buffer_bytes: 256 << 20,
@@ -89,6 +95,10 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     /// Most concurrent connections from one address.
     pub max_connections_per_ip: Option<usize>,
+    /// New connections per second from one address.
+    pub new_connections_per_ip_per_second: Option<u32>,
+    /// Burst of new connections from one address.
+    pub new_connection_burst_per_ip: Option<u32>,
     /// Requests per second per connection.
     pub requests_per_second: Option<u32>,
     /// Burst of requests per connection.
@@ -155,6 +165,12 @@ impl FileConfig {
         }
         if let Some(n) = self.max_connections_per_ip {
             config.max_connections_per_ip = n;
+        }
+        if let Some(n) = self.new_connections_per_ip_per_second {
+            config.new_connections_per_ip_per_second = n;
+        }
+        if let Some(n) = self.new_connection_burst_per_ip {
+            config.new_connection_burst_per_ip = n;
         }
         if let Some(n) = self.requests_per_second {
             config.requests_per_second = n;

@@ -38,6 +38,7 @@ mod gate;
 mod handler;
 mod hub;
 mod identity;
+mod limits;
 mod session;
 mod site;
 
@@ -78,41 +79,6 @@ pub fn system_clock() -> Clock {
     Arc::new(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
 }
 
-/// A budget of bytes shared by every connection: the cap on buffered request data.
-pub(crate) struct Buffered {
-    used: AtomicUsize,
-    limit: usize,
-}
-
-impl Buffered {
-    pub(crate) fn new(limit: usize) -> Self {
-        Buffered { used: AtomicUsize::new(0), limit }
-    }
-
-    /// Takes `n` bytes of the budget, if they are free; they come back when the lease is
-    /// dropped (answered, or its connection gone).
-    pub(crate) fn try_take(self: &Arc<Self>, n: usize) -> Option<Lease> {
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                used.checked_add(n).filter(|total| *total <= self.limit)
-            })
-            .ok()
-            .map(|_| Lease { budget: self.clone(), n })
-    }
-}
-
-/// Bytes of the shared budget held by one request.
-pub(crate) struct Lease {
-    budget: Arc<Buffered>,
-    n: usize,
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        self.budget.used.fetch_sub(self.n, Ordering::AcqRel);
-    }
-}
-
 #[derive(Default)]
 pub(crate) struct Counter(AtomicU64);
 
@@ -150,7 +116,7 @@ pub(crate) struct App<S> {
     /// Per-connection request rate and burst.
     pub(crate) request_rate: (u32, u32),
     /// Request bytes in flight, all connections together.
-    pub(crate) buffered: Arc<Buffered>,
+    pub(crate) buffered: Arc<limits::Buffered>,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
 
@@ -238,12 +204,19 @@ pub async fn start<S: Store>(
         clock,
         days_ahead: config.days_ahead,
         request_rate: (config.requests_per_second, config.request_burst),
-        buffered: Arc::new(Buffered::new(config.buffer_bytes)),
+        buffered: Arc::new(limits::Buffered::new(config.buffer_bytes)),
         shutdown: shutdown_rx,
     });
     let live = Arc::new(AtomicUsize::new(0));
     let router = Router::new().fallback(front::<S>).with_state(app.clone());
-    let limits = Limits { total: config.max_connections, per_ip: config.max_connections_per_ip };
+    let limits = Limits {
+        total: config.max_connections,
+        per_ip: limits::PerIpLimits {
+            open: config.max_connections_per_ip,
+            rate: config.new_connections_per_ip_per_second,
+            burst: config.new_connection_burst_per_ip,
+        },
+    };
     let accept =
         tokio::spawn(accept_loop(listener, tls, router, app.clone(), live.clone(), limits));
     tokio::spawn(admin_loop(admin, app.clone()));
@@ -274,35 +247,7 @@ impl<S: Store> RunningServer<S> {
 #[derive(Clone, Copy)]
 struct Limits {
     total: usize,
-    per_ip: usize,
-}
-
-/// Open connections per peer address (the per-address backstop).
-#[derive(Default)]
-struct PerIp(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
-
-impl PerIp {
-    /// Counts a connection from `ip`, unless it already has `cap`.
-    fn admit(&self, ip: std::net::IpAddr, cap: usize) -> bool {
-        let Ok(mut open) = self.0.lock() else { return false };
-        let n = open.entry(ip).or_default();
-        if *n >= cap {
-            return false;
-        }
-        *n += 1;
-        true
-    }
-
-    fn release(&self, ip: std::net::IpAddr) {
-        if let Ok(mut open) = self.0.lock()
-            && let Some(n) = open.get_mut(&ip)
-        {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&ip);
-            }
-        }
-    }
+    per_ip: limits::PerIpLimits,
 }
 
 async fn accept_loop<S: Store>(
@@ -314,7 +259,7 @@ async fn accept_loop<S: Store>(
     limits: Limits,
 ) {
     let mut shutdown = app.shutdown.clone();
-    let per_ip = Arc::new(PerIp::default());
+    let per_ip = Arc::new(limits::PerIp::new(limits.per_ip));
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -327,7 +272,9 @@ async fn accept_loop<S: Store>(
             },
             _ = shutdown.changed() => return,
         };
-        if live.load(Ordering::Acquire) >= limits.total || !per_ip.admit(peer.ip(), limits.per_ip) {
+        if live.load(Ordering::Acquire) >= limits.total
+            || !per_ip.admit(peer.ip(), tokio::time::Instant::now())
+        {
             drop(tcp);
             continue;
         }
@@ -453,24 +400,5 @@ async fn sweep_loop<S: Store>(app: Arc<App<S>>) {
             () = tokio::time::sleep(SWEEP_EVERY) => {}
             _ = shutdown.changed() => return,
         }
-    }
-}
-
-#[cfg(test)]
-mod budget_tests {
-    use super::*;
-
-    #[test]
-    fn the_buffer_budget_lends_up_to_its_limit_and_takes_back_on_drop() {
-        let budget = Arc::new(Buffered::new(100));
-        let a = budget.try_take(60);
-        assert!(a.is_some());
-        assert!(budget.try_take(50).is_none(), "over the limit");
-        let b = budget.try_take(40);
-        assert!(b.is_some());
-        drop(a);
-        assert!(budget.try_take(60).is_some(), "given back when dropped");
-        drop(b);
-        assert_eq!(budget.used.load(Ordering::Acquire), 0);
     }
 }

@@ -18,9 +18,10 @@ use postern_proto::session::{Transport, server_respond};
 use postern_store::{Page, Store};
 use rand::RngCore;
 
+use crate::App;
 use crate::handler::{code, handle, read_limit};
 use crate::hub::{Notice, Subscriber};
-use crate::{App, Lease};
+use crate::limits::{Bucket, Lease};
 
 /// Requests one session may have running at once; beyond this the session stops reading.
 const MAX_IN_FLIGHT: usize = 64;
@@ -101,7 +102,7 @@ async fn handshake<S: Store>(app: &Arc<App<S>>, socket: WebSocket) -> Option<Ses
         transport: transport?,
         nonce,
         last_request_id: None,
-        bucket: Bucket::full(app.request_rate.1),
+        bucket: Bucket::full(app.request_rate.1, tokio::time::Instant::now()),
         subs: HashMap::new(),
         work: FuturesUnordered::new(),
     })
@@ -298,29 +299,5 @@ impl<S: Store> Session<S> {
         sub.cursor = notice.item.seq;
         let items = vec![(*notice.item).clone()];
         self.send(&ServerFrame::Push(Push::Items { log: notice.log, items })).await
-    }
-}
-
-/// A token bucket: `rate` requests a second on average, `burst` at once.
-struct Bucket {
-    tokens: f64,
-    last: tokio::time::Instant,
-}
-
-impl Bucket {
-    fn full(burst: u32) -> Self {
-        Bucket { tokens: f64::from(burst), last: tokio::time::Instant::now() }
-    }
-
-    /// Takes one request's token, if there is one.
-    fn take(&mut self, now: tokio::time::Instant, rate: u32, burst: u32) -> bool {
-        let refill = now.duration_since(self.last).as_secs_f64() * f64::from(rate);
-        self.tokens = (self.tokens + refill).min(f64::from(burst));
-        self.last = now;
-        if self.tokens < 1.0 {
-            return false;
-        }
-        self.tokens -= 1.0;
-        true
     }
 }

@@ -175,13 +175,66 @@ async fn one_address_cannot_hold_more_than_its_connections() {
     let addr: std::net::SocketAddr = server.link.addrs[0].parse().unwrap();
     // 60 silent connections from one attacker address: the server keeps 50 (until their
     // handshake time runs out) and closes the rest at once.
+    let conns = silent_connections(addr, "127.0.1.9", 60).await;
+    let closed = closed_within_a_second(conns).await;
+    assert_eq!(closed, 10, "the connections over the address's cap are closed, the rest kept");
+    // Someone on another address is not affected.
+    let home = dir.path().join("alice");
+    let link = server.link.to_link_string();
+    honest(&home, "127.0.2.1", &["init", "--name", "Alice", "--server", &link]);
+    honest(&home, "127.0.2.1", &["sync"]);
+}
+
+#[tokio::test]
+async fn one_address_cannot_open_connections_faster_than_its_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        "new_connections_per_ip_per_second = 1\nnew_connection_burst_per_ip = 20\n",
+    )
+    .unwrap();
+    let env = vec![("POSTERN_CONFIG".to_owned(), config.display().to_string())];
+    let server = TestServer::start_with_env(bin(), env).await;
+    let addr: std::net::SocketAddr = server.link.addrs[0].parse().unwrap();
+    // 30 connections opened at once from one address: the burst of 20 is let in, the rest
+    // closed at once, less one for each second the opening took (the rate refills).
+    let started = Instant::now();
+    let conns = silent_connections(addr, "127.0.1.10", 30).await;
+    let refilled = started.elapsed().as_secs() as usize + 1;
+    let closed = closed_within_a_second(conns).await;
+    assert!(
+        (10usize.saturating_sub(refilled)..=10).contains(&closed),
+        "{closed} of 30 closed; expected 10 (at most {refilled} refilled)"
+    );
+    // Someone on another address is not affected.
+    let home = dir.path().join("alice");
+    let link = server.link.to_link_string();
+    honest(&home, "127.0.2.1", &["init", "--name", "Alice", "--server", &link]);
+    // The limit is a rate, not a ban: after a pause the address connects again.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let again = silent_connections(addr, "127.0.1.10", 1).await;
+    assert_eq!(closed_within_a_second(again).await, 0, "admitted again after a pause");
+}
+
+/// Opens `n` TCP connections from `source` that send nothing.
+async fn silent_connections(
+    addr: std::net::SocketAddr,
+    source: &str,
+    n: usize,
+) -> Vec<tokio::net::TcpStream> {
     let mut conns = Vec::new();
-    for _ in 0..60 {
+    for _ in 0..n {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind("127.0.1.9:0".parse().unwrap()).unwrap();
+        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
         conns.push(socket.connect(addr).await.unwrap());
     }
-    // Watch them all at once for a second (well inside the 10 s handshake time).
+    conns
+}
+
+/// Watches connections at once for a second (well inside the server's 10 s handshake
+/// time) and counts those the server closed.
+async fn closed_within_a_second(conns: Vec<tokio::net::TcpStream>) -> usize {
     let mut watching = tokio::task::JoinSet::new();
     for mut tcp in conns {
         watching.spawn(async move {
@@ -194,12 +247,7 @@ async fn one_address_cannot_hold_more_than_its_connections() {
     while let Some(was_closed) = watching.join_next().await {
         closed += usize::from(was_closed.unwrap());
     }
-    assert_eq!(closed, 10, "the connections over the address's cap are closed, the rest kept");
-    // Someone on another address is not affected.
-    let home = dir.path().join("alice");
-    let link = server.link.to_link_string();
-    honest(&home, "127.0.2.1", &["init", "--name", "Alice", "--server", &link]);
-    honest(&home, "127.0.2.1", &["sync"]);
+    closed
 }
 
 #[tokio::test]
