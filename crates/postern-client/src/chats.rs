@@ -1376,7 +1376,12 @@ pub(crate) fn receive_drop(
             if joined.replaced {
                 // Re-added to a chat we have: it moves onto the new state.
                 let row = chat_row(ctx.db, "group_id = ?1", &group_id)?.ok_or(MlsError::Invalid)?;
-                return gaps::rejoined(ctx, &row, server, log, *after);
+                let events = gaps::rejoined(ctx, &row, server, log, *after)?;
+                if joined.last_resort {
+                    let row = chat_row(ctx.db, "id = ?1", &row.id)?.ok_or(bad("chat vanished"))?;
+                    groups::update_own_leaf(ctx, &row)?;
+                }
+                return Ok(events);
             }
             let me = ctx.me.identity_public();
             let mut others: Vec<PublicKey> =
@@ -1416,6 +1421,9 @@ pub(crate) fn receive_drop(
                 groups::send_card(ctx, &row)?;
             } else {
                 groups::send_profile(ctx, &row)?;
+            }
+            if joined.last_resort {
+                groups::update_own_leaf(ctx, &row)?;
             }
             Ok(vec![Event::Connected { chat: reference, contact: title }])
         }

@@ -368,6 +368,20 @@ pub(crate) fn readd(ctx: &Ctx<'_>, row: &ChatRow, invitee: &Invitee) -> Result<(
     pump(ctx, row.id)
 }
 
+/// We joined from our last-resort key package: queue an Update of our own leaf, so its
+/// keys, shared by every first contact the package answered, stop protecting this chat.
+/// (Call after anything sealed in the joining epoch: nothing is encrypted while our commit
+/// is in flight.)
+pub(crate) fn update_own_leaf(ctx: &Ctx<'_>, row: &ChatRow) -> Result<(), ClientError> {
+    ctx.db
+        .execute(
+            "INSERT INTO intents (chat_id, kind, identity, state) VALUES (?1, 'update', ?2, 'pending')",
+            params![row.id, &ctx.me.identity_public().0[..]],
+        )
+        .map_err(dbe)?;
+    pump(ctx, row.id)
+}
+
 /// `group remove`: queue removing a contact (all their devices).
 pub(crate) fn remove(ctx: &Ctx<'_>, chat: &str, contact: &str) -> Result<(), ClientError> {
     let (row, meta) = group_row(ctx, chat)?;
@@ -494,6 +508,7 @@ pub(crate) fn pump(ctx: &Ctx<'_>, chat: i64) -> Result<(), ClientError> {
     let mut replace = Vec::new();
     let mut targets = Vec::new();
     let mut used = Vec::new();
+    let mut self_update = false;
     for (id, kind, identity, payload) in intents {
         match (kind.as_str(), is_member(&identity)) {
             ("add", false) => {
@@ -536,6 +551,10 @@ pub(crate) fn pump(ctx: &Ctx<'_>, chat: i64) -> Result<(), ClientError> {
                     }
                 }
             }
+            ("update", true) => {
+                self_update = true;
+                used.push(id);
+            }
             _ => {
                 ctx.db.execute("DELETE FROM intents WHERE id = ?1", [id]).map_err(dbe)?;
             }
@@ -564,7 +583,8 @@ pub(crate) fn pump(ctx: &Ctx<'_>, chat: i64) -> Result<(), ClientError> {
         let proposal = mls::propose_remove(&ctx.mls, ctx.me, &row.group_id, leaf)?;
         queue_envelope(ctx, &row, &keys, "proposal", None, &proposal, None)?;
     }
-    let (commit, welcome) = mls::commit(&ctx.mls, ctx.me, &row.group_id, adds, replace)?;
+    let plan = mls::CommitPlan { adds, replace, self_update };
+    let (commit, welcome) = mls::commit(&ctx.mls, ctx.me, &row.group_id, plan)?;
     let next_key = Some(mls::pending_epoch_keys(&ctx.mls, &row.group_id)?.append_public());
     queue_envelope(ctx, &row, &keys, "commit", next_key, &commit, None)?;
     if let Some(welcome) = welcome {

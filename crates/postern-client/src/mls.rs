@@ -304,6 +304,7 @@ pub(crate) fn join(provider: &Provider<'_>, welcome: &[u8]) -> Result<Joined, Ml
     // A Welcome into a group we already hold (we were re-added, or added back after leaving)
     // replaces our state, but only with a later epoch.
     let group_id = processed.unverified_group_info().group_id().clone();
+    let last_resort = processed.own_key_package().is_some_and(KeyPackage::last_resort);
     let old = MlsGroup::load(provider.storage(), &group_id)
         .map_err(|e| MlsError::Store(e.to_string()))?;
     let old_epoch = old.as_ref().map(|g| g.epoch().as_u64());
@@ -323,6 +324,7 @@ pub(crate) fn join(provider: &Provider<'_>, welcome: &[u8]) -> Result<Joined, Ml
         group_id: group.group_id().as_slice().to_vec(),
         members,
         replaced: old_epoch.is_some(),
+        last_resort,
     })
 }
 
@@ -333,6 +335,9 @@ pub(crate) struct Joined {
     pub(crate) members: Vec<DeviceCredential>,
     /// Whether it replaced the state of a group we already held.
     pub(crate) replaced: bool,
+    /// Whether the Welcome was for our last-resort key package, whose init and leaf keys
+    /// serve every first contact until it is replaced: our leaf needs an Update at once.
+    pub(crate) last_resort: bool,
 }
 
 /// Encrypts an application message.
@@ -478,19 +483,30 @@ pub(crate) fn clear_pending(provider: &Provider<'_>, group_id: &[u8]) -> Result<
     load(provider, group_id)?.clear_pending_commit(provider.storage()).map_err(lib)
 }
 
-/// A commit adding `adds`, replacing the leaves in `replace` (each by the key package of the
-/// same device among `adds`), and covering every stored proposal (removals among them);
-/// returns the commit and the Welcome (when it adds someone). Merged only after it wins.
+/// What a commit of ours does besides covering every stored proposal.
+#[derive(Default)]
+pub(crate) struct CommitPlan {
+    /// Key packages to add.
+    pub(crate) adds: Vec<KeyPackage>,
+    /// Leaves to replace, each by the key package of the same device among `adds`.
+    pub(crate) replace: Vec<u32>,
+    /// Give our own leaf fresh keys (an Update path), whatever else the commit does.
+    pub(crate) self_update: bool,
+}
+
+/// A commit doing `plan` and covering every stored proposal (removals among them); returns
+/// the commit and the Welcome (when it adds someone). Merged only after it wins.
 pub(crate) fn commit(
     provider: &Provider<'_>,
     identity: &Identity,
     group_id: &[u8],
-    adds: Vec<KeyPackage>,
-    replace: Vec<u32>,
+    plan: CommitPlan,
 ) -> Result<(Vec<u8>, Option<Vec<u8>>), MlsError> {
+    let CommitPlan { adds, replace, self_update } = plan;
     let mut group = load(provider, group_id)?;
     let bundle = group
         .commit_builder()
+        .force_self_update(self_update)
         .consume_proposal_store(true)
         .propose_removals(replace.into_iter().map(LeafNodeIndex::new))
         .propose_adds(adds)
@@ -510,6 +526,30 @@ pub(crate) fn commit(
         None => None,
     };
     Ok((commit.tls_serialize_detached().map_err(lib)?, welcome))
+}
+
+/// Test support: a commit whose Update path gives our leaf `other`'s credential and device
+/// key, as a hostile member could send.
+#[cfg(test)]
+pub(crate) fn self_update_as(
+    provider: &Provider<'_>,
+    identity: &Identity,
+    group_id: &[u8],
+    other: &Identity,
+) -> Result<Vec<u8>, MlsError> {
+    let mut group = load(provider, group_id)?;
+    let bundle = group
+        .self_update_with_new_signer(
+            provider,
+            &DeviceSigner(&identity.device_key),
+            NewSignerBundle {
+                signer: &DeviceSigner(&other.device_key),
+                credential_with_key: credential_with_key(other),
+            },
+            LeafNodeParameters::default(),
+        )
+        .map_err(lib)?;
+    bundle.into_contents().0.tls_serialize_detached().map_err(lib)
 }
 
 /// A proposal to remove the member at `leaf`. Removals go out as a proposal before their
@@ -591,16 +631,24 @@ fn allowed(
         Proposal::Add(_) => meta.is_none_or(|m| m.members_can_add) || is_admin()?,
         Proposal::Remove(r) if r.removed() == *leaf => true,
         Proposal::Remove(_) => meta.is_none_or(|m| m.members_can_remove) || is_admin()?,
-        Proposal::Update(_) => true,
+        Proposal::Update(u) => same_device(group, *leaf, u.leaf_node()),
         Proposal::GroupContextExtensions(_) => is_admin()?,
         _ => false,
     })
 }
 
+/// Whether `new` (a member's fresh leaf, from an Update) keeps the member's device: the same
+/// credential and signature key. New leaf keys, never a new identity or device.
+fn same_device(group: &MlsGroup, leaf: LeafNodeIndex, new: &LeafNode) -> bool {
+    group.member_at(leaf).is_some_and(|m| {
+        m.credential == *new.credential() && m.signature_key == new.signature_key().as_slice()
+    })
+}
+
 /// Decrypts and applies a message from the group's log. A commit is applied only if it is
 /// valid for every member alike: sent by a member (no external commits), every proposal
-/// allowed by the group's rules, every added credential valid, and every Remove proposal
-/// stored before it covered.
+/// allowed by the group's rules, every added credential valid, the committer's fresh leaf
+/// (if any) still its own device, and every Remove proposal stored before it covered.
 pub(crate) fn receive(
     provider: &Provider<'_>,
     group_id: &[u8],
@@ -630,7 +678,8 @@ pub(crate) fn receive(
             Ok(Received::Proposal)
         }
         ProcessedMessageContent::StagedCommitMessage(staged) => {
-            if !matches!(sender, Sender::Member(_)) {
+            let Sender::Member(committer) = sender else { return Err(MlsError::Invalid) };
+            if staged.update_path_leaf_node().is_some_and(|n| !same_device(&group, committer, n)) {
                 return Err(MlsError::Invalid);
             }
             let changes = changes(&group, &staged);

@@ -517,11 +517,23 @@ fn a_junk_commit_from_a_member_does_not_block_the_next_valid_one() {
 /// read, and removes the leaves in `remove`), appended straight to the log: what a hostile
 /// member can send.
 fn commit_behind_the_back(c: &mut Client, server: &mut MemServer, remove: Vec<u32>) {
+    hostile_commit(c, server, |ctx, group| {
+        let plan = mls::CommitPlan { replace: remove, ..Default::default() };
+        Ok(mls::commit(&ctx.mls, ctx.me, group, plan)?.0)
+    });
+}
+
+/// A commit `make` builds in G from `c`'s state, appended straight to the log.
+fn hostile_commit(
+    c: &mut Client,
+    server: &mut MemServer,
+    make: impl FnOnce(&chats::Ctx<'_>, &[u8]) -> Result<Vec<u8>, ClientError>,
+) {
     let (log, envelope) = c
         .step(|ctx| {
             let row = chats::resolve(ctx, "G")?;
             let keys = mls::epoch_keys(&ctx.mls, &row.group_id)?;
-            let (commit, _) = mls::commit(&ctx.mls, ctx.me, &row.group_id, vec![], remove)?;
+            let commit = make(ctx, &row.group_id)?;
             let next = mls::pending_epoch_keys(&ctx.mls, &row.group_id)?;
             let idem = postern_proto::ids::IdemKey([6; 16]);
             Ok((
@@ -732,4 +744,95 @@ fn a_last_resort_key_package_is_accepted_by_peers() {
     let kp = alice.key_package(true).unwrap();
     let result = bob.step(|ctx| Ok(mls::peer_key_package(&ctx.mls, &kp).map(|_| ())));
     assert!(matches!(result, Ok(Ok(()))), "{result:?}");
+}
+
+/// Alice's own leaf key in her chat with `contact`.
+fn own_leaf_key(alice: &mut Client, contact: &str) -> openmls::treesync::EncryptionKey {
+    alice
+        .step(|ctx| {
+            let row = chats::resolve(ctx, contact)?;
+            let own = mls::own_leaf(&ctx.mls, &row.group_id)?;
+            let members = mls::members(&ctx.mls, &row.group_id)?;
+            let me =
+                members.into_iter().find(|m| m.leaf == own).ok_or(chats::bad("not a member"))?;
+            Ok(me.encryption_key)
+        })
+        .unwrap()
+}
+
+/// `b` connects to `a` through a one-time invite answered by `kp` (sealed for it).
+fn connect_with(
+    server: &mut MemServer,
+    a: &mut Client,
+    b: &mut Client,
+    last_resort: bool,
+) -> (u64, [u8; 8]) {
+    let invite = a.new_invite(InviteKind::Once, 20_000).unwrap();
+    let kp = a.sealed_key_package(&invite.link.kp_key, last_resort).unwrap();
+    b.connect_once(&invite.link, &[kp]).unwrap();
+    server.drain(b);
+    server.sync(a, &[invite.link.drop.0]);
+    server.sync(b, &[]);
+    let name = a.whoami().name;
+    let view = b.chat_epoch(&name).unwrap();
+    assert_eq!(a.chat_epoch(&b.whoami().name).unwrap(), view, "both sides in one state");
+    view
+}
+
+/// DESIGN (key-package exhaustion): after a group is created from the last-resort key
+/// package, its owner commits an Update at once, so the keys that package shares with every
+/// other first contact it answers stop protecting the chat.
+#[test]
+fn a_chat_joined_through_the_last_resort_key_package_updates_that_leaf_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = MemServer::default();
+    let new = |name: &str| {
+        Client::init(&dir.path().join(name), KeySource::KeyFile, name, link()).unwrap()
+    };
+    let (mut alice, mut bob, mut carol, mut dave) =
+        (new("Alice"), new("Bob"), new("Carol"), new("Dave"));
+    // A regular one-time package: no Update (creation is epoch 1).
+    assert_eq!(connect_with(&mut server, &mut alice, &mut dave, false).0, 1);
+    // Bob and Carol both reach Alice through her one last-resort package: each chat gets
+    // Alice's Update (epoch 2), and her leaf keys in the two chats differ.
+    assert_eq!(connect_with(&mut server, &mut alice, &mut bob, true).0, 2);
+    assert_eq!(connect_with(&mut server, &mut alice, &mut carol, true).0, 2);
+    assert_ne!(own_leaf_key(&mut alice, "Bob"), own_leaf_key(&mut alice, "Carol"));
+    // The chats work both ways after it.
+    alice.queue_message("Bob", "after the update").unwrap();
+    server.drain(&mut alice);
+    let events = server.sync(&mut bob, &[]);
+    assert!(events.iter().any(|e| matches!(e, Event::Message(m) if m.text == "after the update")));
+    bob.queue_message("Alice", "and back").unwrap();
+    server.drain(&mut bob);
+    let events = server.sync(&mut alice, &[]);
+    assert!(events.iter().any(|e| matches!(e, Event::Message(m) if m.text == "and back")));
+}
+
+/// An Update may give a member's leaf fresh keys, never another identity: a commit whose
+/// path brings a different (valid) credential is skipped by every member.
+#[test]
+fn a_commit_that_swaps_the_committers_credential_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut alice, mut bob, mut carol, mut server) = group_of_three(dir.path());
+    let before = alice.chat_epoch("G").unwrap();
+    let mallory = Identity::generate("Mallory");
+    hostile_commit(&mut bob, &mut server, |ctx, group| {
+        Ok(mls::self_update_as(&ctx.mls, ctx.me, group, &mallory)?)
+    });
+    for c in [&mut alice, &mut carol] {
+        server.sync(c, &[]);
+    }
+    assert_eq!(alice.chat_epoch("G").unwrap(), before, "the swap was skipped");
+    in_sync(&mut [&mut alice, &mut carol]);
+    // A plain Update from Bob (same device, fresh keys) is applied.
+    hostile_commit(&mut bob, &mut server, |ctx, group| {
+        let plan = mls::CommitPlan { self_update: true, ..Default::default() };
+        Ok(mls::commit(&ctx.mls, ctx.me, group, plan)?.0)
+    });
+    for c in [&mut alice, &mut carol] {
+        server.sync(c, &[]);
+    }
+    assert_eq!(alice.chat_epoch("G").unwrap().0, before.0 + 1);
+    in_sync(&mut [&mut alice, &mut carol]);
 }

@@ -61,6 +61,7 @@ impl DeviceCredential {
 mod tests {
     use super::*;
     use ed25519_dalek::{Signer, SigningKey};
+    use proptest::prelude::any;
 
     #[test]
     fn a_signed_credential_round_trips_and_verifies_and_a_forged_one_does_not() {
@@ -78,5 +79,16 @@ mod tests {
         let forged = DeviceCredential { device_key: PublicKey([3; 32]), ..cred.clone() };
         assert!(!forged.verify());
         assert_eq!(DeviceCredential::decode(&cred.encode()[..127]), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_credential_round_trips(device in any::<[u8; 32]>(), identity in any::<[u8; 32]>(), sig in any::<[u8; 32]>(), sig2 in any::<[u8; 32]>()) {
+            let mut signature = [0; 64];
+            signature[..32].copy_from_slice(&sig);
+            signature[32..].copy_from_slice(&sig2);
+            let cred = DeviceCredential { device_key: PublicKey(device), identity_key: PublicKey(identity), signature };
+            proptest::prop_assert_eq!(DeviceCredential::decode(&cred.encode()), Some(cred));
+        }
     }
 }

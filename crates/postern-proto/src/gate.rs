@@ -165,4 +165,15 @@ mod tests {
         assert_eq!(cookie_value("sidx=1"), None);
         assert_eq!(cookie_value(""), None);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_token_checks_within_its_window(secret in proptest::prelude::any::<[u8; 32]>(), now in 0..u64::MAX / 2, skew in 0..=WINDOW_SECS, nonce in proptest::prelude::any::<[u8; 16]>()) {
+            let key = GateKey::derive(&AccessSecret(secret));
+            let token = key.token(now, nonce);
+            let fresh = Ok(FreshToken { timestamp: now, nonce });
+            proptest::prop_assert_eq!(key.check(&token, now + skew), fresh);
+            proptest::prop_assert_eq!(key.check(&token, now.saturating_sub(skew)), fresh);
+        }
+    }
 }

@@ -308,6 +308,8 @@ impl InviteLink {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn sample() -> ServerLink {
@@ -380,5 +382,61 @@ mod tests {
     fn debug_hides_secret() {
         let s = format!("{:?}", sample());
         assert!(!s.contains("secret") && !s.contains("4, 4"));
+    }
+
+    fn arb_server() -> impl Strategy<Value = ServerLink> {
+        let addr = prop_oneof![
+            (any::<[u8; 4]>(), 1..=u16::MAX)
+                .prop_map(|(ip, port)| std::net::SocketAddr::from((ip, port)).to_string()),
+            (any::<[u16; 8]>(), 1..=u16::MAX)
+                .prop_map(|(ip, port)| std::net::SocketAddr::from((ip, port)).to_string()),
+            ("[a-z0-9][a-z0-9.-]{0,40}", 1..=u16::MAX).prop_map(|(h, p)| format!("{h}:{p}")),
+        ];
+        (
+            proptest::collection::vec(addr, 1..=MAX_REPEATS),
+            proptest::option::of("[a-zA-Z0-9.-]{1,60}"),
+            proptest::collection::vec(any::<[u8; 32]>(), 1..=MAX_REPEATS),
+            any::<[u8; 32]>(),
+            any::<[u8; 32]>(),
+        )
+            .prop_map(|(addrs, server_name, pins, static_key, secret)| ServerLink {
+                addrs,
+                server_name,
+                pins,
+                static_key,
+                secret: AccessSecret(secret),
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn any_server_link_round_trips(link in arb_server()) {
+            prop_assert_eq!(ServerLink::parse(&link.to_link_string()), Ok(link));
+        }
+
+        #[test]
+        fn any_invite_link_round_trips(
+            server in arb_server(),
+            once in any::<bool>(),
+            keys in any::<[[u8; 32]; 5]>(),
+        ) {
+            let [drop, hpke_key, kp_key, token, identity] = keys;
+            let invite = InviteLink {
+                kind: if once { InviteKind::Once } else { InviteKind::Address },
+                server,
+                drop: DropId(drop),
+                hpke_key,
+                kp_key,
+                token: ClaimToken(token),
+                identity: PublicKey(identity),
+            };
+            let text = invite.to_link_string();
+            // Eight addresses of the longest kind exceed MAX_LINK; those must be refused.
+            if text.len() > MAX_LINK {
+                prop_assert_eq!(InviteLink::parse(&text), Err(LinkError::TooLong));
+            } else {
+                prop_assert_eq!(InviteLink::parse(&text), Ok(invite));
+            }
+        }
     }
 }

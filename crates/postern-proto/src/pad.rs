@@ -77,4 +77,12 @@ mod tests {
         big[..4].copy_from_slice(&300u32.to_be_bytes());
         assert_eq!(unpad(&big).map(<[u8]>::len), Ok(300));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_frame_round_trips_and_repads_to_the_same_bytes(frame in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..=MAX_UNPADDED)) {
+            let padded = pad(&frame).unwrap();
+            proptest::prop_assert_eq!(unpad(&padded), Ok(&frame[..]));
+        }
+    }
 }

@@ -163,6 +163,14 @@ async fn draining_key_packages_hits_the_daily_claim_limit_and_first_contact_stil
     honest(&dave, "127.0.2.4", &["send", "Alice", "still here"]);
     let got = honest(&alice, "127.0.2.1", &["sync"]);
     assert!(got.iter().any(|e| e["text"] == "still here"), "{got:?}");
+    // Joined through the last-resort package, Alice updated her leaf at once (epoch 2).
+    honest(&dave, "127.0.2.4", &["sync"]);
+    let epoch = |home: &Path, chat: &str| {
+        use postern_client::{Client, KeySource};
+        Client::open(home, KeySource::KeyFile).unwrap().chat_epoch(chat).unwrap()
+    };
+    assert_eq!(epoch(&alice, "Dave").0, 2);
+    assert_eq!(epoch(&alice, "Dave"), epoch(&dave, "Alice"));
 }
 
 #[tokio::test]
