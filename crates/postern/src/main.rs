@@ -32,6 +32,8 @@ struct Cli {
 enum Command {
     /// Run a Postern server on its embedded database.
     Server(server::ServerArgs),
+    /// Measure a server on loopback: throughput, fan-out, idle sessions, handshakes.
+    Bench(postern_load::BenchArgs),
     /// Create your identity and choose your home server.
     Init(client::InitArgs),
     /// Show your name, safety number, device and server.
@@ -165,11 +167,28 @@ impl Command {
                 GroupCommand::Leave { chat } => C::GroupLeave { chat },
                 GroupCommand::Members { chat } => C::GroupMembers { chat },
             },
-            Command::Server(_) | Command::Init(_) | Command::Listen => {
+            Command::Server(_) | Command::Init(_) | Command::Listen | Command::Bench(_) => {
                 anyhow::bail!("not a client command")
             }
         })
     }
+}
+
+/// `postern bench`: the JSON object on stdout; the summary on stderr, or only the JSON
+/// with `--json`.
+fn bench(args: postern_load::BenchArgs, json: bool) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let me = std::env::current_exe().context("finding this binary to start a server")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let report = runtime.block_on(postern_load::run(args, me))?;
+    if !json {
+        writeln!(std::io::stderr(), "{}", report.summary)?;
+    }
+    writeln!(std::io::stdout(), "{}", report.json)?;
+    Ok(())
 }
 
 /// `$XDG_DATA_HOME/postern`, else `~/.local/share/postern`.
@@ -204,6 +223,7 @@ fn main() -> ExitCode {
         Command::Server(args) => server::run(args, cli.json),
         Command::Init(args) => client::init(&home, args, cli.json),
         Command::Listen => client::listen(&home, cli.json),
+        Command::Bench(args) => bench(args, cli.json),
         other => other.for_client().and_then(|c| client::run(&home, c, cli.json)),
     };
     match result {

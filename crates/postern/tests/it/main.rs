@@ -5,6 +5,7 @@
 
 mod abuse;
 mod authz;
+mod bench;
 mod chat;
 mod cli;
 mod config;
