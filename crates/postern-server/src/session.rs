@@ -25,6 +25,10 @@ use crate::limits::{Bucket, Lease};
 
 /// Requests one session may have running at once; beyond this the session stops reading.
 const MAX_IN_FLIGHT: usize = 64;
+/// Frames written but not yet flushed to the socket before a flush is forced. Frames are
+/// flushed when the session has nothing else ready, so answers and pushes that are ready
+/// together leave in one write.
+const MAX_UNFLUSHED: usize = 32;
 /// Logs one session may subscribe to. Clients spread subscriptions over several connections.
 const MAX_SUBSCRIPTIONS: usize = 1_024;
 /// Time for the client's first handshake message after the upgrade.
@@ -69,6 +73,8 @@ struct Session<S: Store> {
     bucket: Bucket,
     subs: HashMap<LogId, Sub>,
     work: FuturesUnordered<Work>,
+    /// Frames fed to the sink since its last flush.
+    unflushed: usize,
 }
 
 /// Runs a session to its end.
@@ -105,6 +111,7 @@ async fn handshake<S: Store>(app: &Arc<App<S>>, socket: WebSocket) -> Option<Ses
         bucket: Bucket::full(app.request_rate.1, tokio::time::Instant::now()),
         subs: HashMap::new(),
         work: FuturesUnordered::new(),
+        unflushed: 0,
     })
 }
 
@@ -115,14 +122,10 @@ impl<S: Store> Session<S> {
         tokio::pin!(idle);
         loop {
             tokio::select! {
-                msg = self.stream.next(), if self.work.len() < MAX_IN_FLIGHT => {
-                    idle.as_mut().reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
-                    match msg {
-                        Some(Ok(Message::Binary(bytes))) => self.on_message(&bytes, subscriber).await?,
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                        _ => return Err(Closed),
-                    }
-                }
+                // In order: shutdown, then finished work and pushes before new requests,
+                // and the flush last, when nothing else is ready.
+                biased;
+                _ = shutdown.changed() => return Err(Closed),
                 Some(done) = self.work.next(), if !self.work.is_empty() => self.on_done(done, subscriber).await?,
                 Some(notice) = subscriber.notices.recv() => self.on_notice(notice).await?,
                 () = subscriber.shared.wake.notified() => {
@@ -133,15 +136,34 @@ impl<S: Store> Session<S> {
                         }
                     }
                 }
+                msg = self.stream.next(), if self.work.len() < MAX_IN_FLIGHT => {
+                    idle.as_mut().reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
+                    match msg {
+                        Some(Ok(Message::Binary(bytes))) => self.on_message(&bytes, subscriber).await?,
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        _ => return Err(Closed),
+                    }
+                }
                 () = &mut idle => return Err(Closed),
-                _ = shutdown.changed() => return Err(Closed),
+                () = std::future::ready(()), if self.unflushed > 0 => self.flush().await?,
             }
         }
     }
 
+    /// Queues a frame; it leaves with the next flush.
     async fn send(&mut self, frame: &ServerFrame) -> Result<(), Closed> {
         let sealed = self.transport.seal(&frame.encode()).map_err(|_| Closed)?;
-        self.sink.send(Message::Binary(sealed.into())).await.map_err(|_| Closed)
+        self.sink.feed(Message::Binary(sealed.into())).await.map_err(|_| Closed)?;
+        self.unflushed += 1;
+        if self.unflushed >= MAX_UNFLUSHED {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), Closed> {
+        self.unflushed = 0;
+        self.sink.flush().await.map_err(|_| Closed)
     }
 
     async fn respond(

@@ -6,7 +6,9 @@
 //!   operation does not undo the others), commits once, and only then answers each caller.
 //!   Many appends therefore share one fsync, and no caller hears "ok" before its data is
 //!   durable.
-//! - Reads run on a small pool of read connections on blocking threads.
+//! - Reads queue to a fixed pool of reader threads, each owning one read connection (WAL
+//!   lets them read beside the writer). A fixed pool, not tokio's blocking threads: under
+//!   load those grow to hundreds, each opening its own connection.
 //!
 //! **Architecture Invariant:** a reply to a write is sent only after the `COMMIT` of the batch
 //! that holds it has returned.
@@ -41,13 +43,14 @@ pub struct Options {
 
 /// Most operations one batch (one transaction, one fsync) carries.
 const MAX_BATCH: usize = 512;
-/// Read connections kept open.
+/// Reader threads, each with its own connection.
 const READERS: usize = 4;
 /// A mailbox's expiry is extended when it is within this many days of the full term.
 const TOUCH_SLACK: u32 = 7;
 
 type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 type Job = Box<dyn FnOnce(&Connection, &Batch) -> Reply + Send>;
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 
 /// What every operation of a batch knows about the store when the batch starts.
 struct Batch {
@@ -64,7 +67,8 @@ struct Inner {
     path: PathBuf,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    readers: Mutex<Vec<Connection>>,
+    reads: Mutex<Option<mpsc::Sender<ReadJob>>>,
+    readers: Mutex<Vec<JoinHandle<()>>>,
     options: Options,
 }
 
@@ -97,25 +101,45 @@ impl SqliteStore {
             .name("postern-store-writer".into())
             .spawn(move || writer_loop(conn, rx, quota))
             .map_err(|e| StoreError::Backend(format!("cannot start writer thread: {e}")))?;
+        let (read_tx, read_rx) = mpsc::channel::<ReadJob>();
+        let read_rx = Arc::new(Mutex::new(read_rx));
+        let mut readers = Vec::new();
+        for i in 0..READERS {
+            let conn = open_connection(path)?;
+            let rx = read_rx.clone();
+            let reader = std::thread::Builder::new()
+                .name(format!("postern-store-reader-{i}"))
+                .spawn(move || reader_loop(&conn, &rx))
+                .map_err(|e| StoreError::Backend(format!("cannot start reader thread: {e}")))?;
+            readers.push(reader);
+        }
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
                 jobs: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(writer)),
-                readers: Mutex::new(Vec::new()),
+                reads: Mutex::new(Some(read_tx)),
+                readers: Mutex::new(readers),
                 options,
             }),
         })
     }
 
-    /// Finishes queued writes and stops the writer thread. Later writes fail.
+    /// Finishes queued reads and writes and stops the threads. Later operations fail.
     pub fn close(&self) {
         if let Ok(mut jobs) = self.inner.jobs.lock() {
             jobs.take();
         }
+        if let Ok(mut reads) = self.inner.reads.lock() {
+            reads.take();
+        }
         let handle = self.inner.writer.lock().ok().and_then(|mut w| w.take());
         if let Some(handle) = handle {
             let _ = handle.join();
+        }
+        let readers = self.inner.readers.lock().map(|mut r| std::mem::take(&mut *r));
+        for reader in readers.unwrap_or_default() {
+            let _ = reader.join();
         }
     }
 
@@ -154,23 +178,18 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let pooled = inner.readers.lock().ok().and_then(|mut r| r.pop());
-            let conn = match pooled {
-                Some(c) => c,
-                None => open_connection(&inner.path)?,
-            };
-            let result = f(&conn);
-            if let Ok(mut readers) = inner.readers.lock()
-                && readers.len() < READERS
-            {
-                readers.push(conn);
-            }
-            result
-        })
-        .await
-        .map_err(|_| StoreError::Backend("reader task failed".into()))?
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let reads =
+                self.inner.reads.lock().map_err(|_| StoreError::Backend("reader lock".into()))?;
+            let reads = reads.as_ref().ok_or_else(|| StoreError::Backend("store closed".into()))?;
+            reads
+                .send(Box::new(move |conn| {
+                    let _ = tx.send(f(conn));
+                }))
+                .map_err(|_| StoreError::Backend("readers stopped".into()))?;
+        }
+        rx.await.map_err(|_| StoreError::Backend("reader stopped".into()))?
     }
 }
 
@@ -178,10 +197,13 @@ fn in_savepoint<T>(
     conn: &Connection,
     f: impl FnOnce(&Connection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    conn.execute_batch("SAVEPOINT op").map_err(backend)?;
+    let run = |sql: &str| conn.prepare_cached(sql).and_then(|mut s| s.execute([])).map_err(backend);
+    run("SAVEPOINT op")?;
     let result = f(conn);
-    let end = if result.is_ok() { "RELEASE op" } else { "ROLLBACK TO op; RELEASE op" };
-    conn.execute_batch(end).map_err(backend)?;
+    if result.is_err() {
+        run("ROLLBACK TO op")?;
+    }
+    run("RELEASE op")?;
     result
 }
 
@@ -193,6 +215,20 @@ fn used_bytes(conn: &Connection) -> Result<u64, StoreError> {
     };
     let page = pragma("page_size")?;
     Ok((pragma("page_count")?.saturating_sub(pragma("freelist_count")?)) * page)
+}
+
+/// A reader thread: runs read jobs on its own connection until the queue closes.
+fn reader_loop(conn: &Connection, jobs: &Mutex<mpsc::Receiver<ReadJob>>) {
+    loop {
+        let job = match jobs.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        match job {
+            Ok(job) => job(conn),
+            Err(_) => return,
+        }
+    }
 }
 
 fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, quota: u64) {
