@@ -48,6 +48,10 @@ fn envelopes(c: &mut Criterion) {
         b.iter(|| Envelope::seal(&log, &key, IdemKey([1; 16]), None, vec![0x5a; CIPHERTEXT]))
     });
     c.bench_function("envelope/verify", |b| b.iter(|| black_box(&env).verify(&log, &public)));
+    let prepared = postern_proto::ids::PreparedKey::new(&public).unwrap();
+    c.bench_function("envelope/verify, key prepared", |b| {
+        b.iter(|| black_box(&env).verify_prepared(&log, &prepared))
+    });
 }
 
 criterion_group!(benches, frames, envelopes);

@@ -14,7 +14,7 @@
 
 use crate::DecodeError;
 use crate::codec::{Reader, Writer};
-use crate::ids::{IdemKey, KeyId, LogId, PublicKey, Signature};
+use crate::ids::{IdemKey, KeyId, LogId, PreparedKey, PublicKey, Signature};
 use crate::limits::MAX_ENTRY;
 
 const ENVELOPE_VERSION: u8 = 1;
@@ -78,6 +78,11 @@ impl Envelope {
 
     /// Whether `key` signed this envelope for `log`.
     pub fn verify(&self, log: &LogId, key: &PublicKey) -> bool {
+        PreparedKey::new(key).is_some_and(|key| self.verify_prepared(log, &key))
+    }
+
+    /// [`verify`](Self::verify) with a key decoded beforehand.
+    pub fn verify_prepared(&self, log: &LogId, key: &PreparedKey) -> bool {
         key.key_id() == self.key_id && key.verify(&self.signing_input(log), &self.signature)
     }
 

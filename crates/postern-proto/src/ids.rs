@@ -109,11 +109,34 @@ impl PublicKey {
     /// Verifies an Ed25519 signature by this key. Any failure, including a key that is not a
     /// valid curve point, is the same `false`.
     pub fn verify(&self, message: &[u8], signature: &Signature) -> bool {
-        let Ok(key) = ed25519_dalek::VerifyingKey::from_bytes(&self.0) else {
-            return false;
-        };
+        PreparedKey::new(self).is_some_and(|key| key.verify(message, signature))
+    }
+}
+
+/// A public key decoded once (its curve point decompressed, its id computed) for verifying
+/// many signatures: what a server keeps for a log's append key.
+#[derive(Debug, Clone)]
+pub struct PreparedKey {
+    id: KeyId,
+    key: ed25519_dalek::VerifyingKey,
+}
+
+impl PreparedKey {
+    /// `None` if the bytes are not a valid curve point.
+    pub fn new(key: &PublicKey) -> Option<Self> {
+        let id = key.key_id();
+        ed25519_dalek::VerifyingKey::from_bytes(&key.0).ok().map(|key| PreparedKey { id, key })
+    }
+
+    /// The key's id (see [`PublicKey::key_id`]).
+    pub fn key_id(&self) -> KeyId {
+        self.id
+    }
+
+    /// Verifies an Ed25519 signature (strictly: no small-order keys or malleable signatures).
+    pub fn verify(&self, message: &[u8], signature: &Signature) -> bool {
         let sig = ed25519_dalek::Signature::from_bytes(&signature.0);
-        key.verify_strict(message, &sig).is_ok()
+        self.key.verify_strict(message, &sig).is_ok()
     }
 }
 

@@ -3,7 +3,7 @@
 
 use postern_proto::envelope::Envelope;
 use postern_proto::frame::{Body, ClientFrame, ErrorCode, Item, Request, Response, Signer};
-use postern_proto::ids::UploadId;
+use postern_proto::ids::{KeyId, LogId, PreparedKey, UploadId};
 use postern_proto::limits::{MAX_ENTRY, MAX_INLINE, MAX_ITEMS};
 use postern_proto::pad::MAX_UNPADDED;
 use postern_store::{NewEntry, ReadLimit, Store, StoreError};
@@ -139,8 +139,8 @@ pub(crate) async fn handle<S: Store>(
         Request::LogAppend { log, body } => {
             let (data, upload) = body_bytes(app, body).await?;
             let envelope = Envelope::decode(&data).map_err(|_| ErrorCode::BadRequest)?;
-            let key = store.log_key(log, envelope.key_id).await.map_err(code)?;
-            if !envelope.verify(&log, &key) {
+            let key = append_key(app, log, envelope.key_id).await?;
+            if !envelope.verify_prepared(&log, &key) {
                 return Err(ErrorCode::NotFound);
             }
             let total_len = u32::try_from(data.len()).map_err(|_| ErrorCode::EntryTooLarge)?;
@@ -178,4 +178,20 @@ pub(crate) async fn handle<S: Store>(
         Request::Subscribe { .. } | Request::Unsubscribe { .. } => Err(ErrorCode::Internal),
         _ => Err(ErrorCode::BadFrame),
     }
+}
+
+/// The log's append key with this id: from the cache, else from the store (and cached).
+async fn append_key<S: Store>(
+    app: &App<S>,
+    log: LogId,
+    key_id: KeyId,
+) -> Result<PreparedKey, ErrorCode> {
+    let now = std::time::Instant::now();
+    if let Some(key) = app.keys.get(log, key_id, now) {
+        return Ok(key);
+    }
+    let key = app.store.log_key(log, key_id).await.map_err(code)?;
+    let key = PreparedKey::new(&key).ok_or(ErrorCode::NotFound)?;
+    app.keys.put(log, key.clone(), now);
+    Ok(key)
 }

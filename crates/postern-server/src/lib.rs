@@ -38,6 +38,7 @@ mod gate;
 mod handler;
 mod hub;
 mod identity;
+mod keys;
 mod limits;
 mod session;
 mod site;
@@ -110,6 +111,8 @@ pub(crate) struct App<S> {
     pub(crate) gate: gate::Gate,
     pub(crate) static_key: StaticKeypair,
     pub(crate) hub: hub::Hub,
+    /// Logs' append keys, decoded, so appends need no store read.
+    pub(crate) keys: keys::KeyCache,
     pub(crate) metrics: Metrics,
     pub(crate) clock: Clock,
     pub(crate) days_ahead: u32,
@@ -200,6 +203,7 @@ pub async fn start<S: Store>(
         gate: gate::Gate::new(GateKey::derive(&identity.secret)),
         static_key: StaticKeypair::from_private(identity.static_key.private),
         hub: hub::Hub::default(),
+        keys: keys::KeyCache::default(),
         metrics: Metrics::default(),
         clock,
         days_ahead: config.days_ahead,
