@@ -88,7 +88,7 @@ pub(crate) async fn run(target: &Target, args: IdleArgs) -> Result<Measured> {
         "server_rss_after_kib": after.rss_kib,
         "server_kib_per_session": (per_session * 10.0).round() / 10.0,
         "tool_kib_per_session": (own_per_session * 10.0).round() / 10.0,
-        "malloc_arena_max": std::env::var("MALLOC_ARENA_MAX").ok(),
+        "server_malloc_arena_max": target.malloc_arena_max(),
     });
     let summary = format!(
         "{sessions} sessions × {subscriptions} subscriptions opened in {open_secs:.1} s; server RSS \

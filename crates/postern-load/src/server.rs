@@ -55,6 +55,15 @@ impl Target {
     pub(crate) fn stats(&self) -> Result<ProcStats> {
         ProcStats::read(self.pid)
     }
+
+    /// The server's `MALLOC_ARENA_MAX`, if its environment can be read and sets it.
+    pub(crate) fn malloc_arena_max(&self) -> Option<String> {
+        let environ = std::fs::read(format!("/proc/{}/environ", self.pid)).ok()?;
+        environ.split(|b| *b == 0).find_map(|var| {
+            let value = var.strip_prefix(b"MALLOC_ARENA_MAX=")?;
+            Some(String::from_utf8_lossy(value).into_owned())
+        })
+    }
 }
 
 /// A server started for the run on a fresh data directory; stopped when dropped.

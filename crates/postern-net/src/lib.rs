@@ -151,9 +151,12 @@ impl Connection {
         let cookie = HeaderValue::from_str(&format!("{COOKIE_NAME}={token}"))
             .map_err(|e| NetError::Connect(e.to_string()))?;
         request.headers_mut().insert("cookie", cookie);
+        // A small read buffer (the default, 128 KiB, is zeroed on every read); larger frames
+        // grow it.
         let config = WebSocketConfig::default()
             .max_message_size(Some(MAX_MESSAGE))
-            .max_frame_size(Some(MAX_MESSAGE));
+            .max_frame_size(Some(MAX_MESSAGE))
+            .read_buffer_size(2 << 10);
         let (mut ws, _) = tokio_tungstenite::client_async_with_config(request, tls, Some(config))
             .await
             .map_err(|e| NetError::Connect(format!("upgrade refused: {e}")))?;

@@ -47,6 +47,10 @@ pub use config::{FileConfig, QuotaConfig, RetentionConfig, ServerConfig};
 
 /// Time allowed for a TLS handshake and for an HTTP request's headers.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A session's WebSocket read buffer: a frame of the 256- or 1,024-byte bucket fits; larger
+/// ones grow it. (tungstenite's default, 128 KiB, was most of an idle session's memory, and
+/// it zeroes the whole buffer before every read.)
+const WS_READ_BUFFER: usize = 2 << 10;
 /// How long shutdown waits for open sessions to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often expired data is swept.
@@ -345,6 +349,7 @@ async fn front<S: Store>(State(app): State<Arc<App<S>>>, req: Request) -> Respon
             return ws
                 .max_message_size(MAX_MESSAGE)
                 .max_frame_size(MAX_MESSAGE)
+                .read_buffer_size(WS_READ_BUFFER)
                 .on_upgrade(move |socket| session::run(session_app, socket))
                 .into_response();
         }
