@@ -394,6 +394,9 @@ pub enum OutboxOp {
         idem: IdemKey,
         /// The envelope.
         envelope: Vec<u8>,
+        /// The append key that signed it, while we still hold it: the driver proves holding
+        /// it once per connection (`log_auth`), so the server need not check each signature.
+        key: Option<SigningKey>,
     },
     /// Drop a sealed payload into someone's mailbox.
     Drop {
@@ -928,11 +931,12 @@ pub(crate) fn queue_envelope(
 
 /// The oldest outbox item that can go now.
 pub(crate) fn next_outbox(ctx: &Ctx<'_>, skip: &[i64]) -> Result<Option<OutboxItem>, ClientError> {
-    type Row = (i64, String, String, Vec<u8>, Vec<u8>, Vec<u8>, Option<Zeroizing<Vec<u8>>>);
+    type Row =
+        (i64, String, String, Vec<u8>, Vec<u8>, Vec<u8>, Option<Zeroizing<Vec<u8>>>, Option<i64>);
     let mut stmt = ctx
         .db
         .prepare(
-            "SELECT id, kind, server_link, target, idem, body, signer FROM outbox
+            "SELECT id, kind, server_link, target, idem, body, signer, chat_id FROM outbox
              WHERE kind <> 'welcome' AND acked_seq IS NULL ORDER BY id",
         )
         .map_err(dbe)?;
@@ -946,11 +950,12 @@ pub(crate) fn next_outbox(ctx: &Ctx<'_>, skip: &[i64]) -> Result<Option<OutboxIt
                 r.get(4)?,
                 r.get(5)?,
                 r.get::<_, Option<Vec<u8>>>(6)?.map(Zeroizing::new),
+                r.get(7)?,
             ))
         })
         .map_err(dbe)?;
     for row in rows {
-        let (id, kind, server, target, idem, body, signer): Row = row.map_err(dbe)?;
+        let (id, kind, server, target, idem, body, signer, chat): Row = row.map_err(dbe)?;
         if skip.contains(&id) {
             continue;
         }
@@ -961,11 +966,20 @@ pub(crate) fn next_outbox(ctx: &Ctx<'_>, skip: &[i64]) -> Result<Option<OutboxIt
         };
         let op = match kind.as_str() {
             "log_create" => OutboxOp::LogCreate { log: LogId(arr(&target)?), key: signer()? },
-            "commit" | "message" | "proposal" => OutboxOp::Append {
-                log: LogId(arr(&target)?),
-                idem: IdemKey(arr(&idem)?),
-                envelope: body,
-            },
+            "commit" | "message" | "proposal" => {
+                let key = match (chat, Envelope::key_id_of(&body)) {
+                    (Some(chat), Some(key_id)) => {
+                        epoch_by_key_id(ctx.db, chat, &key_id.0)?.map(|k| k.append_key)
+                    }
+                    _ => None,
+                };
+                OutboxOp::Append {
+                    log: LogId(arr(&target)?),
+                    idem: IdemKey(arr(&idem)?),
+                    envelope: body,
+                    key,
+                }
+            }
             "drop" => {
                 OutboxOp::Drop { drop: DropId(arr(&target)?), idem: IdemKey(arr(&idem)?), body }
             }

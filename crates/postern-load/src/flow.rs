@@ -74,6 +74,9 @@ struct LoadArgs {
     /// Bytes of text per message.
     #[arg(long, default_value_t = 200)]
     plaintext: usize,
+    /// Leave out `log_auth`, so the server checks every envelope's signature.
+    #[arg(long)]
+    no_log_auth: bool,
 }
 
 pub(crate) async fn throughput(target: &Target, args: ThroughputArgs) -> Result<Measured> {
@@ -124,7 +127,7 @@ struct Sent {
 }
 
 async fn run(target: &Target, logs: usize, receivers: usize, load: LoadArgs) -> Result<Measured> {
-    let LoadArgs { messages, rate, window, plaintext } = load;
+    let LoadArgs { messages, rate, window, plaintext, no_log_auth } = load;
     if logs == 0 || messages == 0 || window == 0 {
         bail!("nothing to send");
     }
@@ -161,9 +164,19 @@ async fn run(target: &Target, logs: usize, receivers: usize, load: LoadArgs) -> 
         let public = postern_proto::ids::public_key(&plan.key);
         match conn.request(Request::LogCreate { log: plan.log, key: public }, Some(&plan.key)).await
         {
-            Ok(Response::Ok) => senders_ready.push(conn),
+            Ok(Response::Ok) => {}
             other => bail!("log_create: {other:?}"),
         }
+        if !no_log_auth {
+            match conn
+                .request(Request::LogAuth { log: plan.log, key: public }, Some(&plan.key))
+                .await
+            {
+                Ok(Response::Ok) => {}
+                other => bail!("log_auth: {other:?}"),
+            }
+        }
+        senders_ready.push(conn);
     }
     let mut receiver_conns = open_all(link, logs * receivers).await?;
     for (i, conn) in receiver_conns.iter_mut().enumerate() {
@@ -234,6 +247,7 @@ async fn run(target: &Target, logs: usize, receivers: usize, load: LoadArgs) -> 
         "offered_rate": rate,
         "window": if rate.is_some() { None } else { Some(window) },
         "plaintext_bytes": plaintext,
+        "log_auth": !no_log_auth,
         "envelope_ciphertext_bytes": ciphertext_len,
         "connections": logs * (1 + receivers),
         "setup_secs": round(setup_secs, 2),

@@ -86,6 +86,14 @@ impl Envelope {
         key.key_id() == self.key_id && key.verify(&self.signing_input(log), &self.signature)
     }
 
+    /// The key id of an encoded envelope, read without decoding the rest (`None` if the
+    /// bytes do not start like an envelope).
+    pub fn key_id_of(bytes: &[u8]) -> Option<KeyId> {
+        let (&version, rest) = bytes.split_first()?;
+        let id: [u8; 8] = rest.get(..8)?.try_into().ok()?;
+        (version == ENVELOPE_VERSION).then_some(KeyId(id))
+    }
+
     /// Wire bytes.
     pub fn encode(&self) -> Vec<u8> {
         let mut bytes = self.encode_unsigned();

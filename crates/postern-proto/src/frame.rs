@@ -81,6 +81,10 @@ pub enum Request {
     LogCreate { log: LogId, key: PublicKey },
     /// Append an envelope ([`crate::envelope::Envelope`]) to a log.
     LogAppend { log: LogId, body: Body },
+    /// Prove holding one of the log's append keys for the rest of this connection (signed by
+    /// that key): the server then takes this connection's appends under it without checking
+    /// each envelope's signature.
+    LogAuth { log: LogId, key: PublicKey },
     /// Entries after `after`, oldest first.
     LogRead { log: LogId, after: u64, max_items: u16 },
     /// The rest of a large entry from `offset`.
@@ -114,6 +118,7 @@ mod op {
     pub(super) const SUBSCRIBE: u8 = 17;
     pub(super) const UNSUBSCRIBE: u8 = 18;
     pub(super) const UPLOAD_CHUNK: u8 = 19;
+    pub(super) const LOG_AUTH: u8 = 20;
 }
 
 impl Request {
@@ -122,7 +127,7 @@ impl Request {
     pub fn signer(&self) -> Signer {
         match self {
             Request::MailboxCreate { owner_key, .. } => Signer::Key(*owner_key),
-            Request::LogCreate { key, .. } => Signer::Key(*key),
+            Request::LogCreate { key, .. } | Request::LogAuth { key, .. } => Signer::Key(*key),
             Request::DropCreate { mailbox, .. }
             | Request::DropRevoke { mailbox, .. }
             | Request::MailboxFetch { mailbox, .. }
@@ -162,6 +167,7 @@ impl Request {
             Request::KeyPackageClaim { .. } => "key_package_claim",
             Request::LogCreate { .. } => "log_create",
             Request::LogAppend { .. } => "log_append",
+            Request::LogAuth { .. } => "log_auth",
             Request::LogRead { .. } => "log_read",
             Request::LogReadPart { .. } => "log_read_part",
             Request::Subscribe { .. } => "subscribe",
@@ -328,6 +334,9 @@ fn encode_request(w: &mut Writer, req: &Request) {
             w.u8(op::LOG_APPEND).fixed(&log.0);
             encode_body(w, body);
         }
+        Request::LogAuth { log, key } => {
+            w.u8(op::LOG_AUTH).fixed(&log.0).fixed(&key.0);
+        }
         Request::LogRead { log, after, max_items } => {
             w.u8(op::LOG_READ).fixed(&log.0).u64(*after).u16(*max_items);
         }
@@ -409,6 +418,7 @@ fn decode_request(r: &mut Reader<'_>) -> Result<Request, DecodeError> {
         op::KEY_PACKAGE_CLAIM => Request::KeyPackageClaim { token: ClaimToken(r.array()?) },
         op::LOG_CREATE => Request::LogCreate { log: LogId(r.array()?), key: PublicKey(r.array()?) },
         op::LOG_APPEND => Request::LogAppend { log: LogId(r.array()?), body: decode_body(r)? },
+        op::LOG_AUTH => Request::LogAuth { log: LogId(r.array()?), key: PublicKey(r.array()?) },
         op::LOG_READ => {
             Request::LogRead { log: LogId(r.array()?), after: r.u64()?, max_items: r.u16()? }
         }

@@ -133,6 +133,11 @@ impl PreparedKey {
         self.id
     }
 
+    /// The key's wire form.
+    pub fn public(&self) -> PublicKey {
+        PublicKey(self.key.to_bytes())
+    }
+
     /// Verifies an Ed25519 signature (strictly: no small-order keys or malleable signatures).
     pub fn verify(&self, message: &[u8], signature: &Signature) -> bool {
         let sig = ed25519_dalek::Signature::from_bytes(&signature.0);

@@ -1,6 +1,5 @@
 //! Append keys by log and key id, decoded once and kept for a minute, so an append needs no
-//! store read. A key the store no longer holds (expired and swept) may be honoured here for
-//! at most [`TTL`] more.
+//! store read. The sweep, which removes expired keys, clears the cache.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -14,22 +13,44 @@ pub(crate) const TTL: Duration = Duration::from_secs(60);
 const CAPACITY: usize = 100_000;
 
 #[derive(Default)]
-pub(crate) struct KeyCache(Mutex<HashMap<(LogId, KeyId), (PreparedKey, Instant)>>);
+pub(crate) struct KeyCache(Mutex<Inner>);
+
+#[derive(Default)]
+struct Inner {
+    keys: HashMap<(LogId, KeyId), (PreparedKey, Instant)>,
+    /// Bumped by every [`KeyCache::clear`], so a key read from the store before a sweep is
+    /// not cached after it.
+    generation: u64,
+}
 
 impl KeyCache {
-    /// The key, if read from the store less than [`TTL`] ago.
-    pub(crate) fn get(&self, log: LogId, key_id: KeyId, now: Instant) -> Option<PreparedKey> {
-        let cache = self.0.lock().ok()?;
-        let (key, at) = cache.get(&(log, key_id))?;
-        (now.saturating_duration_since(*at) < TTL).then(|| key.clone())
+    /// The key, if read from the store less than [`TTL`] ago; else the generation to hand
+    /// to [`put`](Self::put) with the key read from the store.
+    pub(crate) fn get(&self, log: LogId, key_id: KeyId, now: Instant) -> Result<PreparedKey, u64> {
+        let Ok(cache) = self.0.lock() else { return Err(u64::MAX) };
+        match cache.keys.get(&(log, key_id)) {
+            Some((key, at)) if now.saturating_duration_since(*at) < TTL => Ok(key.clone()),
+            _ => Err(cache.generation),
+        }
     }
 
-    pub(crate) fn put(&self, log: LogId, key: PreparedKey, now: Instant) {
-        if let Ok(mut cache) = self.0.lock() {
-            if cache.len() >= CAPACITY {
-                cache.clear();
+    /// Caches a key read from the store, unless the cache was cleared since `generation`.
+    pub(crate) fn put(&self, log: LogId, key: PreparedKey, generation: u64, now: Instant) {
+        if let Ok(mut cache) = self.0.lock()
+            && cache.generation == generation
+        {
+            if cache.keys.len() >= CAPACITY {
+                cache.keys.clear();
             }
-            cache.insert((log, key.key_id()), (key, now));
+            cache.keys.insert((log, key.key_id()), (key, now));
+        }
+    }
+
+    /// Forgets every key (after the sweep removed expired ones).
+    pub(crate) fn clear(&self) {
+        if let Ok(mut cache) = self.0.lock() {
+            cache.keys.clear();
+            cache.generation += 1;
         }
     }
 }
@@ -46,10 +67,16 @@ mod tests {
         let signing = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
         let key = PreparedKey::new(&PublicKey(signing.verifying_key().to_bytes())).unwrap();
         let (log, t0) = (LogId([1; 32]), Instant::now());
-        assert!(cache.get(log, key.key_id(), t0).is_none());
-        cache.put(log, key.clone(), t0);
-        assert!(cache.get(log, key.key_id(), t0 + TTL / 2).is_some());
-        assert!(cache.get(LogId([2; 32]), key.key_id(), t0).is_none(), "keyed by log too");
-        assert!(cache.get(log, key.key_id(), t0 + TTL).is_none(), "read again after the TTL");
+        let generation = cache.get(log, key.key_id(), t0).unwrap_err();
+        cache.put(log, key.clone(), generation, t0);
+        assert!(cache.get(log, key.key_id(), t0 + TTL / 2).is_ok());
+        assert!(cache.get(LogId([2; 32]), key.key_id(), t0).is_err(), "keyed by log too");
+        assert!(cache.get(log, key.key_id(), t0 + TTL).is_err(), "read again after the TTL");
+        // A key read before a clear (the sweep) is not cached after it.
+        cache.clear();
+        let before = generation;
+        assert!(cache.get(log, key.key_id(), t0).is_err(), "cleared");
+        cache.put(log, key.clone(), before, t0);
+        assert!(cache.get(log, key.key_id(), t0).is_err(), "a stale read is not cached");
     }
 }

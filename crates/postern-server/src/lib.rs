@@ -396,7 +396,10 @@ async fn metrics<S: Store>(State(app): State<Arc<App<S>>>) -> String {
 async fn sweep_loop<S: Store>(app: Arc<App<S>>) {
     let mut shutdown = app.shutdown.clone();
     loop {
-        match app.store.sweep(app.today()).await {
+        let swept = app.store.sweep(app.today()).await;
+        // Expired append keys are gone from the store: forget the decoded ones too.
+        app.keys.clear();
+        match swept {
             Ok(swept) => tracing::info!(
                 entries = swept.entries,
                 items = swept.items,

@@ -2,7 +2,7 @@
 //! closes. Requests run concurrently (up to [`MAX_IN_FLIGHT`]); their answers go out as they
 //! complete. Subscriptions live here, one cursor per log.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,8 +12,9 @@ use axum::extract::ws::{Message, WebSocket};
 use futures_util::stream::{FuturesUnordered, SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use postern_proto::DecodeError;
-use postern_proto::frame::{ClientFrame, ErrorCode, Push, Request, Response, ServerFrame};
-use postern_proto::ids::LogId;
+use postern_proto::envelope::Envelope;
+use postern_proto::frame::{Body, ClientFrame, ErrorCode, Push, Request, Response, ServerFrame};
+use postern_proto::ids::{KeyId, LogId};
 use postern_proto::session::{Transport, server_respond};
 use postern_store::{Page, Store};
 use rand::RngCore;
@@ -31,6 +32,8 @@ const MAX_IN_FLIGHT: usize = 64;
 const MAX_UNFLUSHED: usize = 32;
 /// Logs one session may subscribe to. Clients spread subscriptions over several connections.
 const MAX_SUBSCRIPTIONS: usize = 1_024;
+/// Append keys one connection may prove it holds.
+const MAX_TRUSTED_KEYS: usize = 1_024;
 /// Time for the client's first handshake message after the upgrade.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A session with no frame from the client for this long is closed.
@@ -44,6 +47,8 @@ enum Done {
         request_id: u32,
         result: Result<Response, ErrorCode>,
         lease: Lease,
+        /// A `log_auth` that succeeded: appends under this key need no signature check.
+        grant: Option<(LogId, KeyId)>,
     },
     CatchUp {
         log: LogId,
@@ -72,6 +77,8 @@ struct Session<S: Store> {
     /// The connection's request budget.
     bucket: Bucket,
     subs: HashMap<LogId, Sub>,
+    /// Append keys this connection proved it holds (`log_auth`), by log.
+    trusted: HashSet<(LogId, KeyId)>,
     work: FuturesUnordered<Work>,
     /// Frames fed to the sink since its last flush.
     unflushed: usize,
@@ -110,6 +117,7 @@ async fn handshake<S: Store>(app: &Arc<App<S>>, socket: WebSocket) -> Option<Ses
         last_request_id: None,
         bucket: Bucket::full(app.request_rate.1, tokio::time::Instant::now()),
         subs: HashMap::new(),
+        trusted: HashSet::new(),
         work: FuturesUnordered::new(),
         unflushed: 0,
     })
@@ -228,11 +236,25 @@ impl<S: Store> Session<S> {
                 let Some(lease) = self.app.buffered.try_take(plain.len()) else {
                     return self.respond(request_id, Err(ErrorCode::RateLimited)).await;
                 };
+                let (trusted_key, grant) = match &frame.request {
+                    Request::LogAppend { log, body: Body::Inline(bytes) } => {
+                        let key = Envelope::key_id_of(bytes);
+                        (key.filter(|k| self.trusted.contains(&(*log, *k))), None)
+                    }
+                    Request::LogAuth { log, key } if self.trusted.len() < MAX_TRUSTED_KEYS => {
+                        (None, Some((*log, key.key_id())))
+                    }
+                    Request::LogAuth { .. } => {
+                        return self.respond(request_id, Err(ErrorCode::QuotaExceeded)).await;
+                    }
+                    _ => (None, None),
+                };
                 let app = self.app.clone();
                 let nonce = self.nonce;
                 self.work.push(Box::pin(async move {
-                    let result = handle(&app, &nonce, frame).await;
-                    Done::Response { request_id, result, lease }
+                    let result = handle(&app, &nonce, frame, trusted_key).await;
+                    let grant = grant.filter(|_| result.is_ok());
+                    Done::Response { request_id, result, lease, grant }
                 }));
                 Ok(())
             }
@@ -260,8 +282,11 @@ impl<S: Store> Session<S> {
 
     async fn on_done(&mut self, done: Done, subscriber: &Subscriber) -> Result<(), Closed> {
         match done {
-            Done::Response { request_id, result, lease } => {
+            Done::Response { request_id, result, lease, grant } => {
                 drop(lease);
+                if let Some(grant) = grant {
+                    self.trusted.insert(grant);
+                }
                 self.respond(request_id, result).await
             }
             Done::CatchUp { log, reply_to, result } => {

@@ -40,6 +40,7 @@ fn all_requests() -> Vec<Request> {
         Request::ClaimTokenRevoke { mailbox: m, token_hash: TokenHash([6; 32]) },
         Request::KeyPackageClaim { token: ClaimToken([7; 32]) },
         Request::LogCreate { log: LogId([8; 32]), key: PublicKey([2; 32]) },
+        Request::LogAuth { log: LogId([8; 32]), key: PublicKey([3; 32]) },
         Request::LogAppend { log: LogId([8; 32]), body: Body::Upload(UploadId([9; 16])) },
         Request::LogRead { log: LogId([8; 32]), after: 0, max_items: 64 },
         Request::LogReadPart { log: LogId([8; 32]), seq: 1, offset: 2 },

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, anyhow};
 use postern_client::{Client, Event, OutboxItem, OutboxOp};
 use postern_net::{Connection, NetError};
 use postern_proto::frame::{Body, ClaimPolicy, ErrorCode, Item, Push, Request, Response};
-use postern_proto::ids::{LogId, UploadId, public_key};
+use postern_proto::ids::{KeyId, LogId, UploadId, public_key};
 use postern_proto::limits::MAX_INLINE;
 use postern_proto::link::ServerLink;
 
@@ -35,11 +35,13 @@ pub(crate) struct Driver {
     conns: HashMap<String, Connection>,
     /// The logs subscribed on each server's current connection.
     subscribed: HashMap<String, HashSet<LogId>>,
+    /// The append keys each server's current connection has proved it holds (`log_auth`).
+    authed: HashMap<String, HashSet<(LogId, KeyId)>>,
 }
 
 impl Driver {
     pub(crate) fn new(client: Client) -> Self {
-        Driver { client, conns: HashMap::new(), subscribed: HashMap::new() }
+        Driver { client, conns: HashMap::new(), subscribed: HashMap::new(), authed: HashMap::new() }
     }
 
     /// The connection to a server, opened on first use.
@@ -49,8 +51,9 @@ impl Driver {
             let conn = Connection::connect(link)
                 .await
                 .with_context(|| format!("cannot reach the server at {}", link.addrs.join(", ")))?;
-            // A new connection starts with no subscriptions.
+            // A new connection starts with no subscriptions and no proved keys.
             self.subscribed.remove(&key);
+            self.authed.remove(&key);
             self.conns.insert(key.clone(), conn);
         }
         self.conns.get_mut(&key).ok_or_else(|| anyhow!("connection vanished"))
@@ -150,6 +153,31 @@ impl Driver {
         Ok(Body::Upload(upload))
     }
 
+    /// Proves holding `key` for `log` on this server's connection, once per connection, so
+    /// the server takes our appends under it without checking each signature. A refusal
+    /// changes nothing: the append is then checked on its own.
+    async fn log_auth(
+        &mut self,
+        link: &ServerLink,
+        log: LogId,
+        key: &ed25519_dalek::SigningKey,
+    ) -> Result<()> {
+        let public = public_key(key);
+        let proved = (log, public.key_id());
+        let server = link.to_link_string();
+        if self.conns.contains_key(&server)
+            && self.authed.get(&server).is_some_and(|keys| keys.contains(&proved))
+        {
+            return Ok(());
+        }
+        if let Outcome::Done(_) =
+            self.call(link, Request::LogAuth { log, key: public }, Some(key)).await?
+        {
+            self.authed.entry(server).or_default().insert(proved);
+        }
+        Ok(())
+    }
+
     /// Sends one outbox item. `Ok(Some(seq))`/`Ok(None)`: done; an error: try again later.
     async fn send_item(&mut self, item: OutboxItem) -> Result<Result<Option<u64>, ErrorCode>> {
         let link = item.server;
@@ -157,7 +185,10 @@ impl Driver {
             OutboxOp::LogCreate { log, key } => {
                 (Request::LogCreate { log, key: public_key(&key) }, Some(key))
             }
-            OutboxOp::Append { log, idem, envelope } => {
+            OutboxOp::Append { log, idem, envelope, key } => {
+                if let Some(key) = key {
+                    self.log_auth(&link, log, &key).await?;
+                }
                 let body = self.body(&link, idem.0, envelope).await?;
                 (Request::LogAppend { log, body }, None)
             }

@@ -271,3 +271,47 @@ async fn appends_need_a_live_key_of_this_log() {
         }
     }
 }
+
+#[tokio::test]
+async fn log_auth_proves_a_key_for_its_connection_only() {
+    let server = TestServer::start(bin()).await;
+    let mut holder = server.connect().await;
+    let mut other = server.connect().await;
+    let (key, log) = new_log(&mut holder).await;
+    let auth = |key: &ed25519_dalek::SigningKey| Request::LogAuth { log, key: public_key(key) };
+    // An envelope whose signature no longer matches (a byte of its ciphertext flipped).
+    let mut broken = envelope(&log, &key, ids::idem(), None, b"entry");
+    broken[30] ^= 1;
+    let append = |bytes: Vec<u8>| Request::LogAppend { log, body: Body::Inline(bytes) };
+
+    // A stranger's key, a signature over another connection's nonce: refused.
+    let stranger = ids::signing_key();
+    assert_eq!(
+        outcome(holder.request(auth(&stranger), Some(&stranger)).await),
+        Err(ErrorCode::NotFound)
+    );
+    assert_eq!(
+        signed_for(&mut other, &holder, auth(&key), &key).await,
+        Err(ErrorCode::NotFound),
+        "a log_auth signature is bound to its connection's nonce"
+    );
+    // Before log_auth, every envelope's signature is checked.
+    assert_eq!(
+        outcome(holder.request(append(broken.clone()), None).await),
+        Err(ErrorCode::NotFound)
+    );
+    // After it, appends under that key on that connection are taken unchecked (members
+    // check envelope signatures themselves and skip this one) ...
+    assert_eq!(outcome(holder.request(auth(&key), Some(&key)).await), Ok(Response::Ok));
+    assert!(matches!(
+        outcome(holder.request(append(broken.clone()), None).await),
+        Ok(Response::Seq(_))
+    ));
+    // ... but not on another connection, and not under another key.
+    let mut again = broken.clone();
+    again[30] ^= 2;
+    let mut third = server.connect().await;
+    assert_eq!(outcome(third.request(append(again), None).await), Err(ErrorCode::NotFound));
+    let unregistered = envelope(&log, &stranger, ids::idem(), None, b"entry");
+    assert_eq!(outcome(holder.request(append(unregistered), None).await), Err(ErrorCode::NotFound));
+}
