@@ -20,6 +20,8 @@ use postern_proto::ids::{ClaimToken, DropId};
 pub use postern_proto::link::{InviteKind, InviteLink};
 use postern_proto::link::{LinkError, ServerLink};
 
+#[cfg(feature = "bench")]
+pub mod bench;
 mod chats;
 pub mod envelope;
 mod gaps;
