@@ -67,8 +67,8 @@ async fn body_bytes<S: Store>(
 }
 
 /// Handles every request except subscriptions, which the session keeps itself.
-/// Handles one request. `trusted_key`: this connection proved holding the append key with
-/// this id for the request's log (`log_auth`), so an append under it needs no signature check.
+/// `trusted_key`: this connection proved holding the append key with this id for the
+/// request's log (`log_auth`), so an append under it needs no signature check.
 pub(crate) async fn handle<S: Store>(
     app: &App<S>,
     nonce: &[u8; 32],
