@@ -349,7 +349,20 @@ pub fn tls_get(
 /// `timeout`. Chromium prints the page, so `complete` means the page arrived; Firefox is run
 /// only for its ClientHello (it refuses the lab's self-signed certificates).
 pub fn browse(browser: &str, url: &str, timeout: Duration) -> Outcome {
+    // A browser that quits at once with an empty page crashed (it happens under load); that
+    // is not the network's answer, so it gets one more try. A blocked page is a browser
+    // still waiting at the timeout, or an error page: never empty and quick.
+    let started = Instant::now();
+    let mut out = browse_once(browser, url, timeout);
+    if out.error.is_none() && out.received == 0 && out.elapsed_ms < 5_000 {
+        out = browse_once(browser, url, timeout.saturating_sub(started.elapsed()));
+    }
+    out
+}
+
+fn browse_once(browser: &str, url: &str, timeout: Duration) -> Outcome {
     let mut out = Outcome::default();
+    let started = Instant::now();
     let result = (|| -> Result<()> {
         let dir =
             std::env::temp_dir().join(format!("postern-lab-browser-{:08x}", rand::random::<u32>()));
@@ -389,7 +402,6 @@ pub fn browse(browser: &str, url: &str, timeout: Duration) -> Outcome {
             let _ = stdout.read_to_end(&mut page);
             page
         });
-        let started = Instant::now();
         while child.try_wait()?.is_none() && started.elapsed() < timeout {
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -403,6 +415,7 @@ pub fn browse(browser: &str, url: &str, timeout: Duration) -> Outcome {
         Ok(())
     })();
     out.error = result.err().map(|e| e.to_string());
+    out.elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     out
 }
 
