@@ -5,7 +5,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use postern_client::bench::{Chat, MlsPair, RawPair};
+use std::cell::RefCell;
+
+use criterion::BatchSize;
+use postern_client::bench::{BigGroup, Chat, Devices, MlsPair, RawPair, raw_add};
 
 const TEXT: &str = "A two-hundred-byte message, about the length of a chat line that says a little more \
 than hello: where to meet, when, and what to bring along, with a few words more to make up \
@@ -30,9 +33,75 @@ fn message(c: &mut Criterion) {
     group.finish();
 }
 
+/// Creating a group with N members in one commit: the client (`Client::create_group`,
+/// which also checks every credential) beside raw openmls; 1,000 for openmls alone.
+fn add(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut group = c.benchmark_group("create a group with N members");
+    group.sample_size(10);
+    let mut devices = Devices::new(dir.path(), 1_000).unwrap();
+    let all = devices.key_packages.clone();
+    let mut creator = postern_client::Client::init(
+        &dir.path().join("creator"),
+        postern_client::KeySource::KeyFile,
+        "Creator",
+        postern_proto::link::ServerLink::parse(LINK).unwrap(),
+    )
+    .unwrap();
+    for n in [10, 100, 250, 1_000] {
+        let kps = &all[..n];
+        group.bench_function(format!("raw openmls, {n}"), |b| {
+            b.iter(|| raw_add(&mut devices, kps).unwrap())
+        });
+        if n <= 250 {
+            group.bench_function(format!("client, {n}"), |b| {
+                b.iter(|| creator.create_group(kps).unwrap())
+            });
+        }
+    }
+    group.finish();
+}
+
+/// Processing one commit (an Update by the group's creator) in a group of 250: a raw
+/// openmls member and a client member; each processes every commit, only one is timed.
+fn commit(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let big = RefCell::new(BigGroup::new(dir.path(), 250).unwrap());
+    let mut group = c.benchmark_group("process a commit, 250 members");
+    group.sample_size(10);
+    group.bench_function("raw openmls", |b| {
+        b.iter_batched(
+            || {
+                let mut big = big.borrow_mut();
+                let commit = big.next_commit().unwrap();
+                big.client_process(&commit).unwrap();
+                commit
+            },
+            |commit| big.borrow_mut().raw_process(&commit).unwrap(),
+            BatchSize::PerIteration,
+        )
+    });
+    group.bench_function("client", |b| {
+        b.iter_batched(
+            || {
+                let mut big = big.borrow_mut();
+                let commit = big.next_commit().unwrap();
+                big.raw_process(&commit).unwrap();
+                commit
+            },
+            |commit| big.borrow_mut().client_process(&commit).unwrap(),
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
+/// A server link for clients that never reach a server.
+const LINK: &str = "postern://server#v=1&a=127.0.0.1:8443&p=AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE&k=AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI&s=AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM";
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30);
-    targets = message
+    targets = message, add, commit
 }
 criterion_main!(benches);

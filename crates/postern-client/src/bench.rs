@@ -232,3 +232,111 @@ impl RawPair {
         if plaintext == text { Ok(()) } else { Err(bad("the message did not decrypt")) }
     }
 }
+
+/// Key packages of `n` distinct devices (valid Postern credentials), made in one raw store.
+pub struct Devices {
+    store: RawMember,
+    /// Each device's key package, serialized.
+    pub key_packages: Vec<Vec<u8>>,
+}
+
+impl Devices {
+    /// `n` devices with their key packages, in `dir`.
+    pub fn new(dir: &Path, n: usize) -> Result<Self, ClientError> {
+        let mut store = RawMember::open(&dir.join("devices.db"), "Devices")?;
+        let key_packages = store.step(|p, _| {
+            (0..n)
+                .map(|i| Ok(mls::new_key_package(p, &Identity::generate(&format!("D{i}")), false)?))
+                .collect()
+        })?;
+        Ok(Devices { store, key_packages })
+    }
+}
+
+/// Creating a group with everyone in `devices` in one commit, raw openmls (the key
+/// packages parsed and validated, the group made, the members added), in one transaction.
+pub fn raw_add(creator: &mut Devices, key_packages: &[Vec<u8>]) -> Result<(), ClientError> {
+    let lib = |e: &dyn std::fmt::Display| ClientError::Store(e.to_string());
+    let me = Identity::generate("Creator");
+    creator.store.step(|p, _| {
+        let kps = key_packages
+            .iter()
+            .map(|kp| {
+                KeyPackageIn::tls_deserialize_exact(kp)
+                    .map_err(|e| lib(&e))?
+                    .validate(p.crypto(), ProtocolVersion::Mls10)
+                    .map_err(|e| lib(&e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let signer = DeviceSigner(&me.device_key);
+        let mut group =
+            MlsGroup::new(p, &signer, &mls::create_config(), mls::credential_with_key(&me))
+                .map_err(|e| lib(&e))?;
+        group.add_members(p, &signer, &kps).map_err(|e| lib(&e))?;
+        Ok(())
+    })
+}
+
+/// A group of `n` members made by a client, with one other client and one raw member in it,
+/// for processing a commit both ways.
+pub struct BigGroup {
+    alice: Client,
+    bob: Client,
+    raw: RawMember,
+    group: Vec<u8>,
+}
+
+impl BigGroup {
+    /// Alice's group: Bob (a client), Carol (raw openmls) and `n - 3` other devices.
+    pub fn new(dir: &Path, n: usize) -> Result<Self, ClientError> {
+        let mut alice = Client::init(&dir.join("alice"), KeySource::KeyFile, "Alice", link())?;
+        let mut bob = Client::init(&dir.join("bob"), KeySource::KeyFile, "Bob", link())?;
+        let mut raw = RawMember::open(&dir.join("carol.db"), "Carol")?;
+        let others = Devices::new(dir, n.saturating_sub(3))?;
+        let mut kps = others.key_packages;
+        kps.push(bob.key_package(false)?);
+        kps.push(raw.step(|p, id| Ok(mls::new_key_package(p, id, false)?))?);
+        let created = alice.create_group(&kps)?;
+        alice.merge_pending_commit(&created.group_id)?;
+        bob.join_group(&created.welcome)?;
+        raw.step(|p, _| Ok(mls::join(p, &created.welcome).map(|_| ())?))?;
+        Ok(BigGroup { alice, bob, raw, group: created.group_id })
+    }
+
+    /// Alice commits an Update of her leaf (and merges it): the commit others process.
+    pub fn next_commit(&mut self) -> Result<Vec<u8>, ClientError> {
+        let group = self.group.clone();
+        self.alice.step(|ctx| {
+            let plan = mls::CommitPlan { self_update: true, ..Default::default() };
+            let (commit, _) = mls::commit(&ctx.mls, ctx.me, &group, plan)?;
+            mls::merge_pending(&ctx.mls, &group)?;
+            Ok(commit)
+        })
+    }
+
+    /// Bob, a client, processes `commit` (the client's checks, openmls, one transaction).
+    pub fn client_process(&mut self, commit: &[u8]) -> Result<(), ClientError> {
+        match self.bob.receive(&self.group, commit)? {
+            crate::Received::Commit { .. } => Ok(()),
+            _ => Err(bad("not a commit")),
+        }
+    }
+
+    /// Carol, raw openmls, processes `commit` and merges it, in one transaction.
+    pub fn raw_process(&mut self, commit: &[u8]) -> Result<(), ClientError> {
+        let lib = |e: &dyn std::fmt::Display| ClientError::Store(e.to_string());
+        let group = GroupId::from_slice(&self.group);
+        self.raw.step(|p, _| {
+            let mut g =
+                MlsGroup::load(p.storage(), &group).map_err(|e| lib(&e))?.ok_or(bad("no group"))?;
+            let msg = MlsMessageIn::tls_deserialize_exact(commit).map_err(|e| lib(&e))?;
+            let protocol = msg.try_into_protocol_message().map_err(|e| lib(&e))?;
+            match g.process_message(p, protocol).map_err(|e| lib(&e))?.into_content() {
+                ProcessedMessageContent::StagedCommitMessage(staged) => {
+                    g.merge_staged_commit(p, *staged).map_err(|e| lib(&e))
+                }
+                _ => Err(bad("not a commit")),
+            }
+        })
+    }
+}

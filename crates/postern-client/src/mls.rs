@@ -126,7 +126,7 @@ impl Signer for DeviceSigner<'_> {
     }
 }
 
-fn credential_with_key(identity: &Identity) -> CredentialWithKey {
+pub(crate) fn credential_with_key(identity: &Identity) -> CredentialWithKey {
     let cred = identity.credential();
     CredentialWithKey {
         credential: BasicCredential::new(cred.encode()).into(),
@@ -168,7 +168,7 @@ fn capabilities() -> Capabilities {
     )
 }
 
-fn create_config() -> MlsGroupCreateConfig {
+pub(crate) fn create_config() -> MlsGroupCreateConfig {
     create_builder().build()
 }
 
