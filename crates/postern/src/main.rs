@@ -21,8 +21,10 @@ struct Cli {
     /// Print machine-readable JSON (one object per line) instead of text.
     #[arg(long, global = true)]
     json: bool,
-    /// The client's home directory [default: $XDG_DATA_HOME/postern/client].
-    #[arg(long, global = true, env = "POSTERN_HOME")]
+    /// The client's home directory [env: POSTERN_HOME; default: $XDG_DATA_HOME/postern/client].
+    // Not clap's `env`: an empty POSTERN_HOME there is an error ("a value is required"),
+    // where an empty variable should mean unset.
+    #[arg(long, global = true)]
     home: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,

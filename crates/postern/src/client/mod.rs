@@ -21,7 +21,8 @@ use driver::Driver;
 
 /// Where the client's home is: `--home`, else `$XDG_DATA_HOME/postern/client`.
 pub(crate) fn home_dir(home: Option<PathBuf>) -> PathBuf {
-    home.unwrap_or_else(|| crate::data_dir().join("client"))
+    home.or_else(|| std::env::var_os("POSTERN_HOME").filter(|h| !h.is_empty()).map(PathBuf::from))
+        .unwrap_or_else(|| crate::data_dir().join("client"))
 }
 
 /// The store key: `POSTERN_PASSPHRASE` when set, else the home's key file.

@@ -172,3 +172,37 @@ async fn invites_register_a_drop_address_and_a_claim_token() {
         assert!(matches!(stranger.request(claim, None).await.unwrap(), Response::KeyPackages(_)));
     }
 }
+
+#[tokio::test]
+async fn postern_home_is_read_from_the_environment_and_an_empty_one_is_unset() {
+    let server = TestServer::start(bin()).await;
+    let link = server.link.to_link_string();
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("frank");
+    let run = |env: &[(&str, &std::ffi::OsStr)], args: &[&str]| {
+        let mut cmd = std::process::Command::new(bin());
+        cmd.args(args)
+            .env_remove("POSTERN_PASSPHRASE")
+            .env("XDG_DATA_HOME", dir.path().join("xdg"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let out = run(
+        &[("POSTERN_HOME", home.as_os_str())],
+        &["--json", "init", "--name", "Frank", "--server", &link],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(home.join("client.db").exists(), "POSTERN_HOME chose the home");
+    // --home wins over the variable; an empty variable is as if unset (the default home).
+    let out = run(
+        &[("POSTERN_HOME", "".as_ref())],
+        &["--home", home.to_str().unwrap(), "--json", "whoami"],
+    );
+    assert_eq!(json(&out)["name"], "Frank");
+    let out = run(&[("POSTERN_HOME", "".as_ref())], &["whoami"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !err.contains("a value is required"), "{err}");
+    assert!(err.contains("xdg"), "the default home under XDG_DATA_HOME is named: {err}");
+}
