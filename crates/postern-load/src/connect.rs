@@ -11,6 +11,9 @@ use postern_net::Connection;
 use crate::Measured;
 use crate::server::{ProcStats, Target};
 
+/// Time one connection may take before it counts as failed.
+const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// `connect`.
 #[derive(Args, Debug)]
 pub(crate) struct ConnectArgs {
@@ -24,47 +27,68 @@ pub(crate) struct ConnectArgs {
     /// What each connection sets up.
     #[arg(long, value_enum, default_value_t = What::Tls)]
     what: What,
+    /// Resume TLS sessions (TLS 1.3 tickets from earlier connections) instead of full
+    /// handshakes; with `tls-get` only, since a client reads its tickets after the handshake.
+    #[arg(long)]
+    resume: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum What {
     /// TCP and a full TLS handshake (no resumption), then close.
     Tls,
+    /// TCP, a TLS handshake and a GET of the server's website, read to the end.
+    TlsGet,
     /// A whole session: TLS, the gated WebSocket upgrade and the Noise handshake.
     Session,
 }
 
 pub(crate) async fn run(target: &Target, args: ConnectArgs) -> Result<Measured> {
-    let ConnectArgs { count, concurrency, what } = args;
+    let ConnectArgs { count, concurrency, what, resume } = args;
     if count == 0 || concurrency == 0 {
         bail!("nothing to set up");
+    }
+    if resume && !matches!(what, What::TlsGet) {
+        bail!("--resume needs --what tls-get (tickets arrive after the handshake)");
     }
     let link = &target.link;
     let addr = link.addrs.first().ok_or_else(|| anyhow!("the link has no address"))?.clone();
     let name = rustls::pki_types::ServerName::try_from(link.tls_name())?;
-    // Full handshakes only: no session cache, no tickets.
+    // Full handshakes unless resuming: then one session cache shared by every connection,
+    // filled by a first connection that is not counted.
     let mut config = (*postern_net::tls_config(link, &[b"http/1.1"])?).clone();
-    config.resumption = rustls::client::Resumption::disabled();
+    if !resume {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    if resume {
+        tls_get(&connector, &name, &addr).await.context("the first connection")?;
+    }
     let before = target.stats()?;
     let own_before = ProcStats::own()?;
     let started = Instant::now();
-    let results: Vec<Result<Option<String>>> = futures_util::stream::iter(0..count)
+    let results: Vec<Result<(Option<String>, bool)>> = futures_util::stream::iter(0..count)
         .map(|_| {
             let (connector, name, addr) = (connector.clone(), name.clone(), addr.clone());
-            async move {
+            let one = async move {
                 match what {
                     What::Tls => {
                         let tcp = tokio::net::TcpStream::connect(&addr).await?;
                         let tls = connector.connect(name, tcp).await?;
-                        let group = tls.get_ref().1.negotiated_key_exchange_group();
-                        Ok(group.map(|g| format!("{:?}", g.name())))
+                        Ok((group_of(&tls), false))
                     }
+                    What::TlsGet => tls_get(&connector, &name, &addr).await,
                     What::Session => {
                         Connection::connect(link).await?.close().await;
-                        Ok(None)
+                        Ok((None, false))
                     }
                 }
+            };
+            // One stuck connection must not hold up the run: it counts as failed.
+            async move {
+                tokio::time::timeout(CONNECTION_TIMEOUT, one)
+                    .await
+                    .map_err(|_| anyhow!("no answer within {} s", CONNECTION_TIMEOUT.as_secs()))?
             }
         })
         .buffer_unordered(concurrency)
@@ -73,26 +97,36 @@ pub(crate) async fn run(target: &Target, args: ConnectArgs) -> Result<Measured> 
     let elapsed = started.elapsed().as_secs_f64().max(1e-9);
     let after = target.stats()?;
     let own_after = ProcStats::own()?;
-    let mut group = None;
-    let mut failed = 0;
+    let (mut group, mut failed, mut resumed, mut first_error) = (None, 0, 0, None);
     for r in results {
         match r {
-            Ok(g) => group = group.or(g),
-            Err(_) => failed += 1,
+            Ok((g, r)) => {
+                group = group.or(g);
+                resumed += usize::from(r);
+            }
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
         }
     }
     let done = count - failed;
     let server_cpu = after.cpu_secs - before.cpu_secs;
     let per_sec = done as f64 / elapsed;
     let server_us = if done == 0 { 0.0 } else { server_cpu * 1e6 / done as f64 };
-    let kind = match what {
-        What::Tls => "full TLS 1.3 handshakes",
-        What::Session => "sessions",
+    let kind = match (what, resume) {
+        (What::Tls, _) => "full TLS 1.3 handshakes",
+        (What::TlsGet, false) => "full TLS 1.3 handshakes with a GET",
+        (What::TlsGet, true) => "TLS 1.3 resumptions with a GET",
+        (What::Session, _) => "sessions",
     };
     let json = serde_json::json!({
         "what": format!("{what:?}").to_lowercase(),
+        "resume": resume,
+        "resumed": resumed,
         "count": count,
         "failed": failed,
+        "first_error": first_error,
         "concurrency": concurrency,
         "elapsed_secs": (elapsed * 1000.0).round() / 1000.0,
         "per_sec": per_sec.round(),
@@ -109,4 +143,47 @@ pub(crate) async fn run(target: &Target, args: ConnectArgs) -> Result<Measured> 
         return Err(anyhow!("every connection failed")).context(summary);
     }
     Ok((json, summary))
+}
+
+fn group_of(tls: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> Option<String> {
+    tls.get_ref().1.negotiated_key_exchange_group().map(|g| format!("{:?}", g.name()))
+}
+
+/// A TLS connection that GETs the website and reads it to the end (reading also takes in
+/// the session tickets the server sends after the handshake). Returns the key-exchange
+/// group and whether the handshake resumed a session.
+async fn tls_get(
+    connector: &tokio_rustls::TlsConnector,
+    name: &rustls::pki_types::ServerName<'static>,
+    addr: &str,
+) -> Result<(Option<String>, bool)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let phase = CONNECTION_TIMEOUT / 3;
+    let tcp = tokio::time::timeout(phase, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| anyhow!("TCP: no answer"))?
+        .context("TCP")?;
+    let mut tls = tokio::time::timeout(phase, connector.connect(name.clone(), tcp))
+        .await
+        .map_err(|_| anyhow!("TLS handshake: no answer"))?
+        .context("TLS handshake")?;
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let host = match name {
+        rustls::pki_types::ServerName::DnsName(d) => d.as_ref().to_owned(),
+        _ => "localhost".to_owned(),
+    };
+    tls.write_all(
+        format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .context("sending the GET")?;
+    let mut page = Vec::new();
+    match tokio::time::timeout(phase, tls.read_to_end(&mut page)).await {
+        Ok(read) => read.context("reading the page")?,
+        Err(_) => bail!("reading the page: {} bytes, then nothing", page.len()),
+    };
+    if page.is_empty() {
+        bail!("an empty answer");
+    }
+    Ok((group_of(&tls), resumed))
 }

@@ -48,6 +48,14 @@ fn every_bench_mode_runs_and_counts_what_it_measured() {
     assert_eq!(tls["key_exchange_group"], "X25519", "{tls}");
     let sessions = bench(&["connect", "--count", "10", "--what", "session"]);
     assert_eq!(sessions["failed"], 0, "{sessions}");
+    // One at a time: resumed handshakes, each reading the website (and its tickets).
+    let resumed =
+        bench(&["connect", "--count", "10", "--concurrency", "1", "--what", "tls-get", "--resume"]);
+    assert_eq!(
+        (resumed["failed"].as_u64(), resumed["resumed"].as_u64()),
+        (Some(0), Some(10)),
+        "{resumed}"
+    );
 }
 
 #[test]
