@@ -177,6 +177,8 @@ async fn tls_get(
     )
     .await
     .context("sending the GET")?;
+    // tokio-rustls may keep part of a write buffered until flushed.
+    tls.flush().await.context("sending the GET")?;
     let mut page = Vec::new();
     match tokio::time::timeout(phase, tls.read_to_end(&mut page)).await {
         Ok(read) => read.context("reading the page")?,
