@@ -45,7 +45,7 @@ fn add(c: &mut Criterion) {
         &dir.path().join("creator"),
         postern_client::KeySource::KeyFile,
         "Creator",
-        postern_proto::link::ServerLink::parse(LINK).unwrap(),
+        postern_client::bench::link(),
     )
     .unwrap();
     for n in [10, 100, 250, 1_000] {
@@ -71,24 +71,14 @@ fn commit(c: &mut Criterion) {
     group.sample_size(10);
     group.bench_function("raw openmls", |b| {
         b.iter_batched(
-            || {
-                let mut big = big.borrow_mut();
-                let commit = big.next_commit().unwrap();
-                big.client_process(&commit).unwrap();
-                commit
-            },
+            || commit_seen_by(&big, Member::Client),
             |commit| big.borrow_mut().raw_process(&commit).unwrap(),
             BatchSize::PerIteration,
         )
     });
     group.bench_function("client", |b| {
         b.iter_batched(
-            || {
-                let mut big = big.borrow_mut();
-                let commit = big.next_commit().unwrap();
-                big.raw_process(&commit).unwrap();
-                commit
-            },
+            || commit_seen_by(&big, Member::Raw),
             |commit| big.borrow_mut().client_process(&commit).unwrap(),
             BatchSize::PerIteration,
         )
@@ -96,8 +86,21 @@ fn commit(c: &mut Criterion) {
     group.finish();
 }
 
-/// A server link for clients that never reach a server.
-const LINK: &str = "postern://server#v=1&a=127.0.0.1:8443&p=AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE&k=AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI&s=AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM";
+enum Member {
+    Client,
+    Raw,
+}
+
+/// Alice's next commit, already processed by the member that is not being timed.
+fn commit_seen_by(big: &RefCell<BigGroup>, other: Member) -> Vec<u8> {
+    let mut big = big.borrow_mut();
+    let commit = big.next_commit().unwrap();
+    match other {
+        Member::Client => big.client_process(&commit).unwrap(),
+        Member::Raw => big.raw_process(&commit).unwrap(),
+    }
+    commit
+}
 
 criterion_group! {
     name = benches;

@@ -7,21 +7,15 @@ use std::path::Path;
 
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;
-use postern_proto::gate::AccessSecret;
 use postern_proto::link::ServerLink;
 use rusqlite::Connection;
 
 use crate::mls::{self, DeviceSigner, Provider};
 use crate::{Client, ClientError, Event, Identity, InviteKind, KeySource, OutboxOp};
 
-fn link() -> ServerLink {
-    ServerLink {
-        addrs: vec!["127.0.0.1:8443".into()],
-        server_name: None,
-        pins: vec![[1; 32]],
-        static_key: [2; 32],
-        secret: AccessSecret([3; 32]),
-    }
+/// A link to a server nobody runs: the benchmarks' clients never connect.
+pub fn link() -> ServerLink {
+    crate::offline_link()
 }
 
 fn bad(what: &'static str) -> ClientError {

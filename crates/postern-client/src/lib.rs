@@ -22,6 +22,19 @@ use postern_proto::link::{LinkError, ServerLink};
 
 #[cfg(feature = "bench")]
 pub mod bench;
+
+/// A well-formed server link to a server nobody runs, for clients that never connect
+/// (unit tests and benchmarks).
+#[cfg(any(test, feature = "bench"))]
+pub(crate) fn offline_link() -> ServerLink {
+    ServerLink {
+        addrs: vec!["127.0.0.1:8443".into()],
+        server_name: None,
+        pins: vec![[1; 32]],
+        static_key: [2; 32],
+        secret: postern_proto::gate::AccessSecret([3; 32]),
+    }
+}
 mod chats;
 pub mod envelope;
 mod gaps;

@@ -1,4 +1,3 @@
-use postern_proto::gate::AccessSecret;
 use postern_proto::ids::PublicKey;
 use std::path::Path;
 
@@ -22,13 +21,7 @@ fn texts(c: &mut Client, chat: &str) -> Vec<String> {
 }
 
 fn link() -> ServerLink {
-    ServerLink {
-        addrs: vec!["127.0.0.1:8443".into()],
-        server_name: None,
-        pins: vec![[1; 32]],
-        static_key: [2; 32],
-        secret: AccessSecret([3; 32]),
-    }
+    crate::offline_link()
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

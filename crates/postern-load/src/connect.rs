@@ -8,8 +8,8 @@ use clap::{Args, ValueEnum};
 use futures_util::StreamExt;
 use postern_net::Connection;
 
-use crate::Measured;
 use crate::server::{ProcStats, Target};
+use crate::{Measured, round};
 
 /// Time one connection may take before it counts as failed.
 const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -128,10 +128,10 @@ pub(crate) async fn run(target: &Target, args: ConnectArgs) -> Result<Measured> 
         "failed": failed,
         "first_error": first_error,
         "concurrency": concurrency,
-        "elapsed_secs": (elapsed * 1000.0).round() / 1000.0,
-        "per_sec": per_sec.round(),
-        "server_cpu_us_each": server_us.round(),
-        "tool_cpu_secs": ((own_after.cpu_secs - own_before.cpu_secs) * 100.0).round() / 100.0,
+        "elapsed_secs": round(elapsed, 3),
+        "per_sec": round(per_sec, 0),
+        "server_cpu_us_each": round(server_us, 0),
+        "tool_cpu_secs": round(own_after.cpu_secs - own_before.cpu_secs, 2),
         "key_exchange_group": group,
         "certificate_key": "ECDSA P-256 (the server's self-signed certificate)",
     });

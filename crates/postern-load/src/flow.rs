@@ -23,7 +23,7 @@ use postern_proto::link::ServerLink;
 use tokio::sync::mpsc;
 
 use crate::server::{ProcStats, Target};
-use crate::{Measured, random};
+use crate::{Measured, random, round};
 
 /// What MLS adds to a text (a 200-byte text is a 346-byte MLS message).
 const MLS_OVERHEAD: usize = 146;
@@ -284,11 +284,6 @@ async fn run(target: &Target, logs: usize, receivers: usize, load: LoadArgs) -> 
         server_after.rss_kib / 1024,
     );
     Ok((json, summary))
-}
-
-fn round(x: f64, places: i32) -> f64 {
-    let f = 10f64.powi(places);
-    (x * f).round() / f
 }
 
 /// Opens `n` sessions, `SETUP_CONCURRENCY` at a time.

@@ -10,7 +10,7 @@ use postern_proto::frame::{Request, Response};
 use postern_proto::ids::LogId;
 
 use crate::server::{ProcStats, Target};
-use crate::{Measured, random};
+use crate::{Measured, random, round};
 
 /// Logs the sessions subscribe to.
 const LOGS: usize = 16;
@@ -83,11 +83,11 @@ pub(crate) async fn run(target: &Target, args: IdleArgs) -> Result<Measured> {
     let json = serde_json::json!({
         "sessions": sessions,
         "subscriptions_per_session": subscriptions,
-        "open_secs": (open_secs * 100.0).round() / 100.0,
+        "open_secs": round(open_secs, 2),
         "server_rss_before_kib": before.rss_kib,
         "server_rss_after_kib": after.rss_kib,
-        "server_kib_per_session": (per_session * 10.0).round() / 10.0,
-        "tool_kib_per_session": (own_per_session * 10.0).round() / 10.0,
+        "server_kib_per_session": round(per_session, 1),
+        "tool_kib_per_session": round(own_per_session, 1),
         "server_malloc_arena_max": target.malloc_arena_max(),
     });
     let summary = format!(

@@ -104,6 +104,12 @@ async fn run_inner(args: BenchArgs, postern: PathBuf) -> Result<Report> {
 /// A mode's result: its JSON fields and its summary.
 type Measured = (serde_json::Value, String);
 
+/// `x` rounded to `places` decimals, for the report.
+fn round(x: f64, places: i32) -> f64 {
+    let f = 10f64.powi(places);
+    (x * f).round() / f
+}
+
 /// Random bytes.
 fn random<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];

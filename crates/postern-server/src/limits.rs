@@ -21,9 +21,14 @@ impl Bucket {
         Bucket { tokens: f64::from(burst), last: now }
     }
 
-    fn refill(&mut self, now: Instant, rate: u32, burst: u32) {
+    /// Tokens the bucket holds at `now`.
+    fn level(&self, now: Instant, rate: u32, burst: u32) -> f64 {
         let refill = now.saturating_duration_since(self.last).as_secs_f64() * f64::from(rate);
-        self.tokens = (self.tokens + refill).min(f64::from(burst));
+        (self.tokens + refill).min(f64::from(burst))
+    }
+
+    fn refill(&mut self, now: Instant, rate: u32, burst: u32) {
+        self.tokens = self.level(now, rate, burst);
         self.last = now;
     }
 
@@ -39,8 +44,7 @@ impl Bucket {
 
     /// Whether the bucket would be full at `now` (so forgetting it changes nothing).
     fn is_full(&self, now: Instant, rate: u32, burst: u32) -> bool {
-        let refill = now.saturating_duration_since(self.last).as_secs_f64() * f64::from(rate);
-        self.tokens + refill >= f64::from(burst)
+        self.level(now, rate, burst) >= f64::from(burst)
     }
 }
 
