@@ -1,8 +1,8 @@
-//! Server and invite links pasted or scanned by users. A link that parses formats to one that
-//! parses to the same value.
+//! Server, invite and relay links pasted or scanned by users. A link that parses formats to
+//! one that parses to the same value.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use postern_proto::link::{InviteLink, ServerLink};
+use postern_proto::link::{InviteLink, RelayLink, ServerLink};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
@@ -11,6 +11,9 @@ fuzz_target!(|data: &[u8]| {
         }
         if let Ok(invite) = InviteLink::parse(text) {
             assert_eq!(InviteLink::parse(&invite.to_link_string()), Ok(invite));
+        }
+        if let Ok(relay) = RelayLink::parse(text) {
+            assert_eq!(RelayLink::parse(&relay.to_link_string()), Ok(relay));
         }
     }
 });

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use postern_proto::frame::{ClaimPolicy, Request};
 use postern_proto::ids::{ClaimToken, DropId};
 pub use postern_proto::link::{InviteKind, InviteLink};
-use postern_proto::link::{LinkError, ServerLink};
+use postern_proto::link::{LinkError, RelayLink, ServerLink};
 
 #[cfg(feature = "bench")]
 pub mod bench;
@@ -36,6 +36,7 @@ pub(crate) fn offline_link() -> ServerLink {
     }
 }
 mod chats;
+pub mod doors;
 pub mod envelope;
 mod gaps;
 mod groups;
@@ -622,6 +623,21 @@ impl Client {
     /// Contacts, by name.
     pub fn contacts(&self) -> Result<Vec<Contact>, ClientError> {
         chats::contacts(self.store.conn())
+    }
+
+    /// Adds a relay this client may go through; returns its id and whether it is new.
+    pub fn add_relay(&mut self, link: &RelayLink) -> Result<(i64, bool), ClientError> {
+        self.step(|ctx| doors::add(ctx.db, link))
+    }
+
+    /// The relays this client may go through.
+    pub fn relays(&self) -> Result<Vec<doors::Relay>, ClientError> {
+        doors::list(self.store.conn())
+    }
+
+    /// Forgets a relay; whether it was known.
+    pub fn remove_relay(&mut self, id: i64) -> Result<bool, ClientError> {
+        self.step(|ctx| doors::remove(ctx.db, id))
     }
 
     /// Chats, oldest first.

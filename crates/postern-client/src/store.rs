@@ -72,6 +72,7 @@ CREATE TABLE invites (
     crate::chats::MIGRATION,
     crate::chats::MIGRATION_GROUPS,
     crate::gaps::MIGRATION_GAPS,
+    crate::doors::MIGRATION_RELAYS,
 ];
 
 #[derive(Debug)]

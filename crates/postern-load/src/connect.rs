@@ -56,7 +56,7 @@ pub(crate) async fn run(target: &Target, args: ConnectArgs) -> Result<Measured> 
     let name = rustls::pki_types::ServerName::try_from(link.tls_name())?;
     // Full handshakes unless resuming: then one session cache shared by every connection,
     // filled by a first connection that is not counted.
-    let mut config = (*postern_net::tls_config(link, &[b"http/1.1"])?).clone();
+    let mut config = (*postern_net::tls_config(&link.pins, &[b"http/1.1"])?).clone();
     if !resume {
         config.resumption = rustls::client::Resumption::disabled();
     }

@@ -2,8 +2,12 @@
 //! pins (no certificate authority involved), the gate token in the upgrade request, a
 //! WebSocket, and the Noise session inside it.
 //!
-//! Used by the client core, the load tool and the tests. Relays and browser-like TLS will
-//! plug in below [`Connection`] without changing what it carries.
+//! A connection goes to the server directly, or through a relay ([`Connection::connect_via`]):
+//! then TLS and the WebSocket end at the relay, which checks its own token and passes the
+//! server's on, and the Noise session still ends at the server, so the relay carries only
+//! sealed frames. Relays use [`open_websocket`] for their own hop upstream.
+//!
+//! Used by the client core, the load tool, relays and the tests.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -12,7 +16,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::{SinkExt, StreamExt};
 use postern_proto::frame::{ClientFrame, ErrorCode, Push, Request, Response, ServerFrame};
 use postern_proto::gate::{COOKIE_NAME, GateKey};
-use postern_proto::link::ServerLink;
+use postern_proto::link::{RelayLink, ServerLink};
+use postern_proto::relay::{SERVER_COOKIE, SERVER_TOKEN_COOKIE};
 use postern_proto::session::{ClientHandshake, MAX_MESSAGE, Transport};
 use rand::RngCore;
 use tokio::net::TcpStream;
@@ -27,7 +32,71 @@ mod pin;
 pub use pin::PinVerifier;
 
 /// Time allowed to connect, complete TLS, upgrade and finish the Noise handshake.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A way to a server: straight to it, or through a relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Door {
+    /// TLS to the server's own address.
+    Direct,
+    /// Through this relay.
+    Relay(RelayLink),
+}
+
+impl std::fmt::Display for Door {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Door::Direct => f.write_str("direct"),
+            Door::Relay(relay) => write!(f, "relay {}", relay.addrs.join(", ")),
+        }
+    }
+}
+
+/// Opens a session to `server` through whichever of `doors` opens first. Door `i` starts
+/// `i × stagger` after the first (unless every earlier one has failed by then), so a
+/// working first door costs nothing and a blocked one costs `stagger`, not its timeout.
+/// The losers are dropped. On failure: every door's error, in order.
+pub async fn connect_any(
+    server: &ServerLink,
+    doors: &[Door],
+    stagger: Duration,
+) -> Result<(Connection, usize), Vec<(usize, NetError)>> {
+    use futures_util::stream::FuturesUnordered;
+    let mut pending = FuturesUnordered::new();
+    let mut errors = Vec::new();
+    let mut next = 0;
+    let mut started_at = tokio::time::Instant::now();
+    loop {
+        if next < doors.len() && (pending.is_empty() || started_at.elapsed() >= stagger) {
+            let i = next;
+            let door = doors[i].clone();
+            pending.push(async move {
+                let opened = match &door {
+                    Door::Direct => Connection::connect(server).await,
+                    Door::Relay(relay) => Connection::connect_via(relay, server).await,
+                };
+                (i, opened)
+            });
+            next += 1;
+            started_at = tokio::time::Instant::now();
+            continue;
+        }
+        if pending.is_empty() {
+            errors.sort_by_key(|(i, _)| *i);
+            return Err(errors);
+        }
+        let wait = if next < doors.len() {
+            stagger.saturating_sub(started_at.elapsed())
+        } else {
+            Duration::MAX
+        };
+        match tokio::time::timeout(wait, pending.next()).await {
+            Ok(Some((i, Ok(conn)))) => return Ok((conn, i)),
+            Ok(Some((i, Err(e)))) => errors.push((i, e)),
+            Ok(None) | Err(_) => {}
+        }
+    }
+}
 
 /// Why a connection or request failed.
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +117,31 @@ pub enum NetError {
     Timeout,
 }
 
-type Ws = WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+/// A WebSocket over TLS, as opened by [`open_websocket`].
+pub type Ws = WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// Where a TLS connection goes: a server's or a relay's addresses, name and pins.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// `host:port` addresses, most preferred first (the first is dialled).
+    pub addrs: Vec<String>,
+    /// The TLS server name to send.
+    pub tls_name: String,
+    /// Accepted SPKI pins.
+    pub pins: Vec<[u8; 32]>,
+}
+
+impl From<&ServerLink> for Endpoint {
+    fn from(link: &ServerLink) -> Self {
+        Endpoint { addrs: link.addrs.clone(), tls_name: link.tls_name(), pins: link.pins.clone() }
+    }
+}
+
+impl From<&RelayLink> for Endpoint {
+    fn from(link: &RelayLink) -> Self {
+        Endpoint { addrs: link.addrs.clone(), tls_name: link.tls_name(), pins: link.pins.clone() }
+    }
+}
 
 /// An open session to a server.
 pub struct Connection {
@@ -69,13 +162,13 @@ fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// A TLS client configuration that accepts exactly the link's pins.
+/// A TLS client configuration that accepts exactly these pins.
 pub fn tls_config(
-    link: &ServerLink,
+    pins: &[[u8; 32]],
     alpn: &[&[u8]],
 ) -> Result<Arc<rustls::ClientConfig>, NetError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(PinVerifier::new(link.pins.clone(), provider.clone()));
+    let verifier = Arc::new(PinVerifier::new(pins.to_vec(), provider.clone()));
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| NetError::Connect(e.to_string()))?
@@ -86,18 +179,42 @@ pub fn tls_config(
     Ok(Arc::new(config))
 }
 
-/// Opens TLS to the link's first address.
+/// Opens TLS to the endpoint's first address.
 pub async fn connect_tls(
-    link: &ServerLink,
+    endpoint: &Endpoint,
     alpn: &[&[u8]],
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, NetError> {
-    let addr = link.addrs.first().ok_or_else(|| NetError::Connect("link has no address".into()))?;
+    let addr =
+        endpoint.addrs.first().ok_or_else(|| NetError::Connect("link has no address".into()))?;
     let tcp = connect_tcp(addr).await.map_err(|e| NetError::Connect(e.to_string()))?;
     let _ = tcp.set_nodelay(true);
-    let name = rustls::pki_types::ServerName::try_from(link.tls_name())
+    let name = rustls::pki_types::ServerName::try_from(endpoint.tls_name.clone())
         .map_err(|e| NetError::Connect(e.to_string()))?;
-    let connector = tokio_rustls::TlsConnector::from(tls_config(link, alpn)?);
+    let connector = tokio_rustls::TlsConnector::from(tls_config(&endpoint.pins, alpn)?);
     connector.connect(name, tcp).await.map_err(|e| NetError::Connect(e.to_string()))
+}
+
+/// Opens TLS to the endpoint and upgrades to a WebSocket, sending `cookie` (the gate's
+/// tokens) with the upgrade. An endpoint that does not open its gate answers as a website,
+/// which is an error here.
+pub async fn open_websocket(endpoint: &Endpoint, cookie: &str) -> Result<Ws, NetError> {
+    let tls = connect_tls(endpoint, &[b"http/1.1"]).await?;
+    let host = endpoint.addrs.first().map(String::as_str).unwrap_or_default();
+    let mut request = format!("wss://{host}/")
+        .into_client_request()
+        .map_err(|e| NetError::Connect(e.to_string()))?;
+    let cookie = HeaderValue::from_str(cookie).map_err(|e| NetError::Connect(e.to_string()))?;
+    request.headers_mut().insert("cookie", cookie);
+    // A small read buffer (the default, 128 KiB, is zeroed on every read); larger frames
+    // grow it.
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE))
+        .read_buffer_size(2 << 10);
+    let (ws, _) = tokio_tungstenite::client_async_with_config(request, tls, Some(config))
+        .await
+        .map_err(|e| NetError::Connect(format!("upgrade refused: {e}")))?;
+    Ok(ws)
 }
 
 /// A TCP connection to `addr`. Test hook: with `POSTERN_TEST_SOURCE_IP` set, it leaves
@@ -122,11 +239,38 @@ async fn connect_tcp(addr: &str) -> std::io::Result<TcpStream> {
     socket.connect(target).await
 }
 
-/// A fresh gate token for the link's secret.
-pub fn gate_token(link: &ServerLink) -> String {
+fn random_nonce() -> [u8; 16] {
     let mut nonce = [0u8; 16];
     rand::rngs::OsRng.fill_bytes(&mut nonce);
-    GateKey::derive(&link.secret).token(now_secs(), nonce)
+    nonce
+}
+
+/// A fresh gate token for the link's secret.
+pub fn gate_token(link: &ServerLink) -> String {
+    GateKey::derive(&link.secret).token(now_secs(), random_nonce())
+}
+
+/// The cookie that asks a relay for `server`: a fresh relay token for the relay's
+/// credential, the server's pin, and a fresh gate token for the server, which the relay
+/// passes on. `server_token` replaces the latter (tests replay one).
+pub fn relay_cookie(relay: &RelayLink, server: &ServerLink, server_token: Option<&str>) -> String {
+    use base64::Engine;
+    let pin = server
+        .pins
+        .first()
+        .map(|p| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(p))
+        .unwrap_or_default();
+    let server_token = server_token.map_or_else(|| gate_token(server), str::to_owned);
+    relay_cookie_parts(relay, &pin, &server_token)
+}
+
+/// The cookie for `relay` with the server's pin (base64url) and gate token as given: what a
+/// relay sends to the next relay of a chain.
+pub fn relay_cookie_parts(relay: &RelayLink, server_pin: &str, server_token: &str) -> String {
+    let relay_token = relay.credential.token(now_secs(), random_nonce());
+    format!(
+        "{COOKIE_NAME}={relay_token}; {SERVER_COOKIE}={server_pin}; {SERVER_TOKEN_COOKIE}={server_token}"
+    )
 }
 
 impl Connection {
@@ -142,25 +286,26 @@ impl Connection {
             .map_err(|_| NetError::Timeout)?
     }
 
-    async fn connect_inner(link: &ServerLink, token: &str) -> Result<Self, NetError> {
-        let tls = connect_tls(link, &[b"http/1.1"]).await?;
-        let host = link.addrs.first().map(String::as_str).unwrap_or_default();
-        let mut request = format!("wss://{host}/")
-            .into_client_request()
-            .map_err(|e| NetError::Connect(e.to_string()))?;
-        let cookie = HeaderValue::from_str(&format!("{COOKIE_NAME}={token}"))
-            .map_err(|e| NetError::Connect(e.to_string()))?;
-        request.headers_mut().insert("cookie", cookie);
-        // A small read buffer (the default, 128 KiB, is zeroed on every read); larger frames
-        // grow it.
-        let config = WebSocketConfig::default()
-            .max_message_size(Some(MAX_MESSAGE))
-            .max_frame_size(Some(MAX_MESSAGE))
-            .read_buffer_size(2 << 10);
-        let (mut ws, _) = tokio_tungstenite::client_async_with_config(request, tls, Some(config))
+    /// Connects to `server` through `relay`: TLS and the WebSocket go to the relay, the Noise
+    /// session to the server.
+    pub async fn connect_via(relay: &RelayLink, server: &ServerLink) -> Result<Self, NetError> {
+        let cookie = relay_cookie(relay, server, None);
+        tokio::time::timeout(CONNECT_TIMEOUT, Self::open(&relay.into(), &cookie, server))
             .await
-            .map_err(|e| NetError::Connect(format!("upgrade refused: {e}")))?;
-        let (handshake, first) = ClientHandshake::start(&link.static_key)
+            .map_err(|_| NetError::Timeout)?
+    }
+
+    async fn connect_inner(link: &ServerLink, token: &str) -> Result<Self, NetError> {
+        Self::open(&link.into(), &format!("{COOKIE_NAME}={token}"), link).await
+    }
+
+    async fn open(
+        endpoint: &Endpoint,
+        cookie: &str,
+        server: &ServerLink,
+    ) -> Result<Self, NetError> {
+        let mut ws = open_websocket(endpoint, cookie).await?;
+        let (handshake, first) = ClientHandshake::start(&server.static_key)
             .map_err(|e| NetError::Session(e.to_string()))?;
         ws.send(Message::Binary(first.into()))
             .await

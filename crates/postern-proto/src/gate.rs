@@ -76,21 +76,36 @@ impl GateKey {
         GateKey(key)
     }
 
-    fn mac(&self) -> Hmac<Sha256> {
-        <Hmac<Sha256> as hmac::digest::KeyInit>::new(&self.0.into())
+    /// HMAC over `context · parts…`.
+    fn mac_over(&self, context: &[u8], parts: &[&[u8]]) -> Hmac<Sha256> {
+        let mut mac = <Hmac<Sha256> as hmac::digest::KeyInit>::new(&self.0.into());
+        mac.update(context);
+        for part in parts {
+            mac.update(part);
+        }
+        mac
+    }
+
+    /// The 16-byte tag over `context · parts…` (also for relays' tokens).
+    pub(crate) fn tag(&self, context: &[u8], parts: &[&[u8]]) -> [u8; 16] {
+        let full = self.mac_over(context, parts).finalize().into_bytes();
+        let mut tag = [0u8; 16];
+        tag.copy_from_slice(&full[..16]);
+        tag
+    }
+
+    /// Whether `tag` is the tag over `context · parts…`, in constant time.
+    pub(crate) fn verify(&self, context: &[u8], parts: &[&[u8]], tag: &[u8]) -> bool {
+        self.mac_over(context, parts).verify_truncated_left(tag).is_ok()
     }
 
     /// Makes a token for the given time and random nonce.
     pub fn token(&self, now_secs: u64, nonce: [u8; 16]) -> String {
-        let mut mac = self.mac();
-        mac.update(MAC_CONTEXT);
-        mac.update(&now_secs.to_be_bytes());
-        mac.update(&nonce);
-        let tag = mac.finalize().into_bytes();
+        let tag = self.tag(MAC_CONTEXT, &[&now_secs.to_be_bytes(), &nonce]);
         let mut raw = Vec::with_capacity(TOKEN_LEN);
         raw.extend_from_slice(&now_secs.to_be_bytes());
         raw.extend_from_slice(&nonce);
-        raw.extend_from_slice(&tag[..16]);
+        raw.extend_from_slice(&tag);
         URL_SAFE_NO_PAD.encode(raw)
     }
 
@@ -108,11 +123,9 @@ impl GateKey {
         let timestamp = u64::from_be_bytes(ts);
         let mut nonce = [0u8; 16];
         nonce.copy_from_slice(&raw[8..24]);
-        let mut mac = self.mac();
-        mac.update(MAC_CONTEXT);
-        mac.update(&ts);
-        mac.update(&nonce);
-        mac.verify_truncated_left(&raw[24..]).map_err(|_| GateError::BadMac)?;
+        if !self.verify(MAC_CONTEXT, &[&ts, &nonce], &raw[24..]) {
+            return Err(GateError::BadMac);
+        }
         if timestamp.abs_diff(now_secs) > WINDOW_SECS {
             return Err(GateError::Stale);
         }
@@ -122,9 +135,14 @@ impl GateKey {
 
 /// Finds the gate cookie's value in a `Cookie` header value.
 pub fn cookie_value(header: &str) -> Option<&str> {
+    cookie(header, COOKIE_NAME)
+}
+
+/// Finds cookie `name`'s value in a `Cookie` header value.
+pub fn cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
     header.split(';').find_map(|pair| {
-        let (name, value) = pair.trim().split_once('=')?;
-        (name == COOKIE_NAME).then_some(value)
+        let (key, value) = pair.trim().split_once('=')?;
+        (key == name).then_some(value)
     })
 }
 

@@ -12,7 +12,9 @@
 //! - [`content`]: what clients say to each other inside encryption (key-package payloads,
 //!   mailbox drops, application messages); the server never decodes these.
 //! - [`credential`]: the device credential every group member checks.
-//! - [`link`]: the `postern://server#…` link that carries address, pins, static key and secret.
+//! - [`link`]: the `postern://server#…` link that carries address, pins, static key and secret,
+//!   and the `postern://relay#…` link to a relay.
+//! - [`relay`]: relay credentials and the relay's gate token.
 //!
 //! `docs/protocol.md` is the normative description; this crate is its implementation.
 //!
@@ -33,6 +35,7 @@ pub mod ids;
 pub mod limits;
 pub mod link;
 pub mod pad;
+pub mod relay;
 pub mod session;
 
 /// The protocol version this crate speaks.

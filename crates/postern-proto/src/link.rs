@@ -1,10 +1,12 @@
-//! Server links: `postern://server#v=1&a=HOST:PORT&p=PIN&k=KEY&s=SECRET[&n=NAME]`.
+//! Server links: `postern://server#v=1&a=HOST:PORT&p=PIN&k=KEY&s=SECRET[&n=NAME]`, and relay
+//! links: `postern://relay#v=1&a=HOST:PORT&p=PIN&c=ID[&c=ID…]&s=SECRET[&n=NAME]`.
 //!
 //! - `a`: an address `host:port` (repeatable, in order of preference; IPv6 in brackets);
 //! - `n`: the TLS server name to send, when it differs from the host (optional);
 //! - `p`: SHA-256 of the server certificate's SubjectPublicKeyInfo (repeatable, for rotation);
 //! - `k`: the server's static X25519 key for the Noise session;
-//! - `s`: the access secret that opens the gate.
+//! - `s`: the access secret that opens the gate (a relay's: the credential's secret);
+//! - `c`: a relay credential's path of ids (repeatable, in order, see [`crate::relay`]).
 //!
 //! Binary values are unpadded base64url. Everything sits in the fragment, which HTTP clients
 //! never send. Unknown keys are ignored so later versions can add fields; a known key given
@@ -15,6 +17,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use crate::gate::AccessSecret;
 use crate::ids::{ClaimToken, DropId, PublicKey};
+use crate::relay::{Credential, CredentialId, MAX_DEPTH};
 
 const PREFIX: &str = "postern://server#";
 
@@ -56,7 +59,7 @@ impl std::fmt::Debug for ServerLink {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum LinkError {
-    /// Not a `postern://` link of the expected kind (`server#` or `invite#`).
+    /// Not a `postern://` link of the expected kind (`server#`, `invite#` or `relay#`).
     #[error("not a Postern link of this kind")]
     NotALink,
     /// Longer than [`MAX_LINK`].
@@ -96,12 +99,13 @@ fn valid_name(value: &str) -> bool {
         && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
 }
 
-/// The `key=value` pairs of a link's fragment: repeatable `a` and `p`, every other known key
-/// at most once, unknown keys ignored (for forward compatibility).
+/// The `key=value` pairs of a link's fragment: repeatable `a`, `p` and `c`, every other known
+/// key at most once, unknown keys ignored (for forward compatibility).
 struct Fields<'a> {
     singles: Vec<(&'a str, &'a str)>,
     addrs: Vec<String>,
     pins: Vec<[u8; 32]>,
+    path: Vec<CredentialId>,
 }
 
 impl<'a> Fields<'a> {
@@ -110,7 +114,8 @@ impl<'a> Fields<'a> {
             return Err(LinkError::TooLong);
         }
         let rest = link.trim().strip_prefix(prefix).ok_or(LinkError::NotALink)?;
-        let mut fields = Fields { singles: Vec::new(), addrs: Vec::new(), pins: Vec::new() };
+        let mut fields =
+            Fields { singles: Vec::new(), addrs: Vec::new(), pins: Vec::new(), path: Vec::new() };
         for pair in rest.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').ok_or(LinkError::Invalid("pair"))?;
             match k {
@@ -125,6 +130,12 @@ impl<'a> Fields<'a> {
                         return Err(LinkError::Invalid("p"));
                     }
                     fields.pins.push(b64::<32>(v, "p")?);
+                }
+                "c" => {
+                    if fields.path.len() == MAX_DEPTH {
+                        return Err(LinkError::Invalid("c"));
+                    }
+                    fields.path.push(b64::<8>(v, "c")?);
                 }
                 _ => match SINGLE_KEYS.iter().find(|known| **known == k) {
                     Some(known) if fields.get(known).is_some() => {
@@ -154,7 +165,8 @@ impl<'a> Fields<'a> {
         b64(self.require(key)?, key)
     }
 
-    fn server(&self) -> Result<ServerLink, LinkError> {
+    /// Addresses, TLS name and pins, which every kind of link has.
+    fn endpoint(&self) -> Result<Endpoint, LinkError> {
         if self.addrs.is_empty() {
             return Err(LinkError::Missing("a"));
         }
@@ -165,14 +177,50 @@ impl<'a> Fields<'a> {
             Some(n) if !valid_name(n) => return Err(LinkError::Invalid("n")),
             n => n.map(str::to_owned),
         };
+        Ok((self.addrs.clone(), server_name, self.pins.clone()))
+    }
+
+    fn server(&self) -> Result<ServerLink, LinkError> {
+        let (addrs, server_name, pins) = self.endpoint()?;
         Ok(ServerLink {
-            addrs: self.addrs.clone(),
+            addrs,
             server_name,
-            pins: self.pins.clone(),
+            pins,
             static_key: self.key32("k")?,
             secret: AccessSecret(self.key32("s")?),
         })
     }
+}
+
+/// A link's addresses, TLS name and pins.
+type Endpoint = (Vec<String>, Option<String>, Vec<[u8; 32]>);
+
+/// `&a=…[&n=…]&p=…` for an endpoint.
+fn endpoint_params(addrs: &[String], server_name: Option<&str>, pins: &[[u8; 32]]) -> String {
+    let mut out = String::new();
+    for a in addrs {
+        out.push_str("&a=");
+        out.push_str(a);
+    }
+    if let Some(n) = server_name {
+        out.push_str("&n=");
+        out.push_str(n);
+    }
+    for p in pins {
+        out.push_str("&p=");
+        out.push_str(&URL_SAFE_NO_PAD.encode(p));
+    }
+    out
+}
+
+/// The TLS server name to send: `server_name`, or else the first address's host.
+fn tls_name(addrs: &[String], server_name: Option<&str>) -> String {
+    if let Some(n) = server_name {
+        return n.to_owned();
+    }
+    let addr = addrs.first().map(String::as_str).unwrap_or_default();
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']').to_owned()
 }
 
 /// Keys that may appear at most once, in server and invite links.
@@ -192,19 +240,7 @@ impl ServerLink {
 
     /// The server's fields as `&key=value` pairs, shared by server and invite links.
     fn params(&self) -> String {
-        let mut out = String::new();
-        for a in &self.addrs {
-            out.push_str("&a=");
-            out.push_str(a);
-        }
-        if let Some(n) = &self.server_name {
-            out.push_str("&n=");
-            out.push_str(n);
-        }
-        for p in &self.pins {
-            out.push_str("&p=");
-            out.push_str(&URL_SAFE_NO_PAD.encode(p));
-        }
+        let mut out = endpoint_params(&self.addrs, self.server_name.as_deref(), &self.pins);
         out.push_str("&k=");
         out.push_str(&URL_SAFE_NO_PAD.encode(self.static_key));
         out.push_str("&s=");
@@ -214,12 +250,72 @@ impl ServerLink {
 
     /// The TLS server name to send: `n`, or else the first address's host.
     pub fn tls_name(&self) -> String {
-        if let Some(n) = &self.server_name {
-            return n.clone();
+        tls_name(&self.addrs, self.server_name.as_deref())
+    }
+}
+
+const RELAY_PREFIX: &str = "postern://relay#";
+
+/// Everything a client needs to go through a relay: where it is, its pins, and a credential.
+/// It says nothing of which servers the relay reaches.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RelayLink {
+    /// `host:port` addresses, most preferred first; never empty.
+    pub addrs: Vec<String>,
+    /// TLS server name, when it differs from the address's host.
+    pub server_name: Option<String>,
+    /// Accepted SPKI pins of the relay's certificate; never empty.
+    pub pins: Vec<[u8; 32]>,
+    /// The credential that opens the relay's gate.
+    pub credential: Credential,
+}
+
+impl std::fmt::Debug for RelayLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayLink")
+            .field("addrs", &self.addrs)
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RelayLink {
+    /// Parses a relay link.
+    pub fn parse(link: &str) -> Result<Self, LinkError> {
+        let fields = Fields::parse(link, RELAY_PREFIX)?;
+        let (addrs, server_name, pins) = fields.endpoint()?;
+        if fields.path.is_empty() {
+            return Err(LinkError::Missing("c"));
         }
-        let addr = self.addrs.first().map(String::as_str).unwrap_or_default();
-        let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-        host.trim_start_matches('[').trim_end_matches(']').to_owned()
+        let credential =
+            Credential { path: fields.path.clone(), secret: AccessSecret(fields.key32("s")?) };
+        Ok(RelayLink { addrs, server_name, pins, credential })
+    }
+
+    /// Formats the link. It holds the credential's secret: give it only to whoever may use
+    /// the relay.
+    pub fn to_link_string(&self) -> String {
+        let mut out = format!(
+            "{RELAY_PREFIX}v=1{}",
+            endpoint_params(&self.addrs, self.server_name.as_deref(), &self.pins)
+        );
+        for id in &self.credential.path {
+            out.push_str("&c=");
+            out.push_str(&URL_SAFE_NO_PAD.encode(id));
+        }
+        out.push_str("&s=");
+        out.push_str(&URL_SAFE_NO_PAD.encode(self.credential.secret.0));
+        out
+    }
+
+    /// The same relay with a child credential (for an invite), or `None` at the deepest level.
+    pub fn child(&self, id: CredentialId) -> Option<RelayLink> {
+        Some(RelayLink { credential: self.credential.child(id)?, ..self.clone() })
+    }
+
+    /// The TLS server name to send.
+    pub fn tls_name(&self) -> String {
+        tls_name(&self.addrs, self.server_name.as_deref())
     }
 }
 
@@ -384,6 +480,32 @@ mod tests {
         assert!(!s.contains("secret") && !s.contains("4, 4"));
     }
 
+    #[test]
+    fn relay_links_round_trip_and_refuse_what_is_missing() {
+        let relay = RelayLink {
+            addrs: vec!["relay.example.org:443".into()],
+            server_name: None,
+            pins: vec![[1; 32]],
+            credential: Credential { path: vec![[2; 8], [3; 8]], secret: AccessSecret([4; 32]) },
+        };
+        let link = relay.to_link_string();
+        assert!(link.starts_with("postern://relay#v=1&a=relay.example.org:443&p="), "{link}");
+        assert_eq!(RelayLink::parse(&link).unwrap(), relay);
+        assert_eq!(relay.tls_name(), "relay.example.org");
+        assert_eq!(RelayLink::parse(&link.replace("&c=", "&x=")), Err(LinkError::Missing("c")));
+        assert_eq!(
+            RelayLink::parse(&format!("{link}&c=AAAAAAAAAAA&c=AAAAAAAAAAA")),
+            Err(LinkError::Invalid("c"))
+        );
+        assert_eq!(RelayLink::parse(&link.replace("&s=", "&x=")), Err(LinkError::Missing("s")));
+        assert_eq!(ServerLink::parse(&link), Err(LinkError::NotALink));
+        assert_eq!(RelayLink::parse(&sample().to_link_string()), Err(LinkError::NotALink));
+        let child = relay.child([5; 8]).unwrap();
+        assert_eq!(child.credential.path.len(), 3);
+        assert!(child.child([6; 8]).is_none());
+        assert!(!format!("{relay:?}").contains("4, 4"), "Debug hides the secret");
+    }
+
     fn arb_server() -> impl Strategy<Value = ServerLink> {
         let addr = prop_oneof![
             (any::<[u8; 4]>(), 1..=u16::MAX)
@@ -412,6 +534,20 @@ mod tests {
         #[test]
         fn any_server_link_round_trips(link in arb_server()) {
             prop_assert_eq!(ServerLink::parse(&link.to_link_string()), Ok(link));
+        }
+
+        #[test]
+        fn any_relay_link_round_trips(
+            server in arb_server(),
+            path in proptest::collection::vec(any::<CredentialId>(), 1..=MAX_DEPTH),
+        ) {
+            let relay = RelayLink {
+                addrs: server.addrs,
+                server_name: server.server_name,
+                pins: server.pins,
+                credential: Credential { path, secret: server.secret },
+            };
+            prop_assert_eq!(RelayLink::parse(&relay.to_link_string()), Ok(relay));
         }
 
         #[test]

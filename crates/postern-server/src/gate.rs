@@ -1,9 +1,10 @@
-//! The server side of the gate: token checks plus a replay cache.
+//! The server side of the gate: token checks plus a replay cache. Relays use the same cache
+//! with their own tokens (`relay`).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Mutex;
 
-use postern_proto::gate::{GateKey, WINDOW_SECS};
+use postern_proto::gate::{FreshToken, GateKey, WINDOW_SECS};
 
 /// Most nonces remembered. Beyond this, new tokens are refused (the website answers) until
 /// old ones age out: failing closed keeps replays impossible.
@@ -11,6 +12,12 @@ const MAX_REMEMBERED: usize = 1_000_000;
 
 pub(crate) struct Gate {
     key: GateKey,
+    replay: ReplayCache,
+}
+
+/// The nonces of tokens that opened the gate and could still pass the freshness check.
+#[derive(Default)]
+pub(crate) struct ReplayCache {
     seen: Mutex<Seen>,
 }
 
@@ -22,14 +29,18 @@ struct Seen {
 
 impl Gate {
     pub(crate) fn new(key: GateKey) -> Self {
-        Gate { key, seen: Mutex::new(Seen::default()) }
+        Gate { key, replay: ReplayCache::default() }
     }
 
     /// Whether `token` opens the gate now. A token opens it at most once.
     pub(crate) fn admit(&self, token: &str, now_secs: u64) -> bool {
-        let Ok(fresh) = self.key.check(token, now_secs) else {
-            return false;
-        };
+        self.key.check(token, now_secs).is_ok_and(|fresh| self.replay.first_use(fresh, now_secs))
+    }
+}
+
+impl ReplayCache {
+    /// Whether this is the first time a checked token is used; remembers it.
+    pub(crate) fn first_use(&self, fresh: FreshToken, now_secs: u64) -> bool {
         let Ok(mut seen) = self.seen.lock() else {
             return false;
         };

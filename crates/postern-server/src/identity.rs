@@ -1,6 +1,6 @@
 //! The server's long-lived secrets in its data directory: the TLS key and certificate, the
-//! static Noise key and the gate's access secret. Created on first start, readable only by
-//! the server's user, and reused afterwards.
+//! static Noise key and the gate's access secret (a relay's: the TLS pair and its relay key).
+//! Created on first start, readable only by the server's user, and reused afterwards.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -23,11 +23,16 @@ const DEFAULT_CERT_NAME: &str = "localhost";
 
 /// What the server proves itself with.
 pub(crate) struct Identity {
+    pub(crate) tls: TlsIdentity,
+    pub(crate) static_key: StaticKeypair,
+    pub(crate) secret: AccessSecret,
+}
+
+/// The TLS certificate chain and key, and the pin of the key.
+pub(crate) struct TlsIdentity {
     pub(crate) certs: Vec<CertificateDer<'static>>,
     pub(crate) key: PrivateKeyDer<'static>,
     pub(crate) pin: [u8; 32],
-    pub(crate) static_key: StaticKeypair,
-    pub(crate) secret: AccessSecret,
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> ServerError {
@@ -101,8 +106,45 @@ fn load_pem(
     Ok((certs, key))
 }
 
+/// The 32-byte secret in `dir/file`, created at random if missing.
+pub(crate) fn load_secret(dir: &Path, file: &str) -> Result<AccessSecret, ServerError> {
+    let path = dir.join(file);
+    let secret = read_or_create(&path, || Ok(random32()))?;
+    Ok(AccessSecret(array32(&path, secret)?))
+}
+
 impl Identity {
     /// Loads the identity from `dir`, creating what is missing.
+    pub(crate) fn load_or_create(
+        dir: &Path,
+        cert_name: Option<&str>,
+        operator_tls: Option<(PathBuf, PathBuf)>,
+    ) -> Result<Self, ServerError> {
+        let tls = TlsIdentity::load_or_create(dir, cert_name, operator_tls)?;
+        let static_path = dir.join(STATIC_KEY);
+        let static_private = read_or_create(&static_path, || {
+            let kp = StaticKeypair::generate().map_err(|e| ServerError::Tls(e.to_string()))?;
+            Ok(kp.private.to_vec())
+        })?;
+        let static_key = StaticKeypair::from_private(array32(&static_path, static_private)?);
+        let secret = load_secret(dir, ACCESS_SECRET)?;
+        Ok(Identity { tls, static_key, secret })
+    }
+
+    /// The server link for these addresses.
+    pub(crate) fn link(&self, addrs: Vec<String>, server_name: Option<String>) -> ServerLink {
+        ServerLink {
+            addrs,
+            server_name,
+            pins: vec![self.tls.pin],
+            static_key: self.static_key.public,
+            secret: self.secret.clone(),
+        }
+    }
+}
+
+impl TlsIdentity {
+    /// Loads the operator's pair, or the self-signed one in `dir` (created if missing).
     pub(crate) fn load_or_create(
         dir: &Path,
         cert_name: Option<&str>,
@@ -132,27 +174,7 @@ impl Identity {
             }
         };
         let pin = spki_pin(&certs[0])?;
-        let static_path = dir.join(STATIC_KEY);
-        let static_private = read_or_create(&static_path, || {
-            let kp = StaticKeypair::generate().map_err(|e| ServerError::Tls(e.to_string()))?;
-            Ok(kp.private.to_vec())
-        })?;
-        let static_key = StaticKeypair::from_private(array32(&static_path, static_private)?);
-        let secret_path = dir.join(ACCESS_SECRET);
-        let secret = read_or_create(&secret_path, || Ok(random32()))?;
-        let secret = AccessSecret(array32(&secret_path, secret)?);
-        Ok(Identity { certs, key, pin, static_key, secret })
-    }
-
-    /// The server link for these addresses.
-    pub(crate) fn link(&self, addrs: Vec<String>, server_name: Option<String>) -> ServerLink {
-        ServerLink {
-            addrs,
-            server_name,
-            pins: vec![self.pin],
-            static_key: self.static_key.public,
-            secret: self.secret.clone(),
-        }
+        Ok(TlsIdentity { certs, key, pin })
     }
 
     /// The TLS configuration: TLS 1.3 and 1.2, ALPN for HTTP/2 and HTTP/1.1, like a web server.

@@ -24,8 +24,6 @@ use axum::Router;
 use axum::extract::{FromRequestParts, Request, State, WebSocketUpgrade};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use postern_proto::gate::{GateKey, cookie_value};
 use postern_proto::link::ServerLink;
 use postern_proto::session::{MAX_MESSAGE, StaticKeypair};
@@ -40,19 +38,20 @@ mod hub;
 mod identity;
 mod keys;
 mod limits;
+mod public;
+mod relay;
 mod session;
 mod site;
 
 pub use config::{FileConfig, QuotaConfig, RetentionConfig, ServerConfig};
+pub use relay::{
+    RelayConfig, RelayFileConfig, RelayIdentity, RunningRelay, mint_link, start_relay,
+};
 
-/// Time allowed for a TLS handshake and for an HTTP request's headers.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A session's WebSocket read buffer: a frame of the 256- or 1,024-byte bucket fits; larger
 /// ones grow it. (tungstenite's default, 128 KiB, was most of an idle session's memory, and
 /// it zeroes the whole buffer before every read.)
 const WS_READ_BUFFER: usize = 2 << 10;
-/// How long shutdown waits for open sessions to finish.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often expired data is swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(3_600);
 
@@ -101,7 +100,6 @@ impl Counter {
 
 #[derive(Default)]
 pub(crate) struct Metrics {
-    pub(crate) connections_open: Counter,
     pub(crate) website_responses: Counter,
     pub(crate) sessions_open: Counter,
     pub(crate) sessions_total: Counter,
@@ -112,6 +110,8 @@ pub(crate) struct Metrics {
 
 pub(crate) struct App<S> {
     pub(crate) store: S,
+    /// Open connections on the public listener.
+    pub(crate) live: Arc<AtomicUsize>,
     pub(crate) gate: gate::Gate,
     pub(crate) static_key: StaticKeypair,
     pub(crate) hub: hub::Hub,
@@ -151,9 +151,10 @@ pub struct RunningServer<S: Store> {
     live: Arc<AtomicUsize>,
 }
 
-fn public_addrs(config: &ServerConfig, bound: SocketAddr) -> Vec<String> {
-    if !config.public_addrs.is_empty() {
-        return config.public_addrs.clone();
+/// The addresses for links: those configured, else the bound one.
+pub(crate) fn public_addrs(configured: &[String], bound: SocketAddr) -> Vec<String> {
+    if !configured.is_empty() {
+        return configured.to_vec();
     }
     let ip = bound.ip();
     let ip = if ip.is_unspecified() {
@@ -187,7 +188,7 @@ pub async fn start<S: Store>(
         config.server_name.as_deref(),
         operator_tls,
     )?;
-    let tls = tokio_rustls::TlsAcceptor::from(identity.tls_config()?);
+    let tls = tokio_rustls::TlsAcceptor::from(identity.tls.tls_config()?);
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
@@ -199,11 +200,13 @@ pub async fn start<S: Store>(
         .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
     let admin_addr =
         admin.local_addr().map_err(|source| ServerError::Bind { addr: config.admin, source })?;
-    let link = identity.link(public_addrs(&config, addr), config.server_name.clone());
+    let link = identity.link(public_addrs(&config.public_addrs, addr), config.server_name.clone());
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let live = Arc::new(AtomicUsize::new(0));
     let app = Arc::new(App {
         store,
+        live: live.clone(),
         gate: gate::Gate::new(GateKey::derive(&identity.secret)),
         static_key: StaticKeypair::from_private(identity.static_key.private),
         hub: hub::Hub::default(),
@@ -215,18 +218,15 @@ pub async fn start<S: Store>(
         buffered: Arc::new(limits::Buffered::new(config.buffer_bytes)),
         shutdown: shutdown_rx,
     });
-    let live = Arc::new(AtomicUsize::new(0));
     let router = Router::new().fallback(front::<S>).with_state(app.clone());
-    let limits = Limits {
-        total: config.max_connections,
-        per_ip: limits::PerIpLimits {
-            open: config.max_connections_per_ip,
-            rate: config.new_connections_per_ip_per_second,
-            burst: config.new_connection_burst_per_ip,
-        },
+    let public = public::Public {
+        tls,
+        router,
+        shutdown: app.shutdown.clone(),
+        live: live.clone(),
+        limits: public::Limits::of(&config),
     };
-    let accept =
-        tokio::spawn(accept_loop(listener, tls, router, app.clone(), live.clone(), limits));
+    let accept = tokio::spawn(public.accept_loop(listener));
     tokio::spawn(admin_loop(admin, app.clone()));
     tokio::spawn(sweep_loop(app.clone()));
     Ok(RunningServer { addr, admin_addr, link, app, shutdown: shutdown_tx, accept, live })
@@ -237,7 +237,7 @@ impl<S: Store> RunningServer<S> {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.accept.await;
-        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        let deadline = tokio::time::Instant::now() + public::DRAIN_TIMEOUT;
         while (self.live.load(Ordering::Acquire) > 0 || self.app.metrics.sessions_open.get() > 0)
             && tokio::time::Instant::now() < deadline
         {
@@ -251,90 +251,11 @@ impl<S: Store> RunningServer<S> {
     }
 }
 
-/// Connection limits of the public listener.
-#[derive(Clone, Copy)]
-struct Limits {
-    total: usize,
-    per_ip: limits::PerIpLimits,
-}
-
-async fn accept_loop<S: Store>(
-    listener: TcpListener,
-    tls: tokio_rustls::TlsAcceptor,
-    router: Router,
-    app: Arc<App<S>>,
-    live: Arc<AtomicUsize>,
-    limits: Limits,
-) {
-    let mut shutdown = app.shutdown.clone();
-    let per_ip = Arc::new(limits::PerIp::new(limits.per_ip));
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(_) => {
-                    // Out of file descriptors and similar: back off instead of spinning.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
-        if live.load(Ordering::Acquire) >= limits.total
-            || !per_ip.admit(peer.ip(), tokio::time::Instant::now())
-        {
-            drop(tcp);
-            continue;
-        }
-        let _ = tcp.set_nodelay(true);
-        live.fetch_add(1, Ordering::AcqRel);
-        let (tls, router, app, live) = (tls.clone(), router.clone(), app.clone(), live.clone());
-        let per_ip = per_ip.clone();
-        tokio::spawn(async move {
-            app.metrics.connections_open.inc();
-            serve_connection(tls, tcp, router, &app).await;
-            app.metrics.connections_open.dec();
-            live.fetch_sub(1, Ordering::AcqRel);
-            per_ip.release(peer.ip());
-        });
-    }
-}
-
-async fn serve_connection<S: Store>(
-    tls: tokio_rustls::TlsAcceptor,
-    tcp: tokio::net::TcpStream,
-    router: Router,
-    app: &App<S>,
-) {
-    let Ok(Ok(stream)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await else {
-        return;
-    };
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(HANDSHAKE_TIMEOUT);
-    builder.http2().timer(TokioTimer::new()).enable_connect_protocol();
-    let conn = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(router));
-    tokio::pin!(conn);
-    let mut shutdown = app.shutdown.clone();
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        _ = shutdown.changed() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(DRAIN_TIMEOUT, conn).await;
-        }
-    }
-}
-
 /// Every HTTP request lands here: a WebSocket upgrade with a valid, fresh gate token becomes a
 /// session; everything else is the website.
 async fn front<S: Store>(State(app): State<Arc<App<S>>>, req: Request) -> Response {
     let (mut parts, _body) = req.into_parts();
-    let wants_upgrade = parts
-        .headers
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    if wants_upgrade {
+    if public::wants_websocket(&parts.headers) {
         let token = parts
             .headers
             .get_all(header::COOKIE)
@@ -382,7 +303,7 @@ async fn metrics<S: Store>(State(app): State<Arc<App<S>>>) -> String {
          postern_sessions_total {}\npostern_requests_total {}\npostern_refusals_total {}\n\
          postern_appends_total {}\npostern_subscriptions {}\npostern_storage_used_bytes {used}\n\
          postern_storage_quota_bytes {quota}\n",
-        m.connections_open.get(),
+        app.live.load(Ordering::Relaxed),
         m.website_responses.get(),
         m.sessions_open.get(),
         m.sessions_total.get(),

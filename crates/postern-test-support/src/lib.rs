@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use postern_net::Connection;
 use postern_proto::ids::{DeviceId, DropId, IdemKey, LogId, MailboxId, UploadId};
-use postern_proto::link::ServerLink;
+use postern_proto::link::{RelayLink, ServerLink};
 use rand::RngCore;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
@@ -32,6 +32,8 @@ pub struct TestServer {
     pub link: ServerLink,
     /// The admin listener.
     pub admin: String,
+    /// The bound public address (the link may name others, from `public_addrs`).
+    pub listen: String,
     /// The data directory.
     pub data_dir: PathBuf,
     /// The server's log (stderr) from every start.
@@ -71,12 +73,14 @@ impl TestServer {
         let data_dir = data_dir.unwrap_or_else(|| root.path().join("data"));
         let log_path = root.path().join("server.log");
         let env = extra_env;
-        let (child, link, admin) = launch(bin, "127.0.0.1:0", &data_dir, &log_path, &env).await;
+        let (child, start) =
+            launch(bin, &server_args("127.0.0.1:0", &data_dir), &log_path, &env).await;
         TestServer {
             bin: bin.to_owned(),
             child: Some(child),
-            link,
-            admin,
+            link: start.link(),
+            admin: start.admin(),
+            listen: start.listen(),
             data_dir,
             log_path,
             extra_env: env,
@@ -129,12 +133,16 @@ impl TestServer {
     /// secret), so clients holding its link reach it again.
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "stop the server first");
-        let addr = self.link.addrs.first().cloned().expect("the link has an address");
-        let (child, link, admin) =
-            launch(&self.bin, &addr, &self.data_dir, &self.log_path, &self.extra_env).await;
+        let args = server_args(&self.listen, &self.data_dir);
+        let (child, start) = launch(&self.bin, &args, &self.log_path, &self.extra_env).await;
         self.child = Some(child);
-        self.link = link;
-        self.admin = admin;
+        self.link = start.link();
+        self.admin = start.admin();
+    }
+
+    /// The link with the address the server is bound to, whatever `public_addrs` says.
+    pub fn bound_link(&self) -> ServerLink {
+        ServerLink { addrs: vec![self.listen.clone()], ..self.link.clone() }
     }
 
     /// A new session.
@@ -155,7 +163,8 @@ impl TestServer {
     /// Sends raw bytes inside TLS to the public listener and returns everything the server
     /// answers until it closes (or 5 s pass).
     pub async fn raw_https(&self, request: &[u8]) -> Vec<u8> {
-        let mut tls = postern_net::connect_tls(&self.link, &[b"http/1.1"]).await.expect("TLS");
+        let mut tls =
+            postern_net::connect_tls(&(&self.link).into(), &[b"http/1.1"]).await.expect("TLS");
         tls.write_all(request).await.expect("write");
         let mut out = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
@@ -163,46 +172,193 @@ impl TestServer {
     }
 }
 
+fn server_args(listen: &str, data_dir: &Path) -> Vec<String> {
+    ["--json", "server", "--listen", listen, "--admin", "127.0.0.1:0", "--data"]
+        .into_iter()
+        .map(str::to_owned)
+        .chain([data_dir.display().to_string()])
+        .collect()
+}
+
+/// The JSON line a server or relay prints when it is listening.
+struct StartLine(serde_json::Value);
+
+impl StartLine {
+    fn link(&self) -> ServerLink {
+        ServerLink::parse(self.0["link"].as_str().expect("link")).expect("valid link")
+    }
+    fn relay_link(&self) -> RelayLink {
+        RelayLink::parse(self.0["link"].as_str().expect("link")).expect("valid relay link")
+    }
+    fn admin(&self) -> String {
+        self.0["admin"].as_str().expect("admin").to_owned()
+    }
+    fn listen(&self) -> String {
+        self.0["listen"].as_str().expect("listen").to_owned()
+    }
+}
+
+/// Starts `bin args…` and waits for its start line.
 async fn launch(
     bin: &Path,
-    listen: &str,
-    data_dir: &Path,
+    args: &[String],
     log_path: &Path,
     extra_env: &[(String, String)],
-) -> (Child, ServerLink, String) {
+) -> (Child, StartLine) {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log_path)
         .expect("server log file");
     let mut cmd = Command::new(bin);
-    cmd.args(["--json", "server", "--listen", listen, "--admin", "127.0.0.1:0", "--data"])
-        .arg(data_dir)
+    cmd.args(args)
         .env("POSTERN_LOG", "debug")
         .envs(extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)
         .kill_on_drop(true);
-    let mut child = cmd.spawn().expect("spawn postern server");
+    let mut child = cmd.spawn().expect("spawn postern");
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let line = tokio::time::timeout(START_TIMEOUT, lines.next_line())
         .await
-        .expect("server did not start in time")
-        .expect("read server stdout")
+        .expect("did not start in time")
+        .expect("read stdout")
         .unwrap_or_else(|| {
             panic!(
-                "server exited at start; log: {}",
+                "exited at start; log: {}",
                 std::fs::read_to_string(log_path).unwrap_or_default()
             )
         });
     let v: serde_json::Value = serde_json::from_str(&line).expect("JSON start line");
-    let link = ServerLink::parse(v["link"].as_str().expect("link")).expect("valid link");
-    let admin = v["admin"].as_str().expect("admin").to_owned();
-    // Keep reading stdout so the server never blocks on a full pipe.
+    // Keep reading stdout so the process never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, link, admin)
+    (child, StartLine(v))
+}
+
+/// A running `postern relay` process on 127.0.0.1 with its own configuration file and data
+/// directory.
+pub struct TestRelay {
+    bin: PathBuf,
+    child: Option<Child>,
+    /// The operator's relay link.
+    pub link: RelayLink,
+    /// The bound address.
+    pub listen: String,
+    /// The configuration file.
+    pub config_path: PathBuf,
+    log_path: PathBuf,
+    root: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for TestRelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestRelay").field("listen", &self.listen).finish_non_exhaustive()
+    }
+}
+
+impl TestRelay {
+    /// Starts a relay whose configuration is `settings` (TOML lines: `servers`, `via`,
+    /// `revoked`…) plus a loopback listener and a temporary data directory.
+    pub async fn start(bin: &Path, settings: &str) -> Self {
+        let root = tempfile::tempdir().expect("temporary directory");
+        let config_path = root.path().join("relay.toml");
+        let log_path = root.path().join("relay.log");
+        let (child, start) =
+            spawn_relay(bin, root.path(), &config_path, &log_path, "127.0.0.1:0", settings).await;
+        TestRelay {
+            bin: bin.to_owned(),
+            child: Some(child),
+            link: start.relay_link(),
+            listen: start.listen(),
+            config_path,
+            log_path,
+            root,
+        }
+    }
+
+    /// Stops the relay (SIGKILL), rewrites its configuration with `settings` and starts it
+    /// again on the same address and data directory.
+    pub async fn restart_with(&mut self, settings: &str) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.expect("kill relay");
+        }
+        let (child, start) = spawn_relay(
+            &self.bin,
+            self.root.path(),
+            &self.config_path,
+            &self.log_path,
+            &self.listen,
+            settings,
+        )
+        .await;
+        self.child = Some(child);
+        self.link = start.relay_link();
+    }
+
+    /// Mints a new credential: its link and id (`postern relay … link`).
+    pub fn mint(&self) -> (RelayLink, String) {
+        let out = std::process::Command::new(&self.bin)
+            .args(["--json", "relay", "--config"])
+            .arg(&self.config_path)
+            .arg("link")
+            .output()
+            .expect("run postern relay link");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        let link = RelayLink::parse(v["link"].as_str().expect("link")).expect("relay link");
+        (link, v["id"].as_str().expect("id").to_owned())
+    }
+
+    /// The relay's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Sends raw bytes inside TLS and returns everything the relay answers until it closes
+    /// (or 5 s pass).
+    pub async fn raw_https(&self, request: &[u8]) -> Vec<u8> {
+        raw_https(&(&self.link).into(), request).await
+    }
+}
+
+/// Writes a relay configuration (`settings` plus listener and data directory under `root`)
+/// and starts `postern relay` on it.
+async fn spawn_relay(
+    bin: &Path,
+    root: &Path,
+    config_path: &Path,
+    log_path: &Path,
+    listen: &str,
+    settings: &str,
+) -> (Child, StartLine) {
+    let data = root.join("data");
+    let text = format!("listen = \"{listen}\"\ndata = \"{}\"\n{settings}\n", data.display());
+    std::fs::write(config_path, text).expect("write relay config");
+    let args = ["--json", "relay", "--config"].into_iter().map(str::to_owned);
+    let args: Vec<String> = args.chain([config_path.display().to_string()]).collect();
+    launch(bin, &args, log_path, &[]).await
+}
+
+/// Sends raw bytes inside TLS to `endpoint` and returns everything it answers until it
+/// closes (or 5 s pass).
+pub async fn raw_https(endpoint: &postern_net::Endpoint, request: &[u8]) -> Vec<u8> {
+    let mut tls = postern_net::connect_tls(endpoint, &[b"http/1.1"]).await.expect("TLS");
+    tls.write_all(request).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    out
+}
+
+/// A WebSocket upgrade request for `/`, with `cookie` as its `Cookie` header when given.
+pub fn upgrade_request(cookie: Option<&str>) -> Vec<u8> {
+    let cookie = cookie.map(|c| format!("Cookie: {c}\r\n")).unwrap_or_default();
+    format!(
+        "GET / HTTP/1.1\r\nHost: example\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{cookie}\r\n"
+    )
+    .into_bytes()
 }
 
 /// An HTTP response with the `Date` header removed, for comparing answers.

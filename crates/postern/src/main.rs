@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod client;
+mod relay;
 mod server;
 mod signals;
 
@@ -34,6 +35,8 @@ struct Cli {
 enum Command {
     /// Run a Postern server on its embedded database.
     Server(server::ServerArgs),
+    /// Run a relay: a website that forwards people holding its links to Postern servers.
+    Relay(relay::RelayArgs),
     /// Measure a server on loopback: throughput, fan-out, idle sessions, handshakes.
     Bench(postern_load::BenchArgs),
     /// Create your identity and choose your home server.
@@ -90,6 +93,25 @@ enum Command {
     /// Groups: create, add, remove, leave, list members.
     #[command(subcommand)]
     Group(GroupCommand),
+    /// Relays you go through when your server cannot be reached directly.
+    #[command(subcommand)]
+    Relays(RelaysCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum RelaysCommand {
+    /// Add a relay from its link (`postern://relay#…`).
+    Add {
+        /// The relay link.
+        link: String,
+    },
+    /// List your relays.
+    List,
+    /// Forget a relay.
+    Remove {
+        /// The relay's number, from `postern relays list`.
+        id: i64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -169,7 +191,16 @@ impl Command {
                 GroupCommand::Leave { chat } => C::GroupLeave { chat },
                 GroupCommand::Members { chat } => C::GroupMembers { chat },
             },
-            Command::Server(_) | Command::Init(_) | Command::Listen | Command::Bench(_) => {
+            Command::Relays(r) => match r {
+                RelaysCommand::Add { link } => C::RelaysAdd { link },
+                RelaysCommand::List => C::RelaysList,
+                RelaysCommand::Remove { id } => C::RelaysRemove { id },
+            },
+            Command::Server(_)
+            | Command::Relay(_)
+            | Command::Init(_)
+            | Command::Listen
+            | Command::Bench(_) => {
                 anyhow::bail!("not a client command")
             }
         })
@@ -193,6 +224,13 @@ fn bench(args: postern_load::BenchArgs, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A link as a QR code for a terminal.
+pub(crate) fn qr(link: &str) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let code = qrcode::QrCode::new(link.as_bytes()).context("the link does not fit a QR code")?;
+    Ok(code.render::<qrcode::render::unicode::Dense1x2>().quiet_zone(true).build())
+}
+
 /// `$XDG_DATA_HOME/postern`, else `~/.local/share/postern`.
 pub(crate) fn data_dir() -> PathBuf {
     let base = std::env::var_os("XDG_DATA_HOME").map(PathBuf::from).or_else(|| {
@@ -209,7 +247,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The server reports its life at info; client commands speak on stdout and log only
     // warnings unless POSTERN_LOG says otherwise.
-    let default_filter = if matches!(cli.command, Command::Server(_)) { "info" } else { "warn" };
+    let default_filter =
+        if matches!(cli.command, Command::Server(_) | Command::Relay(_)) { "info" } else { "warn" };
     let mut filter = tracing_subscriber::EnvFilter::try_from_env("POSTERN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     // Whatever POSTERN_LOG asks for: openmls logs key schedules and group contexts (keys, group
@@ -223,6 +262,7 @@ fn main() -> ExitCode {
     let home = client::home_dir(cli.home);
     let result = match cli.command {
         Command::Server(args) => server::run(args, cli.json),
+        Command::Relay(args) => relay::run(args, cli.json),
         Command::Init(args) => client::init(&home, args, cli.json),
         Command::Listen => client::listen(&home, cli.json),
         Command::Bench(args) => bench(args, cli.json),

@@ -135,7 +135,7 @@ async fn serve(config: ServerConfig, json: bool) -> Result<()> {
 }
 
 /// Writes a file only its owner can read (the link carries the access secret).
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)

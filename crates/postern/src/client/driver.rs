@@ -8,12 +8,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use postern_client::{Client, Event, OutboxItem, OutboxOp};
-use postern_net::{Connection, NetError};
+use postern_net::{Connection, Door, NetError};
 use postern_proto::frame::{Body, ClaimPolicy, ErrorCode, Item, Push, Request, Response};
 use postern_proto::ids::{KeyId, LogId, UploadId, public_key};
 use postern_proto::limits::MAX_INLINE;
 use postern_proto::link::ServerLink;
 
+/// How long a door gets before the next one is tried beside it.
+const DOOR_STAGGER: Duration = Duration::from_secs(2);
 /// How long one request may take before the connection counts as broken.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Items asked for per read.
@@ -37,20 +39,52 @@ pub(crate) struct Driver {
     subscribed: HashMap<String, HashSet<LogId>>,
     /// The append keys each server's current connection has proved it holds (`log_auth`).
     authed: HashMap<String, HashSet<(LogId, KeyId)>>,
+    /// The door that last opened to each server: tried first next time.
+    doors: HashMap<String, Door>,
 }
 
 impl Driver {
     pub(crate) fn new(client: Client) -> Self {
-        Driver { client, conns: HashMap::new(), subscribed: HashMap::new(), authed: HashMap::new() }
+        Driver {
+            client,
+            conns: HashMap::new(),
+            subscribed: HashMap::new(),
+            authed: HashMap::new(),
+            doors: HashMap::new(),
+        }
     }
 
-    /// The connection to a server, opened on first use.
+    /// The doors to a server, in the order to try them: the one that worked last, then the
+    /// direct one, then every relay.
+    fn doors(&self, key: &str) -> Result<Vec<Door>> {
+        let mut doors = vec![Door::Direct];
+        doors.extend(self.client.relays()?.into_iter().map(|r| Door::Relay(r.link)));
+        if let Some(last) = self.doors.get(key)
+            && let Some(i) = doors.iter().position(|d| d == last)
+        {
+            let last = doors.remove(i);
+            doors.insert(0, last);
+        }
+        Ok(doors)
+    }
+
+    /// The connection to a server, opened on first use through whichever door opens first.
     async fn conn(&mut self, link: &ServerLink) -> Result<&mut Connection> {
         let key = link.to_link_string();
         if !self.conns.contains_key(&key) {
-            let conn = Connection::connect(link)
-                .await
-                .with_context(|| format!("cannot reach the server at {}", link.addrs.join(", ")))?;
+            let doors = self.doors(&key)?;
+            let (conn, i) =
+                postern_net::connect_any(link, &doors, DOOR_STAGGER).await.map_err(|errors| {
+                    let why: Vec<String> =
+                        errors.iter().map(|(i, e)| format!("{}: {e}", doors[*i])).collect();
+                    anyhow!(
+                        "cannot reach the server at {} ({})",
+                        link.addrs.join(", "),
+                        why.join("; ")
+                    )
+                })?;
+            tracing::debug!(door = %doors[i], "connected");
+            self.doors.insert(key.clone(), doors[i].clone());
             // A new connection starts with no subscriptions and no proved keys.
             self.subscribed.remove(&key);
             self.authed.remove(&key);

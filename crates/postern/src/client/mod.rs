@@ -10,7 +10,7 @@ use anyhow::{Context, Result, anyhow};
 use postern_client::{
     Client, ClientError, Event, HistoryItem, InviteKind, InviteLink, KeySource, MessageState,
 };
-use postern_proto::link::ServerLink;
+use postern_proto::link::{RelayLink, ServerLink};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
@@ -48,6 +48,10 @@ pub(crate) struct InitArgs {
     /// The link of your home server (`postern://server#…`).
     #[arg(long, required_unless_present = "test_device_of")]
     server: Option<String>,
+    /// A relay link (`postern://relay#…`) to go through when the server cannot be reached
+    /// directly; repeat for several.
+    #[arg(long = "relay", value_name = "LINK")]
+    relays: Vec<String>,
     /// Test hook: make this home a second device of the user in DIR (same identity and
     /// mailbox). Real device linking is not built yet.
     #[arg(long, hide = true, value_name = "DIR", conflicts_with = "server")]
@@ -55,7 +59,12 @@ pub(crate) struct InitArgs {
 }
 
 pub(crate) fn init(home: &Path, args: InitArgs, json: bool) -> Result<()> {
-    let client = match (&args.server, &args.test_device_of) {
+    let relays = args
+        .relays
+        .iter()
+        .map(|l| RelayLink::parse(l.trim()).context("not a relay link (postern://relay#…)"))
+        .collect::<Result<Vec<_>>>()?;
+    let mut client = match (&args.server, &args.test_device_of) {
         (Some(server), _) => {
             let link = ServerLink::parse(server).context("invalid server link")?;
             Client::init(home, key_source(), &args.name, link)?
@@ -66,6 +75,9 @@ pub(crate) fn init(home: &Path, args: InitArgs, json: bool) -> Result<()> {
         }
         (None, None) => anyhow::bail!("--server is required"),
     };
+    for relay in &relays {
+        client.add_relay(relay)?;
+    }
     let who = client.whoami();
     let mut driver = Driver::new(client);
     runtime()?
@@ -111,6 +123,9 @@ pub(crate) enum Command {
     GroupRemove { chat: String, contact: String },
     GroupLeave { chat: String },
     GroupMembers { chat: String },
+    RelaysAdd { link: String },
+    RelaysList,
+    RelaysRemove { id: i64 },
 }
 
 /// How long a command waits for another short-lived process to release the home.
@@ -275,6 +290,43 @@ pub(crate) async fn execute(
             }
         }
         Command::Send { chat, text } => send(driver, chat, text, json, out).await?,
+        Command::RelaysAdd { link } => {
+            let link =
+                RelayLink::parse(link.trim()).context("not a relay link (postern://relay#…)")?;
+            let (id, new) = driver.client.add_relay(&link)?;
+            let at = link.addrs.join(", ");
+            if json {
+                let line = serde_json::json!({ "event": "relay", "id": id, "new": new, "addrs": link.addrs });
+                writeln!(out, "{line}")?;
+            } else if new {
+                writeln!(
+                    out,
+                    "Added relay {id} at {at}: used when your server cannot be reached directly."
+                )?;
+            } else {
+                writeln!(out, "Relay {id} at {at} was already added.")?;
+            }
+        }
+        Command::RelaysList => {
+            for relay in driver.client.relays()? {
+                if json {
+                    let line = serde_json::json!({ "id": relay.id, "addrs": relay.link.addrs });
+                    writeln!(out, "{line}")?;
+                } else {
+                    writeln!(out, "{}  {}", relay.id, relay.link.addrs.join(", "))?;
+                }
+            }
+        }
+        Command::RelaysRemove { id } => {
+            if !driver.client.remove_relay(*id)? {
+                anyhow::bail!("no relay {id} (see `postern relays list`)");
+            }
+            if json {
+                writeln!(out, "{}", serde_json::json!({ "event": "relay_removed", "id": id }))?;
+            } else {
+                writeln!(out, "Removed relay {id}.")?;
+            }
+        }
         Command::Read { chat, limit } => {
             sync_quietly(driver).await;
             for item in driver.client.read(chat, *limit)? {
@@ -409,9 +461,7 @@ async fn invite(driver: &mut Driver, once: bool, json: bool, out: &mut Vec<u8>) 
         let kind = if once { "once" } else { "address" };
         writeln!(out, "{}", serde_json::json!({ "event": "invite", "kind": kind, "link": link }))?;
     } else {
-        let qr = qrcode::QrCode::new(link.as_bytes()).context("the link does not fit a QR code")?;
-        let art = qr.render::<qrcode::render::unicode::Dense1x2>().quiet_zone(true).build();
-        writeln!(out, "{art}")?;
+        writeln!(out, "{}", crate::qr(&link)?)?;
         writeln!(out, "{link}")?;
         let note = if once {
             "One-time invite: the first person to use it is connected to you."

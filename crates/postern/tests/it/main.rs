@@ -15,6 +15,7 @@ mod durability;
 mod group;
 mod logs;
 mod ops;
+mod relay;
 mod stranger;
 
 use std::path::Path;

@@ -3,18 +3,9 @@
 
 use postern_net::{Connection, NetError, gate_token};
 use postern_proto::gate::AccessSecret;
-use postern_test_support::{TestServer, without_date};
+use postern_test_support::{TestServer, upgrade_request, without_date};
 
 use crate::bin;
-
-fn upgrade_request(cookie: Option<&str>) -> Vec<u8> {
-    let cookie = cookie.map(|c| format!("Cookie: sid={c}\r\n")).unwrap_or_default();
-    format!(
-        "GET / HTTP/1.1\r\nHost: example\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{cookie}\r\n"
-    )
-    .into_bytes()
-}
 
 fn assert_no_postern(response: &str) {
     assert!(!response.to_ascii_lowercase().contains("postern"), "Postern visible: {response}");
@@ -39,7 +30,11 @@ async fn strangers_see_only_the_website() {
     for cookie in
         [None, Some("garbage".to_owned()), Some(gate_token(&wrong)), Some(replayed.clone())]
     {
-        let answer = without_date(&server.raw_https(&upgrade_request(cookie.as_deref())).await);
+        let answer = without_date(
+            &server
+                .raw_https(&upgrade_request(cookie.as_ref().map(|c| format!("sid={c}")).as_deref()))
+                .await,
+        );
         assert!(answer.starts_with("HTTP/1.1 200 OK"), "{cookie:?}: {answer}");
         assert!(!answer.contains("101"), "no upgrade for {cookie:?}");
         assert_no_postern(&answer);
