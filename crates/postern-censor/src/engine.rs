@@ -348,6 +348,7 @@ impl Engine {
         }
         if let Some(w) = &p.whitelist
             && !self.map.has(server, &w.labels)
+            && (w.subscribers.is_empty() || self.map.has(client, &w.subscribers))
         {
             return Some(Reason::Whitelist);
         }
@@ -655,6 +656,14 @@ mod tests {
         assert_eq!(w.packet(&tcp(true, FOREIGN, 1, true, &[]), 0), Verdict::Drop);
         assert_eq!(w.packet(&tcp(true, [10, 0, 3, 2], 1, true, &[]), 0), Verdict::Drop);
         assert_eq!(w.packet(&tcp(true, [10, 0, 3, 130], 1, true, &[]), 0), Verdict::Accept);
+        // A whitelisted domestic relay's own uplink abroad is not a subscriber's.
+        let mut uplink = Vec::new();
+        PacketBuilder::ipv4([10, 0, 3, 130], FOREIGN, 64)
+            .tcp(40001, 443, 1, 65535)
+            .syn()
+            .write(&mut uplink, &[])
+            .unwrap();
+        assert_eq!(w.packet(&uplink, 0), Verdict::Accept);
         let mut o = engine("open");
         assert_eq!(o.packet(&tcp(true, [10, 0, 2, 66], 1, true, &[]), 0), Verdict::Accept);
     }

@@ -174,6 +174,10 @@ pub struct TlsInTls {
 pub struct Whitelist {
     /// Address labels that stay reachable.
     pub labels: Vec<String>,
+    /// Labels of the clients it applies to (the mobile subscribers); empty: every client.
+    /// A data centre's uplink is not in whitelist mode when its mobile network is.
+    #[serde(default)]
+    pub subscribers: Vec<String>,
 }
 
 const BUILT_IN: &[(&str, &str)] = &[

@@ -1,6 +1,8 @@
 //! The doors this client knows besides the direct one: relays, each by its link
 //! (`postern://relay#…`, which holds the credential's secret, so it lives only in the
-//! encrypted store). The driver tries them when the server does not answer directly.
+//! encrypted store). The driver tries them when the server does not answer directly, and
+//! the store remembers, per server, the door that opened last, so the next process tries
+//! it first.
 
 use postern_proto::link::RelayLink;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -11,6 +13,10 @@ pub(crate) const MIGRATION_RELAYS: &str = r#"
 CREATE TABLE relays (
     id    INTEGER PRIMARY KEY AUTOINCREMENT,
     link  TEXT NOT NULL UNIQUE
+);
+CREATE TABLE last_doors (
+    server TEXT PRIMARY KEY,
+    relay  INTEGER
 );
 "#;
 
@@ -61,4 +67,66 @@ pub(crate) fn list(db: &Connection) -> Result<Vec<Relay>, ClientError> {
 /// Removes a relay; whether it existed.
 pub(crate) fn remove(db: &Connection, id: i64) -> Result<bool, ClientError> {
     Ok(db.execute("DELETE FROM relays WHERE id = ?1", params![id]).map_err(db_err)? > 0)
+}
+
+/// The door that opened last to `server` (its link): `Some(None)` direct, `Some(Some(id))`
+/// a relay, `None` unknown (or a relay since removed).
+pub(crate) fn last(db: &Connection, server: &str) -> Result<Option<Option<i64>>, ClientError> {
+    db.query_row(
+        "SELECT l.relay FROM last_doors l
+         WHERE l.server = ?1 AND (l.relay IS NULL OR l.relay IN (SELECT id FROM relays))",
+        params![server],
+        |r| r.get::<_, Option<i64>>(0),
+    )
+    .optional()
+    .map_err(db_err)
+}
+
+/// Records the door that opened to `server`.
+pub(crate) fn opened(db: &Connection, server: &str, relay: Option<i64>) -> Result<(), ClientError> {
+    db.execute(
+        "INSERT INTO last_doors (server, relay) VALUES (?1, ?2)
+         ON CONFLICT (server) DO UPDATE SET relay = excluded.relay",
+        params![server, relay],
+    )
+    .map_err(db_err)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use postern_proto::gate::AccessSecret;
+    use postern_proto::relay::Credential;
+
+    use super::*;
+
+    fn relay(port: u16) -> RelayLink {
+        RelayLink {
+            addrs: vec![format!("relay.example:{port}")],
+            server_name: None,
+            pins: vec![[1; 32]],
+            credential: Credential { path: vec![[2; 8]], secret: AccessSecret([3; 32]) },
+        }
+    }
+
+    #[test]
+    fn relays_and_the_last_door_are_remembered_until_the_relay_goes() {
+        let db = Connection::open_in_memory().unwrap();
+        db.execute_batch(MIGRATION_RELAYS).unwrap();
+        let (a, new) = add(&db, &relay(1)).unwrap();
+        assert!(new);
+        assert_eq!(add(&db, &relay(1)).unwrap(), (a, false));
+        let (b, _) = add(&db, &relay(2)).unwrap();
+        assert_eq!(list(&db).unwrap().iter().map(|r| r.id).collect::<Vec<_>>(), [a, b]);
+
+        assert_eq!(last(&db, "s").unwrap(), None);
+        opened(&db, "s", None).unwrap();
+        assert_eq!(last(&db, "s").unwrap(), Some(None));
+        opened(&db, "s", Some(b)).unwrap();
+        assert_eq!(last(&db, "s").unwrap(), Some(Some(b)));
+        assert_eq!(last(&db, "other").unwrap(), None);
+        assert!(remove(&db, b).unwrap());
+        assert!(!remove(&db, b).unwrap());
+        assert_eq!(last(&db, "s").unwrap(), None, "a removed relay is no door");
+    }
 }

@@ -635,6 +635,24 @@ impl Client {
         doors::list(self.store.conn())
     }
 
+    /// The door that opened last to `server`: `Some(None)` direct, `Some(Some(id))` relay
+    /// `id`, `None` unknown.
+    pub fn last_door(&self, server: &ServerLink) -> Result<Option<Option<i64>>, ClientError> {
+        doors::last(self.store.conn(), &server.to_link_string())
+    }
+
+    /// Records the door that opened to `server` (`None`: direct).
+    pub fn door_opened(
+        &mut self,
+        server: &ServerLink,
+        relay: Option<i64>,
+    ) -> Result<(), ClientError> {
+        if self.last_door(server)? == Some(relay) {
+            return Ok(());
+        }
+        self.step(|ctx| doors::opened(ctx.db, &server.to_link_string(), relay))
+    }
+
     /// Forgets a relay; whether it was known.
     pub fn remove_relay(&mut self, id: i64) -> Result<bool, ClientError> {
         self.step(|ctx| doors::remove(ctx.db, id))

@@ -39,8 +39,9 @@ pub(crate) struct Driver {
     subscribed: HashMap<String, HashSet<LogId>>,
     /// The append keys each server's current connection has proved it holds (`log_auth`).
     authed: HashMap<String, HashSet<(LogId, KeyId)>>,
-    /// The door that last opened to each server: tried first next time.
-    doors: HashMap<String, Door>,
+    /// The door that last opened to each server (a relay's id, `None` direct): tried
+    /// first next time.
+    doors: HashMap<String, Option<i64>>,
 }
 
 impl Driver {
@@ -54,16 +55,21 @@ impl Driver {
         }
     }
 
-    /// The doors to a server, in the order to try them: the one that worked last, then the
-    /// direct one, then every relay.
-    fn doors(&self, key: &str) -> Result<Vec<Door>> {
-        let mut doors = vec![Door::Direct];
-        doors.extend(self.client.relays()?.into_iter().map(|r| Door::Relay(r.link)));
-        if let Some(last) = self.doors.get(key)
-            && let Some(i) = doors.iter().position(|d| d == last)
+    /// The doors to a server, in the order to try them: the one that opened last (in this
+    /// process, else as the store remembers), then the direct one, then every relay. Each
+    /// with its relay id (`None`: direct).
+    fn doors(&self, link: &ServerLink) -> Result<Vec<(Option<i64>, Door)>> {
+        let mut doors = vec![(None, Door::Direct)];
+        doors.extend(self.client.relays()?.into_iter().map(|r| (Some(r.id), Door::Relay(r.link))));
+        let last = match self.doors.get(&link.to_link_string()) {
+            Some(last) => Some(*last),
+            None => self.client.last_door(link)?,
+        };
+        if let Some(last) = last
+            && let Some(i) = doors.iter().position(|(id, _)| *id == last)
         {
-            let last = doors.remove(i);
-            doors.insert(0, last);
+            let first = doors.remove(i);
+            doors.insert(0, first);
         }
         Ok(doors)
     }
@@ -72,7 +78,7 @@ impl Driver {
     async fn conn(&mut self, link: &ServerLink) -> Result<&mut Connection> {
         let key = link.to_link_string();
         if !self.conns.contains_key(&key) {
-            let doors = self.doors(&key)?;
+            let (ids, doors): (Vec<_>, Vec<_>) = self.doors(link)?.into_iter().unzip();
             let (conn, i) =
                 postern_net::connect_any(link, &doors, DOOR_STAGGER).await.map_err(|errors| {
                     let why: Vec<String> =
@@ -84,7 +90,8 @@ impl Driver {
                     )
                 })?;
             tracing::debug!(door = %doors[i], "connected");
-            self.doors.insert(key.clone(), doors[i].clone());
+            self.doors.insert(key.clone(), ids[i]);
+            self.client.door_opened(link, ids[i])?;
             // A new connection starts with no subscriptions and no proved keys.
             self.subscribed.remove(&key);
             self.authed.remove(&key);

@@ -1,0 +1,270 @@
+//! Postern through the censor: the real `postern` server, relays and clients in the lab's
+//! namespaces, under the profiles. The server sits on an address the Russian profiles block
+//! (messenger.example, 10.0.2.66); a relay on an ordinary foreign host (fine.example,
+//! 10.0.2.2) forwards to it, and a relay on a whitelisted domestic host (bank.example,
+//! 10.0.3.130) forwards to the foreign relay.
+//!
+//! Needs root and the `postern` binary beside `postern-lab` (`cargo test --workspace` builds
+//! both).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stderr)]
+
+use std::path::{Path, PathBuf};
+
+use postern_censor::topology::{Host, Lab, addr};
+use serde_json::Value;
+
+const LAB: &str = env!("CARGO_BIN_EXE_postern-lab");
+
+fn postern() -> PathBuf {
+    let bin = Path::new(LAB).with_file_name("postern");
+    assert!(bin.exists(), "{} is missing: run `cargo test --workspace`", bin.display());
+    bin
+}
+
+fn root() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let root =
+        status.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+    if !root {
+        eprintln!("the censor lab needs root: skipped");
+    }
+    root
+}
+
+/// Which relays the clients are given.
+#[derive(Clone, Copy, PartialEq)]
+enum Relays {
+    None,
+    Foreign,
+    Domestic,
+}
+
+/// A lab with the censor on `profile`, a Postern server behind the blocked address, and
+/// the two relays.
+struct Scene {
+    lab: Lab,
+    dir: tempfile::TempDir,
+    report: PathBuf,
+    server_link: String,
+    foreign: String,
+    domestic: String,
+}
+
+fn relay_config(dir: &Path, name: &str, listen: &str, host: &str, upstream: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    let data = dir.join(name);
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"{listen}\"\ndata = \"{}\"\npublic_addrs = [\"{listen}\"]\n\
+             server_name = \"{host}\"\n{upstream}\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn link_of(ready: &str) -> String {
+    let v: Value = serde_json::from_str(ready).unwrap();
+    v["link"].as_str().unwrap().to_owned()
+}
+
+impl Scene {
+    fn up(profile: &str) -> Scene {
+        let dir = tempfile::tempdir().unwrap();
+        let report = dir.path().join("report.json");
+        let mut lab = Lab::up().unwrap();
+        let r = report.display().to_string();
+        let censor = [LAB, "censord", "--profile", profile, "--report", &r];
+        assert_eq!(lab.start(Host::Censor, &censor).unwrap(), "ready");
+        let bin = postern();
+        let bin = bin.to_str().unwrap();
+        let quiet = ["env", "POSTERN_LOG=warn", bin, "--json"];
+
+        let server_listen = format!("{}:443", addr::FOREIGN_BLOCKED);
+        let data = dir.path().join("server");
+        let data = data.to_str().unwrap();
+        let server =
+            [&quiet[..], &["server", "--listen", &server_listen, "--admin", "127.0.0.1:0"]]
+                .concat();
+        let server_link =
+            link_of(&lab.start(Host::Foreign, &[&server[..], &["--data", data]].concat()).unwrap());
+
+        let listen = format!("{}:443", addr::FOREIGN);
+        let servers = format!("servers = [\"{server_link}\"]");
+        let config = relay_config(dir.path(), "foreign", &listen, "fine.example", &servers);
+        let config = config.to_str().unwrap();
+        let foreign = link_of(
+            &lab.start(Host::Foreign, &[&quiet[..], &["relay", "--config", config]].concat())
+                .unwrap(),
+        );
+
+        // The foreign relay's operator mints a link for the domestic relay.
+        let minted = std::process::Command::new(bin)
+            .args(["--json", "relay", "--config", config, "link"])
+            .output()
+            .unwrap();
+        assert!(minted.status.success(), "{}", String::from_utf8_lossy(&minted.stderr));
+        let via = format!("via = \"{}\"", link_of(&String::from_utf8_lossy(&minted.stdout)));
+        let listen = format!("{}:443", addr::WHITELISTED);
+        let config = relay_config(dir.path(), "domestic", &listen, "bank.example", &via);
+        let config = config.to_str().unwrap();
+        let domestic = link_of(
+            &lab.start(Host::Domestic, &[&quiet[..], &["relay", "--config", config]].concat())
+                .unwrap(),
+        );
+        Scene { lab, dir, report, server_link, foreign, domestic }
+    }
+
+    /// Runs `postern --json --home HOME args…` on the client host; its JSON lines, or the
+    /// error it printed.
+    fn postern(&self, home: &str, args: &[&str]) -> Result<Vec<Value>, String> {
+        let home = self.dir.path().join(home);
+        let out = self
+            .lab
+            .command(Host::Client, postern().to_str().unwrap())
+            .arg("--json")
+            .arg("--home")
+            .arg(&home)
+            .args(args)
+            .env("POSTERN_LOG", "warn")
+            .env_remove("POSTERN_PASSPHRASE")
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect())
+    }
+
+    fn ok(&self, home: &str, args: &[&str]) -> Vec<Value> {
+        self.postern(home, args).unwrap_or_else(|e| panic!("postern {}: {e}", args.join(" ")))
+    }
+
+    /// Alice and Bob start from an invite and send `n` messages each way; returns what each
+    /// read from the other, in order.
+    fn talk(&self, relays: Relays, n: usize) -> (Vec<String>, Vec<String>) {
+        let relay = match relays {
+            Relays::None => None,
+            Relays::Foreign => Some(self.foreign.as_str()),
+            Relays::Domestic => Some(self.domestic.as_str()),
+        };
+        for name in ["Alice", "Bob"] {
+            let mut args = vec!["init", "--name", name, "--server", &self.server_link];
+            if let Some(relay) = relay {
+                args.extend(["--relay", relay]);
+            }
+            self.ok(&name.to_lowercase(), &args);
+        }
+        let invite =
+            self.ok("alice", &["invite", "--once"])[0]["link"].as_str().unwrap().to_owned();
+        assert_eq!(self.ok("bob", &["connect", &invite])[0]["event"], "connected");
+        self.ok("alice", &["sync"]);
+        for i in 0..n {
+            // 100 B to about 4 KiB.
+            let size = 100 + (i * 997) % 4_000;
+            let text = format!("{i:04} {}", "x".repeat(size));
+            self.ok("alice", &["send", "Bob", &format!("from alice {text}")]);
+            self.ok("bob", &["send", "Alice", &format!("from bob {text}")]);
+        }
+        let read = |home: &str, from: &str| -> Vec<String> {
+            self.ok(home, &["read", from])
+                .iter()
+                .filter(|m| m["outgoing"] == false)
+                .filter_map(|m| m["text"].as_str())
+                .map(|t| t.split(' ').take(3).collect::<Vec<_>>().join(" "))
+                .collect()
+        };
+        (read("bob", "Alice"), read("alice", "Bob"))
+    }
+
+    /// Stops everything; the censor's report.
+    fn report(mut self) -> Value {
+        self.lab.stop_all();
+        serde_json::from_slice(&std::fs::read(&self.report).unwrap()).unwrap()
+    }
+}
+
+fn expected(from: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("from {from} {i:04}")).collect()
+}
+
+fn flows_to(report: &Value, server: &str) -> Vec<Value> {
+    report["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["server"].as_str().is_some_and(|s| s.starts_with(server)))
+        .cloned()
+        .collect()
+}
+
+const N: usize = 8;
+
+#[test]
+fn open_lets_the_direct_door_through() {
+    if !root() {
+        return;
+    }
+    let scene = Scene::up("open");
+    let (bob_read, alice_read) = scene.talk(Relays::None, N);
+    assert_eq!(bob_read, expected("alice", N));
+    assert_eq!(alice_read, expected("bob", N));
+    let report = scene.report();
+    let direct = flows_to(&report, addr::FOREIGN_BLOCKED);
+    assert!(!direct.is_empty() && direct.iter().all(|f| f["blocked"].is_null()), "{direct:?}");
+}
+
+#[test]
+fn ru_2024_blocks_the_server_and_a_foreign_relay_gets_through() {
+    if !root() {
+        return;
+    }
+    // The server's address is blocked: with no relay nothing gets through (the identity is
+    // kept), through the foreign relay everything does.
+    let scene = Scene::up("ru-2024");
+    let err = scene
+        .postern("carol", &["init", "--name", "Carol", "--server", &scene.server_link])
+        .unwrap_err();
+    assert!(err.contains("cannot reach the server"), "{err}");
+    let (bob_read, alice_read) = scene.talk(Relays::Foreign, N);
+    assert_eq!(bob_read, expected("alice", N));
+    assert_eq!(alice_read, expected("bob", N));
+    let report = scene.report();
+    let cut: Vec<_> = flows_to(&report, addr::FOREIGN_BLOCKED)
+        .iter()
+        .filter(|f| f["client"].as_str().is_some_and(|c| c.starts_with(addr::CLIENT)))
+        .map(|f| f["blocked"].clone())
+        .collect();
+    assert!(!cut.is_empty() && cut.iter().all(|b| b == "ip-block"), "{cut:?}");
+    let through = flows_to(&report, addr::FOREIGN);
+    assert!(through.iter().all(|f| f["blocked"].is_null()), "{through:?}");
+}
+
+#[test]
+fn whitelist_mode_through_a_domestic_relay_chained_abroad() {
+    if !root() {
+        return;
+    }
+    let scene = Scene::up("ru-whitelist");
+    let (bob_read, alice_read) = scene.talk(Relays::Domestic, N);
+    assert_eq!(bob_read, expected("alice", N));
+    assert_eq!(alice_read, expected("bob", N));
+    let report = scene.report();
+    // The clients reached only the whitelisted relay; its uplink went abroad.
+    let from_client: Vec<_> = report["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["client"].as_str().is_some_and(|c| c.starts_with(addr::CLIENT)))
+        .filter(|f| f["blocked"].is_null() && f["packets"][1].as_u64().unwrap_or(0) > 0)
+        .map(|f| f["server"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(!from_client.is_empty());
+    assert!(from_client.iter().all(|s| s.starts_with(addr::WHITELISTED)), "{from_client:?}");
+}
