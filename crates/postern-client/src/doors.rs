@@ -64,6 +64,16 @@ pub(crate) fn list(db: &Connection) -> Result<Vec<Relay>, ClientError> {
     Ok(out)
 }
 
+/// The link to give someone else: a child credential made for this occasion, so a leaked
+/// copy can be revoked without cutting us off. A credential already at the deepest level is
+/// passed on as it is.
+pub fn shared(link: &RelayLink) -> RelayLink {
+    use rand::RngCore;
+    let mut id = [0u8; 8];
+    rand::rngs::OsRng.fill_bytes(&mut id);
+    link.child(id).unwrap_or_else(|| link.clone())
+}
+
 /// Removes a relay; whether it existed.
 pub(crate) fn remove(db: &Connection, id: i64) -> Result<bool, ClientError> {
     Ok(db.execute("DELETE FROM relays WHERE id = ?1", params![id]).map_err(db_err)? > 0)

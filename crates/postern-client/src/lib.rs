@@ -495,6 +495,7 @@ impl Client {
             kp_key: keys.kp_key,
             token,
             identity: self.identity.identity_public(),
+            relays: self.relays_to_share()?,
         };
         Ok(NewInvite { link, requests, owner: keys.owner })
     }
@@ -633,6 +634,23 @@ impl Client {
     /// The relays this client may go through.
     pub fn relays(&self) -> Result<Vec<doors::Relay>, ClientError> {
         doors::list(self.store.conn())
+    }
+
+    /// Relays to pass on (in an invite): the first few, each with a child credential made
+    /// for this occasion (see [`doors::shared`]).
+    pub fn relays_to_share(&self) -> Result<Vec<RelayLink>, ClientError> {
+        let relays = doors::list(self.store.conn())?;
+        Ok(relays
+            .into_iter()
+            .take(postern_proto::link::MAX_INVITE_RELAYS)
+            .map(|r| doors::shared(&r.link))
+            .collect())
+    }
+
+    /// Relay `id` to pass on to a contact, with a child credential; `None` if unknown.
+    pub fn relays_to_share_one(&self, id: i64) -> Result<Option<RelayLink>, ClientError> {
+        let relays = doors::list(self.store.conn())?;
+        Ok(relays.into_iter().find(|r| r.id == id).map(|r| doors::shared(&r.link)))
     }
 
     /// The door that opened last to `server`: `Some(None)` direct, `Some(Some(id))` relay

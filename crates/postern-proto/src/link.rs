@@ -106,6 +106,7 @@ struct Fields<'a> {
     addrs: Vec<String>,
     pins: Vec<[u8; 32]>,
     path: Vec<CredentialId>,
+    relays: Vec<RelayLink>,
 }
 
 impl<'a> Fields<'a> {
@@ -114,8 +115,13 @@ impl<'a> Fields<'a> {
             return Err(LinkError::TooLong);
         }
         let rest = link.trim().strip_prefix(prefix).ok_or(LinkError::NotALink)?;
-        let mut fields =
-            Fields { singles: Vec::new(), addrs: Vec::new(), pins: Vec::new(), path: Vec::new() };
+        let mut fields = Fields {
+            singles: Vec::new(),
+            addrs: Vec::new(),
+            pins: Vec::new(),
+            path: Vec::new(),
+            relays: Vec::new(),
+        };
         for pair in rest.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').ok_or(LinkError::Invalid("pair"))?;
             match k {
@@ -136,6 +142,12 @@ impl<'a> Fields<'a> {
                         return Err(LinkError::Invalid("c"));
                     }
                     fields.path.push(b64::<8>(v, "c")?);
+                }
+                "r" => {
+                    if fields.relays.len() == MAX_INVITE_RELAYS {
+                        return Err(LinkError::Invalid("r"));
+                    }
+                    fields.relays.push(RelayLink::from_compact(v)?);
                 }
                 _ => match SINGLE_KEYS.iter().find(|known| **known == k) {
                     Some(known) if fields.get(known).is_some() => {
@@ -255,6 +267,8 @@ impl ServerLink {
 }
 
 const RELAY_PREFIX: &str = "postern://relay#";
+/// Most relays an invite carries.
+pub const MAX_INVITE_RELAYS: usize = 3;
 
 /// Everything a client needs to go through a relay: where it is, its pins, and a credential.
 /// It says nothing of which servers the relay reaches.
@@ -317,6 +331,80 @@ impl RelayLink {
     pub fn tls_name(&self) -> String {
         tls_name(&self.addrs, self.server_name.as_deref())
     }
+
+    /// The compact form an invite carries (`r=`): unpadded base64url of
+    /// `n u8 · (len u8 · address)ⁿ · len u8 · name (0: none) · m u8 · pin [32]ᵐ · depth u8 ·
+    /// id [8]^depth · secret [32]`.
+    pub fn to_compact(&self) -> String {
+        let mut raw = Vec::with_capacity(160);
+        let small = |n: usize| u8::try_from(n).unwrap_or(u8::MAX);
+        raw.push(small(self.addrs.len()));
+        for a in &self.addrs {
+            raw.push(small(a.len()));
+            raw.extend_from_slice(a.as_bytes());
+        }
+        let name = self.server_name.as_deref().unwrap_or_default();
+        raw.push(small(name.len()));
+        raw.extend_from_slice(name.as_bytes());
+        raw.push(small(self.pins.len()));
+        for p in &self.pins {
+            raw.extend_from_slice(p);
+        }
+        raw.push(small(self.credential.path.len()));
+        for id in &self.credential.path {
+            raw.extend_from_slice(id);
+        }
+        raw.extend_from_slice(&self.credential.secret.0);
+        URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    /// Parses [`to_compact`](Self::to_compact)'s form, with the checks of a relay link.
+    pub fn from_compact(text: &str) -> Result<Self, LinkError> {
+        const FIELD: &str = "r";
+        let bad = || LinkError::Invalid(FIELD);
+        let raw = URL_SAFE_NO_PAD.decode(text).map_err(|_| bad())?;
+        let mut rest = raw.as_slice();
+        let mut take = |n: usize| -> Result<&[u8], LinkError> {
+            if rest.len() < n {
+                return Err(bad());
+            }
+            let (head, tail) = rest.split_at(n);
+            rest = tail;
+            Ok(head)
+        };
+        let count = |n: u8, max: usize| -> Result<usize, LinkError> {
+            let n = usize::from(n);
+            if n == 0 || n > max { Err(bad()) } else { Ok(n) }
+        };
+        let mut addrs = Vec::new();
+        for _ in 0..count(take(1)?[0], MAX_REPEATS)? {
+            let len = usize::from(take(1)?[0]);
+            let addr = std::str::from_utf8(take(len)?).map_err(|_| bad())?;
+            if !valid_host_port(addr) {
+                return Err(bad());
+            }
+            addrs.push(addr.to_owned());
+        }
+        let len = usize::from(take(1)?[0]);
+        let server_name = match std::str::from_utf8(take(len)?).map_err(|_| bad())? {
+            "" => None,
+            n if valid_name(n) => Some(n.to_owned()),
+            _ => return Err(bad()),
+        };
+        let mut pins = Vec::new();
+        for _ in 0..count(take(1)?[0], MAX_REPEATS)? {
+            pins.push(take(32)?.try_into().map_err(|_| bad())?);
+        }
+        let mut path = Vec::new();
+        for _ in 0..count(take(1)?[0], MAX_DEPTH)? {
+            path.push(take(8)?.try_into().map_err(|_| bad())?);
+        }
+        let secret = AccessSecret(take(32)?.try_into().map_err(|_| bad())?);
+        if !rest.is_empty() {
+            return Err(bad());
+        }
+        Ok(RelayLink { addrs, server_name, pins, credential: Credential { path, secret } })
+    }
 }
 
 const INVITE_PREFIX: &str = "postern://invite#";
@@ -330,7 +418,7 @@ pub enum InviteKind {
     Address,
 }
 
-/// An invite: `postern://invite#v=1&m=KIND&<server fields>&d=DROP&h=HPKE&q=KPKEY&t=TOKEN&i=IDENTITY`.
+/// An invite: `postern://invite#v=1&m=KIND&<server fields>&d=DROP&h=HPKE&q=KPKEY&t=TOKEN&i=IDENTITY[&r=RELAY…]`.
 ///
 /// It carries the inviter's server link, the drop address and the mailbox's HPKE key (for the
 /// sealed Welcome or request), the key that decrypts the inviter's key packages, the claim
@@ -351,6 +439,9 @@ pub struct InviteLink {
     pub token: ClaimToken,
     /// The inviter's identity key.
     pub identity: PublicKey,
+    /// Relays to the inviter's server (each with a credential of its own), at most
+    /// [`MAX_INVITE_RELAYS`].
+    pub relays: Vec<RelayLink>,
 }
 
 impl std::fmt::Debug for InviteLink {
@@ -379,6 +470,7 @@ impl InviteLink {
             kp_key: fields.key32("q")?,
             token: ClaimToken(fields.key32("t")?),
             identity: PublicKey(fields.key32("i")?),
+            relays: fields.relays.clone(),
         })
     }
 
@@ -390,7 +482,7 @@ impl InviteLink {
             InviteKind::Address => "address",
         };
         let b = |bytes: &[u8]| URL_SAFE_NO_PAD.encode(bytes);
-        format!(
+        let mut out = format!(
             "{INVITE_PREFIX}v=1&m={kind}{}&d={}&h={}&q={}&t={}&i={}",
             self.server.params(),
             b(&self.drop.0),
@@ -398,7 +490,12 @@ impl InviteLink {
             b(&self.kp_key),
             b(&self.token.0),
             b(&self.identity.0),
-        )
+        );
+        for relay in &self.relays {
+            out.push_str("&r=");
+            out.push_str(&relay.to_compact());
+        }
+        out
     }
 }
 
@@ -452,7 +549,33 @@ mod tests {
             kp_key: [7; 32],
             token: ClaimToken([8; 32]),
             identity: PublicKey([9; 32]),
+            relays: Vec::new(),
         }
+    }
+
+    fn relay() -> RelayLink {
+        RelayLink {
+            addrs: vec!["relay.example.org:443".into()],
+            server_name: None,
+            pins: vec![[1; 32]],
+            credential: Credential { path: vec![[2; 8], [3; 8]], secret: AccessSecret([4; 32]) },
+        }
+    }
+
+    #[test]
+    fn invites_carry_relays() {
+        let mut with = invite();
+        with.relays = vec![relay(), relay().child([5; 8]).unwrap()];
+        let link = with.to_link_string();
+        assert!(link.len() < 900, "fits a QR code comfortably: {}", link.len());
+        assert_eq!(InviteLink::parse(&link).unwrap(), with);
+        let four = format!("{link}&r={}&r={}", relay().to_compact(), relay().to_compact());
+        assert_eq!(InviteLink::parse(&four), Err(LinkError::Invalid("r")));
+        let mut compact = URL_SAFE_NO_PAD.decode(relay().to_compact()).unwrap();
+        compact.push(0);
+        let trailing = URL_SAFE_NO_PAD.encode(&compact);
+        assert_eq!(RelayLink::from_compact(&trailing), Err(LinkError::Invalid("r")));
+        assert_eq!(RelayLink::from_compact("AAAA"), Err(LinkError::Invalid("r")));
     }
 
     #[test]
@@ -482,12 +605,7 @@ mod tests {
 
     #[test]
     fn relay_links_round_trip_and_refuse_what_is_missing() {
-        let relay = RelayLink {
-            addrs: vec!["relay.example.org:443".into()],
-            server_name: None,
-            pins: vec![[1; 32]],
-            credential: Credential { path: vec![[2; 8], [3; 8]], secret: AccessSecret([4; 32]) },
-        };
+        let relay = relay();
         let link = relay.to_link_string();
         assert!(link.starts_with("postern://relay#v=1&a=relay.example.org:443&p="), "{link}");
         assert_eq!(RelayLink::parse(&link).unwrap(), relay);
@@ -547,7 +665,8 @@ mod tests {
                 pins: server.pins,
                 credential: Credential { path, secret: server.secret },
             };
-            prop_assert_eq!(RelayLink::parse(&relay.to_link_string()), Ok(relay));
+            prop_assert_eq!(RelayLink::parse(&relay.to_link_string()), Ok(relay.clone()));
+            prop_assert_eq!(RelayLink::from_compact(&relay.to_compact()), Ok(relay));
         }
 
         #[test]
@@ -565,6 +684,7 @@ mod tests {
                 kp_key,
                 token: ClaimToken(token),
                 identity: PublicKey(identity),
+                relays: Vec::new(),
             };
             let text = invite.to_link_string();
             // Eight addresses of the longest kind exceed MAX_LINK; those must be refused.

@@ -112,6 +112,14 @@ enum RelaysCommand {
         /// The relay's number, from `postern relays list`.
         id: i64,
     },
+    /// Print a link to one of your relays for someone else (with a credential of its own).
+    Share {
+        /// The relay's number, from `postern relays list`.
+        id: i64,
+        /// Also print it as a QR code.
+        #[arg(long)]
+        qr: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -195,6 +203,7 @@ impl Command {
                 RelaysCommand::Add { link } => C::RelaysAdd { link },
                 RelaysCommand::List => C::RelaysList,
                 RelaysCommand::Remove { id } => C::RelaysRemove { id },
+                RelaysCommand::Share { id, qr } => C::RelaysShare { id, qr },
             },
             Command::Server(_)
             | Command::Relay(_)

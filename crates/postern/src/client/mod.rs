@@ -126,6 +126,7 @@ pub(crate) enum Command {
     RelaysAdd { link: String },
     RelaysList,
     RelaysRemove { id: i64 },
+    RelaysShare { id: i64, qr: bool },
 }
 
 /// How long a command waits for another short-lived process to release the home.
@@ -317,6 +318,21 @@ pub(crate) async fn execute(
                 }
             }
         }
+        Command::RelaysShare { id, qr } => {
+            let relays = driver.client.relays_to_share_one(*id)?;
+            let Some(link) = relays else {
+                anyhow::bail!("no relay {id} (see `postern relays list`)");
+            };
+            let text = link.to_link_string();
+            if json {
+                writeln!(out, "{}", serde_json::json!({ "event": "relay_link", "link": text }))?;
+            } else {
+                if *qr {
+                    writeln!(out, "{}", crate::qr(&text)?)?;
+                }
+                writeln!(out, "{text}")?;
+            }
+        }
         Command::RelaysRemove { id } => {
             if !driver.client.remove_relay(*id)? {
                 anyhow::bail!("no relay {id} (see `postern relays list`)");
@@ -481,6 +497,10 @@ async fn connect(driver: &mut Driver, link: &str, json: bool, out: &mut Vec<u8>)
     let link = InviteLink::parse(link.trim()).context("invalid invite link")?;
     if link.identity == driver.client.identity().identity_public() {
         return Err(ClientError::OwnInvite.into());
+    }
+    // The inviter's relays: doors to their server, and to ours if they serve it.
+    for relay in &link.relays {
+        driver.client.add_relay(relay)?;
     }
     match link.kind {
         InviteKind::Once => {

@@ -61,14 +61,39 @@ async fn people_talk_through_a_relay_and_a_chain_when_the_server_is_blocked() {
     ok_with(&alice, &["send", "Bob", "through one"], &from_alice);
     assert_eq!(texts(&bob, "Alice"), ["through two relays", "through one"]);
 
+    // Carol has nothing but Alice's invite: the relay in it (with a credential of its own)
+    // gets her in.
+    let carol = dir.path().join("carol");
+    let out = crate::chat::run(&carol, &["init", "--name", "Carol", "--server", &server_link]);
+    assert!(!out.status.success());
+    let link =
+        ok_with(&alice, &["invite", "--once"], &from_alice)[0]["link"].as_str().unwrap().to_owned();
+    let invite = postern_proto::link::InviteLink::parse(&link).unwrap();
+    assert_eq!(invite.relays.len(), 1);
+    assert_eq!(invite.relays[0].addrs, exit.link.addrs);
+    assert_ne!(invite.relays[0].credential, exit.link.credential, "a child credential");
+    assert_eq!(ok(&carol, &["connect", &link])[0]["event"], "connected");
+    ok(&carol, &["send", "Alice", "from an invite alone"]);
+    assert_eq!(texts(&alice, "Carol"), ["from an invite alone"]);
+    // Bob passes his relay on to someone, again with a credential of its own.
+    let shared = ok(&bob, &["relays", "share", "1"])[0]["link"].as_str().unwrap().to_owned();
+    let shared = RelayLink::parse(&shared).unwrap();
+    assert_eq!(shared.credential.path.len(), 2);
+    assert_eq!(shared.credential.path[0], ingress.link.credential.path[0]);
+    Connection::connect_via(&shared, &server.link).await.unwrap();
+
     for relay in [&exit, &ingress] {
         let log = relay.log();
         assert!(!log.contains("127.0.0.77"), "a relay logged a client address: {log}");
     }
 
-    // Without its relay, Bob's message waits in the queue.
-    let id = ok(&bob, &["relays", "list"])[0]["id"].to_string();
-    ok(&bob, &["relays", "remove", &id]);
+    // Bob also holds the relay from Alice's invite; without his relays, his message waits
+    // in the queue.
+    let relays = ok(&bob, &["relays", "list"]);
+    assert_eq!(relays.len(), 2);
+    for relay in relays {
+        ok(&bob, &["relays", "remove", &relay["id"].to_string()]);
+    }
     assert!(ok(&bob, &["relays", "list"]).is_empty());
     let out = crate::chat::run(&bob, &["send", "Alice", "queued"]);
     assert!(!out.status.success());
