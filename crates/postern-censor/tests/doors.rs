@@ -49,6 +49,8 @@ struct Scene {
     server_link: String,
     foreign: String,
     domestic: String,
+    /// Every client command's log (the transport engine's decisions).
+    client_log: std::cell::RefCell<String>,
 }
 
 fn relay_config(dir: &Path, name: &str, listen: &str, host: &str, upstream: &str) -> PathBuf {
@@ -115,7 +117,7 @@ impl Scene {
             &lab.start(Host::Domestic, &[&quiet[..], &["relay", "--config", config]].concat())
                 .unwrap(),
         );
-        Scene { lab, dir, report, server_link, foreign, domestic }
+        Scene { lab, dir, report, server_link, foreign, domestic, client_log: Default::default() }
     }
 
     /// Runs `postern --json --home HOME args…` on the client host; its JSON lines, or the
@@ -129,10 +131,12 @@ impl Scene {
             .arg("--home")
             .arg(&home)
             .args(args)
-            .env("POSTERN_LOG", "warn")
+            // The transport engine's decisions are kept in `client_log`.
+            .env("POSTERN_LOG", "warn,postern::client::driver=info")
             .env_remove("POSTERN_PASSPHRASE")
             .output()
             .unwrap();
+        self.client_log.borrow_mut().push_str(&String::from_utf8_lossy(&out.stderr));
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
@@ -149,6 +153,11 @@ impl Scene {
     /// Alice and Bob start from an invite and send `n` messages each way; returns what each
     /// read from the other, in order.
     fn talk(&self, relays: Relays, n: usize) -> (Vec<String>, Vec<String>) {
+        self.talk_sized(relays, n, 4_000)
+    }
+
+    /// [`talk`](Self::talk) with messages of 100 B to about `max` bytes.
+    fn talk_sized(&self, relays: Relays, n: usize, max: usize) -> (Vec<String>, Vec<String>) {
         let relay = match relays {
             Relays::None => None,
             Relays::Foreign => Some(self.foreign.as_str()),
@@ -166,8 +175,7 @@ impl Scene {
         assert_eq!(self.ok("bob", &["connect", &invite])[0]["event"], "connected");
         self.ok("alice", &["sync"]);
         for i in 0..n {
-            // 100 B to about 4 KiB.
-            let size = 100 + (i * 997) % 4_000;
+            let size = 100 + (i * 997) % max;
             let text = format!("{i:04} {}", "x".repeat(size));
             self.ok("alice", &["send", "Bob", &format!("from alice {text}")]);
             self.ok("bob", &["send", "Alice", &format!("from bob {text}")]);
@@ -267,4 +275,30 @@ fn whitelist_mode_through_a_domestic_relay_chained_abroad() {
         .collect();
     assert!(!from_client.is_empty());
     assert!(from_client.iter().all(|s| s.starts_with(addr::WHITELISTED)), "{from_client:?}");
+}
+
+#[test]
+fn ru_2025_06_freezes_connections_and_rotation_gets_through() {
+    if !root() {
+        return;
+    }
+    let scene = Scene::up("ru-2025-06");
+    let (bob_read, alice_read) = scene.talk_sized(Relays::Foreign, N, 600);
+    assert_eq!(bob_read, expected("alice", N));
+    assert_eq!(alice_read, expected("bob", N));
+    // Requests the clients saw freeze (and sent again): each client learns the budget from
+    // its first, so few more follow.
+    let log = scene.client_log.borrow().clone();
+    let detected = log.matches("a connection froze").count();
+    let again = log.matches("sending the request again").count();
+    let report = scene.report();
+    let flows = flows_to(&report, addr::FOREIGN);
+    let frozen = flows.iter().filter(|f| f["blocked"] == "freeze").count();
+    eprintln!(
+        "{} connections to the relay; the censor froze {frozen} (most after their last \
+         answer); the clients saw {detected} requests freeze and sent {again} again",
+        flows.len()
+    );
+    assert!(frozen >= 1 && detected >= 1, "nothing froze: the profile did not bite");
+    assert!(detected <= 6, "{detected} requests froze: the budget was not learned\n{log}");
 }

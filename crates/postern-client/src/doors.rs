@@ -18,6 +18,10 @@ CREATE TABLE last_doors (
     server TEXT PRIMARY KEY,
     relay  INTEGER
 );
+CREATE TABLE door_budgets (
+    door    TEXT PRIMARY KEY,
+    packets INTEGER NOT NULL
+);
 "#;
 
 fn db_err(e: rusqlite::Error) -> ClientError {
@@ -103,6 +107,24 @@ pub(crate) fn opened(db: &Connection, server: &str, relay: Option<i64>) -> Resul
     Ok(())
 }
 
+/// The packet budget learned for a door (named by the driver), if a freeze was seen there.
+pub(crate) fn budget(db: &Connection, door: &str) -> Result<Option<u32>, ClientError> {
+    db.query_row("SELECT packets FROM door_budgets WHERE door = ?1", params![door], |r| r.get(0))
+        .optional()
+        .map_err(db_err)
+}
+
+/// Records a door's packet budget.
+pub(crate) fn set_budget(db: &Connection, door: &str, packets: u32) -> Result<(), ClientError> {
+    db.execute(
+        "INSERT INTO door_budgets (door, packets) VALUES (?1, ?2)
+         ON CONFLICT (door) DO UPDATE SET packets = excluded.packets",
+        params![door, packets],
+    )
+    .map_err(db_err)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use postern_proto::gate::AccessSecret;
@@ -138,5 +160,10 @@ mod tests {
         assert!(remove(&db, b).unwrap());
         assert!(!remove(&db, b).unwrap());
         assert_eq!(last(&db, "s").unwrap(), None, "a removed relay is no door");
+
+        assert_eq!(budget(&db, "relay 1").unwrap(), None);
+        set_budget(&db, "relay 1", 20).unwrap();
+        set_budget(&db, "relay 1", 18).unwrap();
+        assert_eq!(budget(&db, "relay 1").unwrap(), Some(18));
     }
 }

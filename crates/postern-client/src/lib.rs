@@ -237,6 +237,8 @@ pub struct NewInvite {
 
 /// One-time key packages uploaded per device at first publication.
 pub const KEY_PACKAGES_PER_UPLOAD: usize = 10;
+/// Key packages per upload request.
+const KEY_PACKAGES_PER_REQUEST: usize = 2;
 
 /// What must reach the server before anyone can contact this user: the mailbox and this
 /// device's key packages. Send each request signed by `owner`, in order.
@@ -444,19 +446,25 @@ impl Client {
         }
         let last = self.sealed_key_package(&keys.kp_key, true)?;
         let mailbox = keys.mailbox;
-        Ok(Some(Publication {
-            requests: vec![
-                Request::MailboxCreate { mailbox, owner_key },
-                Request::KeyPackageUpload { mailbox, device, last_resort: false, packages: fresh },
-                Request::KeyPackageUpload {
-                    mailbox,
-                    device,
-                    last_resort: true,
-                    packages: vec![last],
-                },
-            ],
-            owner: keys.owner,
-        }))
+        let mut requests = vec![Request::MailboxCreate { mailbox, owner_key }];
+        // A few packages per request, so each stays in a small frame (a connection under a
+        // censor's packet budget carries only a few), and a retry resends little.
+        for packages in fresh.chunks(KEY_PACKAGES_PER_REQUEST) {
+            let packages = packages.to_vec();
+            requests.push(Request::KeyPackageUpload {
+                mailbox,
+                device,
+                last_resort: false,
+                packages,
+            });
+        }
+        requests.push(Request::KeyPackageUpload {
+            mailbox,
+            device,
+            last_resort: true,
+            packages: vec![last],
+        });
+        Ok(Some(Publication { requests, owner: keys.owner }))
     }
 
     /// A new invite: a fresh drop address and claim token, and the requests that register
@@ -669,6 +677,16 @@ impl Client {
             return Ok(());
         }
         self.step(|ctx| doors::opened(ctx.db, &server.to_link_string(), relay))
+    }
+
+    /// The packet budget learned for a door (see the driver's transport engine).
+    pub fn door_budget(&self, door: &str) -> Result<Option<u32>, ClientError> {
+        doors::budget(self.store.conn(), door)
+    }
+
+    /// Records the packet budget learned for a door.
+    pub fn set_door_budget(&mut self, door: &str, packets: u32) -> Result<(), ClientError> {
+        self.step(|ctx| doors::set_budget(ctx.db, door, packets))
     }
 
     /// Forgets a relay; whether it was known.

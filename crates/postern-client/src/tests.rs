@@ -268,15 +268,21 @@ fn published_key_packages_open_with_the_invite_key_and_start_a_group() {
     let (mut alice, mut bob) = two_clients(dir.path());
     let publication = bob.pending_publication().unwrap().expect("not yet published");
     let keys = bob.mailbox().unwrap();
-    let [
-        Request::MailboxCreate { mailbox, .. },
-        Request::KeyPackageUpload { packages, last_resort: false, .. },
-        Request::KeyPackageUpload { packages: last, last_resort: true, .. },
-    ] = &publication.requests[..]
-    else {
+    let [Request::MailboxCreate { mailbox, .. }, uploads @ ..] = &publication.requests[..] else {
         panic!("unexpected publication {:?}", publication.requests)
     };
     assert_eq!(*mailbox, keys.mailbox);
+    // The packages go a few per request (small frames), the last-resort one last.
+    let mut packages = Vec::new();
+    let mut last = Vec::new();
+    for upload in uploads {
+        let Request::KeyPackageUpload { packages: some, last_resort, .. } = upload else {
+            panic!("unexpected request {upload:?}")
+        };
+        assert!(last.is_empty(), "the last-resort package goes last");
+        assert!(some.len() <= 2);
+        if *last_resort { last.extend(some.clone()) } else { packages.extend(some.clone()) }
+    }
     assert_eq!((packages.len(), last.len()), (KEY_PACKAGES_PER_UPLOAD, 1));
     // What a server stores is opaque; the invite's key opens it, another key does not.
     assert!(envelope::open_key_package(&[9; 32], &packages[0]).is_err());

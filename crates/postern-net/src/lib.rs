@@ -143,6 +143,53 @@ impl From<&RelayLink> for Endpoint {
     }
 }
 
+/// What a censor counting packets has seen of a connection so far.
+///
+/// The kernel's count of TCP segments both ways (`TCP_INFO`) when it can be read; otherwise
+/// an estimate: set-up (TCP, TLS, the upgrade, the Noise handshake) counts
+/// [`SETUP_PACKETS`], every message its segments ([`SEGMENT`] bytes each) plus half an
+/// acknowledgement. [`Spent::after`] estimates what one more message adds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spent {
+    /// Messages both ways.
+    pub messages: u32,
+    /// Estimated packets both ways, set-up included.
+    pub packets: u32,
+    /// Bytes received (message payloads).
+    pub bytes_in: u64,
+}
+
+/// Packets a connection's set-up takes, as counted by [`Spent`].
+pub const SETUP_PACKETS: u32 = 14;
+/// Payload bytes per TCP segment, as counted by [`Spent`].
+pub const SEGMENT: usize = 1_400;
+
+impl Spent {
+    /// A fresh connection's: its set-up.
+    pub fn new() -> Self {
+        Spent { messages: 0, packets: SETUP_PACKETS, bytes_in: 0 }
+    }
+
+    /// The estimate after one more message of `len` bytes.
+    pub fn after(self, len: usize) -> Spent {
+        let segments = u32::try_from(len.div_ceil(SEGMENT).max(1)).unwrap_or(u32::MAX);
+        let messages = self.messages.saturating_add(1);
+        // Half an acknowledgement per message: one for every second message.
+        let acks = u32::from(messages.is_multiple_of(2));
+        Spent {
+            messages,
+            packets: self.packets.saturating_add(segments).saturating_add(acks),
+            bytes_in: self.bytes_in,
+        }
+    }
+
+    fn received(self, len: usize) -> Spent {
+        let mut spent = self.after(len);
+        spent.bytes_in = spent.bytes_in.saturating_add(len as u64);
+        spent
+    }
+}
+
 /// An open session to a server.
 pub struct Connection {
     ws: Ws,
@@ -150,6 +197,7 @@ pub struct Connection {
     nonce: [u8; 32],
     next_id: u32,
     pushes: VecDeque<Push>,
+    spent: Spent,
 }
 
 impl std::fmt::Debug for Connection {
@@ -313,7 +361,28 @@ impl Connection {
         let answer = next_binary(&mut ws).await?;
         let (transport, hello) =
             handshake.finish(&answer).map_err(|e| NetError::Session(e.to_string()))?;
-        Ok(Connection { ws, transport, nonce: hello.nonce, next_id: 1, pushes: VecDeque::new() })
+        // The two handshake messages are part of the set-up.
+        Ok(Connection {
+            ws,
+            transport,
+            nonce: hello.nonce,
+            next_id: 1,
+            pushes: VecDeque::new(),
+            spent: Spent::new(),
+        })
+    }
+
+    /// What this connection has carried so far (for a per-connection budget): packets as
+    /// the kernel counted them when it tells, else as estimated.
+    pub fn spent(&self) -> Spent {
+        let tcp = self.ws.get_ref().get_ref().0;
+        match tcp_info_sys::get_tcp_info(std::os::fd::AsRawFd::as_raw_fd(tcp)) {
+            Ok(info) => Spent {
+                packets: info.tcpi_segs_out.saturating_add(info.tcpi_segs_in),
+                ..self.spent
+            },
+            Err(_) => self.spent,
+        }
     }
 
     /// This connection's server nonce (signed requests bind it).
@@ -345,6 +414,7 @@ impl Connection {
     /// Seals and sends arbitrary frame bytes.
     pub async fn send_raw(&mut self, frame: &[u8]) -> Result<(), NetError> {
         let sealed = self.transport.seal(frame).map_err(|e| NetError::Session(e.to_string()))?;
+        self.spent = self.spent.after(sealed.len());
         self.ws
             .send(Message::Binary(sealed.into()))
             .await
@@ -354,6 +424,7 @@ impl Connection {
     /// The next frame from the server (pushes included).
     pub async fn recv(&mut self) -> Result<ServerFrame, NetError> {
         let sealed = next_binary(&mut self.ws).await?;
+        self.spent = self.spent.received(sealed.len());
         let plain = self.transport.open(&sealed).map_err(|e| NetError::Session(e.to_string()))?;
         ServerFrame::decode(&plain).map_err(|e| NetError::Session(e.to_string()))
     }

@@ -653,9 +653,14 @@ impl Store for SqliteStore {
                     return Err(StoreError::QuotaExceeded);
                 }
             }
+            // A package already in the pool is a retry of an earlier upload: stored once,
+            // so no two claims can hand out the same package.
             for p in &packages {
                 c.execute(
-                    "INSERT INTO key_packages (mailbox, device, last_resort, data) VALUES (?1, ?2, ?3, ?4)",
+                    "INSERT INTO key_packages (mailbox, device, last_resort, data)
+                     SELECT ?1, ?2, ?3, ?4 WHERE NOT EXISTS (
+                         SELECT 1 FROM key_packages
+                         WHERE mailbox = ?1 AND device = ?2 AND last_resort = ?3 AND data = ?4)",
                     params![&mailbox.0[..], &device.0[..], last_resort, &p[..]],
                 )
                 .map_err(backend)?;

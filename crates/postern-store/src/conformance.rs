@@ -202,6 +202,8 @@ pub async fn key_packages_claim_once_and_last_resort<S: Store>(s: &S) {
         .unwrap();
     s.upload_key_packages(m, dev1, true, vec![b"d1-last".to_vec()], TODAY).await.unwrap();
     s.upload_key_packages(m, dev2, true, vec![b"d2-last".to_vec()], TODAY).await.unwrap();
+    // An upload sent again (a retry after a lost answer) stores nothing twice.
+    s.upload_key_packages(m, dev1, false, vec![b"d1-b".to_vec()], TODAY).await.unwrap();
     let status = s.key_package_status(m).await.unwrap();
     assert_eq!(status.len(), 2);
     assert_eq!((status[0].remaining, status[0].last_resort), (2, true));

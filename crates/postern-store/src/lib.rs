@@ -248,6 +248,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Adds key packages to a device's pool; a last-resort upload replaces the previous one.
+    /// A package already in the pool is not stored again (an upload may be a retry).
     fn upload_key_packages(
         &self,
         mailbox: MailboxId,

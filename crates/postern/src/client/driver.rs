@@ -9,6 +9,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use postern_client::{Client, Event, OutboxItem, OutboxOp};
 use postern_net::{Connection, Door, NetError};
+use tokio::time::Instant;
+
+use super::transport::{DoorBook, DoorKey, DoorState};
 use postern_proto::frame::{Body, ClaimPolicy, ErrorCode, Item, Push, Request, Response};
 use postern_proto::ids::{KeyId, LogId, UploadId, public_key};
 use postern_proto::limits::MAX_INLINE;
@@ -16,8 +19,9 @@ use postern_proto::link::ServerLink;
 
 /// How long a door gets before the next one is tried beside it.
 const DOOR_STAGGER: Duration = Duration::from_secs(2);
-/// How long one request may take before the connection counts as broken.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many times a request is sent again on a fresh connection after its connection froze
+/// or broke.
+const RETRIES: u32 = 2;
 /// Items asked for per read.
 const READ_BATCH: u16 = 64;
 /// Rounds of sending and resolving commits in one flush (each commit needs one).
@@ -28,6 +32,14 @@ const MAX_FLUSH_ROUNDS: usize = 16;
 enum Outcome {
     Done(Response),
     Refused(ErrorCode),
+}
+
+/// Why a request got no answer.
+enum Failure {
+    /// No door opened: sending again now would not help.
+    Unreachable(anyhow::Error),
+    /// The connection broke or froze under the request: a fresh one may do.
+    Lost(anyhow::Error),
 }
 
 /// The client core and its connections.
@@ -42,6 +54,8 @@ pub(crate) struct Driver {
     /// The door that last opened to each server (a relay's id, `None` direct): tried
     /// first next time.
     doors: HashMap<String, Option<i64>>,
+    /// What the transport engine knows of each door.
+    book: DoorBook,
 }
 
 impl Driver {
@@ -52,6 +66,25 @@ impl Driver {
             subscribed: HashMap::new(),
             authed: HashMap::new(),
             doors: HashMap::new(),
+            book: DoorBook::default(),
+        }
+    }
+
+    /// The engine's state of a door, with the budget the store remembers for it loaded the
+    /// first time this process sees it.
+    fn door(&mut self, key: &DoorKey) -> Result<&mut DoorState> {
+        if !self.book.known(key) {
+            let budget = self.client.door_budget(&key.store_name())?;
+            self.book.get(key).budget = budget;
+        }
+        Ok(self.book.get(key))
+    }
+
+    /// The door the current connection to a server came through.
+    fn door_key(link: &ServerLink, relay: Option<i64>) -> DoorKey {
+        match relay {
+            None => DoorKey::Direct(link.addrs.join(",")),
+            Some(id) => DoorKey::Relay(id),
         }
     }
 
@@ -74,11 +107,32 @@ impl Driver {
         Ok(doors)
     }
 
-    /// The connection to a server, opened on first use through whichever door opens first.
+    /// The connection to a server, opened on first use through whichever door opens first
+    /// among those under their cap of new connections (waiting for a slot if none is).
     async fn conn(&mut self, link: &ServerLink) -> Result<&mut Connection> {
         let key = link.to_link_string();
         if !self.conns.contains_key(&key) {
-            let (ids, doors): (Vec<_>, Vec<_>) = self.doors(link)?.into_iter().unzip();
+            let all = self.doors(link)?;
+            let (ids, doors): (Vec<_>, Vec<_>) = loop {
+                let now = Instant::now().into_std();
+                let mut ready = Vec::new();
+                let mut next_slot: Option<std::time::Instant> = None;
+                for (id, door) in &all {
+                    let state = self.door(&Self::door_key(link, *id))?;
+                    if state.may_open(now) {
+                        ready.push((*id, door.clone()));
+                    } else if let Some(slot) = state.next_slot() {
+                        next_slot = Some(next_slot.map_or(slot, |n| n.min(slot)));
+                    }
+                }
+                if !ready.is_empty() {
+                    break ready.into_iter().unzip();
+                }
+                let slot = next_slot.unwrap_or(now + Duration::from_secs(1));
+                tracing::info!("every door is at its cap of new connections: waiting");
+                tokio::time::sleep_until(Instant::from_std(slot)).await;
+            };
+            let started = Instant::now();
             let (conn, i) =
                 postern_net::connect_any(link, &doors, DOOR_STAGGER).await.map_err(|errors| {
                     let why: Vec<String> =
@@ -90,6 +144,10 @@ impl Driver {
                     )
                 })?;
             tracing::debug!(door = %doors[i], "connected");
+            let state = self.door(&Self::door_key(link, ids[i]))?;
+            state.opened(started.into_std());
+            // A session's set-up is about four round trips: a first guess at the RTT.
+            state.first_guess(started.elapsed() / 4);
             self.doors.insert(key.clone(), ids[i]);
             self.client.door_opened(link, ids[i])?;
             // A new connection starts with no subscriptions and no proved keys.
@@ -100,28 +158,97 @@ impl Driver {
         self.conns.get_mut(&key).ok_or_else(|| anyhow!("connection vanished"))
     }
 
-    /// Sends one request; a broken connection is dropped so the next call reconnects.
+    /// The engine's state of the door the current connection to `link` came through.
+    fn current_door(&mut self, link: &ServerLink) -> Result<(DoorKey, &mut DoorState)> {
+        let relay = self.doors.get(&link.to_link_string()).copied().flatten();
+        let key = Self::door_key(link, relay);
+        let state = self.door(&key)?;
+        Ok((key, state))
+    }
+
+    /// Sends one request and waits for its answer, sending it again on a fresh connection
+    /// (maybe through another door) when the connection froze or broke. A claim is sent
+    /// once: a second claim could use up a one-time invite.
     async fn call(
         &mut self,
         link: &ServerLink,
         request: Request,
         signer: Option<&ed25519_dalek::SigningKey>,
     ) -> Result<Outcome> {
-        let conn = self.conn(link).await?;
-        let answer = tokio::time::timeout(REQUEST_TIMEOUT, conn.request(request, signer)).await;
+        let retries = if matches!(request, Request::KeyPackageClaim { .. }) { 0 } else { RETRIES };
+        let mut attempt = 0;
+        loop {
+            match self.call_once(link, request.clone(), signer, attempt).await {
+                Ok(outcome) => return Ok(outcome),
+                Err(Failure::Lost(e)) if attempt < retries => {
+                    tracing::info!(error = %e, attempt, "sending the request again");
+                    attempt += 1;
+                }
+                Err(Failure::Lost(e) | Failure::Unreachable(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// One try of [`call`](Self::call). The connection is replaced first if its door has a
+    /// budget the request would exceed; a request unanswered within the door's freeze wait
+    /// counts as frozen.
+    async fn call_once(
+        &mut self,
+        link: &ServerLink,
+        request: Request,
+        signer: Option<&ed25519_dalek::SigningKey>,
+        attempt: u32,
+    ) -> Result<Outcome, Failure> {
+        let key = link.to_link_string();
+        let len = wire_len(&request);
+        if let Some(spent) = self.conns.get(&key).map(Connection::spent)
+            && self.current_door(link).map_err(Failure::Unreachable)?.1.over_budget(spent, len)
+        {
+            tracing::debug!(packets = spent.packets, "connection at its budget: replacing it");
+            self.conns.remove(&key);
+        }
+        self.conn(link).await.map_err(Failure::Unreachable)?;
+        let (door, state) = self.current_door(link).map_err(Failure::Unreachable)?;
+        let wait = state.freeze_wait(attempt);
+        let conn = self
+            .conns
+            .get_mut(&key)
+            .ok_or_else(|| Failure::Unreachable(anyhow!("connection vanished")))?;
+        // Where the connection stood before the request: if it freezes, the censor's count
+        // ran out somewhere in this request (what the kernel counts after includes resends).
+        let before = conn.spent();
+        let started = Instant::now();
+        let answer = tokio::time::timeout(wait, conn.request(request, signer)).await;
         match answer {
-            Ok(Ok(response)) => Ok(Outcome::Done(response)),
+            Ok(Ok(response)) => {
+                self.book.get(&door).sample(started.elapsed());
+                Ok(Outcome::Done(response))
+            }
             Ok(Err(NetError::Refused(code))) if !code.closes_connection() => {
                 Ok(Outcome::Refused(code))
             }
             Ok(Err(e)) => {
-                self.conns.remove(&link.to_link_string());
-                Err(anyhow!(e))
-                    .with_context(|| format!("lost the server at {}", link.addrs.join(", ")))
+                self.conns.remove(&key);
+                Err(Failure::Lost(
+                    anyhow!(e).context(format!("lost the server at {}", link.addrs.join(", "))),
+                ))
             }
             Err(_) => {
-                self.conns.remove(&link.to_link_string());
-                Err(anyhow!("no answer from the server at {}", link.addrs.join(", ")))
+                self.conns.remove(&key);
+                if let Some(budget) = self.book.get(&door).froze(before) {
+                    tracing::info!(
+                        packets = before.packets,
+                        budget,
+                        "a connection froze: rotating connections through this door from now on"
+                    );
+                    self.client
+                        .set_door_budget(&door.store_name(), budget)
+                        .map_err(|e| Failure::Unreachable(e.into()))?;
+                }
+                Err(Failure::Lost(anyhow!(
+                    "no answer from the server at {}",
+                    link.addrs.join(", ")
+                )))
             }
         }
     }
@@ -547,6 +674,17 @@ impl Driver {
         }
         Ok(())
     }
+}
+
+/// The bytes a request takes on the wire, about: its padded frame (with a signature), sealed.
+fn wire_len(request: &Request) -> usize {
+    let frame = postern_proto::frame::ClientFrame {
+        request_id: 0,
+        request: request.clone(),
+        signature: None,
+    };
+    let len = frame.encode().len() + 64 + 4;
+    postern_proto::limits::BUCKETS.iter().copied().find(|b| *b >= len).unwrap_or(len) + 16
 }
 
 fn unexpected(outcome: Outcome) -> anyhow::Error {

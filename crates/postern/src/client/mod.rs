@@ -16,6 +16,7 @@ use zeroize::Zeroizing;
 
 mod control;
 mod driver;
+mod transport;
 
 use driver::Driver;
 

@@ -1,0 +1,200 @@
+//! The transport engine's bookkeeping for each door (the direct one to a server, and each
+//! relay): how fast it answers, how many connections it opened lately, and the budget a
+//! connection through it must stay under once a freeze was seen there.
+//!
+//! - **Freeze detector.** A request with no answer within `K × smoothed RTT` (at least
+//!   [`MIN_WAIT`], at most [`MAX_WAIT`]) counts as frozen: the connection is dropped and the
+//!   request sent again on a fresh one, through whichever door opens (every request the
+//!   driver retries is idempotent). Each retry waits twice as long, so a slow link is not
+//!   churned.
+//! - **Per-connection budget.** Censors that freeze flows after about 25 packets or 16 KB
+//!   (the Russian "l4-25" block) let a connection carry a few exchanges. Once a door froze,
+//!   its connections are rotated before they reach the packets the frozen one had spent
+//!   when it sent its last request, and before [`BUDGET_BYTES_IN`] received; the budget is kept in the
+//!   client store, so the next command starts under it.
+//! - **New connections per door** are capped at [`NEW_PER_MINUTE`] a minute (censors count
+//!   connections per destination too, and a burst of them is itself a signal).
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use postern_net::Spent;
+
+/// How many smoothed RTTs without an answer count as a freeze.
+const K: u32 = 4;
+/// The least time a request waits before it counts as frozen.
+pub(crate) const MIN_WAIT: Duration = Duration::from_secs(2);
+/// The most: a request this slow is lost whatever the cause.
+const MAX_WAIT: Duration = Duration::from_secs(30);
+/// New connections one door may open per minute.
+pub(crate) const NEW_PER_MINUTE: usize = 15;
+/// Bytes a connection may receive once its door has a budget (below the 16 KB freeze).
+pub(crate) const BUDGET_BYTES_IN: u64 = 12 << 10;
+/// Above this many packets, a silent connection is not taken for a count-based freeze.
+const FREEZE_BELOW: u32 = 48;
+/// The lowest budget: set-up and one exchange.
+const MIN_BUDGET: u32 = postern_net::SETUP_PACKETS + 4;
+
+/// A door, as the engine and the store name it: direct to a server address, or a relay.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum DoorKey {
+    Direct(String),
+    Relay(i64),
+}
+
+impl DoorKey {
+    /// The name the store keeps budgets under.
+    pub(crate) fn store_name(&self) -> String {
+        match self {
+            DoorKey::Direct(addr) => format!("direct {addr}"),
+            DoorKey::Relay(id) => format!("relay {id}"),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct DoorState {
+    srtt: Option<Duration>,
+    opened: VecDeque<Instant>,
+    /// Packets a connection may spend, once a freeze was seen.
+    pub(crate) budget: Option<u32>,
+}
+
+impl DoorState {
+    /// How long a request may go unanswered before it counts as frozen; `attempt` doubles it.
+    pub(crate) fn freeze_wait(&self, attempt: u32) -> Duration {
+        let base = self.srtt.map_or(MIN_WAIT, |rtt| rtt * K).clamp(MIN_WAIT, MAX_WAIT);
+        (base * 2u32.saturating_pow(attempt)).min(MAX_WAIT)
+    }
+
+    /// A first estimate of the RTT, taken only while there is none.
+    pub(crate) fn first_guess(&mut self, rtt: Duration) {
+        if self.srtt.is_none() {
+            self.srtt = Some(rtt);
+        }
+    }
+
+    /// Takes an answered request's round trip into the smoothed RTT.
+    pub(crate) fn sample(&mut self, rtt: Duration) {
+        self.srtt = Some(match self.srtt {
+            None => rtt,
+            Some(s) => (s * 7 + rtt) / 8,
+        });
+    }
+
+    /// Whether the door may open another connection now.
+    pub(crate) fn may_open(&mut self, now: Instant) -> bool {
+        while self.opened.front().is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+        {
+            self.opened.pop_front();
+        }
+        self.opened.len() < NEW_PER_MINUTE
+    }
+
+    /// When [`may_open`](Self::may_open) will be true again.
+    pub(crate) fn next_slot(&self) -> Option<Instant> {
+        (self.opened.len() >= NEW_PER_MINUTE)
+            .then(|| self.opened.front().map(|t| *t + Duration::from_secs(60)))
+            .flatten()
+    }
+
+    pub(crate) fn opened(&mut self, now: Instant) {
+        self.opened.push_back(now);
+    }
+
+    /// A request went unanswered on a connection that had spent `before` when it was sent.
+    /// If that is where a packet-counting censor freezes flows (under [`FREEZE_BELOW`]
+    /// packets), its door's connections send nothing more once they reach it: returns the new
+    /// budget. A connection that had carried more was not frozen by a count, so nothing is
+    /// learned.
+    pub(crate) fn froze(&mut self, before: Spent) -> Option<u32> {
+        if before.packets > FREEZE_BELOW {
+            return None;
+        }
+        let at = before.packets.max(MIN_BUDGET);
+        let budget = self.budget.map_or(at, |b| b.min(at));
+        self.budget = Some(budget);
+        Some(budget)
+    }
+
+    /// Whether a connection that has spent `spent` should be replaced before sending a
+    /// request of `len` bytes (and reading an answer of a segment or so).
+    pub(crate) fn over_budget(&self, spent: Spent, len: usize) -> bool {
+        let Some(budget) = self.budget else { return false };
+        spent.after(len).after(postern_net::SEGMENT).packets >= budget
+            || spent.bytes_in + postern_net::SEGMENT as u64 > BUDGET_BYTES_IN
+    }
+}
+
+/// Every door's state in this process.
+#[derive(Debug, Default)]
+pub(crate) struct DoorBook(HashMap<DoorKey, DoorState>);
+
+impl DoorBook {
+    pub(crate) fn get(&mut self, key: &DoorKey) -> &mut DoorState {
+        self.0.entry(key.clone()).or_default()
+    }
+
+    pub(crate) fn known(&self, key: &DoorKey) -> bool {
+        self.0.contains_key(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_freeze_wait_follows_the_rtt_within_bounds_and_backs_off() {
+        let mut d = DoorState::default();
+        assert_eq!(d.freeze_wait(0), MIN_WAIT);
+        d.sample(Duration::from_millis(100));
+        assert_eq!(d.freeze_wait(0), MIN_WAIT, "4 × 100 ms is below the minimum");
+        for _ in 0..50 {
+            d.sample(Duration::from_secs(1));
+        }
+        let wait = d.freeze_wait(0);
+        assert!(wait > Duration::from_millis(3_900) && wait <= Duration::from_secs(4), "{wait:?}");
+        assert!(d.freeze_wait(1) > wait);
+        assert_eq!(d.freeze_wait(10), MAX_WAIT);
+    }
+
+    #[test]
+    fn new_connections_are_capped_per_minute() {
+        let mut d = DoorState::default();
+        let t0 = Instant::now();
+        for _ in 0..NEW_PER_MINUTE {
+            assert!(d.may_open(t0));
+            d.opened(t0);
+        }
+        assert!(!d.may_open(t0 + Duration::from_secs(59)));
+        assert_eq!(d.next_slot(), Some(t0 + Duration::from_secs(60)));
+        assert!(d.may_open(t0 + Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn a_freeze_sets_a_budget_below_where_it_happened() {
+        let mut d = DoorState::default();
+        let fresh = Spent::new();
+        assert!(!d.over_budget(fresh, 1_000), "no budget before a freeze");
+        let mut spent = fresh;
+        for _ in 0..10 {
+            spent = spent.after(300);
+        }
+        let budget = d.froze(spent).unwrap();
+        assert_eq!(budget, spent.packets);
+        assert!(d.over_budget(spent, 300));
+        assert!(!d.over_budget(Spent::new(), 300));
+        // A later freeze lower down lowers it; a higher one does not raise it.
+        assert_eq!(d.froze(Spent::new()), Some(MIN_BUDGET));
+        assert_eq!(d.froze(spent), Some(MIN_BUDGET));
+        // A connection that carried far more was not stopped by a packet count.
+        let mut long = spent;
+        for _ in 0..100 {
+            long = long.after(300);
+        }
+        let mut fresh_door = DoorState::default();
+        assert_eq!(fresh_door.froze(long), None);
+        assert_eq!(fresh_door.budget, None);
+    }
+}
