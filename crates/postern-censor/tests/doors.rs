@@ -302,3 +302,31 @@ fn ru_2025_06_freezes_connections_and_rotation_gets_through() {
     assert!(frozen >= 1 && detected >= 1, "nothing froze: the profile did not bite");
     assert!(detected <= 6, "{detected} requests froze: the budget was not learned\n{log}");
 }
+
+#[test]
+fn whitelist_mode_without_a_domestic_relay_is_reported_and_messages_wait() {
+    if !root() {
+        return;
+    }
+    let scene = Scene::up("ru-whitelist");
+    let server = scene.server_link.clone();
+    let foreign = scene.foreign.clone();
+    // A whitelisted site answers (the domestic relay's website stands in for it; Alice has
+    // no link to that relay).
+    let reference = "bank.example:443";
+    let init = ["init", "--name", "Alice", "--server", &server, "--relay", &foreign];
+    assert!(scene.postern("alice", &init).is_err(), "nothing gets through");
+    let started = std::time::Instant::now();
+    let status = &scene.ok("alice", &["status", "--reference", reference])[0];
+    let took = started.elapsed();
+    assert_eq!(status["whitelist_mode"], true, "{status}");
+    assert_eq!(status["reference"], reference);
+    assert!(took < std::time::Duration::from_secs(30), "took {took:?}");
+    assert!(status["doors"].as_array().unwrap().iter().all(|d| d["ok"] == false), "{status}");
+    // Syncing neither crashes nor hangs: it fails after trying every door, and what waits
+    // (here her identity's publication) stays for later.
+    let started = std::time::Instant::now();
+    let err = scene.postern("alice", &["sync"]).unwrap_err();
+    assert!(err.contains("cannot reach the server"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+}

@@ -107,6 +107,28 @@ pub(crate) fn opened(db: &Connection, server: &str, relay: Option<i64>) -> Resul
     Ok(())
 }
 
+/// What waits to be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Queued {
+    /// Messages not yet acknowledged by the server.
+    pub messages: u64,
+    /// Requests in the outbox (messages, commits, drops, ...).
+    pub requests: u64,
+}
+
+/// What waits to be sent.
+pub(crate) fn queued(db: &Connection) -> Result<Queued, ClientError> {
+    let messages: i64 = db
+        .query_row("SELECT count(*) FROM messages WHERE state = 'queued'", [], |r| r.get(0))
+        .map_err(db_err)?;
+    let requests: i64 =
+        db.query_row("SELECT count(*) FROM outbox", [], |r| r.get(0)).map_err(db_err)?;
+    Ok(Queued {
+        messages: u64::try_from(messages).unwrap_or(0),
+        requests: u64::try_from(requests).unwrap_or(0),
+    })
+}
+
 /// The packet budget learned for a door (named by the driver), if a freeze was seen there.
 pub(crate) fn budget(db: &Connection, door: &str) -> Result<Option<u32>, ClientError> {
     db.query_row("SELECT packets FROM door_budgets WHERE door = ?1", params![door], |r| r.get(0))

@@ -679,6 +679,11 @@ impl Client {
         self.step(|ctx| doors::opened(ctx.db, &server.to_link_string(), relay))
     }
 
+    /// What waits to be sent.
+    pub fn queued(&self) -> Result<doors::Queued, ClientError> {
+        doors::queued(self.store.conn())
+    }
+
     /// The packet budget learned for a door (see the driver's transport engine).
     pub fn door_budget(&self, door: &str) -> Result<Option<u32>, ClientError> {
         doors::budget(self.store.conn(), door)

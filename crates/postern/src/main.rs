@@ -96,6 +96,13 @@ enum Command {
     /// Relays you go through when your server cannot be reached directly.
     #[command(subcommand)]
     Relays(RelaysCommand),
+    /// Which ways to your server work now, which failed and why, and what is queued.
+    Status {
+        /// A domestic address (HOST:PORT) that a whitelist lets through, to tell whitelist
+        /// mode from an outage; repeat for several [default: a few well-known sites].
+        #[arg(long = "reference", value_name = "HOST:PORT")]
+        references: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -198,6 +205,13 @@ impl Command {
                 GroupCommand::Remove { chat, contact } => C::GroupRemove { chat, contact },
                 GroupCommand::Leave { chat } => C::GroupLeave { chat },
                 GroupCommand::Members { chat } => C::GroupMembers { chat },
+            },
+            Command::Status { references } => C::Status {
+                references: if references.is_empty() {
+                    client::DEFAULT_REFERENCES.iter().map(|r| (*r).to_owned()).collect()
+                } else {
+                    references
+                },
             },
             Command::Relays(r) => match r {
                 RelaysCommand::Add { link } => C::RelaysAdd { link },

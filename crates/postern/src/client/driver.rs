@@ -34,6 +34,19 @@ enum Outcome {
     Refused(ErrorCode),
 }
 
+/// How one door to a server did when tried (`postern status`).
+pub(crate) struct DoorReport {
+    pub(crate) door: Door,
+    /// The relay's id, `None` for the direct door.
+    pub(crate) relay: Option<i64>,
+    /// The time to a session and a ping, or why it failed.
+    pub(crate) result: Result<Duration, NetError>,
+    /// The packet budget learned for it.
+    pub(crate) budget: Option<u32>,
+    /// Whether it is the door that opened last.
+    pub(crate) last: bool,
+}
+
 /// Why a request got no answer.
 enum Failure {
     /// No door opened: sending again now would not help.
@@ -251,6 +264,42 @@ impl Driver {
                 )))
             }
         }
+    }
+
+    /// Tries every door to `link` at once (a session and a ping each, up to `wait`) and
+    /// reports how each went, with what the engine knows of it.
+    pub(crate) async fn probe_doors(
+        &mut self,
+        link: &ServerLink,
+        wait: Duration,
+    ) -> Result<Vec<DoorReport>> {
+        let doors = self.doors(link)?;
+        let last = self.client.last_door(link)?;
+        let tries = doors.iter().map(|(_, door)| async move {
+            let started = Instant::now();
+            let tried = tokio::time::timeout(wait, async {
+                let mut conn = match door {
+                    Door::Direct => Connection::connect(link).await?,
+                    Door::Relay(relay) => Connection::connect_via(relay, link).await?,
+                };
+                conn.request(Request::Ping, None).await?;
+                conn.close().await;
+                Ok::<_, NetError>(())
+            })
+            .await;
+            match tried {
+                Ok(Ok(())) => Ok(started.elapsed()),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(NetError::Timeout),
+            }
+        });
+        let results = futures_util::future::join_all(tries).await;
+        let mut reports = Vec::new();
+        for ((relay, door), result) in doors.into_iter().zip(results) {
+            let budget = self.door(&Self::door_key(link, relay))?.budget;
+            reports.push(DoorReport { door, relay, result, budget, last: last == Some(relay) });
+        }
+        Ok(reports)
     }
 
     /// Closes every connection politely.

@@ -128,6 +128,7 @@ pub(crate) enum Command {
     RelaysList,
     RelaysRemove { id: i64 },
     RelaysShare { id: i64, qr: bool },
+    Status { references: Vec<String> },
 }
 
 /// How long a command waits for another short-lived process to release the home.
@@ -319,6 +320,7 @@ pub(crate) async fn execute(
                 }
             }
         }
+        Command::Status { references } => status(driver, references, json, out).await?,
         Command::RelaysShare { id, qr } => {
             let relays = driver.client.relays_to_share_one(*id)?;
             let Some(link) = relays else {
@@ -751,4 +753,87 @@ pub(crate) fn print_events(out: &mut Vec<u8>, events: &[Event], json: bool) -> R
 pub(crate) fn listen(home: &Path, json: bool) -> Result<()> {
     let client = Client::open(home, key_source())?;
     runtime()?.block_on(control::listen(Driver::new(client), home, json))
+}
+
+/// How long `status` gives each door.
+const STATUS_WAIT: Duration = Duration::from_secs(10);
+/// How long `status` gives each domestic reference address.
+const REFERENCE_WAIT: Duration = Duration::from_secs(3);
+/// Domestic sites a whitelist lets through, to tell whitelist mode from an outage.
+pub(crate) const DEFAULT_REFERENCES: &[&str] = &["ya.ru:443", "gosuslugi.ru:443", "vk.com:443"];
+
+/// `postern status`: every door to the home server tried at once, what is queued, and
+/// whether this network looks like whitelist mode (no door answers, every one timed out, but
+/// a domestic reference address does).
+async fn status(
+    driver: &mut Driver,
+    references: &[String],
+    json: bool,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let server = driver.client.server().clone();
+    let reports = driver.probe_doors(&server, STATUS_WAIT).await?;
+    let queued = driver.client.queued()?;
+    let all_silent = !reports.is_empty()
+        && reports.iter().all(|r| matches!(r.result, Err(postern_net::NetError::Timeout)));
+    let reference = if all_silent { reachable_reference(references).await } else { None };
+    let whitelist = reference.is_some();
+    if json {
+        let doors: Vec<_> = reports
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "door": r.door.to_string(),
+                    "relay": r.relay,
+                    "ok": r.result.is_ok(),
+                    "ms": r.result.as_ref().ok().map(|d| d.as_millis()),
+                    "error": r.result.as_ref().err().map(ToString::to_string),
+                    "budget_packets": r.budget,
+                    "last_used": r.last,
+                })
+            })
+            .collect();
+        let line = serde_json::json!({
+            "event": "status",
+            "server": server.addrs,
+            "doors": doors,
+            "queued": { "messages": queued.messages, "requests": queued.requests },
+            "whitelist_mode": whitelist,
+            "reference": reference,
+        });
+        writeln!(out, "{line}")?;
+        return Ok(());
+    }
+    writeln!(out, "Server {}", server.addrs.join(", "))?;
+    for r in &reports {
+        let how = match &r.result {
+            Ok(d) => format!("works ({} ms)", d.as_millis()),
+            Err(e) => format!("failed: {e}"),
+        };
+        let budget = r.budget.map(|b| format!("; {b} packets per connection")).unwrap_or_default();
+        let last = if r.last { "; used last" } else { "" };
+        writeln!(out, "  {:<32} {how}{budget}{last}", r.door.to_string())?;
+    }
+    writeln!(out, "Queued: {} messages, {} requests", queued.messages, queued.requests)?;
+    if let Some(reference) = reference {
+        writeln!(
+            out,
+            "This network lets only some domestic addresses through (whitelist mode: {reference} \
+             answers, your server and relays do not). Messages stay queued until a door works; \
+             a relay inside the country would get through."
+        )?;
+    } else if reports.iter().all(|r| r.result.is_err()) {
+        writeln!(out, "No door works now; messages stay queued and go out when one does.")?;
+    }
+    Ok(())
+}
+
+/// The first reference address a TCP connection reaches, trying them all at once.
+async fn reachable_reference(references: &[String]) -> Option<String> {
+    let tries = references.iter().map(|r| async move {
+        let connected =
+            tokio::time::timeout(REFERENCE_WAIT, tokio::net::TcpStream::connect(r.as_str())).await;
+        matches!(connected, Ok(Ok(_))).then(|| r.clone())
+    });
+    futures_util::future::join_all(tries).await.into_iter().flatten().next()
 }

@@ -51,6 +51,18 @@ async fn people_talk_through_a_relay_and_a_chain_when_the_server_is_blocked() {
     assert_eq!(added[0]["new"], true);
     ok(&bob, &["sync"]);
 
+    // Alice's status: the direct door fails (nobody listens there), her relay works.
+    let status = &ok(&alice, &["status"])[0];
+    let doors = status["doors"].as_array().unwrap();
+    assert_eq!(doors.len(), 2, "{status}");
+    let direct = doors.iter().find(|d| d["door"] == "direct").unwrap();
+    let relay = doors.iter().find(|d| d["relay"].is_i64()).unwrap();
+    assert_eq!(direct["ok"], false, "{status}");
+    assert!(direct["error"].as_str().unwrap().contains("refused"), "{status}");
+    assert_eq!((relay["ok"].as_bool(), relay["last_used"].as_bool()), (Some(true), Some(true)));
+    assert_eq!(status["whitelist_mode"], false);
+    assert_eq!(status["queued"]["messages"], 0);
+
     // Alice goes through the exit relay, Bob through the ingress relay and then the exit.
     let link =
         ok_with(&alice, &["invite", "--once"], &from_alice)[0]["link"].as_str().unwrap().to_owned();
@@ -97,6 +109,9 @@ async fn people_talk_through_a_relay_and_a_chain_when_the_server_is_blocked() {
     assert!(ok(&bob, &["relays", "list"]).is_empty());
     let out = crate::chat::run(&bob, &["send", "Alice", "queued"]);
     assert!(!out.status.success());
+    let status = &ok(&bob, &["status"])[0];
+    assert_eq!(status["queued"]["messages"], 1, "{status}");
+    assert_eq!(status["whitelist_mode"], false, "refused is not whitelist mode");
 }
 
 #[tokio::test]
