@@ -1,10 +1,11 @@
 //! `censord`: the [`Engine`] on NFQUEUE, run inside the censor namespace. It binds the
 //! queue, then sends every forwarded packet to it with iptables (`-j NFQUEUE` without
 //! `--queue-bypass`: if the daemon dies, traffic stops rather than flowing uncensored),
-//! prints `ready`, and gives verdicts until its stdin closes. It writes its report (the
+//! prints `ready`, and gives verdicts until its stdin closes; a line `block CIDR` on stdin
+//! adds a range to the block list while it runs. It writes its report (the
 //! profile and every flow) to a JSON file every 100 ms while it changes, and at the end.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::dns::Zone;
-use crate::engine::{AddrMap, Engine, Flow, Verdict};
+use crate::engine::{AddrMap, Cidr, Engine, Flow, Verdict};
 
 /// The national resolver's address, on the censor router.
 pub const RESOLVER: &str = "10.0.1.1:53";
@@ -96,10 +97,18 @@ pub fn run(profile: Profile, report: &Path, queue_num: u16) -> Result<()> {
     iptables(&["-I", "FORWARD", "-j", "NFQUEUE", "--queue-num", &num])?;
     let link_report = |lost| link.as_ref().map(|l| (l.seed, lost));
     write_report(report, &name, link_report(lost), &engine)?;
+    // Commands on stdin, one a line: `block CIDR` adds a range to the block list (a door
+    // killed mid-run). End of input stops the censor.
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
+    let (commands, commanded) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
-        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        for line in std::io::stdin().lines() {
+            let Ok(line) = line else { break };
+            if commands.send(line).is_err() {
+                break;
+            }
+        }
         flag.store(true, Ordering::SeqCst);
     });
     writeln!(std::io::stdout(), "ready")?;
@@ -150,6 +159,12 @@ pub fn run(profile: Profile, report: &Path, queue_num: u16) -> Result<()> {
         while held.front().is_some_and(|(due, _)| *due <= now) {
             if let Some((_, msg)) = held.pop_front() {
                 queue.verdict(msg)?;
+            }
+        }
+        while let Ok(command) = commanded.try_recv() {
+            match command.split_once(' ') {
+                Some(("block", range)) => engine.block(Cidr::parse(range.trim())?),
+                _ => anyhow::bail!("unknown command on stdin: {command:?}"),
             }
         }
         while let Ok(finding) = findings.try_recv() {

@@ -252,6 +252,12 @@ impl Engine {
         self.order.iter().filter_map(|k| self.flows.get(k)).cloned().collect()
     }
 
+    /// Adds an address range to the block list (M1) while running: flows to it are cut from
+    /// their next packet.
+    pub fn block(&mut self, range: Cidr) {
+        self.blocked.push(range);
+    }
+
     /// Servers the prober should visit now.
     pub fn take_probe_requests(&mut self) -> Vec<prober::Request> {
         std::mem::take(&mut self.probe_queue)
@@ -646,6 +652,15 @@ mod tests {
                 Verdict::Accept
             );
         }
+    }
+
+    #[test]
+    fn an_address_blocked_while_running_cuts_its_open_flows() {
+        let mut e = engine("open");
+        assert_eq!(e.packet(&tcp(true, FOREIGN, 1, true, &[]), 0), Verdict::Accept);
+        e.block(Cidr::parse("10.0.2.2/32").unwrap());
+        assert_eq!(e.packet(&tcp(true, FOREIGN, 2, false, &[1]), 0), Verdict::Drop);
+        assert_eq!(e.packet(&tcp(true, [10, 0, 3, 2], 1, true, &[]), 0), Verdict::Accept);
     }
 
     #[test]

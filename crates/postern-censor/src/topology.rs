@@ -199,6 +199,16 @@ impl Lab {
         Ok(line.trim().to_owned())
     }
 
+    /// Writes a line to the stdin of the `nth` program started with [`start`](Self::start)
+    /// (from 0, in the order they were started): `block CIDR` to the censor daemon, say.
+    pub fn tell(&mut self, nth: usize, line: &str) -> Result<()> {
+        use std::io::Write;
+        let child = self.children.get_mut(nth).context("no such program")?;
+        let stdin = child.stdin.as_mut().context("its stdin is closed")?;
+        writeln!(stdin, "{line}").context("write to its stdin")?;
+        stdin.flush().context("flush its stdin")
+    }
+
     /// Stops the programs started with [`start`](Self::start), newest first: closes their
     /// stdin (the censor daemon writes its report then) and waits up to 5 s before killing.
     pub fn stop_all(&mut self) {

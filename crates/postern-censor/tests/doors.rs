@@ -49,6 +49,7 @@ struct Scene {
     server_link: String,
     foreign: String,
     domestic: String,
+    cdn: String,
     /// Every client command's log (the transport engine's decisions).
     client_log: std::cell::RefCell<String>,
 }
@@ -117,7 +118,24 @@ impl Scene {
             &lab.start(Host::Domestic, &[&quiet[..], &["relay", "--config", config]].concat())
                 .unwrap(),
         );
-        Scene { lab, dir, report, server_link, foreign, domestic, client_log: Default::default() }
+        // A second foreign relay, on the CDN's address.
+        let listen = format!("{}:443", addr::CDN);
+        let config = relay_config(dir.path(), "cdn", &listen, "cdn.example", &servers);
+        let config = config.to_str().unwrap();
+        let cdn = link_of(
+            &lab.start(Host::Foreign, &[&quiet[..], &["relay", "--config", config]].concat())
+                .unwrap(),
+        );
+        Scene {
+            lab,
+            dir,
+            report,
+            server_link,
+            foreign,
+            domestic,
+            cdn,
+            client_log: Default::default(),
+        }
     }
 
     /// Runs `postern --json --home HOME args…` on the client host; its JSON lines, or the
@@ -159,13 +177,21 @@ impl Scene {
     /// [`talk`](Self::talk) with messages of 100 B to about `max` bytes.
     fn talk_sized(&self, relays: Relays, n: usize, max: usize) -> (Vec<String>, Vec<String>) {
         let relay = match relays {
-            Relays::None => None,
-            Relays::Foreign => Some(self.foreign.as_str()),
-            Relays::Domestic => Some(self.domestic.as_str()),
+            Relays::None => vec![],
+            Relays::Foreign => vec![self.foreign.as_str()],
+            Relays::Domestic => vec![self.domestic.as_str()],
         };
+        self.start_chat(&relay);
+        self.exchange(0..n, max);
+        self.read_all()
+    }
+
+    /// Alice and Bob make their identities, holding `relays`, and Bob connects with
+    /// Alice's invite.
+    fn start_chat(&self, relays: &[&str]) {
         for name in ["Alice", "Bob"] {
             let mut args = vec!["init", "--name", name, "--server", &self.server_link];
-            if let Some(relay) = relay {
+            for relay in relays {
                 args.extend(["--relay", relay]);
             }
             self.ok(&name.to_lowercase(), &args);
@@ -174,12 +200,20 @@ impl Scene {
             self.ok("alice", &["invite", "--once"])[0]["link"].as_str().unwrap().to_owned();
         assert_eq!(self.ok("bob", &["connect", &invite])[0]["event"], "connected");
         self.ok("alice", &["sync"]);
-        for i in 0..n {
+    }
+
+    /// Messages `range` each way, of 100 B to about `max` bytes.
+    fn exchange(&self, range: std::ops::Range<usize>, max: usize) {
+        for i in range {
             let size = 100 + (i * 997) % max;
             let text = format!("{i:04} {}", "x".repeat(size));
             self.ok("alice", &["send", "Bob", &format!("from alice {text}")]);
             self.ok("bob", &["send", "Alice", &format!("from bob {text}")]);
         }
+    }
+
+    /// What Bob read from Alice and Alice from Bob (the first words of each message).
+    fn read_all(&self) -> (Vec<String>, Vec<String>) {
         let read = |home: &str, from: &str| -> Vec<String> {
             self.ok(home, &["read", from])
                 .iter()
@@ -329,4 +363,32 @@ fn whitelist_mode_without_a_domestic_relay_is_reported_and_messages_wait() {
     let err = scene.postern("alice", &["sync"]).unwrap_err();
     assert!(err.contains("cannot reach the server"), "{err}");
     assert!(started.elapsed() < std::time::Duration::from_secs(60));
+}
+
+#[test]
+fn a_door_blocked_mid_run_is_left_within_30_s_and_nothing_is_lost() {
+    if !root() {
+        return;
+    }
+    let mut scene = Scene::up("ru-2024");
+    let (foreign, cdn) = (scene.foreign.clone(), scene.cdn.clone());
+    scene.start_chat(&[&foreign, &cdn]);
+    scene.exchange(0..3, 600);
+    // The censor blocks the relay the clients use (the censor daemon is the lab's first
+    // program).
+    scene.lab.tell(0, &format!("block {}/32", addr::FOREIGN)).unwrap();
+    let started = std::time::Instant::now();
+    scene.exchange(3..4, 600);
+    let moved = started.elapsed();
+    assert!(moved < std::time::Duration::from_secs(30), "took {moved:?} to move");
+    scene.exchange(4..N, 600);
+    let (bob_read, alice_read) = scene.read_all();
+    assert_eq!(bob_read, expected("alice", N));
+    assert_eq!(alice_read, expected("bob", N));
+    let report = scene.report();
+    let cut =
+        flows_to(&report, addr::FOREIGN).iter().filter(|f| f["blocked"] == "ip-block").count();
+    let through_cdn = flows_to(&report, addr::CDN).len();
+    eprintln!("moved to the other relay in {moved:?}; {cut} flows cut, {through_cdn} through it");
+    assert!(cut >= 1 && through_cdn >= 1);
 }
