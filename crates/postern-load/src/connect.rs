@@ -6,7 +6,6 @@ use std::time::Instant;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, ValueEnum};
 use futures_util::StreamExt;
-use postern_net::Connection;
 
 use crate::server::{ProcStats, Target};
 use crate::{Measured, round};
@@ -51,6 +50,9 @@ pub(crate) async fn run(target: &Target, args: ConnectArgs) -> Result<Measured> 
     if resume && !matches!(what, What::TlsGet) {
         bail!("--resume needs --what tls-get (tickets arrive after the handshake)");
     }
+    if target.relay.is_some() && !matches!(what, What::Session) {
+        bail!("through a relay, only whole sessions are measured (--what session)");
+    }
     let link = &target.link;
     let addr = link.addrs.first().ok_or_else(|| anyhow!("the link has no address"))?.clone();
     let name = rustls::pki_types::ServerName::try_from(link.tls_name())?;
@@ -67,7 +69,9 @@ pub(crate) async fn run(target: &Target, args: ConnectArgs) -> Result<Measured> 
     let before = target.stats()?;
     let own_before = ProcStats::own()?;
     let started = Instant::now();
-    let results: Vec<Result<(Option<String>, bool)>> = futures_util::stream::iter(0..count)
+    // Per connection: key-exchange group, resumed, client bytes on the wire (out, in).
+    type One = (Option<String>, bool, Option<(u64, u64)>);
+    let results: Vec<Result<One>> = futures_util::stream::iter(0..count)
         .map(|_| {
             let (connector, name, addr) = (connector.clone(), name.clone(), addr.clone());
             let one = async move {
@@ -75,12 +79,17 @@ pub(crate) async fn run(target: &Target, args: ConnectArgs) -> Result<Measured> 
                     What::Tls => {
                         let tcp = tokio::net::TcpStream::connect(&addr).await?;
                         let tls = connector.connect(name, tcp).await?;
-                        Ok((group_of(&tls), false))
+                        Ok((group_of(&tls), false, None))
                     }
-                    What::TlsGet => tls_get(&connector, &name, &addr).await,
+                    What::TlsGet => {
+                        let (group, resumed) = tls_get(&connector, &name, &addr).await?;
+                        Ok((group, resumed, None))
+                    }
                     What::Session => {
-                        Connection::connect(link).await?.close().await;
-                        Ok((None, false))
+                        let conn = target.open().await?;
+                        let bytes = conn.wire_bytes();
+                        conn.close().await;
+                        Ok((None, false, bytes))
                     }
                 }
             };
@@ -98,11 +107,13 @@ pub(crate) async fn run(target: &Target, args: ConnectArgs) -> Result<Measured> 
     let after = target.stats()?;
     let own_after = ProcStats::own()?;
     let (mut group, mut failed, mut resumed, mut first_error) = (None, 0, 0, None);
+    let mut wire: Vec<(u64, u64)> = Vec::new();
     for r in results {
         match r {
-            Ok((g, r)) => {
+            Ok((g, r, bytes)) => {
                 group = group.or(g);
                 resumed += usize::from(r);
+                wire.extend(bytes);
             }
             Err(e) => {
                 failed += 1;
@@ -133,6 +144,9 @@ pub(crate) async fn run(target: &Target, args: ConnectArgs) -> Result<Measured> 
         "server_cpu_us_each": round(server_us, 0),
         "tool_cpu_secs": round(own_after.cpu_secs - own_before.cpu_secs, 2),
         "key_exchange_group": group,
+        // A session's set-up as the client's kernel counted it (TCP payload both ways).
+        "client_setup_bytes_out": median(wire.iter().map(|w| w.0)),
+        "client_setup_bytes_in": median(wire.iter().map(|w| w.1)),
         "certificate_key": "ECDSA P-256 (the server's self-signed certificate)",
     });
     let summary = format!(
@@ -143,6 +157,13 @@ pub(crate) async fn run(target: &Target, args: ConnectArgs) -> Result<Measured> 
         return Err(anyhow!("every connection failed")).context(summary);
     }
     Ok((json, summary))
+}
+
+/// The median of some counts, if any.
+fn median(values: impl Iterator<Item = u64>) -> Option<u64> {
+    let mut v: Vec<u64> = values.collect();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied()
 }
 
 fn group_of(tls: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> Option<String> {

@@ -19,7 +19,6 @@ use postern_net::{Connection, NetError};
 use postern_proto::envelope::Envelope;
 use postern_proto::frame::{Body, Push, Request, Response, ServerFrame};
 use postern_proto::ids::{IdemKey, LogId};
-use postern_proto::link::ServerLink;
 use tokio::sync::mpsc;
 
 use crate::server::{ProcStats, Target};
@@ -157,8 +156,7 @@ async fn run(target: &Target, logs: usize, receivers: usize, load: LoadArgs) -> 
         all_envelopes.push(p.await?);
     }
     // Connections: senders create their logs, receivers subscribe.
-    let link = &target.link;
-    let senders = open_all(link, logs).await?;
+    let senders = open_all(target, logs).await?;
     let mut senders_ready = Vec::new();
     for (mut conn, plan) in senders.into_iter().zip(&plans) {
         let public = postern_proto::ids::public_key(&plan.key);
@@ -178,7 +176,7 @@ async fn run(target: &Target, logs: usize, receivers: usize, load: LoadArgs) -> 
         }
         senders_ready.push(conn);
     }
-    let mut receiver_conns = open_all(link, logs * receivers).await?;
+    let mut receiver_conns = open_all(target, logs * receivers).await?;
     for (i, conn) in receiver_conns.iter_mut().enumerate() {
         let log = plans[i / receivers].log;
         conn.request(Request::Subscribe { log, after: 0 }, None)
@@ -287,8 +285,8 @@ async fn run(target: &Target, logs: usize, receivers: usize, load: LoadArgs) -> 
 }
 
 /// Opens `n` sessions, `SETUP_CONCURRENCY` at a time.
-pub(crate) async fn open_all(link: &ServerLink, n: usize) -> Result<Vec<Connection>> {
-    futures_util::stream::iter((0..n).map(|_| Connection::connect(link)))
+pub(crate) async fn open_all(target: &Target, n: usize) -> Result<Vec<Connection>> {
+    futures_util::stream::iter((0..n).map(|_| target.open()))
         .buffered(SETUP_CONCURRENCY)
         .collect::<Vec<_>>()
         .await

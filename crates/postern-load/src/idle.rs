@@ -40,7 +40,7 @@ pub(crate) async fn run(target: &Target, args: IdleArgs) -> Result<Measured> {
     }
     let settle = Duration::from_secs(settle);
     // The logs, created by one setup session that then closes.
-    let mut setup = Connection::connect(&target.link).await.context("setup session")?;
+    let mut setup = target.open().await.context("setup session")?;
     let mut logs = Vec::new();
     for _ in 0..LOGS {
         let key = ed25519_dalek::SigningKey::from_bytes(&random());
@@ -59,7 +59,7 @@ pub(crate) async fn run(target: &Target, args: IdleArgs) -> Result<Measured> {
     let logs = &logs;
     let held: Vec<Connection> = futures_util::stream::iter(0..sessions)
         .map(|i| async move {
-            let mut conn = Connection::connect(&target.link).await?;
+            let mut conn = target.open().await?;
             for j in 0..subscriptions {
                 let log = logs[(i + j) % LOGS];
                 conn.request(Request::Subscribe { log, after: 0 }, None).await?;

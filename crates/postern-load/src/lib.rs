@@ -46,6 +46,9 @@ pub struct BenchArgs {
     /// Stop the run after this many seconds, whatever its counts say.
     #[arg(long, default_value_t = 110)]
     time_limit: u64,
+    /// Go through a relay started for the run in front of the server (what a door costs).
+    #[arg(long)]
+    relay: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -77,7 +80,7 @@ pub async fn run(args: BenchArgs, postern: PathBuf) -> Result<Report> {
 }
 
 async fn run_inner(args: BenchArgs, postern: PathBuf) -> Result<Report> {
-    let (target, _spawned) = match (&args.link, args.server_pid) {
+    let (mut target, _spawned) = match (&args.link, args.server_pid) {
         (Some(link), Some(pid)) => {
             let link = ServerLink::parse(link).context("--link")?;
             (server::Target::attach(link, pid)?, None)
@@ -88,6 +91,13 @@ async fn run_inner(args: BenchArgs, postern: PathBuf) -> Result<Report> {
         }
         _ => bail!("--link and --server-pid go together"),
     };
+    let _relay = if args.relay {
+        let relay = server::SpawnedRelay::start(&postern, &target.link).await?;
+        target.relay = Some(relay.link.clone());
+        Some(relay)
+    } else {
+        None
+    };
     let (name, (mut json, summary)) = match args.mode {
         Mode::Throughput(a) => ("throughput", flow::throughput(&target, a).await?),
         Mode::Fanout(a) => ("fanout", flow::fanout(&target, a).await?),
@@ -97,6 +107,7 @@ async fn run_inner(args: BenchArgs, postern: PathBuf) -> Result<Report> {
     if let Some(obj) = json.as_object_mut() {
         obj.insert("mode".into(), name.into());
         obj.insert("server_pid".into(), target.pid.into());
+        obj.insert("door".into(), if target.relay.is_some() { "relay" } else { "direct" }.into());
     }
     Ok(Report { json, summary: format!("{name}: {summary}") })
 }

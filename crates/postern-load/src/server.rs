@@ -6,7 +6,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use postern_proto::link::ServerLink;
+use postern_net::{Connection, NetError};
+use postern_proto::link::{RelayLink, ServerLink};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -24,16 +25,17 @@ requests_per_second = 1000000
 request_burst = 1000000
 ";
 
-/// The server a run talks to.
+/// The server a run talks to, and the relay its sessions go through, if any.
 pub(crate) struct Target {
     pub(crate) link: ServerLink,
     pub(crate) pid: u32,
+    pub(crate) relay: Option<RelayLink>,
 }
 
 impl Target {
     /// A server already running; its link must name a loopback address.
     pub(crate) fn attach(link: ServerLink, pid: u32) -> Result<Self> {
-        let target = Target { link, pid };
+        let target = Target { link, pid, relay: None };
         target.check_loopback()?;
         ProcStats::read(pid).context("reading the server's /proc entry")?;
         Ok(target)
@@ -50,6 +52,14 @@ impl Target {
             bail!("the link has no address");
         }
         Ok(())
+    }
+
+    /// A session to the server, through the relay when there is one.
+    pub(crate) async fn open(&self) -> Result<Connection, NetError> {
+        match &self.relay {
+            None => Connection::connect(&self.link).await,
+            Some(relay) => Connection::connect_via(relay, &self.link).await,
+        }
     }
 
     pub(crate) fn stats(&self) -> Result<ProcStats> {
@@ -91,22 +101,14 @@ impl Spawned {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", postern.display()))?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .map_err(|_| anyhow!("the server did not start within 30 s"))??
-            .ok_or_else(|| anyhow!("the server exited at start"))?;
-        let started: serde_json::Value =
-            serde_json::from_str(&line).context("the server's start line")?;
+        let started = first_line(&mut child, "the server").await?;
         let link = started["link"].as_str().ok_or_else(|| anyhow!("no link in the start line"))?;
         let link = ServerLink::parse(link).context("the server's link")?;
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Ok(Spawned { child, link, _dir: dir })
     }
 
     pub(crate) fn target(&self) -> Target {
-        Target { link: self.link.clone(), pid: self.child.id().unwrap_or_default() }
+        Target { link: self.link.clone(), pid: self.child.id().unwrap_or_default(), relay: None }
     }
 }
 
@@ -114,6 +116,60 @@ impl Drop for Spawned {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
     }
+}
+
+/// A relay started for the run in front of the server (the door overhead); stopped when
+/// dropped.
+pub(crate) struct SpawnedRelay {
+    child: Child,
+    pub(crate) link: RelayLink,
+    _dir: tempfile::TempDir,
+}
+
+impl SpawnedRelay {
+    pub(crate) async fn start(postern: &Path, server: &ServerLink) -> Result<Self> {
+        let dir = tempfile::tempdir().context("a data directory for the relay")?;
+        let config = dir.path().join("relay.toml");
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\ndata = \"{}\"\nservers = [\"{}\"]\n\
+             max_connections = 18000\nmax_connections_per_ip = 18000\n\
+             new_connections_per_ip_per_second = 1000000\nnew_connection_burst_per_ip = 1000000\n",
+            dir.path().join("data").display(),
+            server.to_link_string()
+        );
+        std::fs::write(&config, text).context("writing the relay's configuration")?;
+        let mut child = Command::new(postern)
+            .args(["--json", "relay", "--config"])
+            .arg(&config)
+            .env("POSTERN_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", postern.display()))?;
+        let started = first_line(&mut child, "the relay").await?;
+        let link = started["link"].as_str().ok_or_else(|| anyhow!("no link in the start line"))?;
+        let link = RelayLink::parse(link).context("the relay's link")?;
+        Ok(SpawnedRelay { child, link, _dir: dir })
+    }
+}
+
+impl Drop for SpawnedRelay {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// Reads a started process's JSON start line, and keeps draining its stdout.
+async fn first_line(child: &mut Child, what: &str) -> Result<serde_json::Value> {
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .map_err(|_| anyhow!("{what} did not start within 30 s"))??
+        .ok_or_else(|| anyhow!("{what} exited at start"))?;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    serde_json::from_str(&line).with_context(|| format!("{what}'s start line"))
 }
 
 /// CPU time and resident memory of a process, from /proc.

@@ -385,6 +385,14 @@ impl Connection {
         }
     }
 
+    /// Bytes on the wire so far, both ways (TCP payload, TLS and WebSocket framing
+    /// included), as the kernel counts them; `None` where it cannot tell.
+    pub fn wire_bytes(&self) -> Option<(u64, u64)> {
+        let tcp = self.ws.get_ref().get_ref().0;
+        let info = tcp_info_sys::get_tcp_info(std::os::fd::AsRawFd::as_raw_fd(tcp)).ok()?;
+        Some((info.tcpi_bytes_acked, info.tcpi_bytes_received))
+    }
+
     /// This connection's server nonce (signed requests bind it).
     pub fn nonce(&self) -> &[u8; 32] {
         &self.nonce

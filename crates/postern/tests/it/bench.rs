@@ -48,6 +48,15 @@ fn every_bench_mode_runs_and_counts_what_it_measured() {
     assert_eq!(tls["key_exchange_group"], "X25519", "{tls}");
     let sessions = bench(&["connect", "--count", "10", "--what", "session"]);
     assert_eq!(sessions["failed"], 0, "{sessions}");
+    assert!(sessions["client_setup_bytes_in"].as_u64().unwrap() > 500, "{sessions}");
+    // Through a relay started for the run: what a door costs.
+    let relayed = bench(&["--relay", "throughput", "--pairs", "2", "--messages", "20"]);
+    assert_eq!(
+        (relayed["door"].as_str(), relayed["delivered"].as_u64()),
+        (Some("relay"), Some(40))
+    );
+    let relayed = bench(&["--relay", "connect", "--count", "5", "--what", "session"]);
+    assert_eq!((relayed["door"].as_str(), relayed["failed"].as_u64()), (Some("relay"), Some(0)));
     // One at a time: resumed handshakes, each reading the website (and its tickets).
     let resumed =
         bench(&["connect", "--count", "10", "--concurrency", "1", "--what", "tls-get", "--resume"]);
