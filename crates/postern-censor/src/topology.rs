@@ -3,7 +3,7 @@
 //! behind). Addresses exist only inside these namespaces and nothing routes out of them.
 //!
 //! ```text
-//!  client 10.0.1.2 ── censor 10.0.1.1 | 10.0.2.1 10.0.4.1 | 10.0.3.1   (probe 10.0.9.1)
+//!  client 10.0.1.2, 10.0.1.3 ── censor 10.0.1.1 | 10.0.2.1 10.0.4.1 | 10.0.3.1   (probe 10.0.9.1)
 //!                        ├── foreign  10.0.2.2, 10.0.2.66 (IP-blocked), 10.0.4.2 (cdn)
 //!                        └── domestic 10.0.3.2 (domestic-dc), 10.0.3.130 (whitelisted)
 //! ```
@@ -44,6 +44,8 @@ impl Host {
 pub mod addr {
     /// The client.
     pub const CLIENT: &str = "10.0.1.2";
+    /// A second client, on a line of its own (the censor counts per address).
+    pub const CLIENT2: &str = "10.0.1.3";
     /// A foreign hosting server.
     pub const FOREIGN: &str = "10.0.2.2";
     /// A foreign server on the profiles' IP block list.
@@ -97,7 +99,14 @@ impl Lab {
         let p = self.prefix.clone();
         let censor = self.netns(Host::Censor);
         let links = [
-            (Host::Client, "c", "rc", vec!["10.0.1.2/24"], vec!["10.0.1.1/24"], "10.0.1.1"),
+            (
+                Host::Client,
+                "c",
+                "rc",
+                vec!["10.0.1.2/24", "10.0.1.3/24"],
+                vec!["10.0.1.1/24"],
+                "10.0.1.1",
+            ),
             (
                 Host::Foreign,
                 "f",

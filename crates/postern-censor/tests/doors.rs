@@ -140,8 +140,8 @@ impl Scene {
 
     /// Runs `postern --json --home HOME args…` on the client host; its JSON lines, or the
     /// error it printed.
-    fn postern(&self, home: &str, args: &[&str]) -> Result<Vec<Value>, String> {
-        let home = self.dir.path().join(home);
+    fn postern(&self, name: &str, args: &[&str]) -> Result<Vec<Value>, String> {
+        let home = self.dir.path().join(name);
         let out = self
             .lab
             .command(Host::Client, postern().to_str().unwrap())
@@ -152,6 +152,8 @@ impl Scene {
             // The transport engine's decisions are kept in `client_log`.
             .env("POSTERN_LOG", "warn,postern::client::driver=info")
             .env_remove("POSTERN_PASSPHRASE")
+            // Bob is on a line of his own, as two people would be.
+            .env("POSTERN_TEST_SOURCE_IP", if name == "bob" { addr::CLIENT2 } else { addr::CLIENT })
             .output()
             .unwrap();
         self.client_log.borrow_mut().push_str(&String::from_utf8_lossy(&out.stderr));
@@ -165,7 +167,32 @@ impl Scene {
     }
 
     fn ok(&self, home: &str, args: &[&str]) -> Vec<Value> {
-        self.postern(home, args).unwrap_or_else(|e| panic!("postern {}: {e}", args.join(" ")))
+        self.postern(home, args).unwrap_or_else(|e| {
+            panic!("postern {}: {e}\nthe censor so far:\n{}", args.join(" "), self.cut_flows())
+        })
+    }
+
+    /// The flows the censor cut so far, a line each (for failure messages).
+    fn cut_flows(&self) -> String {
+        let report: Value =
+            serde_json::from_slice(&std::fs::read(&self.report).unwrap_or_default())
+                .unwrap_or_default();
+        report["flows"]
+            .as_array()
+            .map(|flows| {
+                flows
+                    .iter()
+                    .filter(|f| !f["blocked"].is_null())
+                    .map(|f| {
+                        format!(
+                            "{} -> {} {} {}",
+                            f["client"], f["server"], f["blocked"], f["packets"]
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .unwrap_or_default()
     }
 
     /// Alice and Bob start from an invite and send `n` messages each way; returns what each
@@ -280,7 +307,7 @@ fn ru_2024_blocks_the_server_and_a_foreign_relay_gets_through() {
     let report = scene.report();
     let cut: Vec<_> = flows_to(&report, addr::FOREIGN_BLOCKED)
         .iter()
-        .filter(|f| f["client"].as_str().is_some_and(|c| c.starts_with(addr::CLIENT)))
+        .filter(|f| f["client"].as_str().is_some_and(|c| c.starts_with("10.0.1.")))
         .map(|f| f["blocked"].clone())
         .collect();
     assert!(!cut.is_empty() && cut.iter().all(|b| b == "ip-block"), "{cut:?}");
@@ -303,7 +330,7 @@ fn whitelist_mode_through_a_domestic_relay_chained_abroad() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|f| f["client"].as_str().is_some_and(|c| c.starts_with(addr::CLIENT)))
+        .filter(|f| f["client"].as_str().is_some_and(|c| c.starts_with("10.0.1.")))
         .filter(|f| f["blocked"].is_null() && f["packets"][1].as_u64().unwrap_or(0) > 0)
         .map(|f| f["server"].as_str().unwrap().to_owned())
         .collect();
@@ -316,6 +343,9 @@ fn ru_2025_06_freezes_connections_and_rotation_gets_through() {
     if !root() {
         return;
     }
+    // Fewer messages than elsewhere: at one or two requests per connection, the clients'
+    // cap of 15 new connections a minute per door is what sets the pace.
+    const N: usize = 5;
     let scene = Scene::up("ru-2025-06");
     let (bob_read, alice_read) = scene.talk_sized(Relays::Foreign, N, 600);
     assert_eq!(bob_read, expected("alice", N));

@@ -22,6 +22,10 @@ CREATE TABLE door_budgets (
     door    TEXT PRIMARY KEY,
     packets INTEGER NOT NULL
 );
+CREATE TABLE door_opens (
+    door TEXT NOT NULL,
+    at   INTEGER NOT NULL
+);
 "#;
 
 fn db_err(e: rusqlite::Error) -> ClientError {
@@ -147,6 +151,32 @@ pub(crate) fn set_budget(db: &Connection, door: &str, packets: u32) -> Result<()
     Ok(())
 }
 
+/// The times (Unix seconds) a door opened connections since `since`.
+pub(crate) fn opens(db: &Connection, door: &str, since: u64) -> Result<Vec<u64>, ClientError> {
+    let since = i64::try_from(since).unwrap_or(i64::MAX);
+    let mut stmt = db
+        .prepare("SELECT at FROM door_opens WHERE door = ?1 AND at >= ?2 ORDER BY at")
+        .map_err(db_err)?;
+    let rows = stmt.query_map(params![door, since], |r| r.get::<_, i64>(0)).map_err(db_err)?;
+    rows.map(|r| r.map(|at| u64::try_from(at).unwrap_or(0)).map_err(db_err)).collect()
+}
+
+/// Records that a door opened a connection at `at` (Unix seconds), forgetting opens
+/// older than `forget_before`.
+pub(crate) fn opened_at(
+    db: &Connection,
+    door: &str,
+    at: u64,
+    forget_before: u64,
+) -> Result<(), ClientError> {
+    let at = i64::try_from(at).unwrap_or(i64::MAX);
+    let forget = i64::try_from(forget_before).unwrap_or(i64::MAX);
+    db.execute("DELETE FROM door_opens WHERE at < ?1", params![forget]).map_err(db_err)?;
+    db.execute("INSERT INTO door_opens (door, at) VALUES (?1, ?2)", params![door, at])
+        .map_err(db_err)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use postern_proto::gate::AccessSecret;
@@ -187,5 +217,12 @@ mod tests {
         set_budget(&db, "relay 1", 20).unwrap();
         set_budget(&db, "relay 1", 18).unwrap();
         assert_eq!(budget(&db, "relay 1").unwrap(), Some(18));
+
+        opened_at(&db, "relay 1", 100, 0).unwrap();
+        opened_at(&db, "relay 1", 150, 0).unwrap();
+        opened_at(&db, "direct x", 150, 0).unwrap();
+        assert_eq!(opens(&db, "relay 1", 120).unwrap(), [150]);
+        opened_at(&db, "relay 1", 200, 140).unwrap();
+        assert_eq!(opens(&db, "relay 1", 0).unwrap(), [150, 200], "older ones forgotten");
     }
 }

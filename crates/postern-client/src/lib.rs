@@ -694,6 +694,22 @@ impl Client {
         self.step(|ctx| doors::set_budget(ctx.db, door, packets))
     }
 
+    /// When a door opened connections since `since` (Unix seconds).
+    pub fn door_opens(&self, door: &str, since: u64) -> Result<Vec<u64>, ClientError> {
+        doors::opens(self.store.conn(), door, since)
+    }
+
+    /// Records that a door opened a connection at `at` (Unix seconds), forgetting opens
+    /// before `forget_before`.
+    pub fn door_opened_at(
+        &mut self,
+        door: &str,
+        at: u64,
+        forget_before: u64,
+    ) -> Result<(), ClientError> {
+        self.step(|ctx| doors::opened_at(ctx.db, door, at, forget_before))
+    }
+
     /// Forgets a relay; whether it was known.
     pub fn remove_relay(&mut self, id: i64) -> Result<bool, ClientError> {
         self.step(|ctx| doors::remove(ctx.db, id))

@@ -69,8 +69,9 @@ pub(crate) async fn run(target: &Target, args: ConnectArgs) -> Result<Measured> 
     let before = target.stats()?;
     let own_before = ProcStats::own()?;
     let started = Instant::now();
-    // Per connection: key-exchange group, resumed, client bytes on the wire (out, in).
-    type One = (Option<String>, bool, Option<(u64, u64)>);
+    // Per connection: key-exchange group, resumed, client bytes on the wire (out, in) and
+    // packets both ways.
+    type One = (Option<String>, bool, Option<(u64, u64, u64)>);
     let results: Vec<Result<One>> = futures_util::stream::iter(0..count)
         .map(|_| {
             let (connector, name, addr) = (connector.clone(), name.clone(), addr.clone());
@@ -87,7 +88,8 @@ pub(crate) async fn run(target: &Target, args: ConnectArgs) -> Result<Measured> 
                     }
                     What::Session => {
                         let conn = target.open().await?;
-                        let bytes = conn.wire_bytes();
+                        let bytes =
+                            conn.wire_bytes().map(|(o, i)| (o, i, u64::from(conn.spent().packets)));
                         conn.close().await;
                         Ok((None, false, bytes))
                     }
@@ -107,7 +109,7 @@ pub(crate) async fn run(target: &Target, args: ConnectArgs) -> Result<Measured> 
     let after = target.stats()?;
     let own_after = ProcStats::own()?;
     let (mut group, mut failed, mut resumed, mut first_error) = (None, 0, 0, None);
-    let mut wire: Vec<(u64, u64)> = Vec::new();
+    let mut wire: Vec<(u64, u64, u64)> = Vec::new();
     for r in results {
         match r {
             Ok((g, r, bytes)) => {
@@ -147,6 +149,7 @@ pub(crate) async fn run(target: &Target, args: ConnectArgs) -> Result<Measured> 
         // A session's set-up as the client's kernel counted it (TCP payload both ways).
         "client_setup_bytes_out": median(wire.iter().map(|w| w.0)),
         "client_setup_bytes_in": median(wire.iter().map(|w| w.1)),
+        "client_setup_packets": median(wire.iter().map(|w| w.2)),
         "certificate_key": "ECDSA P-256 (the server's self-signed certificate)",
     });
     let summary = format!(

@@ -19,6 +19,9 @@ use postern_proto::link::ServerLink;
 
 /// How long a door gets before the next one is tried beside it.
 const DOOR_STAGGER: Duration = Duration::from_secs(2);
+/// The name the store keeps the network's packet budget under: the lowest any door learned,
+/// the default for doors that learned none.
+const NETWORK_BUDGET: &str = "network";
 /// How many times a request is sent again on a fresh connection after its connection froze
 /// or broke.
 const RETRIES: u32 = 2;
@@ -87,8 +90,21 @@ impl Driver {
     /// first time this process sees it.
     fn door(&mut self, key: &DoorKey) -> Result<&mut DoorState> {
         if !self.book.known(key) {
-            let budget = self.client.door_budget(&key.store_name())?;
-            self.book.get(key).budget = budget;
+            let own = self.client.door_budget(&key.store_name())?;
+            let budget = match own {
+                Some(b) => Some(b),
+                None => self.client.door_budget(NETWORK_BUDGET)?,
+            };
+            let now = unix_now();
+            let ages: Vec<Duration> = self
+                .client
+                .door_opens(&key.store_name(), now.saturating_sub(60))?
+                .into_iter()
+                .map(|at| Duration::from_secs(now.saturating_sub(at)))
+                .collect();
+            let state = self.book.get(key);
+            state.budget = budget;
+            state.opened_before(std::time::Instant::now(), ages);
         }
         Ok(self.book.get(key))
     }
@@ -126,11 +142,19 @@ impl Driver {
         let key = link.to_link_string();
         if !self.conns.contains_key(&key) {
             let all = self.doors(link)?;
-            let (ids, doors): (Vec<_>, Vec<_>) = loop {
+            // Doors under their cap are tried at once; if none is, or none of them opens,
+            // the client waits for a capped door's next slot (under a minute) and tries the
+            // doors free by then. Each door is tried once.
+            let mut tried = std::collections::HashSet::new();
+            let mut failures = Vec::new();
+            let opened = loop {
                 let now = Instant::now().into_std();
                 let mut ready = Vec::new();
                 let mut next_slot: Option<std::time::Instant> = None;
                 for (id, door) in &all {
+                    if tried.contains(id) {
+                        continue;
+                    }
                     let state = self.door(&Self::door_key(link, *id))?;
                     if state.may_open(now) {
                         ready.push((*id, door.clone()));
@@ -139,30 +163,37 @@ impl Driver {
                     }
                 }
                 if !ready.is_empty() {
-                    break ready.into_iter().unzip();
+                    let (ids, doors): (Vec<_>, Vec<_>) = ready.into_iter().unzip();
+                    tried.extend(ids.iter().copied());
+                    let started = Instant::now();
+                    match postern_net::connect_any(link, &doors, DOOR_STAGGER).await {
+                        Ok((conn, i)) => break (conn, ids[i], doors[i].clone(), started),
+                        Err(errors) => failures
+                            .extend(errors.into_iter().map(|(i, e)| format!("{}: {e}", doors[i]))),
+                    }
+                    continue;
                 }
-                let slot = next_slot.unwrap_or(now + Duration::from_secs(1));
-                tracing::info!("every door is at its cap of new connections: waiting");
-                tokio::time::sleep_until(Instant::from_std(slot)).await;
-            };
-            let started = Instant::now();
-            let (conn, i) =
-                postern_net::connect_any(link, &doors, DOOR_STAGGER).await.map_err(|errors| {
-                    let why: Vec<String> =
-                        errors.iter().map(|(i, e)| format!("{}: {e}", doors[*i])).collect();
-                    anyhow!(
+                let Some(slot) = next_slot else {
+                    return Err(anyhow!(
                         "cannot reach the server at {} ({})",
                         link.addrs.join(", "),
-                        why.join("; ")
-                    )
-                })?;
-            tracing::debug!(door = %doors[i], "connected");
-            let state = self.door(&Self::door_key(link, ids[i]))?;
+                        failures.join("; ")
+                    ));
+                };
+                tracing::info!("the other doors are at their cap of new connections: waiting");
+                tokio::time::sleep_until(Instant::from_std(slot)).await;
+            };
+            let (conn, relay, opened_door, started) = opened;
+            tracing::debug!(door = %opened_door, "connected");
+            let door = Self::door_key(link, relay);
+            let state = self.door(&door)?;
             state.opened(started.into_std());
             // A session's set-up is about four round trips: a first guess at the RTT.
             state.first_guess(started.elapsed() / 4);
-            self.doors.insert(key.clone(), ids[i]);
-            self.client.door_opened(link, ids[i])?;
+            self.doors.insert(key.clone(), relay);
+            self.client.door_opened(link, relay)?;
+            let now = unix_now();
+            self.client.door_opened_at(&door.store_name(), now, now.saturating_sub(120))?;
             // A new connection starts with no subscriptions and no proved keys.
             self.subscribed.remove(&key);
             self.authed.remove(&key);
@@ -213,9 +244,13 @@ impl Driver {
         attempt: u32,
     ) -> Result<Outcome, Failure> {
         let key = link.to_link_string();
-        let len = wire_len(&request);
+        let (len, answer) = (wire_len(&request), answer_room(&request));
         if let Some(spent) = self.conns.get(&key).map(Connection::spent)
-            && self.current_door(link).map_err(Failure::Unreachable)?.1.over_budget(spent, len)
+            && self
+                .current_door(link)
+                .map_err(Failure::Unreachable)?
+                .1
+                .over_budget(spent, len, answer)
         {
             tracing::debug!(packets = spent.packets, "connection at its budget: replacing it");
             self.conns.remove(&key);
@@ -249,6 +284,16 @@ impl Driver {
             Err(_) => {
                 self.conns.remove(&key);
                 if let Some(budget) = self.book.get(&door).froze(before) {
+                    // The censor on this network froze it: every door without a budget of
+                    // its own gets this one (a fresh door would freeze the same way, and a
+                    // freeze can block the address for a while).
+                    self.book.network_budget(budget);
+                    let network = self.client.door_budget(NETWORK_BUDGET).ok().flatten();
+                    if network.is_none_or(|n| budget < n) {
+                        self.client
+                            .set_door_budget(NETWORK_BUDGET, budget)
+                            .map_err(|e| Failure::Unreachable(e.into()))?;
+                    }
                     tracing::info!(
                         packets = before.packets,
                         budget,
@@ -723,6 +768,24 @@ impl Driver {
         }
         Ok(())
     }
+}
+
+/// The most an answer to `request` is expected to take on the wire: reads can bring a
+/// large bucket (4 KiB is kept for them), everything else a small one.
+fn answer_room(request: &Request) -> usize {
+    match request {
+        Request::KeyPackageClaim { .. }
+        | Request::LogRead { .. }
+        | Request::LogReadPart { .. }
+        | Request::MailboxFetch { .. }
+        | Request::MailboxReadPart { .. } => 4_096,
+        _ => 256,
+    }
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// The bytes a request takes on the wire, about: its padded frame (with a signature), sealed.

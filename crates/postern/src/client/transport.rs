@@ -10,10 +10,15 @@
 //! - **Per-connection budget.** Censors that freeze flows after about 25 packets or 16 KB
 //!   (the Russian "l4-25" block) let a connection carry a few exchanges. Once a door froze,
 //!   its connections are rotated before they reach the packets the frozen one had spent
-//!   when it sent its last request, and before [`BUDGET_BYTES_IN`] received; the budget is kept in the
-//!   client store, so the next command starts under it.
-//! - **New connections per door** are capped at [`NEW_PER_MINUTE`] a minute (censors count
-//!   connections per destination too, and a burst of them is itself a signal).
+//!   when it sent its last request, and before [`BUDGET_BYTES_IN`] received. Since the
+//!   censor sits on the network rather than at one door, the budget also becomes that of
+//!   every door without one (a first freeze can get the address blocked for a while, as the
+//!   Russian "residual" blocking does, so the next door must not freeze too). Budgets are
+//!   kept in the client store, so the next command starts under them.
+//! - **New connections per door** are capped at [`NEW_PER_MINUTE`] a minute once a freeze
+//!   showed a censor on the path (censors count connections per destination too, and a
+//!   burst of them is itself a signal); the times are kept in the client store, so short
+//!   commands one after another share the cap. Without a censor seen, nothing is capped.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -82,8 +87,12 @@ impl DoorState {
         });
     }
 
-    /// Whether the door may open another connection now.
+    /// Whether the door may open another connection now: always, until a freeze showed a
+    /// censor on the path (then its budget is set); after that, within the cap.
     pub(crate) fn may_open(&mut self, now: Instant) -> bool {
+        if self.budget.is_none() {
+            return true;
+        }
         while self.opened.front().is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
         {
             self.opened.pop_front();
@@ -93,13 +102,21 @@ impl DoorState {
 
     /// When [`may_open`](Self::may_open) will be true again.
     pub(crate) fn next_slot(&self) -> Option<Instant> {
-        (self.opened.len() >= NEW_PER_MINUTE)
+        (self.budget.is_some() && self.opened.len() >= NEW_PER_MINUTE)
             .then(|| self.opened.front().map(|t| *t + Duration::from_secs(60)))
             .flatten()
     }
 
     pub(crate) fn opened(&mut self, now: Instant) {
         self.opened.push_back(now);
+    }
+
+    /// Takes in connections opened `ages` ago (by earlier processes on this home).
+    pub(crate) fn opened_before(&mut self, now: Instant, ages: impl IntoIterator<Item = Duration>) {
+        let mut times: Vec<Instant> =
+            ages.into_iter().filter_map(|age| now.checked_sub(age)).collect();
+        times.sort();
+        self.opened = times.into_iter().chain(self.opened.drain(..)).collect();
     }
 
     /// A request went unanswered on a connection that had spent `before` when it was sent.
@@ -118,10 +135,11 @@ impl DoorState {
     }
 
     /// Whether a connection that has spent `spent` should be replaced before sending a
-    /// request of `len` bytes (and reading an answer of a segment or so).
-    pub(crate) fn over_budget(&self, spent: Spent, len: usize) -> bool {
+    /// request of `len` bytes and reading an answer of up to `answer` bytes (and a spare
+    /// acknowledgement).
+    pub(crate) fn over_budget(&self, spent: Spent, len: usize, answer: usize) -> bool {
         let Some(budget) = self.budget else { return false };
-        spent.after(len).after(postern_net::SEGMENT).packets >= budget
+        spent.after(len).after(answer).packets + 1 >= budget
             || spent.bytes_in + postern_net::SEGMENT as u64 > BUDGET_BYTES_IN
     }
 }
@@ -137,6 +155,16 @@ impl DoorBook {
 
     pub(crate) fn known(&self, key: &DoorKey) -> bool {
         self.0.contains_key(key)
+    }
+
+    /// A budget learned through one door becomes the budget of every door that has none:
+    /// the censor that freezes flows sits on this network, not at one door.
+    pub(crate) fn network_budget(&mut self, budget: u32) {
+        for state in self.0.values_mut() {
+            if state.budget.is_none() {
+                state.budget = Some(budget);
+            }
+        }
     }
 }
 
@@ -160,9 +188,14 @@ mod tests {
     }
 
     #[test]
-    fn new_connections_are_capped_per_minute() {
+    fn new_connections_are_capped_per_minute_once_a_censor_was_seen() {
         let mut d = DoorState::default();
         let t0 = Instant::now();
+        for _ in 0..NEW_PER_MINUTE * 2 {
+            assert!(d.may_open(t0), "no cap before a freeze");
+            d.opened(t0);
+        }
+        let mut d = DoorState { budget: Some(25), ..DoorState::default() };
         for _ in 0..NEW_PER_MINUTE {
             assert!(d.may_open(t0));
             d.opened(t0);
@@ -176,15 +209,15 @@ mod tests {
     fn a_freeze_sets_a_budget_below_where_it_happened() {
         let mut d = DoorState::default();
         let fresh = Spent::new();
-        assert!(!d.over_budget(fresh, 1_000), "no budget before a freeze");
+        assert!(!d.over_budget(fresh, 1_000, 256), "no budget before a freeze");
         let mut spent = fresh;
         for _ in 0..10 {
             spent = spent.after(300);
         }
         let budget = d.froze(spent).unwrap();
         assert_eq!(budget, spent.packets);
-        assert!(d.over_budget(spent, 300));
-        assert!(!d.over_budget(Spent::new(), 300));
+        assert!(d.over_budget(spent, 300, 256));
+        assert!(!d.over_budget(Spent::new(), 300, 256));
         // A later freeze lower down lowers it; a higher one does not raise it.
         assert_eq!(d.froze(Spent::new()), Some(MIN_BUDGET));
         assert_eq!(d.froze(spent), Some(MIN_BUDGET));
