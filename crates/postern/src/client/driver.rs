@@ -9,13 +9,13 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use postern_client::{Client, Event, OutboxItem, OutboxOp};
 use postern_net::{Connection, Door, NetError};
-use tokio::time::Instant;
-
-use super::transport::{DoorBook, DoorKey, DoorState};
 use postern_proto::frame::{Body, ClaimPolicy, ErrorCode, Item, Push, Request, Response};
 use postern_proto::ids::{KeyId, LogId, UploadId, public_key};
 use postern_proto::limits::MAX_INLINE;
 use postern_proto::link::ServerLink;
+use tokio::time::Instant;
+
+use super::transport::{DoorBook, DoorKey, DoorState};
 
 /// How long a door gets before the next one is tried beside it.
 const DOOR_STAGGER: Duration = Duration::from_secs(2);
