@@ -36,6 +36,9 @@ pub struct ServerConfig {
     pub new_connections_per_ip_per_second: u32,
     /// New connections one address may open at once beyond that rate.
     pub new_connection_burst_per_ip: u32,
+    /// Relays' addresses, which the per-address limits do not apply to: a relay brings
+    /// everyone who goes through it from its one address.
+    pub relay_addresses: Vec<std::net::IpAddr>,
     /// Requests one connection may make per second, on average.
     pub requests_per_second: u32,
     /// Requests one connection may make at once beyond that rate.
@@ -65,6 +68,7 @@ impl ServerConfig {
             max_connections_per_ip: 1_000,
             new_connections_per_ip_per_second: 100,
             new_connection_burst_per_ip: 1_000,
+            relay_addresses: Vec::new(),
             requests_per_second: 1_000,
             request_burst: 2_000,
             buffer_bytes: 256 << 20,
@@ -99,6 +103,8 @@ pub struct FileConfig {
     pub new_connections_per_ip_per_second: Option<u32>,
     /// Burst of new connections from one address.
     pub new_connection_burst_per_ip: Option<u32>,
+    /// Relays' addresses: not subject to the per-address limits.
+    pub relay_addresses: Option<Vec<std::net::IpAddr>>,
     /// Requests per second per connection.
     pub requests_per_second: Option<u32>,
     /// Burst of requests per connection.
@@ -171,6 +177,9 @@ impl FileConfig {
         }
         if let Some(n) = self.new_connection_burst_per_ip {
             config.new_connection_burst_per_ip = n;
+        }
+        if let Some(addrs) = self.relay_addresses {
+            config.relay_addresses = addrs;
         }
         if let Some(n) = self.requests_per_second {
             config.requests_per_second = n;

@@ -2,6 +2,8 @@
 //! limits, TLS with a deadline, then HTTP/1.1 or HTTP/2 (with WebSocket upgrades) into a
 //! router, until shutdown.
 
+use std::collections::HashSet;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -20,12 +22,14 @@ pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connection limits of the public listener.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub(crate) struct Limits {
     /// Most open connections.
     pub(crate) total: usize,
     /// Per peer address.
     pub(crate) per_ip: limits::PerIpLimits,
+    /// Addresses the per-address limits do not apply to (relays, which carry many people).
+    pub(crate) exempt: HashSet<IpAddr>,
 }
 
 impl Limits {
@@ -37,6 +41,7 @@ impl Limits {
                 rate: config.new_connections_per_ip_per_second,
                 burst: config.new_connection_burst_per_ip,
             },
+            exempt: config.relay_addresses.iter().copied().collect(),
         }
     }
 }
@@ -76,8 +81,9 @@ impl Public {
                 },
                 _ = shutdown.changed() => return,
             };
+            let exempt = self.limits.exempt.contains(&peer.ip());
             if self.live.load(Ordering::Acquire) >= self.limits.total
-                || !per_ip.admit(peer.ip(), tokio::time::Instant::now())
+                || (!exempt && !per_ip.admit(peer.ip(), tokio::time::Instant::now()))
             {
                 drop(tcp);
                 continue;
@@ -89,7 +95,9 @@ impl Public {
             tokio::spawn(async move {
                 serve_connection(tls, tcp, router, shutdown).await;
                 live.fetch_sub(1, Ordering::AcqRel);
-                per_ip.release(peer.ip());
+                if !exempt {
+                    per_ip.release(peer.ip());
+                }
             });
         }
     }

@@ -295,6 +295,7 @@ pub async fn start_relay(config: RelayConfig, clock: Clock) -> Result<RunningRel
         limits: public::Limits {
             total: config.max_connections,
             per_ip: limits::PerIpLimits { open, rate, burst },
+            exempt: Default::default(),
         },
     };
     let accept = tokio::spawn(public.accept_loop(listener));

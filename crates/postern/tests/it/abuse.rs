@@ -199,12 +199,16 @@ async fn one_address_cannot_open_connections_faster_than_its_rate() {
     let config = dir.path().join("server.toml");
     std::fs::write(
         &config,
-        "new_connections_per_ip_per_second = 1\nnew_connection_burst_per_ip = 20\n",
+        "new_connections_per_ip_per_second = 1\nnew_connection_burst_per_ip = 20\n\
+         relay_addresses = [\"127.0.1.11\"]\n",
     )
     .unwrap();
     let env = vec![("POSTERN_CONFIG".to_owned(), config.display().to_string())];
     let server = TestServer::start_with_env(bin(), env).await;
     let addr: std::net::SocketAddr = server.link.addrs[0].parse().unwrap();
+    // A relay's address is not held to it: it brings many people.
+    let relay = silent_connections(addr, "127.0.1.11", 30).await;
+    assert_eq!(closed_within_a_second(relay).await, 0, "a relay's connections are kept");
     // 30 connections opened at once from one address: the burst of 20 is let in, the rest
     // closed at once, less one for each second the opening took (the rate refills).
     let started = Instant::now();
