@@ -50,7 +50,7 @@ pub(crate) async fn run(target: &Target, args: ConnectArgs) -> Result<Measured> 
     if resume && !matches!(what, What::TlsGet) {
         bail!("--resume needs --what tls-get (tickets arrive after the handshake)");
     }
-    if target.relay.is_some() && !matches!(what, What::Session) {
+    if target.door != postern_net::Door::Direct && !matches!(what, What::Session) {
         bail!("through a relay, only whole sessions are measured (--what session)");
     }
     let link = &target.link;

@@ -93,7 +93,7 @@ async fn run_inner(args: BenchArgs, postern: PathBuf) -> Result<Report> {
     };
     let _relay = if args.relay {
         let relay = server::SpawnedRelay::start(&postern, &target.link).await?;
-        target.relay = Some(relay.link.clone());
+        target.door = postern_net::Door::Relay(relay.link.clone());
         Some(relay)
     } else {
         None
@@ -107,7 +107,10 @@ async fn run_inner(args: BenchArgs, postern: PathBuf) -> Result<Report> {
     if let Some(obj) = json.as_object_mut() {
         obj.insert("mode".into(), name.into());
         obj.insert("server_pid".into(), target.pid.into());
-        obj.insert("door".into(), if target.relay.is_some() { "relay" } else { "direct" }.into());
+        obj.insert(
+            "door".into(),
+            if target.door == postern_net::Door::Direct { "direct" } else { "relay" }.into(),
+        );
     }
     Ok(Report { json, summary: format!("{name}: {summary}") })
 }

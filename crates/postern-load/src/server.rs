@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use postern_net::{Connection, NetError};
+use postern_net::{Connection, Door, NetError};
 use postern_proto::link::{RelayLink, ServerLink};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -25,17 +25,17 @@ requests_per_second = 1000000
 request_burst = 1000000
 ";
 
-/// The server a run talks to, and the relay its sessions go through, if any.
+/// The server a run talks to, and the door its sessions go through.
 pub(crate) struct Target {
     pub(crate) link: ServerLink,
     pub(crate) pid: u32,
-    pub(crate) relay: Option<RelayLink>,
+    pub(crate) door: Door,
 }
 
 impl Target {
     /// A server already running; its link must name a loopback address.
     pub(crate) fn attach(link: ServerLink, pid: u32) -> Result<Self> {
-        let target = Target { link, pid, relay: None };
+        let target = Target { link, pid, door: Door::Direct };
         target.check_loopback()?;
         ProcStats::read(pid).context("reading the server's /proc entry")?;
         Ok(target)
@@ -54,12 +54,9 @@ impl Target {
         Ok(())
     }
 
-    /// A session to the server, through the relay when there is one.
+    /// A session to the server, through the run's door.
     pub(crate) async fn open(&self) -> Result<Connection, NetError> {
-        match &self.relay {
-            None => Connection::connect(&self.link).await,
-            Some(relay) => Connection::connect_via(relay, &self.link).await,
-        }
+        Connection::through(&self.door, &self.link).await
     }
 
     pub(crate) fn stats(&self) -> Result<ProcStats> {
@@ -108,7 +105,11 @@ impl Spawned {
     }
 
     pub(crate) fn target(&self) -> Target {
-        Target { link: self.link.clone(), pid: self.child.id().unwrap_or_default(), relay: None }
+        Target {
+            link: self.link.clone(),
+            pid: self.child.id().unwrap_or_default(),
+            door: Door::Direct,
+        }
     }
 }
 

@@ -70,13 +70,7 @@ pub async fn connect_any(
         if next < doors.len() && (pending.is_empty() || started_at.elapsed() >= stagger) {
             let i = next;
             let door = doors[i].clone();
-            pending.push(async move {
-                let opened = match &door {
-                    Door::Direct => Connection::connect(server).await,
-                    Door::Relay(relay) => Connection::connect_via(relay, server).await,
-                };
-                (i, opened)
-            });
+            pending.push(async move { (i, Connection::through(&door, server).await) });
             next += 1;
             started_at = tokio::time::Instant::now();
             continue;
@@ -332,6 +326,14 @@ impl Connection {
         tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_inner(link, token))
             .await
             .map_err(|_| NetError::Timeout)?
+    }
+
+    /// Connects to `server` through `door`.
+    pub async fn through(door: &Door, server: &ServerLink) -> Result<Self, NetError> {
+        match door {
+            Door::Direct => Self::connect(server).await,
+            Door::Relay(relay) => Self::connect_via(relay, server).await,
+        }
     }
 
     /// Connects to `server` through `relay`: TLS and the WebSocket go to the relay, the Noise

@@ -3,7 +3,7 @@
 //! Created on first start, readable only by the server's user, and reused afterwards.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use postern_proto::gate::AccessSecret;
@@ -118,7 +118,7 @@ impl Identity {
     pub(crate) fn load_or_create(
         dir: &Path,
         cert_name: Option<&str>,
-        operator_tls: Option<(PathBuf, PathBuf)>,
+        operator_tls: (Option<&Path>, Option<&Path>),
     ) -> Result<Self, ServerError> {
         let tls = TlsIdentity::load_or_create(dir, cert_name, operator_tls)?;
         let static_path = dir.join(STATIC_KEY);
@@ -144,12 +144,18 @@ impl Identity {
 }
 
 impl TlsIdentity {
-    /// Loads the operator's pair, or the self-signed one in `dir` (created if missing).
+    /// Loads the operator's certificate chain and key (both given, or neither), or else the
+    /// self-signed pair in `dir` (created if missing).
     pub(crate) fn load_or_create(
         dir: &Path,
         cert_name: Option<&str>,
-        operator_tls: Option<(PathBuf, PathBuf)>,
+        operator_tls: (Option<&Path>, Option<&Path>),
     ) -> Result<Self, ServerError> {
+        let operator_tls = match operator_tls {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => return Err(ServerError::Tls("give both tls_cert and tls_key, or neither".into())),
+        };
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         #[cfg(unix)]
         {
@@ -157,7 +163,7 @@ impl TlsIdentity {
             let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
         }
         let (certs, key) = match operator_tls {
-            Some((cert, key)) => load_pem(&cert, &key)?,
+            Some((cert, key)) => load_pem(cert, key)?,
             None => {
                 let (cert_path, key_path) = (dir.join(TLS_CERT), dir.join(TLS_KEY));
                 if !cert_path.exists() || !key_path.exists() {

@@ -26,7 +26,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use postern_proto::gate::{GateKey, cookie_value};
 use postern_proto::link::ServerLink;
-use postern_proto::session::{MAX_MESSAGE, StaticKeypair};
+use postern_proto::session::StaticKeypair;
 use postern_store::{Day, Store};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -48,10 +48,6 @@ pub use relay::{
     RelayConfig, RelayFileConfig, RelayIdentity, RunningRelay, mint_link, start_relay,
 };
 
-/// A session's WebSocket read buffer: a frame of the 256- or 1,024-byte bucket fits; larger
-/// ones grow it. (tungstenite's default, 128 KiB, was most of an idle session's memory, and
-/// it zeroes the whole buffer before every read.)
-const WS_READ_BUFFER: usize = 2 << 10;
 /// How often expired data is swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(3_600);
 
@@ -176,17 +172,10 @@ pub async fn start<S: Store>(
     store: S,
     clock: Clock,
 ) -> Result<RunningServer<S>, ServerError> {
-    let operator_tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(c), Some(k)) => Some((c.clone(), k.clone())),
-        (None, None) => None,
-        _ => {
-            return Err(ServerError::Tls("give both tls_cert and tls_key, or neither".into()));
-        }
-    };
     let identity = identity::Identity::load_or_create(
         &config.data_dir,
         config.server_name.as_deref(),
-        operator_tls,
+        (config.tls_cert.as_deref(), config.tls_key.as_deref()),
     )?;
     let tls = tokio_rustls::TlsAcceptor::from(identity.tls.tls_config()?);
     let listener = TcpListener::bind(config.listen)
@@ -237,12 +226,7 @@ impl<S: Store> RunningServer<S> {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.accept.await;
-        let deadline = tokio::time::Instant::now() + public::DRAIN_TIMEOUT;
-        while (self.live.load(Ordering::Acquire) > 0 || self.app.metrics.sessions_open.get() > 0)
-            && tokio::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        public::drain(&self.live, || self.app.metrics.sessions_open.get() > 0).await;
     }
 
     /// The store, for the binary to close after shutdown.
@@ -267,10 +251,7 @@ async fn front<S: Store>(State(app): State<Arc<App<S>>>, req: Request) -> Respon
             && let Ok(ws) = WebSocketUpgrade::from_request_parts(&mut parts, &()).await
         {
             let session_app = app.clone();
-            return ws
-                .max_message_size(MAX_MESSAGE)
-                .max_frame_size(MAX_MESSAGE)
-                .read_buffer_size(WS_READ_BUFFER)
+            return public::sized(ws)
                 .on_upgrade(move |socket| session::run(session_app, socket))
                 .into_response();
         }

@@ -19,7 +19,7 @@ use crate::limits;
 /// Time allowed for a TLS handshake and for an HTTP request's headers.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for open connections to finish.
-pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connection limits of the public listener.
 #[derive(Clone)]
@@ -43,6 +43,27 @@ impl Limits {
             },
             exempt: config.relay_addresses.iter().copied().collect(),
         }
+    }
+}
+
+/// A WebSocket's read buffer: a frame of the 256- or 1,024-byte bucket fits; larger ones
+/// grow it. (tungstenite's default, 128 KiB, was most of an idle session's memory, and it
+/// zeroes the whole buffer before every read.)
+const WS_READ_BUFFER: usize = 2 << 10;
+
+/// An accepted upgrade with the sizes every session's WebSocket uses (the server's and the
+/// relay's client side): frames up to the protocol's largest message, a small read buffer.
+pub(crate) fn sized(ws: axum::extract::WebSocketUpgrade) -> axum::extract::WebSocketUpgrade {
+    use postern_proto::session::MAX_MESSAGE;
+    ws.max_message_size(MAX_MESSAGE).max_frame_size(MAX_MESSAGE).read_buffer_size(WS_READ_BUFFER)
+}
+
+/// Waits (up to [`DRAIN_TIMEOUT`]) until no connection is open and `busy` says nothing else
+/// is running, after shutdown was signalled.
+pub(crate) async fn drain(live: &AtomicUsize, busy: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+    while (live.load(Ordering::Acquire) > 0 || busy()) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

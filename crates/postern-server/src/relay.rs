@@ -36,7 +36,6 @@ use postern_net::{Endpoint, Ws};
 use postern_proto::gate::{AccessSecret, COOKIE_NAME, cookie};
 use postern_proto::link::{RelayLink, ServerLink};
 use postern_proto::relay::{Credential, CredentialId, SERVER_COOKIE, SERVER_TOKEN_COOKIE};
-use postern_proto::session::MAX_MESSAGE;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -176,15 +175,10 @@ impl RelayIdentity {
     /// Loads (creating what is missing) the relay's certificate, key and operator id.
     /// `bound` is the listener's address, for links when `public_addrs` is empty.
     pub fn load(config: &RelayConfig, bound: SocketAddr) -> Result<Self, ServerError> {
-        let operator_tls = match (&config.tls_cert, &config.tls_key) {
-            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
-            (None, None) => None,
-            _ => return Err(ServerError::Tls("give both tls_cert and tls_key, or neither".into())),
-        };
         let tls = TlsIdentity::load_or_create(
             &config.data_dir,
             config.server_name.as_deref(),
-            operator_tls,
+            (config.tls_cert.as_deref(), config.tls_key.as_deref()),
         )?;
         let key = load_secret(&config.data_dir, RELAY_KEY)?;
         let operator = load_secret(&config.data_dir, OPERATOR_ID)?;
@@ -307,13 +301,7 @@ impl RunningRelay {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.accept.await;
-        let deadline = tokio::time::Instant::now() + public::DRAIN_TIMEOUT;
-        while (self.live.load(Ordering::Acquire) > 0
-            || self.relay.forwarding.load(Ordering::Acquire) > 0)
-            && tokio::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        public::drain(&self.live, || self.relay.forwarding.load(Ordering::Acquire) > 0).await;
     }
 }
 
@@ -349,10 +337,7 @@ async fn front(State(relay): State<Arc<Relay>>, req: Request) -> Response {
                 Upstream::Relay(next) => postern_net::relay_cookie_parts(next, pin, server_token),
             };
             let relay = relay.clone();
-            return ws
-                .max_message_size(MAX_MESSAGE)
-                .max_frame_size(MAX_MESSAGE)
-                .read_buffer_size(2 << 10)
+            return public::sized(ws)
                 .on_upgrade(move |socket| forward(relay, socket, upstream, cookie))
                 .into_response();
         }

@@ -95,13 +95,17 @@ impl Driver {
                 Some(b) => Some(b),
                 None => self.client.door_budget(NETWORK_BUDGET)?,
             };
-            let now = unix_now();
-            let ages: Vec<Duration> = self
-                .client
-                .door_opens(&key.store_name(), now.saturating_sub(60))?
-                .into_iter()
-                .map(|at| Duration::from_secs(now.saturating_sub(at)))
-                .collect();
+            // Connection times are kept only where the cap applies.
+            let ages: Vec<Duration> = if budget.is_some() {
+                let now = unix_now();
+                self.client
+                    .door_opens(&key.store_name(), now.saturating_sub(60))?
+                    .into_iter()
+                    .map(|at| Duration::from_secs(now.saturating_sub(at)))
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let state = self.book.get(key);
             state.budget = budget;
             state.opened_before(std::time::Instant::now(), ages);
@@ -190,10 +194,15 @@ impl Driver {
             state.opened(started.into_std());
             // A session's set-up is about four round trips: a first guess at the RTT.
             state.first_guess(started.elapsed() / 4);
+            // Connection times matter only where the cap applies (a censor seen): only there
+            // are they written down for later commands.
+            let capped = state.budget.is_some();
             self.doors.insert(key.clone(), relay);
             self.client.door_opened(link, relay)?;
-            let now = unix_now();
-            self.client.door_opened_at(&door.store_name(), now, now.saturating_sub(120))?;
+            if capped {
+                let now = unix_now();
+                self.client.door_opened_at(&door.store_name(), now, now.saturating_sub(120))?;
+            }
             // A new connection starts with no subscriptions and no proved keys.
             self.subscribed.remove(&key);
             self.authed.remove(&key);
@@ -244,16 +253,17 @@ impl Driver {
         attempt: u32,
     ) -> Result<Outcome, Failure> {
         let key = link.to_link_string();
-        let (len, answer) = (wire_len(&request), answer_room(&request));
-        if let Some(spent) = self.conns.get(&key).map(Connection::spent)
-            && self
-                .current_door(link)
-                .map_err(Failure::Unreachable)?
-                .1
-                .over_budget(spent, len, answer)
-        {
-            tracing::debug!(packets = spent.packets, "connection at its budget: replacing it");
-            self.conns.remove(&key);
+        // Only a door with a budget (a censor seen) has its connection's spending read, and
+        // the request sized for it.
+        let open = self.conns.contains_key(&key);
+        if open && self.current_door(link).map_err(Failure::Unreachable)?.1.budget.is_some() {
+            let spent = self.conns.get(&key).map(Connection::spent).unwrap_or_default();
+            let (len, answer) = (wire_len(&request), answer_room(&request));
+            let (_, state) = self.current_door(link).map_err(Failure::Unreachable)?;
+            if state.over_budget(spent, len, answer) {
+                tracing::debug!(packets = spent.packets, "connection at its budget: replacing it");
+                self.conns.remove(&key);
+            }
         }
         self.conn(link).await.map_err(Failure::Unreachable)?;
         let (door, state) = self.current_door(link).map_err(Failure::Unreachable)?;
@@ -323,10 +333,7 @@ impl Driver {
         let tries = doors.iter().map(|(_, door)| async move {
             let started = Instant::now();
             let tried = tokio::time::timeout(wait, async {
-                let mut conn = match door {
-                    Door::Direct => Connection::connect(link).await?,
-                    Door::Relay(relay) => Connection::connect_via(relay, link).await?,
-                };
+                let mut conn = Connection::through(door, link).await?;
                 conn.request(Request::Ping, None).await?;
                 conn.close().await;
                 Ok::<_, NetError>(())

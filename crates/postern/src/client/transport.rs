@@ -17,8 +17,9 @@
 //!   kept in the client store, so the next command starts under them.
 //! - **New connections per door** are capped at [`NEW_PER_MINUTE`] a minute once a freeze
 //!   showed a censor on the path (censors count connections per destination too, and a
-//!   burst of them is itself a signal); the times are kept in the client store, so short
-//!   commands one after another share the cap. Without a censor seen, nothing is capped.
+//!   burst of them is itself a signal); their times are then kept in the client store, so
+//!   short commands one after another share the cap. Without a censor seen, nothing is
+//!   capped or written.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
