@@ -151,6 +151,8 @@ pub struct Flow {
     pub sni: Option<String>,
     /// The ClientHello's JA4.
     pub ja4: Option<String>,
+    /// Its raw form (sorted ciphers, extensions, signature algorithms).
+    pub ja4_r: Option<String>,
     /// Why the flow was cut, if it was.
     pub blocked: Option<Reason>,
     /// Packets dropped after it was cut.
@@ -298,6 +300,7 @@ impl Engine {
                 bytes: [0; 2],
                 sni: None,
                 ja4: None,
+                ja4_r: None,
                 blocked: None,
                 dropped: 0,
                 isn: None,
@@ -405,6 +408,7 @@ impl Engine {
                         flow.inspected = true;
                         flow.sni = h.sni;
                         flow.ja4 = Some(h.ja4);
+                        flow.ja4_r = Some(h.ja4_r);
                         let target = SocketAddrV4::new(server, port);
                         if let Some(pr) = &p.prober
                             && self.map.has(server, &pr.labels)

@@ -26,6 +26,9 @@ pub struct ClientHello {
     pub alpn: Vec<String>,
     /// The JA4 fingerprint.
     pub ja4: String,
+    /// JA4's raw form (`ja4_r`): the same prefix, then the sorted ciphers, the sorted
+    /// extensions and the signature algorithms in hex, which show what a hash differs in.
+    pub ja4_r: String,
 }
 
 struct Reader<'a> {
@@ -190,7 +193,11 @@ fn hello(body: &[u8]) -> Option<ClientHello> {
                     }
                 }
                 0x002b => versions = Reader::u16s(d.vec8()?),
-                0x000d => sigalgs = Reader::u16s(d.vec16()?),
+                // GREASE is ignored here too (Chromium sends a GREASE signature algorithm).
+                0x000d => {
+                    sigalgs =
+                        Reader::u16s(d.vec16()?).into_iter().filter(|a| !grease(*a)).collect();
+                }
                 _ => {}
             }
         }
@@ -230,13 +237,15 @@ fn hello(body: &[u8]) -> Option<ClientHello> {
     }
     let ext_hash =
         if sorted_ext.is_empty() { "000000000000".to_owned() } else { hash12(&ext_input) };
-    let ja4 = format!(
-        "t{version}{}{:02}{:02}{alpn_code}_{cipher_hash}_{ext_hash}",
+    let prefix = format!(
+        "t{version}{}{:02}{:02}{alpn_code}",
         if sni.is_some() { 'd' } else { 'i' },
         ciphers.len().min(99),
         extensions.len().min(99),
     );
-    Some(ClientHello { sni, alpn, ja4 })
+    let ja4 = format!("{prefix}_{cipher_hash}_{ext_hash}");
+    let ja4_r = format!("{prefix}_{}_{ext_input}", hex_list(&sorted_ciphers));
+    Some(ClientHello { sni, alpn, ja4, ja4_r })
 }
 
 /// A ClientHello record with the given SNI, as rustls' default client writes it.
@@ -271,6 +280,54 @@ mod tests {
         assert!(h.ja4.starts_with("t13d"), "{}", h.ja4);
         assert_eq!(h.ja4.len(), 36);
         assert_eq!(parse(b"GET / HTTP/1.1\r\n"), Parsed::NotTls);
+    }
+
+    /// A TLS 1.3 ClientHello record with these ciphers and signature algorithms, a server
+    /// name and supported versions.
+    fn hello_with(ciphers: &[u16], sigalgs: &[u16]) -> Vec<u8> {
+        let list = |values: &[u16]| -> Vec<u8> {
+            let mut out = ((values.len() * 2) as u16).to_be_bytes().to_vec();
+            values.iter().for_each(|v| out.extend_from_slice(&v.to_be_bytes()));
+            out
+        };
+        let mut extensions = Vec::new();
+        let mut ext = |kind: u16, data: Vec<u8>| {
+            extensions.extend_from_slice(&kind.to_be_bytes());
+            extensions.extend_from_slice(&(data.len() as u16).to_be_bytes());
+            extensions.extend_from_slice(&data);
+        };
+        let name = b"grease.example";
+        let mut sni = vec![0u8];
+        sni.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        sni.extend_from_slice(name);
+        ext(0x0000, [&(sni.len() as u16).to_be_bytes()[..], &sni].concat());
+        ext(0x002b, vec![2, 0x03, 0x04]);
+        ext(0x000d, list(sigalgs));
+        let mut body = vec![0x03, 0x03];
+        body.extend_from_slice(&[7; 32]);
+        body.push(0);
+        body.extend_from_slice(&list(ciphers));
+        body.extend_from_slice(&[1, 0]);
+        body.extend_from_slice(&(extensions.len() as u16).to_be_bytes());
+        body.extend_from_slice(&extensions);
+        let mut handshake = vec![1, 0];
+        handshake.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        handshake.extend_from_slice(&body);
+        let mut record = vec![0x16, 0x03, 0x01];
+        record.extend_from_slice(&(handshake.len() as u16).to_be_bytes());
+        record.extend_from_slice(&handshake);
+        record
+    }
+
+    #[test]
+    fn grease_is_left_out_of_ciphers_and_signature_algorithms() {
+        let Parsed::Hello(plain) = parse(&hello_with(&[0x1301], &[0x0403, 0x0804])) else {
+            panic!("no hello")
+        };
+        let greased = hello_with(&[0x0a0a, 0x1301], &[0x3a3a, 0x0403, 0x0804]);
+        let Parsed::Hello(greased) = parse(&greased) else { panic!("no hello") };
+        assert_eq!(greased.ja4, plain.ja4);
+        assert_eq!(greased.ja4_r, "t13d010300_1301_000d,002b_0403,0804");
     }
 
     #[test]

@@ -273,6 +273,31 @@ fn flows_to(report: &Value, server: &str) -> Vec<Value> {
 
 const N: usize = 8;
 
+/// The JA4 of Debian's `browser` (`firefox` or `chromium`), captured in a lab of its own.
+fn browser_ja4(browser: &str) -> String {
+    let out = std::process::Command::new(LAB).args(["ja4", "--browser", browser]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["ja4"].as_str().unwrap().to_owned()
+}
+
+/// Every ClientHello of these flows has the JA4 of Debian's Firefox ESR, as captured now: to
+/// a name, or (a link that names only an address) as Firefox writes it to an address, with no
+/// server name extension (JA4's `i` and one extension fewer).
+fn assert_firefox_hellos(flows: &[Value]) {
+    let to_name = browser_ja4("firefox");
+    let (head, rest) = to_name.split_at(10);
+    let extensions: u32 = head[6..8].parse().unwrap();
+    let to_address = format!("t13i{}{:02}{}{rest}", &head[4..6], extensions - 1, &head[8..]);
+    let mut seen = 0;
+    for flow in flows.iter().filter(|f| f["ja4"].is_string()) {
+        let want = if flow["sni"].is_string() { &to_name } else { &to_address };
+        assert_eq!(flow["ja4"].as_str(), Some(want.as_str()), "Firefox ESR's JA4 is {to_name}");
+        seen += 1;
+    }
+    assert!(seen > 0, "no ClientHello seen: {flows:?}");
+}
+
 #[test]
 fn open_lets_the_direct_door_through() {
     if !root() {
@@ -285,6 +310,8 @@ fn open_lets_the_direct_door_through() {
     let report = scene.report();
     let direct = flows_to(&report, addr::FOREIGN_BLOCKED);
     assert!(!direct.is_empty() && direct.iter().all(|f| f["blocked"].is_null()), "{direct:?}");
+    // The client's ClientHello is a browser's, and asks for HTTP/2 as a browser's does.
+    assert_firefox_hellos(&direct);
 }
 
 #[test]
@@ -334,6 +361,8 @@ fn whitelist_mode_through_a_domestic_relay_chained_abroad() {
         .collect();
     assert!(!from_client.is_empty());
     assert!(from_client.iter().all(|s| s.starts_with(addr::WHITELISTED)), "{from_client:?}");
+    // The domestic relay's hop abroad looks like the same browser.
+    assert_firefox_hellos(&flows_to(&report, addr::FOREIGN));
 }
 
 #[test]

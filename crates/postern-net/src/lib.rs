@@ -27,8 +27,10 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+mod browser;
 mod pin;
 
+pub use browser::{H2Stream, Io, Profile};
 pub use pin::PinVerifier;
 
 /// Time allowed to connect, complete TLS, upgrade and finish the Noise handshake.
@@ -111,8 +113,8 @@ pub enum NetError {
     Timeout,
 }
 
-/// A WebSocket over TLS, as opened by [`open_websocket`].
-pub type Ws = WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+/// A WebSocket over browser-like TLS, as opened by [`open_websocket`].
+pub type Ws = WebSocketStream<Io>;
 
 /// Where a TLS connection goes: a server's or a relay's addresses, name and pins.
 #[derive(Debug, Clone)]
@@ -187,6 +189,8 @@ impl Spent {
 /// An open session to a server.
 pub struct Connection {
     ws: Ws,
+    /// The TCP socket, for `TCP_INFO`.
+    probe: std::os::fd::OwnedFd,
     transport: Transport,
     nonce: [u8; 32],
     next_id: u32,
@@ -236,27 +240,67 @@ pub async fn connect_tls(
     connector.connect(name, tcp).await.map_err(|e| NetError::Connect(e.to_string()))
 }
 
-/// Opens TLS to the endpoint and upgrades to a WebSocket, sending `cookie` (the gate's
-/// tokens) with the upgrade. An endpoint that does not open its gate answers as a website,
-/// which is an error here.
+/// Opens TLS to the endpoint and a WebSocket inside it, sending `cookie` (the gate's tokens)
+/// with the request: TLS and HTTP/2 as a browser writes them ([`Profile::for_name`] of the
+/// endpoint's name), the WebSocket on an extended CONNECT stream, or after an HTTP/1.1
+/// upgrade if the endpoint chose HTTP/1.1. An endpoint that does not open its gate answers as
+/// a website, which is an error here.
 pub async fn open_websocket(endpoint: &Endpoint, cookie: &str) -> Result<Ws, NetError> {
-    let tls = connect_tls(endpoint, &[b"http/1.1"]).await?;
-    let host = endpoint.addrs.first().map(String::as_str).unwrap_or_default();
-    let mut request = format!("wss://{host}/")
-        .into_client_request()
-        .map_err(|e| NetError::Connect(e.to_string()))?;
-    let cookie = HeaderValue::from_str(cookie).map_err(|e| NetError::Connect(e.to_string()))?;
-    request.headers_mut().insert("cookie", cookie);
+    let (mut ws, opened) = open_websocket_held(endpoint, cookie).await?;
+    opened.hold.release();
+    ws.flush().await.map_err(|e| NetError::Connect(e.to_string()))?;
+    Ok(ws)
+}
+
+/// What [`open_websocket_held`] leaves with the caller.
+struct Opened {
+    /// Releases the request (and what the caller has sent since) at the next flush.
+    hold: browser::Hold,
+    /// A second handle on the TCP socket, for reading `TCP_INFO`.
+    probe: std::os::fd::OwnedFd,
+}
+
+/// [`open_websocket`], except that over HTTP/2 nothing after the ClientHello has been sent: the
+/// caller's first message joins TLS Finished and the request, and the caller releases them.
+async fn open_websocket_held(endpoint: &Endpoint, cookie: &str) -> Result<(Ws, Opened), NetError> {
+    use std::os::fd::AsFd;
+    let addr =
+        endpoint.addrs.first().ok_or_else(|| NetError::Connect("link has no address".into()))?;
+    let tcp = connect_tcp(addr).await.map_err(|e| NetError::Connect(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    let probe = tcp.as_fd().try_clone_to_owned().map_err(|e| NetError::Connect(e.to_string()))?;
+    let (tcp, hold) = browser::Tcp::new(tcp);
+    let profile = Profile::for_name(&endpoint.tls_name);
+    let tls = browser::tls(endpoint, tcp, profile).await?;
     // A small read buffer (the default, 128 KiB, is zeroed on every read); larger frames
     // grow it.
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_MESSAGE))
         .max_frame_size(Some(MAX_MESSAGE))
         .read_buffer_size(2 << 10);
-    let (ws, _) = tokio_tungstenite::client_async_with_config(request, tls, Some(config))
+    let host = addr.as_str();
+    let ws = if tls.ssl().selected_alpn_protocol() == Some(b"h2") {
+        let stream = browser::websocket_stream(tls, profile, host, cookie).await?;
+        WebSocketStream::from_raw_socket(
+            Io::Http2(Box::new(stream)),
+            tokio_tungstenite::tungstenite::protocol::Role::Client,
+            Some(config),
+        )
         .await
-        .map_err(|e| NetError::Connect(format!("upgrade refused: {e}")))?;
-    Ok(ws)
+    } else {
+        // The upgrade waits for its answer: TLS Finished leaves with the request.
+        hold.release();
+        let mut request = format!("wss://{host}/")
+            .into_client_request()
+            .map_err(|e| NetError::Connect(e.to_string()))?;
+        let cookie = HeaderValue::from_str(cookie).map_err(|e| NetError::Connect(e.to_string()))?;
+        request.headers_mut().insert("cookie", cookie);
+        tokio_tungstenite::client_async_with_config(request, Io::Http1(tls), Some(config))
+            .await
+            .map_err(|e| NetError::Connect(format!("upgrade refused: {e}")))?
+            .0
+    };
+    Ok((ws, Opened { hold, probe }))
 }
 
 /// A TCP connection to `addr`. Test hook: with `POSTERN_TEST_SOURCE_IP` set, it leaves
@@ -354,18 +398,22 @@ impl Connection {
         cookie: &str,
         server: &ServerLink,
     ) -> Result<Self, NetError> {
-        let mut ws = open_websocket(endpoint, cookie).await?;
+        let (mut ws, Opened { hold, probe }) = open_websocket_held(endpoint, cookie).await?;
         let (handshake, first) = ClientHandshake::start(&server.static_key)
             .map_err(|e| NetError::Session(e.to_string()))?;
+        // The Noise handshake's first message leaves with the request, before its answer.
         ws.send(Message::Binary(first.into()))
             .await
             .map_err(|e| NetError::Session(e.to_string()))?;
+        hold.release();
+        ws.flush().await.map_err(|e| NetError::Session(e.to_string()))?;
         let answer = next_binary(&mut ws).await?;
         let (transport, hello) =
             handshake.finish(&answer).map_err(|e| NetError::Session(e.to_string()))?;
         // The two handshake messages are part of the set-up.
         Ok(Connection {
             ws,
+            probe,
             transport,
             nonce: hello.nonce,
             next_id: 1,
@@ -377,8 +425,7 @@ impl Connection {
     /// What this connection has carried so far (for a per-connection budget): packets as
     /// the kernel counted them when it tells, else as estimated.
     pub fn spent(&self) -> Spent {
-        let tcp = self.ws.get_ref().get_ref().0;
-        match tcp_info_sys::get_tcp_info(std::os::fd::AsRawFd::as_raw_fd(tcp)) {
+        match tcp_info_sys::get_tcp_info(std::os::fd::AsRawFd::as_raw_fd(&self.probe)) {
             Ok(info) => Spent {
                 packets: info.tcpi_segs_out.saturating_add(info.tcpi_segs_in),
                 ..self.spent
@@ -390,9 +437,14 @@ impl Connection {
     /// Bytes on the wire so far, both ways (TCP payload, TLS and WebSocket framing
     /// included), as the kernel counts them; `None` where it cannot tell.
     pub fn wire_bytes(&self) -> Option<(u64, u64)> {
-        let tcp = self.ws.get_ref().get_ref().0;
-        let info = tcp_info_sys::get_tcp_info(std::os::fd::AsRawFd::as_raw_fd(tcp)).ok()?;
+        let info = tcp_info_sys::get_tcp_info(std::os::fd::AsRawFd::as_raw_fd(&self.probe)).ok()?;
         Some((info.tcpi_bytes_acked, info.tcpi_bytes_received))
+    }
+
+    /// Whether the WebSocket runs on an HTTP/2 stream (as a browser's would), rather than
+    /// after an HTTP/1.1 upgrade.
+    pub fn over_http2(&self) -> bool {
+        matches!(self.ws.get_ref(), Io::Http2(_))
     }
 
     /// This connection's server nonce (signed requests bind it).
@@ -497,6 +549,13 @@ async fn next_binary(ws: &mut Ws) -> Result<Vec<u8>, NetError> {
             }
             Some(Ok(Message::Text(_))) => {
                 return Err(NetError::Session("unexpected text message".into()));
+            }
+            // Over HTTP/2 the upgrade's answer comes with the first bytes: a refusal is a
+            // failure to connect.
+            Some(Err(tokio_tungstenite::tungstenite::Error::Io(e)))
+                if e.kind() == std::io::ErrorKind::ConnectionRefused =>
+            {
+                return Err(NetError::Connect(e.to_string()));
             }
             Some(Err(e)) => return Err(NetError::Session(e.to_string())),
         }

@@ -239,7 +239,7 @@ impl<S: Store> RunningServer<S> {
 /// session; everything else is the website.
 async fn front<S: Store>(State(app): State<Arc<App<S>>>, req: Request) -> Response {
     let (mut parts, _body) = req.into_parts();
-    if public::wants_websocket(&parts.headers) {
+    if public::wants_websocket(&parts) {
         let token = parts
             .headers
             .get_all(header::COOKIE)

@@ -67,12 +67,20 @@ pub(crate) async fn drain(live: &AtomicUsize, busy: impl Fn() -> bool) {
     }
 }
 
-/// Whether a request asks for a WebSocket upgrade (the only way past a gate).
-pub(crate) fn wants_websocket(headers: &axum::http::HeaderMap) -> bool {
-    headers
+/// Whether a request asks for a WebSocket (the only way past a gate): an HTTP/1.1 upgrade, or
+/// an HTTP/2 extended CONNECT (RFC 8441), which is what the client's browser-like HTTP/2 sends.
+pub(crate) fn wants_websocket(parts: &axum::http::request::Parts) -> bool {
+    let upgrade = parts
+        .headers
         .get(axum::http::header::UPGRADE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let connect = parts.method == axum::http::Method::CONNECT
+        && parts
+            .extensions
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+    upgrade || connect
 }
 
 /// Everything the accept loop needs.

@@ -317,7 +317,7 @@ pub fn mint_link(config: &RelayConfig) -> Result<(RelayLink, CredentialId), Serv
 /// server the relay serves, is forwarded; everything else is the website.
 async fn front(State(relay): State<Arc<Relay>>, req: Request) -> Response {
     let (mut parts, _body) = req.into_parts();
-    if public::wants_websocket(&parts.headers) {
+    if public::wants_websocket(&parts) {
         let cookies: Vec<String> = parts
             .headers
             .get_all(header::COOKIE)

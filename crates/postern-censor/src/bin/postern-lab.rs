@@ -220,12 +220,13 @@ fn ja4(browser: &str) -> Result<()> {
     lab.stop_all();
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
     let _ = std::fs::remove_dir_all(&dir);
-    let ja4 = report["flows"]
+    let flow = report["flows"]
         .as_array()
         .and_then(|flows| flows.iter().find(|f| f["sni"] == "fine.example" && f["ja4"].is_string()))
-        .map(|f| f["ja4"].clone())
         .context("the browser sent no ClientHello for fine.example")?;
-    print_json(&serde_json::json!({ "browser": browser, "ja4": ja4 }))
+    print_json(
+        &serde_json::json!({ "browser": browser, "ja4": flow["ja4"], "ja4_r": flow["ja4_r"] }),
+    )
 }
 
 fn dns_serve(addr: SocketAddr) -> Result<()> {

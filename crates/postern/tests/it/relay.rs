@@ -163,5 +163,6 @@ async fn a_relay_is_the_website_to_whoever_lacks_a_good_credential() {
         assert_eq!(without_date(&relay.raw_https(&upgrade(Some(&cookie))).await), website);
     }
     let mut conn = Connection::connect_via(&relay.link, &server.link).await.unwrap();
+    assert!(conn.over_http2(), "the client's hop to the relay is HTTP/2, as a browser's");
     conn.request(postern_proto::frame::Request::Ping, None).await.unwrap();
 }
