@@ -288,15 +288,12 @@ impl AsyncWrite for Tcp {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let me = self.get_mut();
-        if (me.hold.holding() && me.held.len() < MAX_HELD) || !me.held.is_empty() {
-            // Behind held bytes, a write waits its turn.
-            if !me.hold.holding() {
-                ready!(me.poll_send_held(cx))?;
-                return Pin::new(&mut me.inner).poll_write(cx, buf);
-            }
+        if me.hold.holding() && me.held.len() < MAX_HELD {
             me.held.extend_from_slice(buf);
             return Poll::Ready(Ok(buf.len()));
         }
+        // Released (or past the cap): held bytes go first.
+        ready!(me.poll_send_held(cx))?;
         Pin::new(&mut me.inner).poll_write(cx, buf)
     }
 
@@ -550,6 +547,8 @@ impl AsyncWrite for Io {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+    use std::time::Duration;
+
     use super::*;
 
     /// The ClientHello the client sends to `name`, as read by a listener that then hangs up.
@@ -607,6 +606,56 @@ mod tests {
         ciphers.sort_unstable();
         extensions.sort_unstable();
         (ciphers, extensions, sigalgs, alpn)
+    }
+
+    #[tokio::test]
+    async fn set_up_writes_after_the_first_flush_wait_for_release() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let (mut tcp, hold) = Tcp::new(tcp);
+        let mut got = [0u8; 5];
+        // The first flight goes out at its flush.
+        tcp.write_all(b"hello").await.unwrap();
+        tcp.flush().await.unwrap();
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello");
+        // What follows is held, flushes and all, until released.
+        tcp.write_all(b"fin").await.unwrap();
+        tcp.write_all(b"ished").await.unwrap();
+        tcp.flush().await.unwrap();
+        let early = tokio::time::timeout(Duration::from_millis(200), server.read(&mut got)).await;
+        assert!(early.is_err(), "held bytes were sent: {early:?}");
+        hold.release();
+        tcp.flush().await.unwrap();
+        let mut rest = [0u8; 8];
+        server.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"finished");
+        // Released, writes pass straight through.
+        tcp.write_all(b"after").await.unwrap();
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"after");
+    }
+
+    #[tokio::test]
+    async fn held_bytes_past_the_cap_are_sent() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let (mut tcp, _hold) = Tcp::new(tcp);
+        tcp.write_all(b"x").await.unwrap();
+        tcp.flush().await.unwrap();
+        let big = vec![7u8; MAX_HELD + 100];
+        tcp.write_all(&big).await.unwrap();
+        tcp.write_all(b"!").await.unwrap();
+        let mut got = vec![0u8; 1 + big.len() + 1];
+        tokio::time::timeout(Duration::from_secs(5), server.read_exact(&mut got))
+            .await
+            .expect("past the cap, held bytes go out without a release")
+            .unwrap();
+        assert_eq!(got.last(), Some(&b'!'));
     }
 
     #[tokio::test]
