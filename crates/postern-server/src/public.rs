@@ -138,6 +138,7 @@ async fn serve_connection(
     router: Router,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let tcp = Coalesce::new(tcp);
     let Ok(Ok(stream)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await else {
         return;
     };
@@ -153,5 +154,225 @@ async fn serve_connection(
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(DRAIN_TIMEOUT, conn).await;
         }
+    }
+}
+
+/// How long the server holds what it writes after its handshake flight: long enough for the
+/// session tickets, the HTTP/2 SETTINGS and their acknowledgement, the answer to the client's
+/// request and the first Noise message to be written, which then leave together.
+const COALESCE: Duration = Duration::from_millis(10);
+
+/// Most bytes held: past this they go out at once.
+const MAX_HELD: usize = 16 << 10;
+
+enum Phase {
+    /// Until the first flush (the TLS handshake flight): writes pass through.
+    First,
+    /// Writes are held; the timer starts at the first of them.
+    Holding(Option<std::pin::Pin<Box<tokio::time::Sleep>>>),
+    /// Writes pass through.
+    Open,
+}
+
+/// A connection's TCP stream on the public listener. A censor that freezes flows counts
+/// packets both ways, and a client acknowledges each of the server's segments: after its
+/// handshake flight, the server holds its writes for [`COALESCE`] so that what it sends in
+/// answer to the client's first flight leaves in one segment rather than four (with one
+/// acknowledgement rather than four). Whoever reads or flushes next, once the time is up,
+/// sends them.
+pub(crate) struct Coalesce {
+    inner: tokio::net::TcpStream,
+    held: Vec<u8>,
+    phase: Phase,
+}
+
+impl Coalesce {
+    pub(crate) fn new(inner: tokio::net::TcpStream) -> Coalesce {
+        Coalesce { inner, held: Vec::new(), phase: Phase::First }
+    }
+
+    /// Whether the hold is over, registering for a wake-up when it ends if not.
+    fn hold_over(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        let over = match &mut self.phase {
+            Phase::Holding(Some(timer)) => timer.as_mut().poll(cx).is_ready(),
+            Phase::Holding(None) => false,
+            Phase::First | Phase::Open => return true,
+        };
+        if over {
+            self.phase = Phase::Open;
+        }
+        over
+    }
+
+    fn poll_send_held(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::{Poll, ready};
+        use tokio::io::AsyncWrite;
+        while !self.held.is_empty() {
+            let n = ready!(std::pin::Pin::new(&mut self.inner).poll_write(cx, &self.held))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.held.drain(..n);
+        }
+        // Free what set-up needed: an idle connection keeps nothing.
+        self.held = Vec::new();
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for Coalesce {
+    /// A connection dropped while holding (an HTTP/1.1 answer with `Connection: close`, say)
+    /// still sends what it held: the socket takes a few kilobytes without waiting.
+    fn drop(&mut self) {
+        if !self.held.is_empty() {
+            let _ = self.inner.try_write(&self.held);
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Coalesce {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        // The reader is woken when the hold ends, and sends what was held.
+        if !me.held.is_empty()
+            && me.hold_over(cx)
+            && let std::task::Poll::Ready(Err(e)) = me.poll_send_held(cx)
+        {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut me.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Coalesce {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let me = self.get_mut();
+        if let Phase::Holding(timer) = &mut me.phase {
+            timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(COALESCE)));
+            if !me.hold_over(cx) && me.held.len() < MAX_HELD {
+                me.held.extend_from_slice(buf);
+                return std::task::Poll::Ready(Ok(buf.len()));
+            }
+        }
+        std::task::ready!(me.poll_send_held(cx))?;
+        std::pin::Pin::new(&mut me.inner).poll_write(cx, buf)
+    }
+
+    /// TLS writes a flight's records as one vectored write: one segment.
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let me = self.get_mut();
+        if let Phase::Holding(timer) = &mut me.phase {
+            timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(COALESCE)));
+            if !me.hold_over(cx) && me.held.len() < MAX_HELD {
+                let n = bufs.iter().map(|b| b.len()).sum();
+                bufs.iter().for_each(|b| me.held.extend_from_slice(b));
+                return std::task::Poll::Ready(Ok(n));
+            }
+        }
+        std::task::ready!(me.poll_send_held(cx))?;
+        std::pin::Pin::new(&mut me.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        if !me.hold_over(cx) && me.held.len() < MAX_HELD {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::task::ready!(me.poll_send_held(cx))?;
+        std::task::ready!(std::pin::Pin::new(&mut me.inner).poll_flush(cx))?;
+        if matches!(me.phase, Phase::First) {
+            me.phase = Phase::Holding(None);
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        me.phase = Phase::Open;
+        std::task::ready!(me.poll_send_held(cx))?;
+        std::pin::Pin::new(&mut me.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    async fn pair() -> (Coalesce, tokio::net::TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (Coalesce::new(server), client)
+    }
+
+    #[tokio::test]
+    async fn after_the_first_flight_writes_are_held_then_sent_together() {
+        let (mut server, mut client) = pair().await;
+        let mut got = [0u8; 6];
+        server.write_all(b"flight").await.unwrap();
+        server.flush().await.unwrap();
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"flight");
+        // Held, flushes and all, however long nothing reads the server's stream.
+        server.write_all(b"tic").await.unwrap();
+        server.write_all(b"ket").await.unwrap();
+        server.flush().await.unwrap();
+        let early = tokio::time::timeout(COALESCE * 3, client.read(&mut got)).await;
+        assert!(early.is_err(), "held bytes were sent: {early:?}");
+        // The server reading again, after the hold, sends them.
+        let reader = tokio::spawn(async move {
+            let mut byte = [0u8; 1];
+            server.read_exact(&mut byte).await.unwrap();
+            server
+        });
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ticket");
+        client.write_all(b"!").await.unwrap();
+        let mut server = reader.await.unwrap();
+        // After that, writes pass straight through.
+        server.write_all(b"after!").await.unwrap();
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"after!");
+    }
+
+    #[tokio::test]
+    async fn a_connection_dropped_while_holding_still_sends() {
+        let (mut server, mut client) = pair().await;
+        server.write_all(b"flight").await.unwrap();
+        server.flush().await.unwrap();
+        server.write_all(b"answer").await.unwrap();
+        drop(server);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"flightanswer");
     }
 }

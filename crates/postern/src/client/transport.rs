@@ -8,18 +8,21 @@
 //!   driver retries is idempotent). Each retry waits twice as long, so a slow link is not
 //!   churned.
 //! - **Per-connection budget.** Censors that freeze flows after about 25 packets or 16 KB
-//!   (the Russian "l4-25" block) let a connection carry a few exchanges. Once a door froze,
-//!   its connections are rotated before they reach the packets the frozen one had spent
-//!   when it sent its last request, and before [`BUDGET_BYTES_IN`] received. Since the
+//!   (the Russian "l4-25" block) let a connection carry a few exchanges. A relay's
+//!   connections start under [`RELAY_BUDGET`] (a relay is there for a censored network, and
+//!   a freeze is punished with residual blocking, so the budget is not learned by freezing
+//!   through one). A direct door starts with none; once it froze, its connections are
+//!   rotated before they reach the packets the frozen one had spent when it sent its last
+//!   request. Either way, before [`BUDGET_BYTES_IN`] received. Since the
 //!   censor sits on the network rather than at one door, the budget also becomes that of
 //!   every door without one (a first freeze can get the address blocked for a while, as the
 //!   Russian "residual" blocking does, so the next door must not freeze too). Budgets are
 //!   kept in the client store, so the next command starts under them.
-//! - **New connections per door** are capped at [`NEW_PER_MINUTE`] a minute once a freeze
-//!   showed a censor on the path (censors count connections per destination too, and a
-//!   burst of them is itself a signal); their times are then kept in the client store, so
-//!   short commands one after another share the cap. Without a censor seen, nothing is
-//!   capped or written.
+//! - **New connections per door** are capped at [`NEW_PER_MINUTE`] a minute wherever a budget
+//!   applies (censors count connections per destination too, and cut off a destination past
+//!   twenty a minute; a burst of them is itself a signal); their times are then kept in the
+//!   client store, so short commands one after another share the cap. A direct door with no
+//!   freeze seen is neither capped nor written down.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -38,6 +41,10 @@ pub(crate) const NEW_PER_MINUTE: usize = 15;
 pub(crate) const BUDGET_BYTES_IN: u64 = 12 << 10;
 /// Above this many packets, a silent connection is not taken for a count-based freeze.
 const FREEZE_BELOW: u32 = 48;
+/// The budget a relay's connections start under, before any freeze: below the 25 packets
+/// after which the Russian censor freezes flows to foreign hosting (`ru-2025-06` on), with a
+/// margin for acknowledgements the estimate misses.
+pub(crate) const RELAY_BUDGET: u32 = 22;
 /// The lowest budget: set-up and one exchange.
 const MIN_BUDGET: u32 = postern_net::SETUP_PACKETS + 4;
 
