@@ -223,7 +223,7 @@ pub type Tls = tokio_btls::SslStream<Tcp>;
 #[derive(Debug)]
 pub struct Tcp {
     inner: TcpStream,
-    held: Vec<u8>,
+    held: Held,
     /// Hold after the next flush.
     armed: bool,
     hold: Hold,
@@ -248,26 +248,62 @@ impl Hold {
     }
 }
 
-/// Most bytes held: set-up writes a few hundred; past this they go out regardless.
-const MAX_HELD: usize = 16 << 10;
+/// Bytes a connection's set-up holds back so that they leave in one segment with what
+/// follows: the client's [`Tcp`] and the server's write coalescing keep them here.
+#[derive(Debug, Default)]
+pub struct Held(Vec<u8>);
+
+impl Held {
+    /// Most bytes held: set-up writes a few hundred; past this they go out at once.
+    pub const MAX: usize = 16 << 10;
+
+    /// Whether more may be held.
+    pub fn has_room(&self) -> bool {
+        self.0.len() < Self::MAX
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Holds `bytes` after what is held.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+    }
+
+    /// Writes everything held to `out`, then frees the buffer (an idle connection keeps
+    /// nothing).
+    pub fn poll_send<W: AsyncWrite + Unpin>(
+        &mut self,
+        out: &mut W,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        while !self.0.is_empty() {
+            let n = ready!(Pin::new(&mut *out).poll_write(cx, &self.0))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.0.drain(..n);
+        }
+        self.0 = Vec::new();
+        Poll::Ready(Ok(()))
+    }
+
+    /// Writes what the socket takes without waiting: for a connection dropped while holding.
+    pub fn send_now(&mut self, socket: &TcpStream) {
+        if !self.0.is_empty() {
+            let _ = socket.try_write(&self.0);
+        }
+    }
+}
 
 impl Tcp {
     /// Wraps a connected socket; it starts passing writes through and holds them from its
     /// first flush on.
     pub(crate) fn new(inner: TcpStream) -> (Tcp, Hold) {
         let hold = Hold::default();
-        (Tcp { inner, held: Vec::new(), armed: true, hold: hold.clone() }, hold)
-    }
-
-    fn poll_send_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while !self.held.is_empty() {
-            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.held))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.held.drain(..n);
-        }
-        Poll::Ready(Ok(()))
+        (Tcp { inner, held: Held::default(), armed: true, hold: hold.clone() }, hold)
     }
 }
 
@@ -288,21 +324,21 @@ impl AsyncWrite for Tcp {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let me = self.get_mut();
-        if me.hold.holding() && me.held.len() < MAX_HELD {
-            me.held.extend_from_slice(buf);
+        if me.hold.holding() && me.held.has_room() {
+            me.held.push(buf);
             return Poll::Ready(Ok(buf.len()));
         }
         // Released (or past the cap): held bytes go first.
-        ready!(me.poll_send_held(cx))?;
+        ready!(me.held.poll_send(&mut me.inner, cx))?;
         Pin::new(&mut me.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let me = self.get_mut();
-        if me.hold.holding() && me.held.len() < MAX_HELD {
+        if me.hold.holding() && me.held.has_room() {
             return Poll::Ready(Ok(()));
         }
-        ready!(me.poll_send_held(cx))?;
+        ready!(me.held.poll_send(&mut me.inner, cx))?;
         ready!(Pin::new(&mut me.inner).poll_flush(cx))?;
         if std::mem::take(&mut me.armed) {
             me.hold.set(true);
@@ -313,7 +349,7 @@ impl AsyncWrite for Tcp {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let me = self.get_mut();
         me.hold.set(false);
-        ready!(me.poll_send_held(cx))?;
+        ready!(me.held.poll_send(&mut me.inner, cx))?;
         Pin::new(&mut me.inner).poll_shutdown(cx)
     }
 }
@@ -647,7 +683,7 @@ mod tests {
         let (mut tcp, _hold) = Tcp::new(tcp);
         tcp.write_all(b"x").await.unwrap();
         tcp.flush().await.unwrap();
-        let big = vec![7u8; MAX_HELD + 100];
+        let big = vec![7u8; Held::MAX + 100];
         tcp.write_all(&big).await.unwrap();
         tcp.write_all(b"!").await.unwrap();
         let mut got = vec![0u8; 1 + big.len() + 1];

@@ -30,7 +30,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 mod browser;
 mod pin;
 
-pub use browser::{H2Stream, Io, Profile};
+pub use browser::{H2Stream, Held, Io, Profile};
 pub use pin::PinVerifier;
 
 /// Time allowed to connect, complete TLS, upgrade and finish the Noise handshake.

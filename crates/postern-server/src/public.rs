@@ -162,9 +162,6 @@ async fn serve_connection(
 /// request and the first Noise message to be written, which then leave together.
 const COALESCE: Duration = Duration::from_millis(10);
 
-/// Most bytes held: past this they go out at once.
-const MAX_HELD: usize = 16 << 10;
-
 enum Phase {
     /// Until the first flush (the TLS handshake flight): writes pass through.
     First,
@@ -182,13 +179,13 @@ enum Phase {
 /// sends them.
 pub(crate) struct Coalesce {
     inner: tokio::net::TcpStream,
-    held: Vec<u8>,
+    held: postern_net::Held,
     phase: Phase,
 }
 
 impl Coalesce {
     pub(crate) fn new(inner: tokio::net::TcpStream) -> Coalesce {
-        Coalesce { inner, held: Vec::new(), phase: Phase::First }
+        Coalesce { inner, held: postern_net::Held::default(), phase: Phase::First }
     }
 
     /// Whether the hold is over, registering for a wake-up when it ends if not.
@@ -203,33 +200,13 @@ impl Coalesce {
         }
         over
     }
-
-    fn poll_send_held(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        use std::task::{Poll, ready};
-        use tokio::io::AsyncWrite;
-        while !self.held.is_empty() {
-            let n = ready!(std::pin::Pin::new(&mut self.inner).poll_write(cx, &self.held))?;
-            if n == 0 {
-                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
-            }
-            self.held.drain(..n);
-        }
-        // Free what set-up needed: an idle connection keeps nothing.
-        self.held = Vec::new();
-        Poll::Ready(Ok(()))
-    }
 }
 
 impl Drop for Coalesce {
     /// A connection dropped while holding (an HTTP/1.1 answer with `Connection: close`, say)
     /// still sends what it held: the socket takes a few kilobytes without waiting.
     fn drop(&mut self) {
-        if !self.held.is_empty() {
-            let _ = self.inner.try_write(&self.held);
-        }
+        self.held.send_now(&self.inner);
     }
 }
 
@@ -243,7 +220,7 @@ impl tokio::io::AsyncRead for Coalesce {
         // The reader is woken when the hold ends, and sends what was held.
         if !me.held.is_empty()
             && me.hold_over(cx)
-            && let std::task::Poll::Ready(Err(e)) = me.poll_send_held(cx)
+            && let std::task::Poll::Ready(Err(e)) = me.held.poll_send(&mut me.inner, cx)
         {
             return std::task::Poll::Ready(Err(e));
         }
@@ -260,12 +237,12 @@ impl tokio::io::AsyncWrite for Coalesce {
         let me = self.get_mut();
         if let Phase::Holding(timer) = &mut me.phase {
             timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(COALESCE)));
-            if !me.hold_over(cx) && me.held.len() < MAX_HELD {
-                me.held.extend_from_slice(buf);
+            if !me.hold_over(cx) && me.held.has_room() {
+                me.held.push(buf);
                 return std::task::Poll::Ready(Ok(buf.len()));
             }
         }
-        std::task::ready!(me.poll_send_held(cx))?;
+        std::task::ready!(me.held.poll_send(&mut me.inner, cx))?;
         std::pin::Pin::new(&mut me.inner).poll_write(cx, buf)
     }
 
@@ -278,13 +255,13 @@ impl tokio::io::AsyncWrite for Coalesce {
         let me = self.get_mut();
         if let Phase::Holding(timer) = &mut me.phase {
             timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(COALESCE)));
-            if !me.hold_over(cx) && me.held.len() < MAX_HELD {
+            if !me.hold_over(cx) && me.held.has_room() {
                 let n = bufs.iter().map(|b| b.len()).sum();
-                bufs.iter().for_each(|b| me.held.extend_from_slice(b));
+                bufs.iter().for_each(|b| me.held.push(b));
                 return std::task::Poll::Ready(Ok(n));
             }
         }
-        std::task::ready!(me.poll_send_held(cx))?;
+        std::task::ready!(me.held.poll_send(&mut me.inner, cx))?;
         std::pin::Pin::new(&mut me.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -297,10 +274,10 @@ impl tokio::io::AsyncWrite for Coalesce {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         let me = self.get_mut();
-        if !me.hold_over(cx) && me.held.len() < MAX_HELD {
+        if !me.hold_over(cx) && me.held.has_room() {
             return std::task::Poll::Ready(Ok(()));
         }
-        std::task::ready!(me.poll_send_held(cx))?;
+        std::task::ready!(me.held.poll_send(&mut me.inner, cx))?;
         std::task::ready!(std::pin::Pin::new(&mut me.inner).poll_flush(cx))?;
         if matches!(me.phase, Phase::First) {
             me.phase = Phase::Holding(None);
@@ -314,7 +291,7 @@ impl tokio::io::AsyncWrite for Coalesce {
     ) -> std::task::Poll<std::io::Result<()>> {
         let me = self.get_mut();
         me.phase = Phase::Open;
-        std::task::ready!(me.poll_send_held(cx))?;
+        std::task::ready!(me.held.poll_send(&mut me.inner, cx))?;
         std::pin::Pin::new(&mut me.inner).poll_shutdown(cx)
     }
 }
