@@ -268,10 +268,6 @@ async fn open_websocket_held(endpoint: &Endpoint, cookie: &str) -> Result<(Ws, O
         endpoint.addrs.first().ok_or_else(|| NetError::Connect("link has no address".into()))?;
     let tcp = connect_tcp(addr).await.map_err(|e| NetError::Connect(e.to_string()))?;
     let _ = tcp.set_nodelay(true);
-    // Acknowledge with the next data rather than at once (Linux acknowledges every segment
-    // of a new connection at once otherwise): a packet-counting censor sees fewer bare
-    // acknowledgements during set-up.
-    let _ = socket2::SockRef::from(&tcp).set_tcp_quickack(false);
     let probe = tcp.as_fd().try_clone_to_owned().map_err(|e| NetError::Connect(e.to_string()))?;
     let (tcp, hold) = browser::Tcp::new(tcp);
     let profile = Profile::for_name(&endpoint.tls_name);
