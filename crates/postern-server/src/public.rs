@@ -3,14 +3,18 @@
 //! router, until shutdown.
 
 use std::collections::HashSet;
+use std::io::{self, IoSlice};
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -166,7 +170,7 @@ enum Phase {
     /// Until the first flush (the TLS handshake flight): writes pass through.
     First,
     /// Writes are held; the timer starts at the first of them.
-    Holding(Option<std::pin::Pin<Box<tokio::time::Sleep>>>),
+    Holding(Option<Pin<Box<tokio::time::Sleep>>>),
     /// Writes pass through.
     Open,
 }
@@ -188,8 +192,16 @@ impl Coalesce {
         Coalesce { inner, held: postern_net::Held::default(), phase: Phase::First }
     }
 
+    /// Whether a write now is held: in the holding phase (whose timer starts with its first
+    /// write), before the time is up, and under the cap.
+    fn holds(&mut self, cx: &mut Context<'_>) -> bool {
+        let Phase::Holding(timer) = &mut self.phase else { return false };
+        timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(COALESCE)));
+        !self.hold_over(cx) && self.held.has_room()
+    }
+
     /// Whether the hold is over, registering for a wake-up when it ends if not.
-    fn hold_over(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+    fn hold_over(&mut self, cx: &mut Context<'_>) -> bool {
         let over = match &mut self.phase {
             Phase::Holding(Some(timer)) => timer.as_mut().poll(cx).is_ready(),
             Phase::Holding(None) => false,
@@ -210,89 +222,76 @@ impl Drop for Coalesce {
     }
 }
 
-impl tokio::io::AsyncRead for Coalesce {
+impl AsyncRead for Coalesce {
     fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let me = self.get_mut();
         // The reader is woken when the hold ends, and sends what was held.
         if !me.held.is_empty()
             && me.hold_over(cx)
-            && let std::task::Poll::Ready(Err(e)) = me.held.poll_send(&mut me.inner, cx)
+            && let Poll::Ready(Err(e)) = me.held.poll_send(&mut me.inner, cx)
         {
-            return std::task::Poll::Ready(Err(e));
+            return Poll::Ready(Err(e));
         }
-        std::pin::Pin::new(&mut me.inner).poll_read(cx, buf)
+        Pin::new(&mut me.inner).poll_read(cx, buf)
     }
 }
 
-impl tokio::io::AsyncWrite for Coalesce {
+impl AsyncWrite for Coalesce {
     fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
         buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
+    ) -> Poll<io::Result<usize>> {
         let me = self.get_mut();
-        if let Phase::Holding(timer) = &mut me.phase {
-            timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(COALESCE)));
-            if !me.hold_over(cx) && me.held.has_room() {
-                me.held.push(buf);
-                return std::task::Poll::Ready(Ok(buf.len()));
-            }
+        if me.holds(cx) {
+            me.held.push(buf);
+            return Poll::Ready(Ok(buf.len()));
         }
-        std::task::ready!(me.held.poll_send(&mut me.inner, cx))?;
-        std::pin::Pin::new(&mut me.inner).poll_write(cx, buf)
+        ready!(me.held.poll_send(&mut me.inner, cx))?;
+        Pin::new(&mut me.inner).poll_write(cx, buf)
     }
 
     /// TLS writes a flight's records as one vectored write: one segment.
     fn poll_write_vectored(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         let me = self.get_mut();
-        if let Phase::Holding(timer) = &mut me.phase {
-            timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(COALESCE)));
-            if !me.hold_over(cx) && me.held.has_room() {
-                let n = bufs.iter().map(|b| b.len()).sum();
-                bufs.iter().for_each(|b| me.held.push(b));
-                return std::task::Poll::Ready(Ok(n));
-            }
+        if me.holds(cx) {
+            bufs.iter().for_each(|b| me.held.push(b));
+            return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
         }
-        std::task::ready!(me.held.poll_send(&mut me.inner, cx))?;
-        std::pin::Pin::new(&mut me.inner).poll_write_vectored(cx, bufs)
+        ready!(me.held.poll_send(&mut me.inner, cx))?;
+        Pin::new(&mut me.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
 
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let me = self.get_mut();
         if !me.hold_over(cx) && me.held.has_room() {
-            return std::task::Poll::Ready(Ok(()));
+            return Poll::Ready(Ok(()));
         }
-        std::task::ready!(me.held.poll_send(&mut me.inner, cx))?;
-        std::task::ready!(std::pin::Pin::new(&mut me.inner).poll_flush(cx))?;
+        ready!(me.held.poll_send(&mut me.inner, cx))?;
+        ready!(Pin::new(&mut me.inner).poll_flush(cx))?;
         if matches!(me.phase, Phase::First) {
             me.phase = Phase::Holding(None);
         }
-        std::task::Poll::Ready(Ok(()))
+        Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let me = self.get_mut();
         me.phase = Phase::Open;
-        std::task::ready!(me.held.poll_send(&mut me.inner, cx))?;
-        std::pin::Pin::new(&mut me.inner).poll_shutdown(cx)
+        ready!(me.held.poll_send(&mut me.inner, cx))?;
+        Pin::new(&mut me.inner).poll_shutdown(cx)
     }
 }
 

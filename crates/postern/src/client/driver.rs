@@ -90,16 +90,10 @@ impl Driver {
     /// first time this process sees it.
     fn door(&mut self, key: &DoorKey) -> Result<&mut DoorState> {
         if !self.book.known(key) {
-            let own = self.client.door_budget(&key.store_name())?;
-            let budget = match own {
-                Some(b) => Some(b),
-                None => self.client.door_budget(NETWORK_BUDGET)?.or(match key {
-                    // A relay is there for a censored network: its connections start under
-                    // the budget a freezing censor allows rather than learn it by a freeze,
-                    // which the censor punishes with residual blocking.
-                    DoorKey::Relay(_) => Some(super::transport::RELAY_BUDGET),
-                    DoorKey::Direct(_) => None,
-                }),
+            // Its own budget, else the network's, else the one its kind starts with.
+            let budget = match self.client.door_budget(&key.store_name())? {
+                Some(own) => Some(own),
+                None => self.client.door_budget(NETWORK_BUDGET)?.or(key.starting_budget()),
             };
             // Connection times are kept only where the cap applies.
             let ages: Vec<Duration> = if budget.is_some() {
@@ -200,8 +194,8 @@ impl Driver {
             state.opened(started.into_std());
             // A session's set-up is about four round trips: a first guess at the RTT.
             state.first_guess(started.elapsed() / 4);
-            // Connection times matter only where the cap applies (a censor seen): only there
-            // are they written down for later commands.
+            // Connection times matter only where the cap applies (a door with a budget): only
+            // there are they written down for later commands.
             let capped = state.budget.is_some();
             self.doors.insert(key.clone(), relay);
             self.client.door_opened(link, relay)?;
@@ -259,8 +253,8 @@ impl Driver {
         attempt: u32,
     ) -> Result<Outcome, Failure> {
         let key = link.to_link_string();
-        // Only a door with a budget (a censor seen) has its connection's spending read, and
-        // the request sized for it.
+        // Only a door with a budget has its connection's spending read, and the request
+        // sized for it.
         let open = self.conns.contains_key(&key);
         if open && self.current_door(link).map_err(Failure::Unreachable)?.1.budget.is_some() {
             let spent = self.conns.get(&key).map(Connection::spent).unwrap_or_default();

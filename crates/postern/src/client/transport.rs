@@ -44,7 +44,7 @@ const FREEZE_BELOW: u32 = 48;
 /// The budget a relay's connections start under, before any freeze: below the 25 packets
 /// after which the Russian censor freezes flows to foreign hosting (`ru-2025-06` on), with a
 /// margin for acknowledgements the estimate misses.
-pub(crate) const RELAY_BUDGET: u32 = 22;
+const RELAY_BUDGET: u32 = 22;
 /// The lowest budget: set-up and one exchange.
 const MIN_BUDGET: u32 = postern_net::SETUP_PACKETS + 4;
 
@@ -56,6 +56,17 @@ pub(crate) enum DoorKey {
 }
 
 impl DoorKey {
+    /// The budget a door of this kind starts with when neither it nor the network learned
+    /// one: a relay is there for a censored network, so its connections start under the
+    /// budget a freezing censor allows rather than learn it by a freeze (which the censor
+    /// punishes with residual blocking); a direct door starts with none.
+    pub(crate) fn starting_budget(&self) -> Option<u32> {
+        match self {
+            DoorKey::Relay(_) => Some(RELAY_BUDGET),
+            DoorKey::Direct(_) => None,
+        }
+    }
+
     /// The name the store keeps budgets under.
     pub(crate) fn store_name(&self) -> String {
         match self {
@@ -95,8 +106,8 @@ impl DoorState {
         });
     }
 
-    /// Whether the door may open another connection now: always, until a freeze showed a
-    /// censor on the path (then its budget is set); after that, within the cap.
+    /// Whether the door may open another connection now: always while it has no budget;
+    /// with one (a relay's from the start, a direct door's after a freeze), within the cap.
     pub(crate) fn may_open(&mut self, now: Instant) -> bool {
         if self.budget.is_none() {
             return true;
