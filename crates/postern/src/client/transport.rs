@@ -158,7 +158,10 @@ impl DoorState {
     /// acknowledgement).
     pub(crate) fn over_budget(&self, spent: Spent, len: usize, answer: usize) -> bool {
         let Some(budget) = self.budget else { return false };
-        spent.after(len).after(answer).packets + 1 >= budget
+        // The receiver may acknowledge each segment of the request at once (a new
+        // connection's quick acknowledgements), which `Spent::after` counts only by halves.
+        let request_acks = u32::try_from(len.div_ceil(postern_net::SEGMENT)).unwrap_or(u32::MAX);
+        spent.after(len).after(answer).packets.saturating_add(1 + request_acks) >= budget
             || spent.bytes_in + postern_net::SEGMENT as u64 > BUDGET_BYTES_IN
     }
 }
