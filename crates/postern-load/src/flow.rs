@@ -179,7 +179,7 @@ async fn run(target: &Target, logs: usize, receivers: usize, load: LoadArgs) -> 
     let mut receiver_conns = open_all(target, logs * receivers).await?;
     for (i, conn) in receiver_conns.iter_mut().enumerate() {
         let log = plans[i / receivers].log;
-        conn.request(Request::Subscribe { log, after: 0 }, None)
+        conn.request(Request::Subscribe { log, after: 0, max_bytes: u16::MAX }, None)
             .await
             .with_context(|| format!("subscribe {i}"))?;
     }
@@ -426,7 +426,8 @@ async fn receive(
             ServerFrame::Response { result: Ok(Response::Items { items, .. }), .. } => items,
             ServerFrame::Push(Push::SubscriptionLost { log }) => {
                 lost += 1;
-                conn.send(Request::Subscribe { log, after: last_seq }, None).await?;
+                conn.send(Request::Subscribe { log, after: last_seq, max_bytes: u16::MAX }, None)
+                    .await?;
                 continue;
             }
             ServerFrame::Response { .. } | ServerFrame::Push(_) => continue,

@@ -62,7 +62,8 @@ pub(crate) async fn run(target: &Target, args: IdleArgs) -> Result<Measured> {
             let mut conn = target.open().await?;
             for j in 0..subscriptions {
                 let log = logs[(i + j) % LOGS];
-                conn.request(Request::Subscribe { log, after: 0 }, None).await?;
+                conn.request(Request::Subscribe { log, after: 0, max_bytes: u16::MAX }, None)
+                    .await?;
             }
             Ok::<_, postern_net::NetError>(conn)
         })

@@ -51,10 +51,11 @@ pub enum Request {
     DropRevoke { mailbox: MailboxId, drop: DropId },
     /// Drop a sealed item through a drop address (no signature: the address is the capability).
     Drop { drop: DropId, idem: IdemKey, body: Body },
-    /// Items after `after`, oldest first (owner-signed).
-    MailboxFetch { mailbox: MailboxId, after: u64, max_items: u16 },
-    /// The rest of a large mailbox item from `offset` (owner-signed).
-    MailboxReadPart { mailbox: MailboxId, seq: u64, offset: u32 },
+    /// Items after `after`, oldest first, carrying at most `max_bytes` item bytes
+    /// (owner-signed).
+    MailboxFetch { mailbox: MailboxId, after: u64, max_items: u16, max_bytes: u16 },
+    /// At most `max_bytes` more of a large mailbox item from `offset` (owner-signed).
+    MailboxReadPart { mailbox: MailboxId, seq: u64, offset: u32, max_bytes: u16 },
     /// Delete items up to and including `through` (owner-signed).
     MailboxDelete { mailbox: MailboxId, through: u64 },
     /// Add encrypted key packages to a device's pool (owner-signed).
@@ -85,12 +86,13 @@ pub enum Request {
     /// that key): the server then takes this connection's appends under it without checking
     /// each envelope's signature.
     LogAuth { log: LogId, key: PublicKey },
-    /// Entries after `after`, oldest first.
-    LogRead { log: LogId, after: u64, max_items: u16 },
-    /// The rest of a large entry from `offset`.
-    LogReadPart { log: LogId, seq: u64, offset: u32 },
-    /// Push entries after `after`, then every new one, until unsubscribed.
-    Subscribe { log: LogId, after: u64 },
+    /// Entries after `after`, oldest first, carrying at most `max_bytes` entry bytes.
+    LogRead { log: LogId, after: u64, max_items: u16, max_bytes: u16 },
+    /// At most `max_bytes` more of a large entry from `offset`.
+    LogReadPart { log: LogId, seq: u64, offset: u32, max_bytes: u16 },
+    /// Push entries after `after`, then every new one, until unsubscribed; a push carries at
+    /// most `max_bytes` entry bytes.
+    Subscribe { log: LogId, after: u64, max_bytes: u16 },
     /// Stop pushing a log's entries.
     Unsubscribe { log: LogId },
     /// One chunk of a resumable upload of `total_len` bytes.
@@ -291,11 +293,11 @@ fn encode_request(w: &mut Writer, req: &Request) {
             w.u8(op::DROP).fixed(&drop.0).fixed(&idem.0);
             encode_body(w, body);
         }
-        Request::MailboxFetch { mailbox, after, max_items } => {
-            w.u8(op::MAILBOX_FETCH).fixed(&mailbox.0).u64(*after).u16(*max_items);
+        Request::MailboxFetch { mailbox, after, max_items, max_bytes } => {
+            w.u8(op::MAILBOX_FETCH).fixed(&mailbox.0).u64(*after).u16(*max_items).u16(*max_bytes);
         }
-        Request::MailboxReadPart { mailbox, seq, offset } => {
-            w.u8(op::MAILBOX_READ_PART).fixed(&mailbox.0).u64(*seq).u32(*offset);
+        Request::MailboxReadPart { mailbox, seq, offset, max_bytes } => {
+            w.u8(op::MAILBOX_READ_PART).fixed(&mailbox.0).u64(*seq).u32(*offset).u16(*max_bytes);
         }
         Request::MailboxDelete { mailbox, through } => {
             w.u8(op::MAILBOX_DELETE).fixed(&mailbox.0).u64(*through);
@@ -337,14 +339,14 @@ fn encode_request(w: &mut Writer, req: &Request) {
         Request::LogAuth { log, key } => {
             w.u8(op::LOG_AUTH).fixed(&log.0).fixed(&key.0);
         }
-        Request::LogRead { log, after, max_items } => {
-            w.u8(op::LOG_READ).fixed(&log.0).u64(*after).u16(*max_items);
+        Request::LogRead { log, after, max_items, max_bytes } => {
+            w.u8(op::LOG_READ).fixed(&log.0).u64(*after).u16(*max_items).u16(*max_bytes);
         }
-        Request::LogReadPart { log, seq, offset } => {
-            w.u8(op::LOG_READ_PART).fixed(&log.0).u64(*seq).u32(*offset);
+        Request::LogReadPart { log, seq, offset, max_bytes } => {
+            w.u8(op::LOG_READ_PART).fixed(&log.0).u64(*seq).u32(*offset).u16(*max_bytes);
         }
-        Request::Subscribe { log, after } => {
-            w.u8(op::SUBSCRIBE).fixed(&log.0).u64(*after);
+        Request::Subscribe { log, after, max_bytes } => {
+            w.u8(op::SUBSCRIBE).fixed(&log.0).u64(*after).u16(*max_bytes);
         }
         Request::Unsubscribe { log } => {
             w.u8(op::UNSUBSCRIBE).fixed(&log.0);
@@ -377,11 +379,13 @@ fn decode_request(r: &mut Reader<'_>) -> Result<Request, DecodeError> {
             mailbox: MailboxId(r.array()?),
             after: r.u64()?,
             max_items: r.u16()?,
+            max_bytes: r.u16()?,
         },
         op::MAILBOX_READ_PART => Request::MailboxReadPart {
             mailbox: MailboxId(r.array()?),
             seq: r.u64()?,
             offset: r.u32()?,
+            max_bytes: r.u16()?,
         },
         op::MAILBOX_DELETE => {
             Request::MailboxDelete { mailbox: MailboxId(r.array()?), through: r.u64()? }
@@ -419,13 +423,21 @@ fn decode_request(r: &mut Reader<'_>) -> Result<Request, DecodeError> {
         op::LOG_CREATE => Request::LogCreate { log: LogId(r.array()?), key: PublicKey(r.array()?) },
         op::LOG_APPEND => Request::LogAppend { log: LogId(r.array()?), body: decode_body(r)? },
         op::LOG_AUTH => Request::LogAuth { log: LogId(r.array()?), key: PublicKey(r.array()?) },
-        op::LOG_READ => {
-            Request::LogRead { log: LogId(r.array()?), after: r.u64()?, max_items: r.u16()? }
+        op::LOG_READ => Request::LogRead {
+            log: LogId(r.array()?),
+            after: r.u64()?,
+            max_items: r.u16()?,
+            max_bytes: r.u16()?,
+        },
+        op::LOG_READ_PART => Request::LogReadPart {
+            log: LogId(r.array()?),
+            seq: r.u64()?,
+            offset: r.u32()?,
+            max_bytes: r.u16()?,
+        },
+        op::SUBSCRIBE => {
+            Request::Subscribe { log: LogId(r.array()?), after: r.u64()?, max_bytes: r.u16()? }
         }
-        op::LOG_READ_PART => {
-            Request::LogReadPart { log: LogId(r.array()?), seq: r.u64()?, offset: r.u32()? }
-        }
-        op::SUBSCRIBE => Request::Subscribe { log: LogId(r.array()?), after: r.u64()? },
         op::UNSUBSCRIBE => Request::Unsubscribe { log: LogId(r.array()?) },
         op::UPLOAD_CHUNK => Request::UploadChunk {
             upload: UploadId(r.array()?),

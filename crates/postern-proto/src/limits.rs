@@ -10,6 +10,9 @@ pub const MAX_INLINE: usize = 16_384;
 pub const MAX_ENTRY: usize = 1_048_576;
 /// Most items returned by one read.
 pub const MAX_ITEMS: usize = 64;
+/// The least `max_bytes` a read, a part or a subscription's pushes may ask for: smaller
+/// asks get this many bytes. Asking for `u16::MAX` gets the server's own limit.
+pub const MIN_READ_BYTES: usize = 256;
 /// Most key packages in one upload.
 pub const MAX_KEY_PACKAGES_PER_UPLOAD: usize = 32;
 /// Largest encrypted key package (sized for post-quantum suites).

@@ -4,7 +4,7 @@
 use postern_proto::envelope::Envelope;
 use postern_proto::frame::{Body, ClientFrame, ErrorCode, Item, Request, Response, Signer};
 use postern_proto::ids::{KeyId, LogId, PreparedKey, UploadId};
-use postern_proto::limits::{MAX_ENTRY, MAX_INLINE, MAX_ITEMS};
+use postern_proto::limits::{MAX_ENTRY, MAX_INLINE, MAX_ITEMS, MIN_READ_BYTES};
 use postern_proto::pad::MAX_UNPADDED;
 use postern_store::{NewEntry, ReadLimit, Store, StoreError};
 
@@ -30,8 +30,17 @@ pub(crate) fn code(e: StoreError) -> ErrorCode {
     }
 }
 
-pub(crate) fn read_limit(max_items: u16) -> ReadLimit {
-    ReadLimit { max_items: usize::from(max_items).clamp(1, MAX_ITEMS), max_bytes: READ_BUDGET }
+/// What a read (or a subscription's push) may carry: as asked, within the server's limits.
+pub(crate) fn read_limit(max_items: u16, max_bytes: u16) -> ReadLimit {
+    ReadLimit {
+        max_items: usize::from(max_items).clamp(1, MAX_ITEMS),
+        max_bytes: usize::from(max_bytes).clamp(MIN_READ_BYTES, READ_BUDGET),
+    }
+}
+
+/// The bytes one part may carry: as asked, within the server's limits.
+fn part_limit(max_bytes: u16) -> usize {
+    usize::from(max_bytes).clamp(MIN_READ_BYTES, MAX_INLINE)
 }
 
 /// Checks the request's signature, if it needs one. A bad signature and an unknown mailbox
@@ -97,14 +106,14 @@ pub(crate) async fn handle<S: Store>(
             let appended = store.drop_item(drop, idem, data, upload, today).await.map_err(code)?;
             Ok(Response::Seq(appended.seq))
         }
-        Request::MailboxFetch { mailbox, after, max_items } => {
-            let page =
-                store.fetch_mailbox(mailbox, after, read_limit(max_items)).await.map_err(code)?;
+        Request::MailboxFetch { mailbox, after, max_items, max_bytes } => {
+            let limit = read_limit(max_items, max_bytes);
+            let page = store.fetch_mailbox(mailbox, after, limit).await.map_err(code)?;
             Ok(Response::Items { items: page.items, more: page.more })
         }
-        Request::MailboxReadPart { mailbox, seq, offset } => {
-            let bytes =
-                store.read_mailbox_part(mailbox, seq, offset, MAX_INLINE).await.map_err(code)?;
+        Request::MailboxReadPart { mailbox, seq, offset, max_bytes } => {
+            let max = part_limit(max_bytes);
+            let bytes = store.read_mailbox_part(mailbox, seq, offset, max).await.map_err(code)?;
             Ok(Response::Part(bytes))
         }
         Request::MailboxDelete { mailbox, through } => {
@@ -170,12 +179,13 @@ pub(crate) async fn handle<S: Store>(
             Ok(held) if held.public() == key => Ok(Response::Ok),
             _ => Err(ErrorCode::NotFound),
         },
-        Request::LogRead { log, after, max_items } => {
-            let page = store.read_log(log, after, read_limit(max_items)).await.map_err(code)?;
+        Request::LogRead { log, after, max_items, max_bytes } => {
+            let limit = read_limit(max_items, max_bytes);
+            let page = store.read_log(log, after, limit).await.map_err(code)?;
             Ok(Response::Items { items: page.items, more: page.more })
         }
-        Request::LogReadPart { log, seq, offset } => Ok(Response::Part(
-            store.read_log_part(log, seq, offset, MAX_INLINE).await.map_err(code)?,
+        Request::LogReadPart { log, seq, offset, max_bytes } => Ok(Response::Part(
+            store.read_log_part(log, seq, offset, part_limit(max_bytes)).await.map_err(code)?,
         )),
         Request::UploadChunk { upload, total_len, offset, bytes } => {
             if total_len as usize > MAX_ENTRY {

@@ -13,10 +13,13 @@ use futures_util::stream::{FuturesUnordered, SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use postern_proto::DecodeError;
 use postern_proto::envelope::Envelope;
-use postern_proto::frame::{Body, ClientFrame, ErrorCode, Push, Request, Response, ServerFrame};
+use postern_proto::frame::{
+    Body, ClientFrame, ErrorCode, Item, Push, Request, Response, ServerFrame,
+};
 use postern_proto::ids::{KeyId, LogId};
+use postern_proto::limits::MAX_ITEMS;
 use postern_proto::session::{Transport, server_respond};
-use postern_store::{Page, Store};
+use postern_store::{ITEM_OVERHEAD, Page, ReadLimit, Store};
 use rand::RngCore;
 
 use crate::App;
@@ -60,6 +63,8 @@ enum Done {
 /// Per-log subscription state: everything up to `cursor` has been pushed.
 struct Sub {
     cursor: u64,
+    /// The most entry bytes a push carries (as the subscriber asked, within our limits).
+    max_bytes: usize,
     reading: bool,
     dirty: bool,
 }
@@ -211,17 +216,20 @@ impl<S: Store> Session<S> {
             return self.respond(request_id, Err(ErrorCode::RateLimited)).await;
         }
         match frame.request {
-            Request::Subscribe { log, after } => {
+            Request::Subscribe { log, after, max_bytes } => {
                 if !self.subs.contains_key(&log) && self.subs.len() >= MAX_SUBSCRIPTIONS {
                     return self.respond(request_id, Err(ErrorCode::QuotaExceeded)).await;
                 }
                 self.app.hub.subscribe(log, subscriber);
+                let max_bytes = read_limit(u16::MAX, max_bytes).max_bytes;
                 let sub = self.subs.entry(log).or_insert(Sub {
                     cursor: after,
+                    max_bytes,
                     reading: false,
                     dirty: false,
                 });
                 sub.cursor = after;
+                sub.max_bytes = max_bytes;
                 sub.reading = false;
                 self.catch_up(log, Some(request_id));
                 Ok(())
@@ -273,9 +281,10 @@ impl<S: Store> Session<S> {
         sub.reading = true;
         sub.dirty = false;
         let after = sub.cursor;
+        let limit = ReadLimit { max_items: MAX_ITEMS, max_bytes: sub.max_bytes };
         let app = self.app.clone();
         self.work.push(Box::pin(async move {
-            let result = app.store.read_log(log, after, read_limit(u16::MAX)).await.map_err(code);
+            let result = app.store.read_log(log, after, limit).await.map_err(code);
             Done::CatchUp { log, reply_to, result }
         }));
     }
@@ -344,7 +353,14 @@ impl<S: Store> Session<S> {
             return Ok(());
         }
         sub.cursor = notice.item.seq;
-        let items = vec![(*notice.item).clone()];
+        // As a read would carry it: its first bytes, the rest by `log_read_part`.
+        let item = &notice.item;
+        let keep = item.bytes.len().min(sub.max_bytes.saturating_sub(ITEM_OVERHEAD));
+        let items = vec![Item {
+            seq: item.seq,
+            total_len: item.total_len,
+            bytes: item.bytes[..keep].to_vec(),
+        }];
         self.send(&ServerFrame::Push(Push::Items { log: notice.log, items })).await
     }
 }

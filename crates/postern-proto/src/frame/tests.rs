@@ -15,8 +15,8 @@ fn all_requests() -> Vec<Request> {
             idem: IdemKey([4; 16]),
             body: Body::Inline(vec![9; 40]),
         },
-        Request::MailboxFetch { mailbox: m, after: 5, max_items: 10 },
-        Request::MailboxReadPart { mailbox: m, seq: 6, offset: 16_384 },
+        Request::MailboxFetch { mailbox: m, after: 5, max_items: 10, max_bytes: 4_000 },
+        Request::MailboxReadPart { mailbox: m, seq: 6, offset: 16_384, max_bytes: 4_000 },
         Request::MailboxDelete { mailbox: m, through: 7 },
         Request::KeyPackageUpload {
             mailbox: m,
@@ -42,9 +42,9 @@ fn all_requests() -> Vec<Request> {
         Request::LogCreate { log: LogId([8; 32]), key: PublicKey([2; 32]) },
         Request::LogAuth { log: LogId([8; 32]), key: PublicKey([3; 32]) },
         Request::LogAppend { log: LogId([8; 32]), body: Body::Upload(UploadId([9; 16])) },
-        Request::LogRead { log: LogId([8; 32]), after: 0, max_items: 64 },
-        Request::LogReadPart { log: LogId([8; 32]), seq: 1, offset: 2 },
-        Request::Subscribe { log: LogId([8; 32]), after: 3 },
+        Request::LogRead { log: LogId([8; 32]), after: 0, max_items: 64, max_bytes: 4_000 },
+        Request::LogReadPart { log: LogId([8; 32]), seq: 1, offset: 2, max_bytes: 4_000 },
+        Request::Subscribe { log: LogId([8; 32]), after: 3, max_bytes: 4_000 },
         Request::Unsubscribe { log: LogId([8; 32]) },
         Request::UploadChunk {
             upload: UploadId([9; 16]),
@@ -77,14 +77,19 @@ fn every_request_round_trips() {
 
 #[test]
 fn wire_layout_is_stable() {
-    // A snapshot of the byte layout: changing it breaks every deployed client.
+    // A snapshot of the byte layout: once released, changing it breaks every deployed client.
     let frame = ClientFrame {
         request_id: 0x0102_0304,
-        request: Request::LogRead { log: LogId([0xee; 32]), after: 9, max_items: 64 },
+        request: Request::LogRead {
+            log: LogId([0xee; 32]),
+            after: 9,
+            max_items: 64,
+            max_bytes: 4_000,
+        },
         signature: None,
     };
     let hex: String = frame.encode().iter().map(|b| format!("{b:02x}")).collect();
-    assert_eq!(hex, format!("01010203040f{}00000000000000090040", "ee".repeat(32)));
+    assert_eq!(hex, format!("01010203040f{}000000000000000900400fa0", "ee".repeat(32)));
     let resp = ServerFrame::Response { request_id: 7, result: Ok(Response::Seq(42)) };
     let hex: String = resp.encode().iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(hex, "010000000007000200000000000000 2a".replace(' ', ""));

@@ -22,11 +22,18 @@ const DOOR_STAGGER: Duration = Duration::from_secs(2);
 /// The name the store keeps the network's packet budget under: the lowest any door learned,
 /// the default for doors that learned none.
 const NETWORK_BUDGET: &str = "network";
+/// `max_bytes` for the server's own limit.
+const ANY: u16 = u16::MAX;
 /// How many times a request is sent again on a fresh connection after its connection froze
 /// or broke.
 const RETRIES: u32 = 2;
 /// Items asked for per read.
 const READ_BATCH: u16 = 64;
+/// Entry bytes one frame carries through a door with a budget (an upload's chunk, an
+/// answer's items, a push): with its framing it fills the 4 KiB padding bucket, so no
+/// request or answer there takes more than three full segments. Elsewhere frames go up to
+/// the largest bucket.
+const SMALL_FRAME: u16 = 3_968;
 /// Rounds of sending and resolving commits in one flush (each commit needs one).
 const MAX_FLUSH_ROUNDS: usize = 16;
 
@@ -268,6 +275,7 @@ impl Driver {
         self.conn(link).await.map_err(Failure::Unreachable)?;
         let (door, state) = self.current_door(link).map_err(Failure::Unreachable)?;
         let wait = state.freeze_wait(attempt);
+        let request = if state.budget.is_some() { small_answers(request) } else { request };
         let conn = self
             .conns
             .get_mut(&key)
@@ -405,15 +413,22 @@ impl Driver {
     }
 
     /// A body for an append or drop: inline, or uploaded in chunks first (the upload id is
-    /// the idempotency key, so a retry resumes the same upload).
+    /// the idempotency key, so a retry resumes the same upload). Through a door with a budget
+    /// a frame stays small ([`SMALL_FRAME`]), so a larger body goes up in small chunks.
     async fn body(&mut self, link: &ServerLink, upload: [u8; 16], bytes: Vec<u8>) -> Result<Body> {
-        if bytes.len() <= MAX_INLINE {
+        self.conn(link).await?;
+        let chunk_len = if self.current_door(link)?.1.budget.is_some() {
+            SMALL_FRAME.into()
+        } else {
+            MAX_INLINE
+        };
+        if bytes.len() <= chunk_len {
             return Ok(Body::Inline(bytes));
         }
         let total_len = u32::try_from(bytes.len()).context("entry too large")?;
         let upload = UploadId(upload);
-        for (i, chunk) in bytes.chunks(MAX_INLINE).enumerate() {
-            let offset = u32::try_from(i * MAX_INLINE).context("entry too large")?;
+        for (i, chunk) in bytes.chunks(chunk_len).enumerate() {
+            let offset = u32::try_from(i * chunk_len).context("entry too large")?;
             let request = Request::UploadChunk { upload, total_len, offset, bytes: chunk.to_vec() };
             if let Outcome::Refused(code) = self.call(link, request, None).await? {
                 return Err(anyhow!("the server refused an upload: {code}"));
@@ -562,8 +577,12 @@ impl Driver {
         let mut events = Vec::new();
         loop {
             let after = self.client.mailbox_cursor()?;
-            let request =
-                Request::MailboxFetch { mailbox: keys.mailbox, after, max_items: READ_BATCH };
+            let request = Request::MailboxFetch {
+                mailbox: keys.mailbox,
+                after,
+                max_items: READ_BATCH,
+                max_bytes: ANY,
+            };
             let (items, more) = match self.call(&link, request, Some(&keys.owner)).await? {
                 Outcome::Done(Response::Items { items, more }) => (items, more),
                 // Not published yet, or expired while we were away: publish it (again).
@@ -577,7 +596,8 @@ impl Driver {
             let mailbox = keys.mailbox;
             for item in items {
                 let seq = item.seq;
-                let part = |seq, offset| Request::MailboxReadPart { mailbox, seq, offset };
+                let part =
+                    |seq, offset| Request::MailboxReadPart { mailbox, seq, offset, max_bytes: ANY };
                 let item = self.complete(&link, item, part, Some(&keys.owner)).await?;
                 let bytes = item.map(|i| i.bytes).unwrap_or_default();
                 events.extend(self.client.receive_drop(seq, &bytes)?);
@@ -598,7 +618,7 @@ impl Driver {
         let mut events = Vec::new();
         for item in items {
             let seq = item.seq;
-            let part = |seq, offset| Request::LogReadPart { log, seq, offset };
+            let part = |seq, offset| Request::LogReadPart { log, seq, offset, max_bytes: ANY };
             let item = self.complete(link, item, part, None).await?;
             let bytes = item.map(|i| i.bytes).unwrap_or_default();
             events.extend(self.client.receive_entry(&log, seq, &bytes)?);
@@ -611,7 +631,8 @@ impl Driver {
         let mut events = Vec::new();
         let mut after = chat.cursor;
         loop {
-            let request = Request::LogRead { log: chat.log, after, max_items: READ_BATCH };
+            let request =
+                Request::LogRead { log: chat.log, after, max_items: READ_BATCH, max_bytes: ANY };
             let (items, more) = match self.call(&chat.server, request, None).await? {
                 Outcome::Done(Response::Items { items, more }) => (items, more),
                 Outcome::Refused(ErrorCode::NotFound) if chat.cursor > 0 => {
@@ -699,7 +720,7 @@ impl Driver {
             {
                 continue;
             }
-            let request = Request::Subscribe { log: chat.log, after: chat.cursor };
+            let request = Request::Subscribe { log: chat.log, after: chat.cursor, max_bytes: ANY };
             match self.call(&chat.server, request, None).await? {
                 Outcome::Refused(code) => {
                     tracing::warn!(chat = %chat.chat, %code, "cannot subscribe to a chat's log");
@@ -757,7 +778,7 @@ impl Driver {
                 // Too slow for the push stream: read what was missed, then subscribe again.
                 let events = self.pull_logs().await?;
                 if let Some(chat) = self.client.logs()?.into_iter().find(|c| c.log == log) {
-                    let request = Request::Subscribe { log, after: chat.cursor };
+                    let request = Request::Subscribe { log, after: chat.cursor, max_bytes: ANY };
                     self.call(&chat.server, request, None).await?;
                 }
                 Ok(events)
@@ -790,6 +811,19 @@ fn answer_room(request: &Request) -> usize {
     }
 }
 
+/// `request` with its answer (or pushes) limited to [`SMALL_FRAME`] entry bytes.
+fn small_answers(mut request: Request) -> Request {
+    match &mut request {
+        Request::LogRead { max_bytes, .. }
+        | Request::LogReadPart { max_bytes, .. }
+        | Request::MailboxFetch { max_bytes, .. }
+        | Request::MailboxReadPart { max_bytes, .. }
+        | Request::Subscribe { max_bytes, .. } => *max_bytes = (*max_bytes).min(SMALL_FRAME),
+        _ => {}
+    }
+    request
+}
+
 /// Seconds since the Unix epoch.
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
@@ -810,5 +844,84 @@ fn unexpected(outcome: Outcome) -> anyhow::Error {
     match outcome {
         Outcome::Refused(code) => anyhow!("the server refused: {code}"),
         Outcome::Done(_) => anyhow!("the server answered with something unexpected"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use postern_proto::frame::{ClientFrame, ServerFrame};
+    use postern_proto::ids::IdemKey;
+    use postern_proto::pad::pad;
+
+    use super::*;
+
+    const SMALL: usize = SMALL_FRAME as usize;
+
+    fn padded_request(request: Request) -> usize {
+        let frame = ClientFrame { request_id: u32::MAX, request, signature: None };
+        pad(&frame.encode()).unwrap().len()
+    }
+
+    #[test]
+    fn requests_through_a_budget_fill_at_most_the_4_kib_bucket() {
+        let log = LogId([1; 32]);
+        let append = Request::LogAppend { log, body: Body::Inline(vec![7; SMALL]) };
+        assert_eq!(padded_request(append.clone()), 4_096);
+        assert_eq!(wire_len(&append), 4_096 + 16);
+        let chunk = Request::UploadChunk {
+            upload: UploadId([2; 16]),
+            total_len: u32::MAX,
+            offset: u32::MAX,
+            bytes: vec![7; SMALL],
+        };
+        assert_eq!(padded_request(chunk), 4_096);
+        let drop = Request::Drop {
+            drop: postern_proto::ids::DropId([3; 32]),
+            idem: IdemKey([4; 16]),
+            body: Body::Inline(vec![7; SMALL]),
+        };
+        assert_eq!(padded_request(drop), 4_096);
+    }
+
+    #[test]
+    fn answers_and_pushes_asked_small_fill_at_most_the_4_kib_bucket() {
+        // What the server may put in an answer asked for SMALL_FRAME bytes: items whose bytes
+        // and per-item overhead add up to it, one large or many small.
+        let item = |len: usize| Item { seq: u64::MAX, total_len: u32::MAX, bytes: vec![7; len] };
+        let overhead = postern_store::ITEM_OVERHEAD;
+        let one = vec![item(SMALL - overhead)];
+        let many: Vec<Item> = (0..SMALL / (overhead + 1)).map(|_| item(1)).collect();
+        for items in [one, many] {
+            let answer = ServerFrame::Response {
+                request_id: u32::MAX,
+                result: Ok(Response::Items { items: items.clone(), more: true }),
+            };
+            assert!(pad(&answer.encode()).unwrap().len() <= 4_096);
+            let push = ServerFrame::Push(Push::Items { log: LogId([1; 32]), items });
+            assert!(pad(&push.encode()).unwrap().len() <= 4_096);
+        }
+        let part = ServerFrame::Response {
+            request_id: u32::MAX,
+            result: Ok(Response::Part(vec![7; SMALL])),
+        };
+        assert_eq!(pad(&part.encode()).unwrap().len(), 4_096);
+    }
+
+    #[test]
+    fn small_answers_lowers_every_read_and_leaves_the_rest() {
+        let log = LogId([1; 32]);
+        let read = Request::LogRead { log, after: 3, max_items: 64, max_bytes: ANY };
+        assert_eq!(
+            small_answers(read),
+            Request::LogRead { log, after: 3, max_items: 64, max_bytes: SMALL_FRAME }
+        );
+        let smaller = Request::LogReadPart { log, seq: 1, offset: 2, max_bytes: 300 };
+        assert_eq!(small_answers(smaller.clone()), smaller);
+        let subscribe = Request::Subscribe { log, after: 0, max_bytes: ANY };
+        assert_eq!(
+            small_answers(subscribe),
+            Request::Subscribe { log, after: 0, max_bytes: SMALL_FRAME }
+        );
+        assert_eq!(small_answers(Request::Ping), Request::Ping);
     }
 }

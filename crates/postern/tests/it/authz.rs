@@ -61,8 +61,14 @@ async fn owner_requests(
     vec![
         ("drop_create", Request::DropCreate { mailbox, drop: ids::drop() }),
         ("drop_revoke", Request::DropRevoke { mailbox, drop: revoked }),
-        ("mailbox_fetch", Request::MailboxFetch { mailbox, after: 0, max_items: 8 }),
-        ("mailbox_read_part", Request::MailboxReadPart { mailbox, seq: 1, offset: 0 }),
+        (
+            "mailbox_fetch",
+            Request::MailboxFetch { mailbox, after: 0, max_items: 8, max_bytes: u16::MAX },
+        ),
+        (
+            "mailbox_read_part",
+            Request::MailboxReadPart { mailbox, seq: 1, offset: 0, max_bytes: u16::MAX },
+        ),
         ("mailbox_delete", Request::MailboxDelete { mailbox, through: 0 }),
         (
             "key_package_upload",
@@ -165,16 +171,32 @@ async fn capabilities_open_what_they_name_and_nothing_else() {
             Request::KeyPackageClaim { token: ClaimToken([0x43; 32]) },
             false,
         ),
-        ("log_read, holder", Request::LogRead { log, after: 0, max_items: 8 }, true),
-        ("log_read, stranger", Request::LogRead { log: ids::log(), after: 0, max_items: 8 }, false),
-        ("log_read_part, holder", Request::LogReadPart { log, seq: 1, offset: 0 }, true),
         (
-            "log_read_part, stranger",
-            Request::LogReadPart { log: ids::log(), seq: 1, offset: 0 },
+            "log_read, holder",
+            Request::LogRead { log, after: 0, max_items: 8, max_bytes: u16::MAX },
+            true,
+        ),
+        (
+            "log_read, stranger",
+            Request::LogRead { log: ids::log(), after: 0, max_items: 8, max_bytes: u16::MAX },
             false,
         ),
-        ("subscribe, holder", Request::Subscribe { log, after: 0 }, true),
-        ("subscribe, stranger", Request::Subscribe { log: ids::log(), after: 0 }, false),
+        (
+            "log_read_part, holder",
+            Request::LogReadPart { log, seq: 1, offset: 0, max_bytes: u16::MAX },
+            true,
+        ),
+        (
+            "log_read_part, stranger",
+            Request::LogReadPart { log: ids::log(), seq: 1, offset: 0, max_bytes: u16::MAX },
+            false,
+        ),
+        ("subscribe, holder", Request::Subscribe { log, after: 0, max_bytes: u16::MAX }, true),
+        (
+            "subscribe, stranger",
+            Request::Subscribe { log: ids::log(), after: 0, max_bytes: u16::MAX },
+            false,
+        ),
         (
             "upload_chunk, anyone",
             Request::UploadChunk {

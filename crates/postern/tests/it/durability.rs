@@ -104,7 +104,7 @@ async fn check_all_present(server: &TestServer, log: LogId, acked: &[(IdemKey, u
     let mut stored = HashMap::new();
     let mut after = 0;
     loop {
-        let read = Request::LogRead { log, after, max_items: 64 };
+        let read = Request::LogRead { log, after, max_items: 64, max_bytes: u16::MAX };
         let Response::Items { items, more } = reader.request(read, None).await.unwrap() else {
             panic!("items expected")
         };
@@ -134,7 +134,7 @@ async fn sigterm_stops_cleanly_and_keeps_data() {
     assert!(server.terminate().await, "exit status 0 after SIGTERM");
     server.restart().await;
     let mut c = server.connect().await;
-    let read = Request::LogRead { log, after: 0, max_items: 8 };
+    let read = Request::LogRead { log, after: 0, max_items: 8, max_bytes: u16::MAX };
     let Response::Items { items, .. } = c.request(read, None).await.unwrap() else {
         panic!("items expected")
     };

@@ -39,7 +39,7 @@ async fn mailbox_drops_fetch_and_delete() {
     let other = Request::Drop { drop: ids::drop(), idem, body: Body::Inline(sealed.clone()) };
     assert_eq!(refused(sender.request(other, None).await), ErrorCode::NotFound);
 
-    let fetch = Request::MailboxFetch { mailbox, after: 0, max_items: 10 };
+    let fetch = Request::MailboxFetch { mailbox, after: 0, max_items: 10, max_bytes: u16::MAX };
     let Response::Items { items, more } = owner.request(fetch.clone(), Some(&key)).await.unwrap()
     else {
         panic!("items expected")
@@ -50,7 +50,12 @@ async fn mailbox_drops_fetch_and_delete() {
     // A stranger's signature and an unknown mailbox get the same answer.
     let stranger = ids::signing_key();
     assert_eq!(refused(owner.request(fetch.clone(), Some(&stranger)).await), ErrorCode::NotFound);
-    let unknown = Request::MailboxFetch { mailbox: ids::mailbox(), after: 0, max_items: 10 };
+    let unknown = Request::MailboxFetch {
+        mailbox: ids::mailbox(),
+        after: 0,
+        max_items: 10,
+        max_bytes: u16::MAX,
+    };
     assert_eq!(refused(owner.request(unknown, Some(&key)).await), ErrorCode::NotFound);
 
     owner.request(Request::MailboxDelete { mailbox, through: 1 }, Some(&key)).await.unwrap();
@@ -74,7 +79,7 @@ async fn signed_requests_cannot_be_replayed() {
     // Signed for connection A's nonce; sent on connection B.
     let mut frame = ClientFrame {
         request_id: 100,
-        request: Request::MailboxFetch { mailbox, after: 0, max_items: 1 },
+        request: Request::MailboxFetch { mailbox, after: 0, max_items: 1, max_bytes: u16::MAX },
         signature: None,
     };
     frame.sign(&key, a.nonce());
@@ -176,14 +181,17 @@ async fn appends_need_a_registered_epoch_key_and_are_idempotent() {
     let next = envelope(&log, &k2, ids::idem(), None, b"epoch two");
     assert_eq!(member.request(append(next), None).await.unwrap(), Response::Seq(3));
 
-    let Response::Items { items, more } =
-        member.request(Request::LogRead { log, after: 1, max_items: 10 }, None).await.unwrap()
+    let Response::Items { items, more } = member
+        .request(Request::LogRead { log, after: 1, max_items: 10, max_bytes: u16::MAX }, None)
+        .await
+        .unwrap()
     else {
         panic!("items expected")
     };
     assert_eq!(items.iter().map(|i| i.seq).collect::<Vec<_>>(), vec![2, 3]);
     assert!(!more);
-    let unknown = Request::LogRead { log: ids::log(), after: 0, max_items: 10 };
+    let unknown =
+        Request::LogRead { log: ids::log(), after: 0, max_items: 10, max_bytes: u16::MAX };
     assert_eq!(refused(member.request(unknown, None).await), ErrorCode::NotFound);
     // Creating a log proves possession of its first key.
     let not_mine = Request::LogCreate { log: ids::log(), key: PublicKey(public_key(&k1).0) };
@@ -217,15 +225,18 @@ async fn large_entries_travel_in_chunks_and_read_back_in_parts() {
     let seq =
         c.request(Request::LogAppend { log, body: Body::Upload(upload) }, None).await.unwrap();
     assert_eq!(seq, Response::Seq(1));
-    let Response::Items { items, .. } =
-        c.request(Request::LogRead { log, after: 0, max_items: 1 }, None).await.unwrap()
+    let Response::Items { items, .. } = c
+        .request(Request::LogRead { log, after: 0, max_items: 1, max_bytes: u16::MAX }, None)
+        .await
+        .unwrap()
     else {
         panic!("items expected")
     };
     let mut whole = items[0].bytes.clone();
     assert_eq!(items[0].total_len, total_len);
     while whole.len() < entry.len() {
-        let part = Request::LogReadPart { log, seq: 1, offset: whole.len() as u32 };
+        let part =
+            Request::LogReadPart { log, seq: 1, offset: whole.len() as u32, max_bytes: u16::MAX };
         let Response::Part(bytes) = c.request(part, None).await.unwrap() else {
             panic!("part expected")
         };
@@ -241,6 +252,63 @@ async fn large_entries_travel_in_chunks_and_read_back_in_parts() {
     assert_eq!(refused(c.request(too_big, None).await), ErrorCode::EntryTooLarge);
 }
 
+/// A reader behind a censor's packet budget asks for small answers: reads, parts and pushes
+/// carry at most `max_bytes` entry bytes (within the server's floor), and the entry still
+/// comes out whole.
+#[tokio::test]
+async fn reads_parts_and_pushes_keep_to_the_bytes_asked_for() {
+    let server = TestServer::start(bin()).await;
+    let mut writer = server.connect().await;
+    let mut reader = server.connect().await;
+    let (key, log) = new_log(&mut writer).await;
+    reader.request(Request::Subscribe { log, after: 0, max_bytes: 1_000 }, None).await.unwrap();
+    let entries: Vec<Vec<u8>> = (0..3u8)
+        .map(|i| envelope(&log, &key, ids::idem(), None, &vec![i; 2_500 + usize::from(i) * 700]))
+        .collect();
+    for entry in &entries {
+        writer
+            .request(Request::LogAppend { log, body: Body::Inline(entry.clone()) }, None)
+            .await
+            .unwrap();
+    }
+    let overhead = postern_store::ITEM_OVERHEAD;
+    for (i, entry) in entries.iter().enumerate() {
+        let Push::Items { items, .. } = reader.next_push(Duration::from_secs(10)).await.unwrap()
+        else {
+            panic!("items expected")
+        };
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].seq, i as u64 + 1);
+        assert_eq!(items[0].bytes, entry[..1_000 - overhead], "a push keeps to 1,000 bytes");
+    }
+    // One read asked for 4,000 bytes brings the first entry's start and nothing more.
+    let read = Request::LogRead { log, after: 0, max_items: 64, max_bytes: 4_000 };
+    let Response::Items { items, more } = reader.request(read, None).await.unwrap() else {
+        panic!("items expected")
+    };
+    assert_eq!(items.len(), 1);
+    assert!(more);
+    assert_eq!(items[0].bytes, entries[0][..entries[0].len().min(4_000 - overhead)]);
+    // The last entry in parts of 1,500 bytes; asking below the floor gets the floor.
+    let last = &entries[2];
+    for (ask, got) in [(1_500u16, 1_500usize), (10, postern_proto::limits::MIN_READ_BYTES)] {
+        let mut whole = Vec::new();
+        let mut parts = 0;
+        while whole.len() < last.len() {
+            let part =
+                Request::LogReadPart { log, seq: 3, offset: whole.len() as u32, max_bytes: ask };
+            let Response::Part(bytes) = reader.request(part, None).await.unwrap() else {
+                panic!("part expected")
+            };
+            assert!(bytes.len() <= got && !bytes.is_empty());
+            whole.extend(bytes);
+            parts += 1;
+        }
+        assert_eq!(&whole, last);
+        assert_eq!(parts, last.len().div_ceil(got));
+    }
+}
+
 #[tokio::test]
 async fn subscribers_get_backlog_then_live_entries() {
     let server = TestServer::start(bin()).await;
@@ -251,7 +319,7 @@ async fn subscribers_get_backlog_then_live_entries() {
         let env = envelope(&log, &key, ids::idem(), None, &[i; 40]);
         writer.request(Request::LogAppend { log, body: Body::Inline(env) }, None).await.unwrap();
     }
-    reader.request(Request::Subscribe { log, after: 2 }, None).await.unwrap();
+    reader.request(Request::Subscribe { log, after: 2, max_bytes: u16::MAX }, None).await.unwrap();
     let mut seen = Vec::new();
     while seen.len() < 3 {
         let Push::Items { log: l, items } =
@@ -275,7 +343,7 @@ async fn subscribers_get_backlog_then_live_entries() {
         seen.extend(items.iter().map(|i| i.seq));
     }
     assert_eq!(seen, (3..=25).collect::<Vec<_>>(), "in order, none twice");
-    let unknown = Request::Subscribe { log: ids::log(), after: 0 };
+    let unknown = Request::Subscribe { log: ids::log(), after: 0, max_bytes: u16::MAX };
     assert_eq!(refused(reader.request(unknown, None).await), ErrorCode::NotFound);
 }
 
