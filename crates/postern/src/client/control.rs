@@ -20,6 +20,9 @@ use super::{Command, execute, print_events};
 const SOCKET: &str = "control.sock";
 /// How often `listen` looks in the mailbox (it has no push) and retries a lost server.
 const POLL: Duration = Duration::from_secs(2);
+/// How often `listen` looks in the mailbox where connections have a budget (each look
+/// spends some of it; chats come by push all the same).
+const POLL_UNDER_BUDGET: Duration = Duration::from_secs(30);
 /// How often `listen` pings its servers so idle connections stay open.
 const PING: Duration = Duration::from_secs(60);
 /// The longest command line accepted on the socket.
@@ -70,21 +73,35 @@ fn emit(out: &[u8]) {
     let _ = stdout.flush();
 }
 
-/// Polls (reconnecting when a connection was lost) and subscribes to every chat not yet
-/// subscribed on its server's current connection; a subscription from the chat's cursor
-/// brings what was missed. Errors are reported and retried at the next poll.
-async fn catch_up(driver: &mut Driver, json: bool) {
-    let mut out = Vec::new();
-    match driver.poll().await {
-        Ok(events) => {
-            let _ = print_events(&mut out, &events, json);
+/// Polls (reconnecting when a connection was lost; through a door with a budget, only
+/// every [`POLL_UNDER_BUDGET`]) and subscribes to every chat not yet subscribed on its
+/// server's current connection; a subscription from the chat's cursor brings what was
+/// missed. Errors are reported and retried at the next poll.
+async fn catch_up(driver: &mut Driver, json: bool, polled: &mut Option<tokio::time::Instant>) {
+    if !driver.under_budget() || polled.is_none_or(|at| at.elapsed() >= POLL_UNDER_BUDGET) {
+        *polled = Some(tokio::time::Instant::now());
+        let mut out = Vec::new();
+        match driver.poll().await {
+            Ok(events) => {
+                let _ = print_events(&mut out, &events, json);
+            }
+            Err(e) => tracing::warn!("{e:#}"),
         }
-        Err(e) => tracing::warn!("{e:#}"),
+        emit(&out);
     }
-    emit(&out);
+    resubscribe(driver, json).await;
+}
+
+/// Subscribes to every chat not yet subscribed on its server's current connection, then
+/// prints what arrived on the way: read by the last handed-over command (a send reads its
+/// chat) or by the subscribing (under a budget the backlog is read first).
+async fn resubscribe(driver: &mut Driver, json: bool) {
     if let Err(e) = driver.subscribe_new().await {
         tracing::warn!("{e:#}");
     }
+    let mut out = Vec::new();
+    let _ = print_events(&mut out, &std::mem::take(&mut driver.unshown), json);
+    emit(&out);
 }
 
 pub(crate) async fn listen(mut driver: Driver, home: &Path, json: bool) -> Result<()> {
@@ -97,7 +114,8 @@ pub(crate) async fn listen(mut driver: Driver, home: &Path, json: bool) -> Resul
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     // Before "listening" is printed: whoever reads it may send SIGTERM at once.
     let mut signals = crate::signals::Signals::install()?;
-    catch_up(&mut driver, json).await;
+    let mut polled = None;
+    catch_up(&mut driver, json, &mut polled).await;
     if json {
         emit(format!("{}\n", serde_json::json!({ "event": "listening" })).as_bytes());
     } else {
@@ -110,9 +128,7 @@ pub(crate) async fn listen(mut driver: Driver, home: &Path, json: bool) -> Resul
             accepted = listener.accept() => {
                 if let Ok((stream, _)) = accepted {
                     serve(&mut driver, stream).await;
-                    if let Err(e) = driver.subscribe_new().await {
-                        tracing::warn!("{e:#}");
-                    }
+                    resubscribe(&mut driver, json).await;
                 }
             }
             push = driver.next_push(POLL) => {
@@ -123,8 +139,10 @@ pub(crate) async fn listen(mut driver: Driver, home: &Path, json: bool) -> Resul
                     Err(e) => tracing::warn!("{e:#}"),
                 }
                 emit(&out);
+                // A connection the pushes spent was let go: subscribe on a fresh one.
+                resubscribe(&mut driver, json).await;
             }
-            _ = poll.tick() => catch_up(&mut driver, json).await,
+            _ = poll.tick() => catch_up(&mut driver, json, &mut polled).await,
             _ = ping.tick() => {
                 if let Err(e) = driver.ping().await {
                     tracing::warn!("{e:#}");

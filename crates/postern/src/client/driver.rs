@@ -34,6 +34,9 @@ const READ_BATCH: u16 = 64;
 /// request or answer there takes more than three full segments. Elsewhere frames go up to
 /// the largest bucket.
 const SMALL_FRAME: u16 = 3_968;
+/// Entry bytes an answer carries when the connection has no room for [`SMALL_FRAME`]: it
+/// fills the 1 KiB bucket, one segment (what an empty read or a short message needs).
+const TINY_FRAME: u16 = 960;
 /// Rounds of sending and resolving commits in one flush (each commit needs one).
 const MAX_FLUSH_ROUNDS: usize = 16;
 
@@ -79,6 +82,10 @@ pub(crate) struct Driver {
     doors: HashMap<String, Option<i64>>,
     /// What the transport engine knows of each door.
     book: DoorBook,
+    /// What arrived while a command that does not print it ran (a send reads its chat),
+    /// or while subscribing read a backlog: `listen` prints it; after a one-shot command it
+    /// waits for `postern read`.
+    pub(crate) unshown: Vec<Event>,
 }
 
 impl Driver {
@@ -90,6 +97,7 @@ impl Driver {
             authed: HashMap::new(),
             doors: HashMap::new(),
             book: DoorBook::default(),
+            unshown: Vec::new(),
         }
     }
 
@@ -218,6 +226,30 @@ impl Driver {
         self.conns.get_mut(&key).ok_or_else(|| anyhow!("connection vanished"))
     }
 
+    /// Whether the connection to `link` (opened if none is) came through a door with a
+    /// budget.
+    async fn budgeted(&mut self, link: &ServerLink) -> Result<bool> {
+        self.conn(link).await?;
+        Ok(self.current_door(link)?.1.budget.is_some())
+    }
+
+    /// Whether a chat's log is subscribed on its server's open connection: its entries then
+    /// arrive as they are appended, and a read would bring nothing new.
+    pub(crate) fn live(&mut self, chat: &str) -> Result<bool> {
+        Ok(self.client.logs()?.into_iter().any(|c| {
+            let key = c.server.to_link_string();
+            c.chat == chat
+                && self.conns.contains_key(&key)
+                && self.subscribed.get(&key).is_some_and(|s| s.contains(&c.log))
+        }))
+    }
+
+    /// Whether the home server's connections go (or last went) through a door with a budget.
+    pub(crate) fn under_budget(&mut self) -> bool {
+        let link = self.client.server().clone();
+        self.current_door(&link).is_ok_and(|(_, state)| state.budget.is_some())
+    }
+
     /// The engine's state of the door the current connection to `link` came through.
     fn current_door(&mut self, link: &ServerLink) -> Result<(DoorKey, &mut DoorState)> {
         let relay = self.doors.get(&link.to_link_string()).copied().flatten();
@@ -260,22 +292,33 @@ impl Driver {
         attempt: u32,
     ) -> Result<Outcome, Failure> {
         let key = link.to_link_string();
-        // Only a door with a budget has its connection's spending read, and the request
-        // sized for it.
+        // Only a door with a budget has its connection's spending read, and the request's
+        // answer sized for what the connection has left.
         let open = self.conns.contains_key(&key);
         if open && self.current_door(link).map_err(Failure::Unreachable)?.1.budget.is_some() {
             let spent = self.conns.get(&key).map(Connection::spent).unwrap_or_default();
-            let (len, answer) = (wire_len(&request), answer_room(&request));
             let (_, state) = self.current_door(link).map_err(Failure::Unreachable)?;
-            if state.over_budget(spent, len, answer) {
-                tracing::debug!(packets = spent.packets, "connection at its budget: replacing it");
+            if fit(state, spent, &request).is_none() {
+                tracing::debug!(
+                    packets = spent.packets,
+                    next = request.name(),
+                    "connection at its budget: replacing it"
+                );
                 self.conns.remove(&key);
             }
         }
         self.conn(link).await.map_err(Failure::Unreachable)?;
+        let spent = self.conns.get(&key).map(Connection::spent).unwrap_or_default();
         let (door, state) = self.current_door(link).map_err(Failure::Unreachable)?;
         let wait = state.freeze_wait(attempt);
-        let request = if state.budget.is_some() { small_answers(request) } else { request };
+        let request = match state.budget {
+            // A fresh connection too small for the request gets the smallest answers.
+            Some(_) => {
+                fit(state, spent, &request).unwrap_or_else(|| small_answers(request, TINY_FRAME))
+            }
+            None => request,
+        };
+        tracing::trace!(packets = spent.packets, op = request.name(), "request");
         let conn = self
             .conns
             .get_mut(&key)
@@ -416,12 +459,7 @@ impl Driver {
     /// the idempotency key, so a retry resumes the same upload). Through a door with a budget
     /// a frame stays small ([`SMALL_FRAME`]), so a larger body goes up in small chunks.
     async fn body(&mut self, link: &ServerLink, upload: [u8; 16], bytes: Vec<u8>) -> Result<Body> {
-        self.conn(link).await?;
-        let chunk_len = if self.current_door(link)?.1.budget.is_some() {
-            SMALL_FRAME.into()
-        } else {
-            MAX_INLINE
-        };
+        let chunk_len = if self.budgeted(link).await? { SMALL_FRAME.into() } else { MAX_INLINE };
         if bytes.len() <= chunk_len {
             return Ok(Body::Inline(bytes));
         }
@@ -470,7 +508,11 @@ impl Driver {
                 (Request::LogCreate { log, key: public_key(&key) }, Some(key))
             }
             OutboxOp::Append { log, idem, envelope, key } => {
-                if let Some(key) = key {
+                // Proving the key saves the server a signature check per append, but costs
+                // an exchange per connection: not worth it where connections are short.
+                if let Some(key) = key
+                    && !self.budgeted(&link).await?
+                {
                     self.log_auth(&link, log, &key).await?;
                 }
                 let body = self.body(&link, idem.0, envelope).await?;
@@ -720,7 +762,16 @@ impl Driver {
             {
                 continue;
             }
-            let request = Request::Subscribe { log: chat.log, after: chat.cursor, max_bytes: ANY };
+            // Under a budget the backlog is read first, in reads sized to each connection,
+            // rather than pushed at once past the budget.
+            let mut after = chat.cursor;
+            if self.budgeted(&chat.server).await? {
+                let events = self.read_log(&chat).await?;
+                self.unshown.extend(events);
+                let now = self.client.logs()?.into_iter().find(|c| c.log == chat.log);
+                after = now.map_or(after, |c| c.cursor);
+            }
+            let request = Request::Subscribe { log: chat.log, after, max_bytes: ANY };
             match self.call(&chat.server, request, None).await? {
                 Outcome::Refused(code) => {
                     tracing::warn!(chat = %chat.chat, %code, "cannot subscribe to a chat's log");
@@ -746,7 +797,23 @@ impl Driver {
             .map(|(key, conn)| Box::pin(async move { (key.clone(), conn.next_push(wait).await) }));
         let ((key, result), _, _) = futures_util::future::select_all(waits).await;
         match result {
-            Ok(push) => ServerLink::parse(&key).ok().map(|link| (link, push)),
+            Ok(push) => {
+                let link = ServerLink::parse(&key).ok()?;
+                // Pushes spend a budget too: a connection without room for one more is let
+                // go before the censor freezes it (the caller subscribes again on a fresh
+                // one, from where the pushes stopped).
+                let spent = self.conns.get(&key).map(Connection::spent).unwrap_or_default();
+                if let Ok((_, state)) = self.current_door(&link)
+                    && state.over_budget(spent, 256, 1_024)
+                {
+                    tracing::debug!(
+                        packets = spent.packets,
+                        "pushes spent the connection: replacing it"
+                    );
+                    self.conns.remove(&key);
+                }
+                Some((link, push))
+            }
             Err(NetError::Timeout) => None,
             Err(e) => {
                 tracing::warn!(error = %e, "lost a server connection");
@@ -798,30 +865,54 @@ impl Driver {
     }
 }
 
-/// The most an answer to `request` is expected to take on the wire: reads can bring a
-/// large bucket (4 KiB is kept for them), everything else a small one.
+/// The most an answer to `request` is expected to take on the wire: a read, the bucket its
+/// `max_bytes` fills; a claim of key packages 4 KiB; everything else a small one.
 fn answer_room(request: &Request) -> usize {
-    match request {
-        Request::KeyPackageClaim { .. }
-        | Request::LogRead { .. }
-        | Request::LogReadPart { .. }
-        | Request::MailboxFetch { .. }
-        | Request::MailboxReadPart { .. } => 4_096,
-        _ => 256,
+    let window = answer_window(&mut request.clone()).copied();
+    match window {
+        Some(window) if window <= TINY_FRAME => 1_024,
+        Some(window) if window <= SMALL_FRAME => 4_096,
+        Some(_) => postern_proto::limits::MAX_FRAME,
+        None if matches!(request, Request::KeyPackageClaim { .. }) => 4_096,
+        None => 256,
     }
 }
 
-/// `request` with its answer (or pushes) limited to [`SMALL_FRAME`] entry bytes.
-fn small_answers(mut request: Request) -> Request {
-    match &mut request {
+/// `request` with its answer (or pushes) limited to `window` entry bytes.
+fn small_answers(mut request: Request, window: u16) -> Request {
+    if let Some(max_bytes) = answer_window(&mut request) {
+        *max_bytes = (*max_bytes).min(window);
+    }
+    request
+}
+
+/// The `max_bytes` of a request whose answer (or pushes) carry entries.
+fn answer_window(request: &mut Request) -> Option<&mut u16> {
+    match request {
         Request::LogRead { max_bytes, .. }
         | Request::LogReadPart { max_bytes, .. }
         | Request::MailboxFetch { max_bytes, .. }
         | Request::MailboxReadPart { max_bytes, .. }
-        | Request::Subscribe { max_bytes, .. } => *max_bytes = (*max_bytes).min(SMALL_FRAME),
-        _ => {}
+        | Request::Subscribe { max_bytes, .. } => Some(max_bytes),
+        _ => None,
     }
-    request
+}
+
+/// Under a budget: `request` with answers as large as the connection, having spent `spent`,
+/// has room for ([`SMALL_FRAME`], else [`TINY_FRAME`]; a subscription's pushes always
+/// [`TINY_FRAME`]); `None` when even that does not fit and the connection is to be replaced.
+fn fit(state: &DoorState, spent: postern_net::Spent, request: &Request) -> Option<Request> {
+    let len = wire_len(request);
+    // Pushes come unasked, several at a time: each is kept to one segment.
+    let windows: &[u16] = match request {
+        Request::Subscribe { .. } => &[TINY_FRAME],
+        _ => &[SMALL_FRAME, TINY_FRAME],
+    };
+    windows
+        .iter()
+        .copied()
+        .map(|window| small_answers(request.clone(), window))
+        .find(|sized| !state.over_budget(spent, len, answer_room(sized)))
 }
 
 /// Seconds since the Unix epoch.
@@ -884,27 +975,51 @@ mod tests {
     }
 
     #[test]
-    fn answers_and_pushes_asked_small_fill_at_most_the_4_kib_bucket() {
-        // What the server may put in an answer asked for SMALL_FRAME bytes: items whose bytes
-        // and per-item overhead add up to it, one large or many small.
+    fn answers_and_pushes_asked_small_fill_at_most_their_bucket() {
+        // What the server may put in an answer asked for a window of bytes: items whose
+        // bytes and per-item overhead add up to it, one large or many small.
         let item = |len: usize| Item { seq: u64::MAX, total_len: u32::MAX, bytes: vec![7; len] };
         let overhead = postern_store::ITEM_OVERHEAD;
-        let one = vec![item(SMALL - overhead)];
-        let many: Vec<Item> = (0..SMALL / (overhead + 1)).map(|_| item(1)).collect();
-        for items in [one, many] {
-            let answer = ServerFrame::Response {
+        for (window, bucket) in [(SMALL_FRAME, 4_096), (TINY_FRAME, 1_024)] {
+            let bytes = usize::from(window);
+            let one = vec![item(bytes - overhead)];
+            let many: Vec<Item> = (0..bytes / (overhead + 1)).map(|_| item(1)).collect();
+            for items in [one, many] {
+                let answer = ServerFrame::Response {
+                    request_id: u32::MAX,
+                    result: Ok(Response::Items { items: items.clone(), more: true }),
+                };
+                assert!(pad(&answer.encode()).unwrap().len() <= bucket);
+                let push = ServerFrame::Push(Push::Items { log: LogId([1; 32]), items });
+                assert!(pad(&push.encode()).unwrap().len() <= bucket);
+            }
+            let part = ServerFrame::Response {
                 request_id: u32::MAX,
-                result: Ok(Response::Items { items: items.clone(), more: true }),
+                result: Ok(Response::Part(vec![7; bytes])),
             };
-            assert!(pad(&answer.encode()).unwrap().len() <= 4_096);
-            let push = ServerFrame::Push(Push::Items { log: LogId([1; 32]), items });
-            assert!(pad(&push.encode()).unwrap().len() <= 4_096);
+            assert_eq!(pad(&part.encode()).unwrap().len(), bucket);
+            let read =
+                Request::LogRead { log: LogId([1; 32]), after: 0, max_items: 64, max_bytes: ANY };
+            assert_eq!(answer_room(&small_answers(read, window)), bucket);
         }
-        let part = ServerFrame::Response {
-            request_id: u32::MAX,
-            result: Ok(Response::Part(vec![7; SMALL])),
-        };
-        assert_eq!(pad(&part.encode()).unwrap().len(), 4_096);
+    }
+
+    #[test]
+    fn a_read_is_fitted_to_what_the_connection_has_left() {
+        let mut state = DoorState::default();
+        state.budget = Some(22);
+        let read =
+            Request::LogRead { log: LogId([1; 32]), after: 0, max_items: 64, max_bytes: ANY };
+        let window = |spent| fit(&state, spent, &read).map(|mut r| *answer_window(&mut r).unwrap());
+        let mut spent = postern_net::Spent::new();
+        let mut seen = vec![];
+        while let Some(w) = window(spent) {
+            seen.push(w);
+            spent = spent.after(256);
+        }
+        assert_eq!(seen.first(), Some(&SMALL_FRAME), "a fresh connection has room for 4 KiB");
+        assert_eq!(seen.last(), Some(&TINY_FRAME), "then only for 1 KiB, then none: {seen:?}");
+        assert!(fit(&state, spent, &Request::Ping).is_none(), "a ping takes a segment too");
     }
 
     #[test]
@@ -912,16 +1027,16 @@ mod tests {
         let log = LogId([1; 32]);
         let read = Request::LogRead { log, after: 3, max_items: 64, max_bytes: ANY };
         assert_eq!(
-            small_answers(read),
+            small_answers(read, SMALL_FRAME),
             Request::LogRead { log, after: 3, max_items: 64, max_bytes: SMALL_FRAME }
         );
         let smaller = Request::LogReadPart { log, seq: 1, offset: 2, max_bytes: 300 };
-        assert_eq!(small_answers(smaller.clone()), smaller);
+        assert_eq!(small_answers(smaller.clone(), SMALL_FRAME), smaller);
         let subscribe = Request::Subscribe { log, after: 0, max_bytes: ANY };
         assert_eq!(
-            small_answers(subscribe),
+            small_answers(subscribe, SMALL_FRAME),
             Request::Subscribe { log, after: 0, max_bytes: SMALL_FRAME }
         );
-        assert_eq!(small_answers(Request::Ping), Request::Ping);
+        assert_eq!(small_answers(Request::Ping, TINY_FRAME), Request::Ping);
     }
 }

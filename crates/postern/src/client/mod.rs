@@ -457,13 +457,10 @@ fn report_membership(
 }
 
 /// A sync whose failure is only a warning (the command goes on with what is stored here).
-async fn sync_quietly(driver: &mut Driver) -> Vec<Event> {
+async fn sync_quietly(driver: &mut Driver) {
     match driver.sync().await {
-        Ok(events) => events,
-        Err(e) => {
-            tracing::warn!("showing what is stored here: {e:#}");
-            vec![]
-        }
+        Ok(events) => driver.unshown.extend(events),
+        Err(e) => tracing::warn!("showing what is stored here: {e:#}"),
     }
 }
 
@@ -555,15 +552,24 @@ async fn send(
 ) -> Result<()> {
     // Read first, so the message is sealed for the group as it is now (a removal may have
     // moved it to a new log) ...
+    // (A chat subscribed on an open connection is as fresh as a read would make it: under a
+    // packet budget that read would cost a connection.)
     let chat_id = driver.client.chat_id(chat)?;
-    let _ = driver.pull_chat(&chat_id).await;
+    if !driver.live(&chat_id)?
+        && let Ok(events) = driver.pull_chat(&chat_id).await
+    {
+        driver.unshown.extend(events);
+    }
     let id = driver.client.queue_message(&chat_id, text)?;
-    let mut flushed = driver.flush().await;
+    let mut flushed = driver.flush().await.map(|events| driver.unshown.extend(events));
     // ... and read again after: if a removal landed just before our message, it is sealed
     // again for the new log and sent there before we report success.
     if flushed.is_ok() {
         flushed = match driver.pull_chat(&chat_id).await {
-            Ok(_) => driver.flush().await,
+            Ok(events) => {
+                driver.unshown.extend(events);
+                driver.flush().await.map(|events| driver.unshown.extend(events))
+            }
             Err(e) => Err(e),
         };
     }
