@@ -1114,6 +1114,27 @@ pub(crate) fn message_state(ctx: &Ctx<'_>, id: i64) -> Result<MessageState, Clie
     Ok(MessageState::parse(&state))
 }
 
+/// If a sent message landed right after the last entry read in its chat's log, moves the
+/// chat's cursor past it (all reading it back would do, for our own entry) and returns the
+/// log: nothing came between the read its sealing rests on and the message, so there is
+/// nothing it must be sealed again for.
+pub(crate) fn pass_own(ctx: &Ctx<'_>, id: i64) -> Result<Option<LogId>, ClientError> {
+    let log: Option<Vec<u8>> = ctx
+        .db
+        .query_row(
+            "UPDATE chats SET cursor = cursor + 1
+             WHERE id = (SELECT chat_id FROM messages WHERE id = ?1)
+               AND cursor + 1 = (SELECT seq FROM messages WHERE id = ?1 AND state = 'sent'
+                                 AND generation = chats.generation)
+             RETURNING log_id",
+            [id],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(dbe)?;
+    log.map(|l| arr(&l).map(LogId)).transpose()
+}
+
 // ---------------------------------------------------------------------------------------
 // Receiving
 

@@ -577,6 +577,12 @@ impl Client {
         self.step(|ctx| chats::message_state(ctx, id))
     }
 
+    /// If a sent message landed right after the last entry read in its chat, moves the
+    /// chat's cursor past it and returns the log: no read after it is needed.
+    pub fn pass_own(&mut self, id: i64) -> Result<Option<postern_proto::ids::LogId>, ClientError> {
+        self.step(|ctx| chats::pass_own(ctx, id))
+    }
+
     /// The oldest outbox item not in `skip`.
     pub fn next_outbox(&mut self, skip: &[i64]) -> Result<Option<OutboxItem>, ClientError> {
         self.step(|ctx| chats::next_outbox(ctx, skip))

@@ -15,8 +15,11 @@ use postern_proto::limits::MAX_INLINE;
 use postern_proto::link::ServerLink;
 use tokio::time::Instant;
 
-use super::transport::{DoorBook, DoorKey, DoorState};
+use super::transport::{self, DoorBook, DoorKey, DoorState};
 
+/// How long after a log was read to its end a subscription needs no read of its backlog
+/// first: what can be appended meanwhile is a few entries, each pushed in one segment.
+const FRESH: Duration = Duration::from_secs(10);
 /// How long a door gets before the next one is tried beside it.
 const DOOR_STAGGER: Duration = Duration::from_secs(2);
 /// The name the store keeps the network's packet budget under: the lowest any door learned,
@@ -82,6 +85,10 @@ pub(crate) struct Driver {
     doors: HashMap<String, Option<i64>>,
     /// What the transport engine knows of each door.
     book: DoorBook,
+    /// When each log was last known read to its end (a read that reached it, a push, our
+    /// own append right after the cursor): subscribing again soon after needs no read of
+    /// the backlog first, even under a budget.
+    caught_up: HashMap<LogId, Instant>,
     /// What arrived while a command that does not print it ran (a send reads its chat),
     /// or while subscribing read a backlog: `listen` prints it; after a one-shot command it
     /// waits for `postern read`.
@@ -97,6 +104,7 @@ impl Driver {
             authed: HashMap::new(),
             doors: HashMap::new(),
             book: DoorBook::default(),
+            caught_up: HashMap::new(),
             unshown: Vec::new(),
         }
     }
@@ -161,69 +169,124 @@ impl Driver {
         let key = link.to_link_string();
         if !self.conns.contains_key(&key) {
             let all = self.doors(link)?;
-            // Doors under their cap are tried at once; if none is, or none of them opens,
-            // the client waits for a capped door's next slot (under a minute) and tries the
-            // doors free by then. Each door is tried once.
+            // Doors under their cap are tried at once, but a door that failed lately only
+            // when no other is free. Doors that have not worked are tried only until a capped
+            // door's next slot: a blocked address costs a connect timeout. With no door
+            // free, the client waits for the next slot (under a minute). Each door is tried
+            // once.
             let mut tried = std::collections::HashSet::new();
             let mut failures = Vec::new();
             let opened = loop {
                 let now = Instant::now().into_std();
                 let mut ready = Vec::new();
+                let mut failed_lately = Vec::new();
                 let mut next_slot: Option<std::time::Instant> = None;
                 for (id, door) in &all {
                     if tried.contains(id) {
                         continue;
                     }
                     let state = self.door(&Self::door_key(link, *id))?;
-                    if state.may_open(now) {
-                        ready.push((*id, door.clone()));
-                    } else if let Some(slot) = state.next_slot() {
-                        next_slot = Some(next_slot.map_or(slot, |n| n.min(slot)));
+                    if !state.may_open(now) {
+                        if let Some(slot) = state.next_slot() {
+                            next_slot = Some(next_slot.map_or(slot, |n| n.min(slot)));
+                        }
+                    } else if state.failed_lately(now) {
+                        failed_lately.push((*id, door.clone()));
+                    } else {
+                        ready.push(((*id, door.clone()), state.standing()));
                     }
                 }
-                if !ready.is_empty() {
-                    let (ids, doors): (Vec<_>, Vec<_>) = ready.into_iter().unzip();
-                    tried.extend(ids.iter().copied());
-                    let started = Instant::now();
-                    match postern_net::connect_any(link, &doors, DOOR_STAGGER).await {
-                        Ok((conn, i)) => break (conn, ids[i], doors[i].clone(), started),
-                        Err(errors) => failures
-                            .extend(errors.into_iter().map(|(i, e)| format!("{}: {e}", doors[i]))),
-                    }
+                transport::spread(&mut ready);
+                // Doors none of which has worked (or that failed lately) are tried only until
+                // a capped door, which has, is free again.
+                let proven = ready.iter().any(|(_, standing)| standing.worked());
+                let ready: Vec<_> = ready.into_iter().map(|(door, _)| door).collect();
+                let (candidates, until) = if !ready.is_empty() {
+                    (ready, if proven { None } else { next_slot })
+                } else if !failed_lately.is_empty() {
+                    (failed_lately, next_slot)
+                } else if let Some(slot) = next_slot {
+                    tracing::info!("the other doors are at their cap of new connections: waiting");
+                    tokio::time::sleep_until(Instant::from_std(slot)).await;
                     continue;
-                }
-                let Some(slot) = next_slot else {
+                } else {
                     return Err(anyhow!(
                         "cannot reach the server at {} ({})",
                         link.addrs.join(", "),
                         failures.join("; ")
                     ));
                 };
-                tracing::info!("the other doors are at their cap of new connections: waiting");
-                tokio::time::sleep_until(Instant::from_std(slot)).await;
+                let (ids, doors): (Vec<_>, Vec<_>) = candidates.into_iter().unzip();
+                let started = Instant::now();
+                let attempt = postern_net::connect_any(link, &doors, DOOR_STAGGER);
+                let result = match until {
+                    Some(slot) => {
+                        match tokio::time::timeout_at(Instant::from_std(slot), attempt).await {
+                            Ok(result) => result,
+                            // A door with a good record is free again: it goes first. The doors
+                            // started so far (one per stagger) count as attempted.
+                            Err(_) => {
+                                let stagger = DOOR_STAGGER.as_millis().max(1);
+                                let began = started.elapsed().as_millis() / stagger + 1;
+                                let began = usize::try_from(began).unwrap_or(usize::MAX);
+                                self.attempted(link, &ids[..began.min(ids.len())])?;
+                                continue;
+                            }
+                        }
+                    }
+                    None => attempt.await,
+                };
+                tried.extend(ids.iter().copied());
+                match result {
+                    Ok((conn, i)) => {
+                        self.attempted(link, &ids[..=i])?;
+                        // The doors tried before it had the stagger's head start and lost:
+                        // they failed or are slow, and stand aside for a while.
+                        for id in &ids[..i] {
+                            self.door(&Self::door_key(link, *id))?.failed(now);
+                        }
+                        break (conn, ids[i], doors[i].clone(), started);
+                    }
+                    Err(errors) => {
+                        self.attempted(link, &ids)?;
+                        for (i, e) in errors {
+                            self.door(&Self::door_key(link, ids[i]))?.failed(now);
+                            failures.push(format!("{}: {e}", doors[i]));
+                        }
+                    }
+                }
             };
             let (conn, relay, opened_door, started) = opened;
             tracing::debug!(door = %opened_door, "connected");
             let door = Self::door_key(link, relay);
             let state = self.door(&door)?;
-            state.opened(started.into_std());
+            state.opened();
             // A session's set-up is about four round trips: a first guess at the RTT.
             state.first_guess(started.elapsed() / 4);
-            // Connection times matter only where the cap applies (a door with a budget): only
-            // there are they written down for later commands.
-            let capped = state.budget.is_some();
             self.doors.insert(key.clone(), relay);
             self.client.door_opened(link, relay)?;
-            if capped {
-                let now = unix_now();
-                self.client.door_opened_at(&door.store_name(), now, now.saturating_sub(120))?;
-            }
             // A new connection starts with no subscriptions and no proved keys.
             self.subscribed.remove(&key);
             self.authed.remove(&key);
             self.conns.insert(key.clone(), conn);
         }
         self.conns.get_mut(&key).ok_or_else(|| anyhow!("connection vanished"))
+    }
+
+    /// Connection attempts just started through these doors, answered or not: each counts
+    /// toward its door's cap, since the censor counts attempts. Where the cap applies (a
+    /// door with a budget) they are written down for later commands too.
+    fn attempted(&mut self, link: &ServerLink, ids: &[Option<i64>]) -> Result<()> {
+        for id in ids {
+            let door = Self::door_key(link, *id);
+            let state = self.door(&door)?;
+            state.attempted(std::time::Instant::now());
+            if state.budget.is_some() {
+                let now = unix_now();
+                self.client.door_opened_at(&door.store_name(), now, now.saturating_sub(120))?;
+            }
+        }
+        Ok(())
     }
 
     /// Whether the connection to `link` (opened if none is) came through a door with a
@@ -692,6 +755,7 @@ impl Driver {
             after = items.last().map_or(after, |i| i.seq);
             events.extend(self.apply_entries(&chat.server, chat.log, items).await?);
             if !more {
+                self.caught_up(chat.log);
                 return Ok(events);
             }
         }
@@ -763,9 +827,11 @@ impl Driver {
                 continue;
             }
             // Under a budget the backlog is read first, in reads sized to each connection,
-            // rather than pushed at once past the budget.
+            // rather than pushed at once past the budget; a log read to its end moments ago
+            // has next to none.
             let mut after = chat.cursor;
-            if self.budgeted(&chat.server).await? {
+            let fresh = self.caught_up.get(&chat.log).is_some_and(|at| at.elapsed() < FRESH);
+            if !fresh && self.budgeted(&chat.server).await? {
                 let events = self.read_log(&chat).await?;
                 self.unshown.extend(events);
                 let now = self.client.logs()?.into_iter().find(|c| c.log == chat.log);
@@ -838,7 +904,10 @@ impl Driver {
                     (Some(chat), Some(first)) if first.seq > chat.cursor + 1 => {
                         self.pull_chat(&chat.chat).await
                     }
-                    _ => self.apply_entries(link, log, items).await,
+                    _ => {
+                        self.caught_up(log);
+                        self.apply_entries(link, log, items).await
+                    }
                 }
             }
             Push::SubscriptionLost { log } => {
@@ -852,6 +921,11 @@ impl Driver {
             }
             _ => Ok(vec![]),
         }
+    }
+
+    /// The log was just read to its end.
+    pub(crate) fn caught_up(&mut self, log: LogId) {
+        self.caught_up.insert(log, Instant::now());
     }
 
     /// Keeps idle connections open (the server closes silent ones after five minutes).

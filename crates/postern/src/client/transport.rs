@@ -20,9 +20,18 @@
 //!   kept in the client store, so the next command starts under them.
 //! - **New connections per door** are capped at [`NEW_PER_MINUTE`] a minute wherever a budget
 //!   applies (censors count connections per destination too, and cut off a destination past
-//!   twenty a minute; a burst of them is itself a signal); their times are then kept in the
-//!   client store, so short commands one after another share the cap. A direct door with no
-//!   freeze seen is neither capped nor written down.
+//!   twenty a minute; a burst of them is itself a signal). Every attempt counts, answered
+//!   or not, as it does for the censor. Their times are then kept in the client store, so
+//!   short commands one after another share the cap. A direct door with no freeze seen is
+//!   neither capped nor written down.
+//! - **Spread over doors.** Where the cap applies, a new connection goes through the door
+//!   that has worked and opened the fewest connections in the last minute, so several
+//!   relays carry the traffic together and each stays further from the censor's count.
+//! - **Failed doors wait.** A door that could not be opened (blocked, or its host down), or
+//!   that lost to a door tried after it, stands aside for [`FAILED_FOR`]: it is tried only
+//!   when no other door is free. Doors none of which has worked lately are tried only
+//!   until a capped door that has is free again: a blocked address costs a connect timeout,
+//!   far more than waiting for a working door's next slot.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -45,6 +54,8 @@ const FREEZE_BELOW: u32 = 48;
 /// after which the Russian censor freezes flows to foreign hosting (`ru-2025-06` on), with a
 /// margin for acknowledgements the estimate misses.
 const RELAY_BUDGET: u32 = 22;
+/// How long a door that could not be opened stands aside for the others.
+pub(crate) const FAILED_FOR: Duration = Duration::from_secs(60);
 /// The lowest budget: set-up and one exchange.
 const MIN_BUDGET: u32 = postern_net::SETUP_PACKETS + 4;
 
@@ -79,9 +90,14 @@ impl DoorKey {
 #[derive(Debug, Default)]
 pub(crate) struct DoorState {
     srtt: Option<Duration>,
+    /// When connections through it were attempted in the last minute.
     opened: VecDeque<Instant>,
     /// Packets a connection may spend, once a freeze was seen.
     pub(crate) budget: Option<u32>,
+    /// When the door last failed to open.
+    failed: Option<Instant>,
+    /// Whether it opened in this process.
+    worked: bool,
 }
 
 impl DoorState {
@@ -109,14 +125,20 @@ impl DoorState {
     /// Whether the door may open another connection now: always while it has no budget;
     /// with one (a relay's from the start, a direct door's after a freeze), within the cap.
     pub(crate) fn may_open(&mut self, now: Instant) -> bool {
-        if self.budget.is_none() {
-            return true;
-        }
+        self.forget_before(now);
+        self.budget.is_none() || self.opened.len() < NEW_PER_MINUTE
+    }
+
+    fn forget_before(&mut self, now: Instant) {
         while self.opened.front().is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
         {
             self.opened.pop_front();
         }
-        self.opened.len() < NEW_PER_MINUTE
+    }
+
+    /// How the door stands for [`spread`] (as of the last [`may_open`](Self::may_open)).
+    pub(crate) fn standing(&self) -> Standing {
+        Standing { capped: self.budget.is_some(), worked: self.worked, recent: self.opened.len() }
     }
 
     /// When [`may_open`](Self::may_open) will be true again.
@@ -126,11 +148,29 @@ impl DoorState {
             .flatten()
     }
 
-    pub(crate) fn opened(&mut self, now: Instant) {
+    /// A connection attempt through the door started (whether it opens or not).
+    pub(crate) fn attempted(&mut self, now: Instant) {
+        self.forget_before(now);
         self.opened.push_back(now);
     }
 
-    /// Takes in connections opened `ages` ago (by earlier processes on this home).
+    /// A connection through the door opened.
+    pub(crate) fn opened(&mut self) {
+        self.worked = true;
+        self.failed = None;
+    }
+
+    /// The door could not be opened.
+    pub(crate) fn failed(&mut self, now: Instant) {
+        self.failed = Some(now);
+    }
+
+    /// Whether the door failed to open within the last [`FAILED_FOR`].
+    pub(crate) fn failed_lately(&self, now: Instant) -> bool {
+        self.failed.is_some_and(|at| now.duration_since(at) < FAILED_FOR)
+    }
+
+    /// Takes in connection attempts started `ages` ago (by earlier processes on this home).
     pub(crate) fn opened_before(&mut self, now: Instant, ages: impl IntoIterator<Item = Duration>) {
         let mut times: Vec<Instant> =
             ages.into_iter().filter_map(|age| now.checked_sub(age)).collect();
@@ -163,6 +203,41 @@ impl DoorState {
         let request_acks = u32::try_from(len.div_ceil(postern_net::SEGMENT)).unwrap_or(u32::MAX);
         spent.after(len).after(answer).packets.saturating_add(1 + request_acks) >= budget
             || spent.bytes_in + postern_net::SEGMENT as u64 > BUDGET_BYTES_IN
+    }
+}
+
+/// What [`spread`] knows of a door free to open a connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Standing {
+    capped: bool,
+    worked: bool,
+    recent: usize,
+}
+
+impl Standing {
+    /// Whether the door opened in this process.
+    pub(crate) fn worked(&self) -> bool {
+        self.worked
+    }
+}
+
+/// Orders doors free to open a connection, given the last one used first: where the cap
+/// applies, the door that has worked and opened the fewest connections in the last minute
+/// goes first (among equals, the earlier). A door that never opened keeps its place: it
+/// may be blocked, and a blocked door tried first costs a stagger on every connection.
+pub(crate) fn spread<T>(ready: &mut Vec<(T, Standing)>) {
+    if !ready.first().is_some_and(|(_, s)| s.capped) {
+        return;
+    }
+    let best = ready
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, s))| s.capped && s.worked)
+        .min_by_key(|(_, (_, s))| s.recent)
+        .map(|(i, _)| i);
+    if let Some(i) = best {
+        let first = ready.remove(i);
+        ready.insert(0, first);
     }
 }
 
@@ -215,16 +290,46 @@ mod tests {
         let t0 = Instant::now();
         for _ in 0..NEW_PER_MINUTE * 2 {
             assert!(d.may_open(t0), "no cap before a freeze");
-            d.opened(t0);
+            d.attempted(t0);
         }
         let mut d = DoorState { budget: Some(25), ..DoorState::default() };
         for _ in 0..NEW_PER_MINUTE {
             assert!(d.may_open(t0));
-            d.opened(t0);
+            d.attempted(t0);
         }
         assert!(!d.may_open(t0 + Duration::from_secs(59)));
         assert_eq!(d.next_slot(), Some(t0 + Duration::from_secs(60)));
         assert!(d.may_open(t0 + Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn a_door_that_failed_stands_aside_for_a_while_and_an_open_clears_it() {
+        let mut d = DoorState::default();
+        let t0 = Instant::now();
+        assert!(!d.failed_lately(t0));
+        d.failed(t0);
+        assert!(d.failed_lately(t0 + FAILED_FOR / 2));
+        assert!(!d.failed_lately(t0 + FAILED_FOR));
+        d.failed(t0);
+        d.opened();
+        assert!(!d.failed_lately(t0 + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn new_connections_spread_over_the_capped_doors_that_worked() {
+        let at = |capped, worked, recent| Standing { capped, worked, recent };
+        let order = |mut ready: Vec<(char, Standing)>| {
+            spread(&mut ready);
+            ready.into_iter().map(|(c, _)| c).collect::<String>()
+        };
+        // The last used is busier than another that worked: the other goes first.
+        assert_eq!(order(vec![('a', at(true, true, 5)), ('b', at(true, true, 2))]), "ba");
+        // Among equals the last used stays first.
+        assert_eq!(order(vec![('a', at(true, true, 2)), ('b', at(true, true, 2))]), "ab");
+        // A door that never opened is not put first, however idle.
+        assert_eq!(order(vec![('a', at(true, true, 5)), ('b', at(true, false, 0))]), "ab");
+        // With no cap on the first (an open network), the order stands.
+        assert_eq!(order(vec![('a', at(false, true, 9)), ('b', at(true, true, 0))]), "ab");
     }
 
     #[test]
