@@ -131,7 +131,7 @@ impl Driver {
             };
             let state = self.book.get(key);
             state.budget = budget;
-            state.opened_before(std::time::Instant::now(), ages);
+            state.attempted_before(std::time::Instant::now(), ages);
         }
         Ok(self.book.get(key))
     }

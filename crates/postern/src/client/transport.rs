@@ -1,5 +1,5 @@
 //! The transport engine's bookkeeping for each door (the direct one to a server, and each
-//! relay): how fast it answers, how many connections it opened lately, and the budget a
+//! relay): how fast it answers, how many connections it attempted lately, and the budget a
 //! connection through it must stay under once a freeze was seen there.
 //!
 //! - **Freeze detector.** A request with no answer within `K × smoothed RTT` (at least
@@ -25,13 +25,13 @@
 //!   short commands one after another share the cap. A direct door with no freeze seen is
 //!   neither capped nor written down.
 //! - **Spread over doors.** Where the cap applies, a new connection goes through the door
-//!   that has worked and opened the fewest connections in the last minute, so several
+//!   that has worked and attempted the fewest connections in the last minute, so several
 //!   relays carry the traffic together and each stays further from the censor's count.
 //! - **Failed doors wait.** A door that could not be opened (blocked, or its host down), or
 //!   that lost to a door tried after it, stands aside for [`FAILED_FOR`]: it is tried only
-//!   when no other door is free. Doors none of which has worked lately are tried only
-//!   until a capped door that has is free again: a blocked address costs a connect timeout,
-//!   far more than waiting for a working door's next slot.
+//!   when no other door is free. Doors none of which has worked in this process are tried
+//!   only until a capped door that has is free again: a blocked address costs a connect
+//!   timeout, far more than waiting for a working door's next slot.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -91,7 +91,7 @@ impl DoorKey {
 pub(crate) struct DoorState {
     srtt: Option<Duration>,
     /// When connections through it were attempted in the last minute.
-    opened: VecDeque<Instant>,
+    attempts: VecDeque<Instant>,
     /// Packets a connection may spend, once a freeze was seen.
     pub(crate) budget: Option<u32>,
     /// When the door last failed to open.
@@ -126,32 +126,35 @@ impl DoorState {
     /// with one (a relay's from the start, a direct door's after a freeze), within the cap.
     pub(crate) fn may_open(&mut self, now: Instant) -> bool {
         self.forget_before(now);
-        self.budget.is_none() || self.opened.len() < NEW_PER_MINUTE
+        self.budget.is_none() || self.attempts.len() < NEW_PER_MINUTE
     }
 
     fn forget_before(&mut self, now: Instant) {
-        while self.opened.front().is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+        while self
+            .attempts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
         {
-            self.opened.pop_front();
+            self.attempts.pop_front();
         }
     }
 
     /// How the door stands for [`spread`] (as of the last [`may_open`](Self::may_open)).
     pub(crate) fn standing(&self) -> Standing {
-        Standing { capped: self.budget.is_some(), worked: self.worked, recent: self.opened.len() }
+        Standing { capped: self.budget.is_some(), worked: self.worked, recent: self.attempts.len() }
     }
 
     /// When [`may_open`](Self::may_open) will be true again.
     pub(crate) fn next_slot(&self) -> Option<Instant> {
-        (self.budget.is_some() && self.opened.len() >= NEW_PER_MINUTE)
-            .then(|| self.opened.front().map(|t| *t + Duration::from_secs(60)))
+        (self.budget.is_some() && self.attempts.len() >= NEW_PER_MINUTE)
+            .then(|| self.attempts.front().map(|t| *t + Duration::from_secs(60)))
             .flatten()
     }
 
     /// A connection attempt through the door started (whether it opens or not).
     pub(crate) fn attempted(&mut self, now: Instant) {
         self.forget_before(now);
-        self.opened.push_back(now);
+        self.attempts.push_back(now);
     }
 
     /// A connection through the door opened.
@@ -171,11 +174,15 @@ impl DoorState {
     }
 
     /// Takes in connection attempts started `ages` ago (by earlier processes on this home).
-    pub(crate) fn opened_before(&mut self, now: Instant, ages: impl IntoIterator<Item = Duration>) {
+    pub(crate) fn attempted_before(
+        &mut self,
+        now: Instant,
+        ages: impl IntoIterator<Item = Duration>,
+    ) {
         let mut times: Vec<Instant> =
             ages.into_iter().filter_map(|age| now.checked_sub(age)).collect();
         times.sort();
-        self.opened = times.into_iter().chain(self.opened.drain(..)).collect();
+        self.attempts = times.into_iter().chain(self.attempts.drain(..)).collect();
     }
 
     /// A request went unanswered on a connection that had spent `before` when it was sent.
@@ -222,7 +229,7 @@ impl Standing {
 }
 
 /// Orders doors free to open a connection, given the last one used first: where the cap
-/// applies, the door that has worked and opened the fewest connections in the last minute
+/// applies, the door that has worked and attempted the fewest connections in the last minute
 /// goes first (among equals, the earlier). A door that never opened keeps its place: it
 /// may be blocked, and a blocked door tried first costs a stagger on every connection.
 pub(crate) fn spread<T>(ready: &mut Vec<(T, Standing)>) {
