@@ -509,7 +509,9 @@ fn browser_ja4(browser: &str) -> String {
 /// None of these flows (the clients' connections to `to`) was cut.
 fn assert_none_cut(flows: &[Value], to: &str) {
     let cut: Vec<_> = flows.iter().filter(|f| !f["blocked"].is_null()).collect();
-    eprintln!("{} connections to {to}", flows.len());
+    let packets = |f: &Value| f["packets"][0].as_u64().unwrap() + f["packets"][1].as_u64().unwrap();
+    let most = flows.iter().map(packets).max().unwrap_or(0);
+    eprintln!("{} connections to {to}, the most packets on one {most}", flows.len());
     assert!(cut.is_empty(), "{cut:?}");
 }
 
