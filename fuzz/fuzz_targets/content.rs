@@ -1,8 +1,8 @@
 //! Payloads other clients send inside encryption: claimed key packages, mailbox drops and
-//! application messages, and the group context extension with a group's rules. Each decoder must refuse or round-trip exactly.
+//! application messages, and the group context extensions with a group's rules and its servers. Each decoder must refuse or round-trip exactly.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use postern_proto::content::{AppMessage, DropPayload, GroupMeta, KeyPackagePayload};
+use postern_proto::content::{AppMessage, DropPayload, GroupMeta, KeyPackagePayload, ServerList};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(p) = KeyPackagePayload::decode(data) {
@@ -16,5 +16,8 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(m) = GroupMeta::decode(data) {
         assert_eq!(m.encode(), data);
+    }
+    if let Ok(l) = ServerList::decode(data) {
+        assert_eq!(l.encode(), data);
     }
 });

@@ -194,7 +194,7 @@ impl RawPair {
         let kp = bob.step(|p, id| Ok(mls::new_key_package(p, id, false)?))?;
         let created = alice.step(|p, id| {
             let kp = mls::peer_key_package(p, &kp)?;
-            let created = mls::create_group(p, id, &[kp], None)?;
+            let created = mls::create_group(p, id, &[kp], None, &[])?;
             mls::merge_pending(p, &created.group_id)?;
             Ok(created)
         })?;

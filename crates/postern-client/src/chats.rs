@@ -1138,6 +1138,19 @@ pub(crate) fn pass_own(ctx: &Ctx<'_>, id: i64) -> Result<Option<LogId>, ClientEr
 // ---------------------------------------------------------------------------------------
 // Receiving
 
+/// Our messages that landed in the chat's previous log (the generation before) after `seq`
+/// go out again, to the log it has now, with their idempotency keys.
+pub(crate) fn resend_after(db: &Connection, chat: i64, seq: u64) -> Result<(), ClientError> {
+    db.execute(
+        "UPDATE messages SET state = 'queued', seq = NULL
+         WHERE chat_id = ?1 AND outgoing = 1 AND state = 'sent' AND seq > ?2
+           AND generation = (SELECT generation - 1 FROM chats WHERE id = ?1)",
+        params![chat, seq],
+    )
+    .map_err(dbe)?;
+    Ok(())
+}
+
 /// What was sealed for a group state we no longer have is sealed again: messages in the
 /// chat's outbox go back to queued, and its items of `kinds` (only those bound for `log`,
 /// when given) are dropped.
@@ -1230,16 +1243,18 @@ fn apply_entry(
         }
         None => {}
     }
-    let sent: bool = ctx
+    // Ours, or a message we have: a member re-sent it after the chat moved to another
+    // server, with its idempotency key (see moves.rs).
+    let known: bool = ctx
         .db
         .query_row(
-            "SELECT EXISTS (SELECT 1 FROM messages WHERE chat_id = ?1 AND idem = ?2 AND outgoing = 1)
+            "SELECT EXISTS (SELECT 1 FROM messages WHERE chat_id = ?1 AND idem = ?2)
                  OR EXISTS (SELECT 1 FROM own_entries WHERE chat_id = ?1 AND idem = ?2)",
             params![chat.id, &env.idem.0[..]],
             |r| r.get(0),
         )
         .map_err(dbe)?;
-    if sent {
+    if known {
         return Ok(vec![]);
     }
     let Some(keys) = epoch_by_key_id(ctx.db, chat.id, &env.key_id.0)? else {
@@ -1316,6 +1331,12 @@ fn store_message(
                         params![&sender.identity_key.0[..], name],
                     )
                     .map_err(dbe)?;
+            }
+            return Ok(events);
+        }
+        Content::Moved { read_to } => {
+            if !outgoing {
+                crate::moves::moved(ctx, chat, read_to)?;
             }
             return Ok(events);
         }

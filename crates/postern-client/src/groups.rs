@@ -28,7 +28,8 @@ use zeroize::Zeroizing;
 
 use crate::chats::{
     ChatRow, Ctx, arr, bad, chat_row, contact_for, dbe, insert_outbox, mailbox_keys, new_ref,
-    now_ms, queue_envelope, random, resolve, save_epoch, seal_drop, seal_queued, today, unseal,
+    now_ms, queue_envelope, random, resend_after, resolve, save_epoch, seal_drop, seal_queued,
+    today, unseal,
 };
 use crate::mls::{self, MlsError};
 use crate::{ClientError, envelope};
@@ -128,7 +129,10 @@ pub(crate) fn create_chat(
     for invitee in &invitees {
         members.extend(checked_key_packages(ctx, invitee)?);
     }
-    let created = mls::create_group(&ctx.mls, ctx.me, &members, meta.as_ref())?;
+    // The log lives on the server of whoever creates the chat, and moves through their
+    // fallback servers.
+    let servers = crate::moves::new_chat_servers(ctx)?;
+    let created = mls::create_group(&ctx.mls, ctx.me, &members, meta.as_ref(), &servers)?;
     let keys = mls::epoch_keys(&ctx.mls, &created.group_id)?;
     let next = mls::pending_epoch_keys(&ctx.mls, &created.group_id)?;
     let log = keys.log_id;
@@ -141,7 +145,6 @@ pub(crate) fn create_chat(
         (None, _) => return Err(bad("a 1:1 chat has one other person")),
     };
     let reference = new_ref(ctx.db, "chats")?;
-    // The log lives on the server of whoever creates the chat.
     let server = ctx.server.to_link_string();
     ctx.db
         .execute(
@@ -694,14 +697,7 @@ pub(crate) fn after_commit(
             params![chat.id, &new_log.0[..]],
         )
         .map_err(dbe)?;
-    ctx.db
-        .execute(
-            "UPDATE messages SET state = 'queued', seq = NULL
-             WHERE chat_id = ?1 AND outgoing = 1 AND state = 'sent' AND seq > ?2
-               AND generation = (SELECT generation - 1 FROM chats WHERE id = ?1)",
-            params![chat.id, seq],
-        )
-        .map_err(dbe)?;
+    resend_after(ctx.db, chat.id, seq)?;
     unseal(ctx, chat.id, &["message", "proposal"], Some(&chat.log))?;
     let key = keys.append_key.to_bytes();
     insert_outbox(

@@ -42,6 +42,7 @@ mod gaps;
 mod groups;
 mod identity;
 mod mls;
+mod moves;
 mod store;
 
 pub use chats::{
@@ -52,6 +53,7 @@ pub use gaps::{Gap, REJOIN_HELPERS};
 pub use groups::{Card, GroupRules, Member};
 pub use identity::{DeviceCredential, Identity, fingerprint};
 pub use mls::{CIPHERSUITE, EpochKeys, MlsError, Received};
+pub use moves::Successor;
 use postern_proto::ids::PublicKey;
 pub use store::KeySource;
 
@@ -123,6 +125,9 @@ pub enum ClientError {
     /// An MLS operation failed; nothing was changed.
     #[error(transparent)]
     Mls(#[from] MlsError),
+    /// `servers add` with the home server's own link.
+    #[error("that is your home server; add another server")]
+    OwnServer,
     /// Stored state breaks an invariant (a bug, or a store written by a newer version).
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -382,7 +387,7 @@ impl Client {
                 .iter()
                 .map(|kp| mls::peer_key_package(p, kp))
                 .collect::<Result<Vec<_>, _>>()?;
-            let created = mls::create_group(p, id, &members, None)?;
+            let created = mls::create_group(p, id, &members, None, &[])?;
             Ok(NewGroup {
                 group_id: created.group_id,
                 commit: created.commit,
@@ -679,10 +684,15 @@ impl Client {
         server: &ServerLink,
         relay: Option<i64>,
     ) -> Result<(), ClientError> {
-        if self.last_door(server)? == Some(relay) {
+        let link = server.to_link_string();
+        let outage = moves::has_outage(self.store.conn(), &link)?;
+        if self.last_door(server)? == Some(relay) && !outage {
             return Ok(());
         }
-        self.step(|ctx| doors::opened(ctx.db, &server.to_link_string(), relay))
+        self.step(|ctx| {
+            moves::reached(ctx, &link)?;
+            doors::opened(ctx.db, &link, relay)
+        })
     }
 
     /// What waits to be sent.
@@ -782,6 +792,58 @@ impl Client {
     /// `group members`: the group's name and members.
     pub fn group_members(&mut self, chat: &str) -> Result<(String, Vec<Member>), ClientError> {
         self.step(|ctx| groups::members(ctx, chat))
+    }
+
+    /// `servers add`: a server new chats move to when theirs cannot be reached. Returns
+    /// whether it is new.
+    pub fn add_fallback(&mut self, link: &ServerLink) -> Result<bool, ClientError> {
+        self.step(|ctx| moves::add_fallback(ctx, link))
+    }
+
+    /// The servers new chats move to, in order.
+    pub fn fallbacks(&self) -> Result<Vec<String>, ClientError> {
+        moves::fallbacks(self.store.conn())
+    }
+
+    /// Every door to `server` failed: records the outage, and returns since when (Unix
+    /// seconds) it has lasted.
+    pub fn out_of_reach(&mut self, server: &ServerLink, now: u64) -> Result<u64, ClientError> {
+        self.step(|ctx| moves::out_of_reach(ctx, &server.to_link_string(), now))
+    }
+
+    /// The servers the chats on `server` would move to, in the order their lists name them.
+    pub fn successors_of(&mut self, server: &ServerLink) -> Result<Vec<ServerLink>, ClientError> {
+        self.step(|ctx| moves::successors_of(ctx, &server.to_link_string()))
+    }
+
+    /// Moves the chats on `server` whose next server is `to` there (see `moves.rs`).
+    /// Returns the chats moved.
+    pub fn fail_over(
+        &mut self,
+        server: &ServerLink,
+        to: &ServerLink,
+    ) -> Result<Vec<String>, ClientError> {
+        self.step(|ctx| moves::fail_over(ctx, &server.to_link_string(), &to.to_link_string()))
+    }
+
+    /// Where each chat with a next server would be if a member moved it in our epoch.
+    pub fn successors(&mut self) -> Result<Vec<moves::Successor>, ClientError> {
+        self.step(moves::successors)
+    }
+
+    /// Another member moved `chat` to its next server: follow it there.
+    pub fn follow(&mut self, chat: &str) -> Result<bool, ClientError> {
+        self.step(|ctx| moves::follow(ctx, chat))
+    }
+
+    /// When the successors were last looked for (Unix seconds).
+    pub fn last_successor_check(&self) -> Result<Option<u64>, ClientError> {
+        moves::last_check(self.store.conn())
+    }
+
+    /// Records a look for successors at `now`.
+    pub fn successors_checked(&mut self, now: u64) -> Result<(), ClientError> {
+        self.step(|ctx| moves::checked(ctx, now))
     }
 
     /// A chat's epoch and epoch-authenticator tag (members in sync share both).

@@ -19,7 +19,7 @@ use openmls_sqlite_storage::{Codec, SqliteStorageProvider};
 use openmls_traits::OpenMlsProvider;
 use openmls_traits::signatures::{Signer, SignerError};
 use openmls_traits::types::SignatureScheme;
-use postern_proto::content::GroupMeta;
+use postern_proto::content::{GroupMeta, ServerList};
 use postern_proto::ids::{LogId, PublicKey};
 use rand::RngCore;
 use rusqlite::Connection;
@@ -154,15 +154,17 @@ pub fn check_credential(
 
 /// The group context extension with a group's name and rules.
 const META: ExtensionType = ExtensionType::Unknown(GroupMeta::EXTENSION_TYPE);
+/// The group context extension with the chat's ordered server list.
+const SERVERS: ExtensionType = ExtensionType::Unknown(ServerList::EXTENSION_TYPE);
 
-/// What our leaves support beyond the defaults: the group-rules extension, and the
+/// What our leaves support beyond the defaults: the group-rules and server-list extensions, and the
 /// last-resort marker (a key package's extensions must be among its leaf's capabilities, or
 /// every member refuses the package — and first contact after a drained pool fails).
 fn capabilities() -> Capabilities {
     Capabilities::new(
         None,
         Some(&[CIPHERSUITE]),
-        Some(&[META, ExtensionType::LastResort]),
+        Some(&[META, SERVERS, ExtensionType::LastResort]),
         None,
         Some(&[CredentialType::Basic]),
     )
@@ -235,27 +237,37 @@ pub(crate) struct Created {
 
 /// Creates a group and a pending commit adding `members`. The commit is merged only when it
 /// has won its place in the log ([`merge_pending`]). A group with `meta` carries its name
-/// and rules in its context; a 1:1 chat has none.
+/// and rules in its context; a 1:1 chat has none. A chat with more than one server carries
+/// their list, in the order it moves through them.
 pub(crate) fn create_group(
     provider: &Provider<'_>,
     identity: &Identity,
     members: &[KeyPackage],
     meta: Option<&GroupMeta>,
+    servers: &[String],
 ) -> Result<Created, MlsError> {
     let mut id = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut id);
     let signer = DeviceSigner(&identity.device_key);
     let mut config = create_builder();
+    let mut extensions = Vec::new();
     if let Some(meta) = meta {
-        let extensions = Extensions::from_vec(vec![
+        extensions.extend([
             Extension::Unknown(GroupMeta::EXTENSION_TYPE, UnknownExtension(meta.encode())),
             Extension::RequiredCapabilities(RequiredCapabilitiesExtension::new(
                 &[META],
                 &[],
                 &[CredentialType::Basic],
             )),
-        ])
-        .map_err(lib)?;
+        ]);
+    }
+    if servers.len() > 1 {
+        let list = ServerList { servers: servers.to_vec() };
+        extensions
+            .push(Extension::Unknown(ServerList::EXTENSION_TYPE, UnknownExtension(list.encode())));
+    }
+    if !extensions.is_empty() {
+        let extensions = Extensions::from_vec(extensions).map_err(lib)?;
         config = config.with_group_context_extensions(extensions);
     }
     let mut group = MlsGroup::new_with_group_id(
@@ -428,6 +440,15 @@ fn meta_of(group: &MlsGroup) -> Result<Option<GroupMeta>, MlsError> {
         .unknown(GroupMeta::EXTENSION_TYPE)
         .map(|e| GroupMeta::decode(&e.0).map_err(|_| MlsError::Invalid))
         .transpose()
+}
+
+/// The chat's servers in the order it moves through them (empty for a chat with one).
+pub(crate) fn servers(provider: &Provider<'_>, group_id: &[u8]) -> Result<Vec<String>, MlsError> {
+    let group = load(provider, group_id)?;
+    let Some(ext) = group.extensions().unknown(ServerList::EXTENSION_TYPE) else {
+        return Ok(Vec::new());
+    };
+    Ok(ServerList::decode(&ext.0).map_err(|_| MlsError::Invalid)?.servers)
 }
 
 /// Whether a commit of ours waits for its place in the log.
@@ -744,6 +765,17 @@ impl EpochKeys {
     /// The append key's public half, as registered with the server.
     pub fn append_public(&self) -> PublicKey {
         PublicKey(self.append_key.verifying_key().to_bytes())
+    }
+
+    /// The log a chat moves to on the server at `index` of its list when it leaves its
+    /// server in this epoch: every member in the epoch derives the same id, no server can.
+    /// Derived from the append secret, which the client keeps for past epochs too.
+    pub fn successor_log(&self, index: usize) -> Result<LogId, MlsError> {
+        let hk = hkdf::Hkdf::<sha2::Sha256>::new(None, &self.append_key.to_bytes());
+        let mut id = [0u8; 32];
+        let info = [b"postern/successor-log/".as_slice(), &(index as u64).to_be_bytes()].concat();
+        hk.expand(&info, &mut id).map_err(|_| MlsError::Library("HKDF length".into()))?;
+        Ok(LogId(id))
     }
 }
 

@@ -73,6 +73,7 @@ CREATE TABLE invites (
     crate::chats::MIGRATION_GROUPS,
     crate::gaps::MIGRATION_GAPS,
     crate::doors::MIGRATION_RELAYS,
+    crate::moves::MIGRATION_MOVES,
 ];
 
 #[derive(Debug)]

@@ -255,11 +255,19 @@ pub enum Content {
         /// The name chosen at `init`.
         name: String,
     },
+    /// The first entry a member writes into a chat's log on the next server of its
+    /// [`ServerList`] when it moves the chat there: it had read the old log up to
+    /// `read_to`, so members re-send into the new log what they sent to the old one after it.
+    Moved {
+        /// The last sequence number of the old log the sender had read.
+        read_to: u64,
+    },
 }
 
 const CONTENT_TEXT: u8 = 1;
 const CONTENT_CARD: u8 = 2;
 const CONTENT_PROFILE: u8 = 3;
+const CONTENT_MOVED: u8 = 4;
 
 /// The plaintext of an MLS application message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,6 +299,9 @@ impl AppMessage {
             Content::Profile { name } => {
                 w.u8(CONTENT_PROFILE).bytes(name.as_bytes());
             }
+            Content::Moved { read_to } => {
+                w.u8(CONTENT_MOVED).u64(*read_to);
+            }
         }
         w.finish()
     }
@@ -310,6 +321,7 @@ impl AppMessage {
                 token: r.array()?,
             },
             CONTENT_PROFILE => Content::Profile { name: string(&mut r, MAX_NAME)? },
+            CONTENT_MOVED => Content::Moved { read_to: r.u64()? },
             _ => return Err(DecodeError::Invalid("content kind")),
         };
         r.finish()?;
@@ -379,6 +391,53 @@ impl GroupMeta {
             members_can_add: flags & MEMBERS_ADD != 0,
             members_can_remove: flags & MEMBERS_REMOVE != 0,
         })
+    }
+}
+
+/// The ordered list of servers a chat lives on, carried in the MLS group context
+/// (extension [`ServerList::EXTENSION_TYPE`]) so every member agrees on it: the chat starts
+/// on the first, and moves to the next when the one it is on cannot be reached by any door.
+///
+/// ```text
+/// version u8 (1) · count u8 · server link bytes × count
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerList {
+    /// Server links (`postern://server#…`), in the order a chat moves through them.
+    pub servers: Vec<String>,
+}
+
+/// Most servers in a chat's list.
+pub const MAX_SERVERS: usize = 8;
+
+impl ServerList {
+    /// The group context extension type (from the private-use range).
+    pub const EXTENSION_TYPE: u16 = 0xff51;
+
+    /// Wire form (at most [`MAX_SERVERS`], each at most [`MAX_LINK`] bytes: longer lists
+    /// are cut, longer links left out).
+    pub fn encode(&self) -> Vec<u8> {
+        let servers: Vec<&String> =
+            self.servers.iter().filter(|s| s.len() <= MAX_LINK).take(MAX_SERVERS).collect();
+        let mut w = Writer::new();
+        w.u8(VERSION).u8(servers.len() as u8);
+        for s in servers {
+            w.bytes(s.as_bytes());
+        }
+        w.finish()
+    }
+
+    /// Parses the wire form.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes);
+        version(&mut r)?;
+        let count = usize::from(r.u8()?);
+        if count > MAX_SERVERS {
+            return Err(DecodeError::TooLong);
+        }
+        let servers = (0..count).map(|_| string(&mut r, MAX_LINK)).collect::<Result<_, _>>()?;
+        r.finish()?;
+        Ok(ServerList { servers })
     }
 }
 
@@ -504,6 +563,7 @@ mod tests {
             for content in [
                 Content::Card { server: name.clone(), drop: DropId(ids), hpke: ids, kp_key: ids, token: ids },
                 Content::Profile { name: name.clone() },
+                Content::Moved { read_to: u64::from_be_bytes(ids[..8].try_into().unwrap()) },
             ] {
                 let m = AppMessage { epoch_tag: [1; 8], content };
                 prop_assert_eq!(AppMessage::decode(&m.encode()), Ok(m));
@@ -518,6 +578,25 @@ mod tests {
             let _ = DropPayload::decode(&bytes);
             let _ = AppMessage::decode(&bytes);
             let _ = GroupMeta::decode(&bytes);
+            let _ = ServerList::decode(&bytes);
         }
+
+        #[test]
+        fn server_lists_round_trip(servers in proptest::collection::vec("\\PC{0,80}", 0..=MAX_SERVERS)) {
+            let list = ServerList { servers };
+            prop_assert_eq!(ServerList::decode(&list.encode()), Ok(list));
+        }
+    }
+
+    #[test]
+    fn server_lists_are_bounded() {
+        let long = ServerList { servers: vec!["x".repeat(MAX_LINK + 1), "a".into()] };
+        assert_eq!(ServerList::decode(&long.encode()).unwrap().servers, vec!["a".to_string()]);
+        let many = ServerList { servers: vec!["s".into(); MAX_SERVERS + 3] };
+        assert_eq!(ServerList::decode(&many.encode()).unwrap().servers.len(), MAX_SERVERS);
+        let mut too_many = ServerList { servers: vec![] }.encode();
+        too_many[1] = MAX_SERVERS as u8 + 1;
+        assert_eq!(ServerList::decode(&too_many), Err(DecodeError::TooLong));
+        every_prefix_fails(&ServerList { servers: vec!["ab".into()] }.encode(), ServerList::decode);
     }
 }

@@ -96,6 +96,9 @@ enum Command {
     /// Relays you go through when your server cannot be reached directly.
     #[command(subcommand)]
     Relays(RelaysCommand),
+    /// Servers your new chats move to when the one they are on is blocked.
+    #[command(subcommand)]
+    Servers(ServersCommand),
     /// Which ways to your server work now, which failed and why, and what is queued.
     Status {
         /// A domestic address (HOST:PORT) that a whitelist lets through, to tell whitelist
@@ -127,6 +130,18 @@ enum RelaysCommand {
         #[arg(long)]
         qr: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum ServersCommand {
+    /// Add a server (`postern://server#…`) that chats you create from now on move to, in
+    /// the order added, when every way to the one they are on fails for a while.
+    Add {
+        /// The server link.
+        link: String,
+    },
+    /// List those servers, in order.
+    List,
 }
 
 #[derive(Subcommand, Debug)]
@@ -218,6 +233,10 @@ impl Command {
                 RelaysCommand::List => C::RelaysList,
                 RelaysCommand::Remove { id } => C::RelaysRemove { id },
                 RelaysCommand::Share { id, qr } => C::RelaysShare { id, qr },
+            },
+            Command::Servers(s) => match s {
+                ServersCommand::Add { link } => C::ServersAdd { link },
+                ServersCommand::List => C::ServersList,
             },
             Command::Server(_)
             | Command::Relay(_)

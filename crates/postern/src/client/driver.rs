@@ -42,6 +42,32 @@ const SMALL_FRAME: u16 = 3_968;
 const TINY_FRAME: u16 = 960;
 /// Rounds of sending and resolving commits in one flush (each commit needs one).
 const MAX_FLUSH_ROUNDS: usize = 16;
+/// How long every door to a chat's server must have failed before the chat moves to the
+/// next server on its list (`POSTERN_FAILOVER_AFTER`, in seconds, overrides it).
+const FAILOVER_AFTER: Duration = Duration::from_secs(10 * 60);
+/// How often a client looks on the next servers for chats other members moved
+/// (`POSTERN_SUCCESSOR_CHECK`, in seconds, overrides it).
+const SUCCESSOR_CHECK: Duration = Duration::from_secs(10 * 60);
+
+/// A duration in seconds from the environment, or the default.
+fn secs_from_env(name: &str, default: Duration) -> Duration {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .map_or(default, Duration::from_secs)
+}
+
+/// No door to a server opened.
+#[derive(Debug)]
+struct Unreachable(String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unreachable {}
 
 /// A server's answer, or why there was none. Refusals are the server's word on the request;
 /// everything else is the network's fault and worth a retry.
@@ -93,6 +119,10 @@ pub(crate) struct Driver {
     /// or while subscribing read a backlog: `listen` prints it; after a one-shot command it
     /// waits for `postern read`.
     pub(crate) unshown: Vec<Event>,
+    /// How long a chat's server stays out of reach before the chat moves on.
+    failover_after: Duration,
+    /// How often moved chats are looked for.
+    successor_check: Duration,
 }
 
 impl Driver {
@@ -106,6 +136,8 @@ impl Driver {
             book: DoorBook::default(),
             caught_up: HashMap::new(),
             unshown: Vec::new(),
+            failover_after: secs_from_env("POSTERN_FAILOVER_AFTER", FAILOVER_AFTER),
+            successor_check: secs_from_env("POSTERN_SUCCESSOR_CHECK", SUCCESSOR_CHECK),
         }
     }
 
@@ -210,11 +242,11 @@ impl Driver {
                     tokio::time::sleep_until(Instant::from_std(slot)).await;
                     continue;
                 } else {
-                    return Err(anyhow!(
+                    return Err(anyhow::Error::new(Unreachable(format!(
                         "cannot reach the server at {} ({})",
                         link.addrs.join(", "),
                         failures.join("; ")
-                    ));
+                    ))));
                 };
                 let (ids, doors): (Vec<_>, Vec<_>) = candidates.into_iter().unzip();
                 let started = Instant::now();
@@ -637,22 +669,41 @@ impl Driver {
     /// queued); items the server refuses for good are dropped and reported.
     pub(crate) async fn flush(&mut self) -> Result<Vec<Event>> {
         let mut events = Vec::new();
-        let mut refused = Vec::new();
+        // Items refused for good, and items for a server no door reaches: the rest go on.
+        let mut skip = Vec::new();
+        let mut down = HashSet::new();
+        let mut unreachable = None;
         for _ in 0..MAX_FLUSH_ROUNDS {
-            while let Some(item) = self.client.next_outbox(&refused)? {
+            while let Some(item) = self.client.next_outbox(&skip)? {
                 let id = item.id;
+                let server = item.server.clone();
+                if down.contains(&server.to_link_string()) {
+                    skip.push(id);
+                    continue;
+                }
                 postern_client::pause_point("before-send");
-                match self.send_item(item).await? {
-                    Ok(seq) => {
+                match self.send_item(item).await {
+                    Ok(Ok(seq)) => {
                         postern_client::pause_point("after-ack");
                         self.client.outbox_done(id, seq)?;
                     }
-                    Err(code) => {
+                    Ok(Err(code)) => {
                         tracing::warn!(%code, "the server refused a queued request");
-                        refused.push(id);
+                        skip.push(id);
                         events.extend(self.client.outbox_failed(id)?);
                     }
+                    // Its chats moved to another server: their items go there now.
+                    Err(e) if e.is::<Unreachable>() && self.fail_over(&server).await? => {}
+                    Err(e) if e.is::<Unreachable>() => {
+                        down.insert(server.to_link_string());
+                        skip.push(id);
+                        unreachable.get_or_insert(e);
+                    }
+                    Err(e) => return Err(e),
                 }
+            }
+            if let Some(e) = unreachable {
+                return Err(e);
             }
             let unresolved = self.client.unresolved()?;
             if unresolved.is_empty() {
@@ -786,6 +837,7 @@ impl Driver {
     async fn pull(&mut self, only: Option<&str>) -> Result<Vec<Event>> {
         let mut events = Vec::new();
         let mut done = HashSet::new();
+        let mut unreachable = None;
         for _ in 0..MAX_FLUSH_ROUNDS {
             let pending: Vec<_> = self
                 .client
@@ -797,65 +849,181 @@ impl Driver {
                 break;
             }
             for chat in pending {
-                events.extend(self.read_log(&chat).await?);
                 done.insert(chat.log);
+                match self.read_log(&chat).await {
+                    Ok(more) => events.extend(more),
+                    // Moved to another server: read there in the next round.
+                    Err(e) if e.is::<Unreachable>() && self.fail_over(&chat.server).await? => {}
+                    Err(e) if e.is::<Unreachable>() => {
+                        unreachable.get_or_insert(e);
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
-        Ok(events)
+        match unreachable {
+            Some(e) => {
+                self.unshown.extend(events);
+                Err(e)
+            }
+            None => Ok(events),
+        }
+    }
+
+    /// Every door to `link` failed. Once that has lasted the failover time, the chats on it
+    /// move to the next server on their lists that a door reaches now (none moves while
+    /// nothing is reachable: the network is down, not the server). Returns whether any did.
+    async fn fail_over(&mut self, link: &ServerLink) -> Result<bool> {
+        let now = unix_now();
+        let since = self.client.out_of_reach(link, now)?;
+        if Duration::from_secs(now.saturating_sub(since)) < self.failover_after {
+            return Ok(false);
+        }
+        for next in self.client.successors_of(link)? {
+            if let Err(e) = self.conn(&next).await {
+                tracing::info!(error = %e, "cannot move chats there either");
+                continue;
+            }
+            let moved = self.client.fail_over(link, &next)?;
+            if !moved.is_empty() {
+                tracing::info!(
+                    chats = moved.len(),
+                    out_of_reach_secs = now.saturating_sub(since),
+                    "moved chats to the next server on their lists"
+                );
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Looks (at most every `POSTERN_SUCCESSOR_CHECK`) for chats another member moved to
+    /// their next server: the log a move in our epoch makes there has entries. Follows them;
+    /// reading the logs afterwards reads them there.
+    pub(crate) async fn follow_moves(&mut self) -> Result<()> {
+        let now = unix_now();
+        let last = self.client.last_successor_check()?;
+        if last.is_some_and(|at| Duration::from_secs(now.saturating_sub(at)) < self.successor_check)
+        {
+            return Ok(());
+        }
+        let successors = self.client.successors()?;
+        for s in &successors {
+            let request =
+                Request::LogRead { log: s.log, after: 0, max_items: 1, max_bytes: TINY_FRAME };
+            match self.call(&s.server, request, None).await {
+                Ok(Outcome::Done(Response::Items { items, .. })) if !items.is_empty() => {
+                    tracing::info!("a chat moved to the next server on its list: following it");
+                    self.client.follow(&s.chat)?;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "cannot look for moved chats"),
+            }
+        }
+        if !successors.is_empty() {
+            self.client.successors_checked(now)?;
+        }
+        Ok(())
     }
 
     /// Everything: publish, send the outbox, read the mailbox and the logs, and send what
     /// that queued (a released Welcome, a rotated log's creation, a contact card).
+    /// A home server out of reach stops neither the chats on other servers nor a move
+    /// (the first error is returned at the end, what arrived meanwhile kept for `read`).
     pub(crate) async fn sync(&mut self) -> Result<Vec<Event>> {
-        self.publish().await?;
-        let mut events = self.flush().await?;
-        events.extend(self.fetch_mailbox().await?);
-        events.extend(self.pull_logs().await?);
-        self.client.keep_alive()?;
-        events.extend(self.flush().await?);
-        Ok(events)
+        self.round(true).await
     }
 
     /// What `listen` does between pushes: publish, send the outbox, read the mailbox (it has
-    /// no push), send what that queued. Logs come by subscription.
+    /// no push), look for moved chats, send what that queued. Logs come by subscription.
     pub(crate) async fn poll(&mut self) -> Result<Vec<Event>> {
-        self.publish().await?;
-        let mut events = self.flush().await?;
-        events.extend(self.fetch_mailbox().await?);
+        self.round(false).await
+    }
+
+    async fn round(&mut self, logs: bool) -> Result<Vec<Event>> {
+        let mut events = Vec::new();
+        let mut first = None;
+        let mut keep = |result: Result<Vec<Event>>, events: &mut Vec<Event>| match result {
+            Ok(more) => events.extend(more),
+            Err(e) => {
+                first.get_or_insert(e);
+            }
+        };
+        keep(self.publish().await.map(|_| vec![]), &mut events);
+        keep(self.flush().await, &mut events);
+        keep(self.fetch_mailbox().await, &mut events);
+        keep(self.follow_moves().await.map(|()| vec![]), &mut events);
+        if logs {
+            keep(self.pull_logs().await, &mut events);
+        }
         self.client.keep_alive()?;
-        events.extend(self.flush().await?);
-        Ok(events)
+        keep(self.flush().await, &mut events);
+        match first {
+            Some(e) => {
+                self.unshown.extend(events);
+                Err(e)
+            }
+            None => Ok(events),
+        }
     }
 
     /// Subscribes to each active chat's log not yet subscribed on its server's current
     /// connection, from its cursor (after a sync, so pushes carry only what is new).
+    /// A server out of reach is tried once, and stops only its own chats; once it has been
+    /// out of reach for the failover time, its chats move and are subscribed where they went.
     pub(crate) async fn subscribe_new(&mut self) -> Result<()> {
-        for chat in self.client.logs()? {
-            let key = chat.server.to_link_string();
-            if self.conns.contains_key(&key)
-                && self.subscribed.get(&key).is_some_and(|s| s.contains(&chat.log))
-            {
-                continue;
-            }
-            // Under a budget the backlog is read first, in reads sized to each connection,
-            // rather than pushed at once past the budget; a log read to its end moments ago
-            // has next to none.
-            let mut after = chat.cursor;
-            let fresh = self.caught_up.get(&chat.log).is_some_and(|at| at.elapsed() < FRESH);
-            if !fresh && self.budgeted(&chat.server).await? {
-                let events = self.read_log(&chat).await?;
-                self.unshown.extend(events);
-                let now = self.client.logs()?.into_iter().find(|c| c.log == chat.log);
-                after = now.map_or(after, |c| c.cursor);
-            }
-            let request = Request::Subscribe { log: chat.log, after, max_bytes: ANY };
-            match self.call(&chat.server, request, None).await? {
-                Outcome::Refused(code) => {
-                    tracing::warn!(chat = %chat.chat, %code, "cannot subscribe to a chat's log");
+        let mut down = HashSet::new();
+        let mut first = None;
+        // A second round subscribes the chats that moved in the first.
+        for _ in 0..2 {
+            let mut moved = false;
+            for chat in self.client.logs()? {
+                let key = chat.server.to_link_string();
+                if down.contains(&key)
+                    || (self.conns.contains_key(&key)
+                        && self.subscribed.get(&key).is_some_and(|s| s.contains(&chat.log)))
+                {
+                    continue;
                 }
-                Outcome::Done(_) => {
-                    self.subscribed.entry(key).or_default().insert(chat.log);
+                match self.subscribe(&chat).await {
+                    Ok(()) => {}
+                    Err(e) if e.is::<Unreachable>() && self.fail_over(&chat.server).await? => {
+                        moved = true;
+                    }
+                    Err(e) => {
+                        down.insert(key);
+                        first.get_or_insert(e);
+                    }
                 }
+            }
+            if !moved {
+                break;
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Subscribes to one chat's log on its server's connection (opened if none is).
+    async fn subscribe(&mut self, chat: &postern_client::LogCursor) -> Result<()> {
+        // Under a budget the backlog is read first, in reads sized to each connection,
+        // rather than pushed at once past the budget; a log read to its end moments ago has
+        // next to none.
+        let mut after = chat.cursor;
+        let fresh = self.caught_up.get(&chat.log).is_some_and(|at| at.elapsed() < FRESH);
+        if !fresh && self.budgeted(&chat.server).await? {
+            let events = self.read_log(chat).await?;
+            self.unshown.extend(events);
+            let now = self.client.logs()?.into_iter().find(|c| c.log == chat.log);
+            after = now.map_or(after, |c| c.cursor);
+        }
+        let request = Request::Subscribe { log: chat.log, after, max_bytes: ANY };
+        match self.call(&chat.server, request, None).await? {
+            Outcome::Refused(code) => {
+                tracing::warn!(chat = %chat.chat, %code, "cannot subscribe to a chat's log");
+            }
+            Outcome::Done(_) => {
+                let key = chat.server.to_link_string();
+                self.subscribed.entry(key).or_default().insert(chat.log);
             }
         }
         Ok(())

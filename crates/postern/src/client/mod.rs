@@ -128,6 +128,8 @@ pub(crate) enum Command {
     RelaysList,
     RelaysRemove { id: i64 },
     RelaysShare { id: i64, qr: bool },
+    ServersAdd { link: String },
+    ServersList,
     Status { references: Vec<String> },
 }
 
@@ -321,6 +323,34 @@ pub(crate) async fn execute(
             }
         }
         Command::Status { references } => status(driver, references, json, out).await?,
+        Command::ServersAdd { link } => {
+            let link =
+                ServerLink::parse(link.trim()).context("not a server link (postern://server#…)")?;
+            let new = driver.client.add_fallback(&link)?;
+            let at = link.addrs.join(", ");
+            if json {
+                let line =
+                    serde_json::json!({ "event": "server", "new": new, "addrs": link.addrs });
+                writeln!(out, "{line}")?;
+            } else if new {
+                writeln!(
+                    out,
+                    "Added the server at {at}: chats you create from now on move there when theirs is blocked."
+                )?;
+            } else {
+                writeln!(out, "The server at {at} was already added.")?;
+            }
+        }
+        Command::ServersList => {
+            for link in driver.client.fallbacks()? {
+                let link = ServerLink::parse(&link)?;
+                if json {
+                    writeln!(out, "{}", serde_json::json!({ "addrs": link.addrs }))?;
+                } else {
+                    writeln!(out, "{}", link.addrs.join(", "))?;
+                }
+            }
+        }
         Command::RelaysShare { id, qr } => {
             let relays = driver.client.relays_to_share_one(*id)?;
             let Some(link) = relays else {

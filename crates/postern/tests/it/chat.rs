@@ -294,7 +294,13 @@ pub(crate) struct Listener {
 impl Listener {
     /// Starts listening on `home` and waits until it is ready.
     pub(crate) fn start(home: &Path) -> Self {
+        Self::start_with(home, &[])
+    }
+
+    /// [`start`](Self::start) with extra environment variables.
+    pub(crate) fn start_with(home: &Path, env: &[(&str, &str)]) -> Self {
         let mut child = command(home, &["--json", "listen"])
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

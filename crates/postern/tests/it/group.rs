@@ -16,7 +16,7 @@ fn epoch(home: &Path, chat: &str) -> (u64, [u8; 8]) {
 }
 
 /// Alice and her contacts, every pair's cards exchanged.
-fn people(dir: &Path, server: &TestServer, names: &[&str]) -> Vec<PathBuf> {
+pub(crate) fn people(dir: &Path, server: &TestServer, names: &[&str]) -> Vec<PathBuf> {
     let homes: Vec<PathBuf> = names.iter().map(|n| init(dir, n, server)).collect();
     for other in &homes[1..] {
         connect(&homes[0], other);

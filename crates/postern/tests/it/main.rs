@@ -14,6 +14,7 @@ mod disclosure;
 mod durability;
 mod group;
 mod logs;
+mod moves;
 mod ops;
 mod relay;
 mod stranger;

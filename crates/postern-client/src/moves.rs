@@ -1,0 +1,261 @@
+//! Moving a chat to the next server of its list when the one it is on cannot be reached
+//! (design review finding 6).
+//!
+//! - **The list** is in the group context ([`ServerList`]): the creator's server, then the
+//!   servers the creator added with `postern servers add`. Every member reads the same list.
+//! - **A deterministic successor.** A member that found every door to the chat's server
+//!   failing for the failover time moves the chat to the next server on the list. The new
+//!   log's id is derived from the current epoch ([`EpochKeys::successor_log`]), so every
+//!   member in the epoch derives the same log and no server can. Each member that moves
+//!   creates it with the epoch's append key (a conflict means another was first). The MLS
+//!   group goes on as it is: only its log moves.
+//! - **What moves along.** Whatever was sealed for the old log and not acknowledged is
+//!   sealed again for the new one; a commit in flight is dropped and planned again there.
+//!   The first entry a member writes to the new log is [`Content::Moved`] with how far it
+//!   had read the old one.
+//! - **Re-sends.** Each member re-sends, with their original idempotency keys, its own
+//!   messages that landed in the old log after its own `read_to` and after that of every
+//!   `Moved` it reads. A member that read one on the old log recognises the key and skips
+//!   it, so every message arrives once.
+//! - **Following.** Members who still reach the old server learn of the move by looking
+//!   for the successor log of their current epoch on the next server, now and then
+//!   ([`successors`]); when it has entries, they move the same way.
+//!
+//! Not handled: a member whose epoch moved on while the others moved (a commit on the old
+//! server after the split) derives another successor and does not find the move.
+
+use postern_proto::content::{AppMessage, Content};
+use postern_proto::ids::LogId;
+use postern_proto::link::ServerLink;
+use rusqlite::{OptionalExtension, params};
+
+use crate::ClientError;
+use crate::chats::{ChatRow, Ctx, bad, chat_row, dbe, insert_outbox, resend_after, unseal};
+use crate::groups;
+use crate::mls::{self, EpochKeys};
+
+pub(crate) const MIGRATION_MOVES: &str = r#"
+CREATE TABLE fallback_servers (
+    id   INTEGER PRIMARY KEY,
+    link TEXT NOT NULL UNIQUE
+);
+CREATE TABLE outages (
+    server TEXT PRIMARY KEY,
+    since  INTEGER NOT NULL
+);
+CREATE TABLE successor_checks (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    at INTEGER NOT NULL
+);
+"#;
+
+/// Adds a server that new chats move to when theirs is blocked. Returns whether it is new.
+pub(crate) fn add_fallback(ctx: &Ctx<'_>, link: &ServerLink) -> Result<bool, ClientError> {
+    let link = link.to_link_string();
+    if link == ctx.server.to_link_string() {
+        return Err(ClientError::OwnServer);
+    }
+    let added = ctx
+        .db
+        .execute("INSERT OR IGNORE INTO fallback_servers (link) VALUES (?1)", [&link])
+        .map_err(dbe)?;
+    Ok(added == 1)
+}
+
+/// The servers new chats move to, in the order added.
+pub(crate) fn fallbacks(db: &rusqlite::Connection) -> Result<Vec<String>, ClientError> {
+    let mut stmt = db.prepare("SELECT link FROM fallback_servers ORDER BY id").map_err(dbe)?;
+    let rows = stmt.query_map([], |r| r.get(0)).map_err(dbe)?;
+    rows.collect::<Result<_, _>>().map_err(dbe)
+}
+
+/// The server list of a chat we create: ours first, then our fallbacks.
+pub(crate) fn new_chat_servers(ctx: &Ctx<'_>) -> Result<Vec<String>, ClientError> {
+    let mut servers = vec![ctx.server.to_link_string()];
+    servers.extend(fallbacks(ctx.db)?);
+    servers.truncate(postern_proto::content::MAX_SERVERS);
+    Ok(servers)
+}
+
+/// The chat's place in its server list and the list, if there is a server after it.
+fn next_server(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<Option<(usize, String)>, ClientError> {
+    let servers = mls::servers(&ctx.mls, &chat.group_id)?;
+    let Some(at) = servers.iter().position(|s| *s == chat.server) else { return Ok(None) };
+    Ok(servers.get(at + 1).map(|next| (at + 1, next.clone())))
+}
+
+/// Active chats a move could concern.
+fn active_chats(ctx: &Ctx<'_>, server: Option<&str>) -> Result<Vec<ChatRow>, ClientError> {
+    let ids: Vec<i64> = {
+        let mut stmt = ctx
+            .db
+            .prepare(
+                "SELECT id FROM chats WHERE active = 1 AND state NOT IN ('left', 'stale')
+                 AND (?1 IS NULL OR server_link = ?1) ORDER BY id",
+            )
+            .map_err(dbe)?;
+        let rows = stmt.query_map([server], |r| r.get(0)).map_err(dbe)?;
+        rows.collect::<Result<_, _>>().map_err(dbe)?
+    };
+    let mut chats = Vec::new();
+    for id in ids {
+        chats.extend(chat_row(ctx.db, "id = ?1", &id)?);
+    }
+    Ok(chats)
+}
+
+/// Every door to `server` failed just now: records since when it has been out of reach
+/// and returns it (Unix seconds).
+pub(crate) fn out_of_reach(ctx: &Ctx<'_>, server: &str, now: u64) -> Result<u64, ClientError> {
+    ctx.db
+        .execute(
+            "INSERT OR IGNORE INTO outages (server, since) VALUES (?1, ?2)",
+            params![server, now],
+        )
+        .map_err(dbe)?;
+    ctx.db
+        .query_row("SELECT since FROM outages WHERE server = ?1", [server], |r| r.get(0))
+        .map_err(dbe)
+}
+
+/// A door to `server` opened: its outage, if one was recorded, is over.
+pub(crate) fn reached(ctx: &Ctx<'_>, server: &str) -> Result<(), ClientError> {
+    ctx.db.execute("DELETE FROM outages WHERE server = ?1", [server]).map_err(dbe)?;
+    Ok(())
+}
+
+/// Whether an outage of `server` is on record.
+pub(crate) fn has_outage(db: &rusqlite::Connection, server: &str) -> Result<bool, ClientError> {
+    db.query_row("SELECT EXISTS (SELECT 1 FROM outages WHERE server = ?1)", [server], |r| r.get(0))
+        .map_err(dbe)
+}
+
+/// The servers the chats on `server` would move to.
+pub(crate) fn successors_of(ctx: &Ctx<'_>, server: &str) -> Result<Vec<ServerLink>, ClientError> {
+    let mut next = Vec::new();
+    for chat in active_chats(ctx, Some(server))? {
+        if let Some((_, link)) = next_server(ctx, &chat)?
+            && !next.contains(&link)
+        {
+            next.push(link);
+        }
+    }
+    next.iter().map(|l| Ok(ServerLink::parse(l)?)).collect()
+}
+
+/// Moves every active chat on `server` that has a server after it on its list to that
+/// one, if that is `to`. Returns the chats moved.
+pub(crate) fn fail_over(ctx: &Ctx<'_>, server: &str, to: &str) -> Result<Vec<String>, ClientError> {
+    let mut moved = Vec::new();
+    for chat in active_chats(ctx, Some(server))? {
+        if let Some((index, next)) = next_server(ctx, &chat)?
+            && next == to
+        {
+            move_chat(ctx, &chat, index, &next)?;
+            moved.push(chat.reference.clone());
+        }
+    }
+    Ok(moved)
+}
+
+/// Where a chat would be if a member moved it from our current epoch: the chat, the next
+/// server and the log there.
+pub struct Successor {
+    /// The chat's id.
+    pub chat: String,
+    /// The next server on its list.
+    pub server: ServerLink,
+    /// The log a move in our epoch makes there.
+    pub log: LogId,
+}
+
+/// The successor of every active chat that has a server after its own.
+pub(crate) fn successors(ctx: &Ctx<'_>) -> Result<Vec<Successor>, ClientError> {
+    let mut out = Vec::new();
+    for chat in active_chats(ctx, None)? {
+        if let Some((index, next)) = next_server(ctx, &chat)? {
+            let keys = mls::epoch_keys(&ctx.mls, &chat.group_id)?;
+            out.push(Successor {
+                chat: chat.reference.clone(),
+                server: ServerLink::parse(&next)?,
+                log: keys.successor_log(index)?,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Another member moved `chat` (its successor log has entries): move with it.
+pub(crate) fn follow(ctx: &Ctx<'_>, chat: &str) -> Result<bool, ClientError> {
+    let Some(row) = chat_row(ctx.db, "ref = ?1", &chat)? else { return Ok(false) };
+    let Some((index, next)) = next_server(ctx, &row)? else { return Ok(false) };
+    move_chat(ctx, &row, index, &next)?;
+    Ok(true)
+}
+
+/// Moves a chat's log to the server at `index` of its list (`to`), from the current epoch.
+fn move_chat(ctx: &Ctx<'_>, chat: &ChatRow, index: usize, to: &str) -> Result<(), ClientError> {
+    ServerLink::parse(to)?;
+    // A commit in flight on the old log is planned again on the new one.
+    groups::lose_commit(ctx, chat)?;
+    let keys: EpochKeys = mls::epoch_keys(&ctx.mls, &chat.group_id)?;
+    let log = keys.successor_log(index)?;
+    unseal(ctx, chat.id, &["message", "proposal"], Some(&chat.log))?;
+    ctx.db
+        .execute(
+            "DELETE FROM outbox WHERE chat_id = ?1 AND kind = 'log_create' AND target = ?2",
+            params![chat.id, &chat.log.0[..]],
+        )
+        .map_err(dbe)?;
+    ctx.db
+        .execute(
+            "UPDATE chats SET server_link = ?2, log_id = ?3, cursor = 0, generation = generation + 1
+             WHERE id = ?1",
+            params![chat.id, to, &log.0[..]],
+        )
+        .map_err(dbe)?;
+    let read_to = chat.cursor;
+    resend_after(ctx.db, chat.id, read_to)?;
+    let key = keys.append_key.to_bytes();
+    insert_outbox(
+        ctx.db,
+        Some(chat.id),
+        "log_create",
+        to,
+        &log.0,
+        &[],
+        (Some(&key[..]), None, None),
+    )?;
+    let row = chat_row(ctx.db, "id = ?1", &chat.id)?.ok_or(bad("chat vanished"))?;
+    // MLS encrypts nothing while a proposal waits; the proposal's commit comes first then,
+    // and the marker is left out (members re-send from their own `read_to` still).
+    if !mls::has_pending_proposals(&ctx.mls, &chat.group_id)? {
+        let plain =
+            AppMessage { epoch_tag: keys.authenticator_tag, content: Content::Moved { read_to } };
+        let mls_message = mls::encrypt(&ctx.mls, ctx.me, &chat.group_id, &plain.encode())?;
+        crate::chats::queue_envelope(ctx, &row, &keys, "message", None, &mls_message, None)?;
+    }
+    groups::pump(ctx, chat.id)
+}
+
+/// A member wrote that it had read the old log up to `read_to` when it moved: our own
+/// messages after that go again.
+pub(crate) fn moved(ctx: &Ctx<'_>, chat: &ChatRow, read_to: u64) -> Result<(), ClientError> {
+    resend_after(ctx.db, chat.id, read_to)?;
+    groups::pump(ctx, chat.id)
+}
+
+/// When the successors were last looked for (Unix seconds), if ever.
+pub(crate) fn last_check(db: &rusqlite::Connection) -> Result<Option<u64>, ClientError> {
+    db.query_row("SELECT at FROM successor_checks WHERE id = 1", [], |r| r.get(0))
+        .optional()
+        .map_err(dbe)
+}
+
+/// Records that the successors were looked for at `now`.
+pub(crate) fn checked(ctx: &Ctx<'_>, now: u64) -> Result<(), ClientError> {
+    ctx.db
+        .execute("INSERT OR REPLACE INTO successor_checks (id, at) VALUES (1, ?1)", [now])
+        .map_err(dbe)?;
+    Ok(())
+}

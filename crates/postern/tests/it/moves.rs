@@ -1,0 +1,148 @@
+//! A chat moves to the next server on its list when every door to its own has failed for
+//! the failover time: a partition where each side sends, then heals, and every message
+//! arrives once.
+
+use std::path::PathBuf;
+
+use postern_test_support::TestServer;
+
+use crate::bin;
+use crate::chat::{Listener, connect, init, ok, ok_with, run, stderr, texts};
+
+/// Moves at the first failure, and looks for moved chats at every sync.
+const AT_ONCE: &[(&str, &str)] =
+    &[("POSTERN_FAILOVER_AFTER", "0"), ("POSTERN_SUCCESSOR_CHECK", "0")];
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+/// Two servers, and Alice and Bob at home on the first with the second added.
+struct Two {
+    first: TestServer,
+    second: TestServer,
+    alice: PathBuf,
+    bob: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn two() -> Two {
+    let first = TestServer::start(bin()).await;
+    let second = TestServer::start(bin()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let alice = init(dir.path(), "Alice", &first);
+    let bob = init(dir.path(), "Bob", &first);
+    for home in [&alice, &bob] {
+        let added = ok(home, &["servers", "add", &second.link.to_link_string()]);
+        assert_eq!(added[0]["new"], true);
+    }
+    Two { first, second, alice, bob, _dir: dir }
+}
+
+#[tokio::test]
+async fn a_partitioned_chat_moves_to_its_next_server_and_every_message_arrives_once() {
+    let Two { mut first, second, alice, bob, _dir } = two().await;
+    let fallback = second.link.to_link_string();
+    assert_eq!(ok(&bob, &["servers", "add", &fallback])[0]["new"], false);
+    assert_eq!(ok(&bob, &["servers", "list"])[0]["addrs"][0], second.link.addrs[0]);
+    let out = run(&bob, &["servers", "add", &first.link.to_link_string()]);
+    assert!(stderr(&out).contains("your home server"), "{}", stderr(&out));
+
+    let bob_chat = connect(&alice, &bob);
+    ok(&bob, &["send", &bob_chat, "one"]);
+    let alice_chat = ok(&alice, &["sync"])[0]["chat"].as_str().unwrap().to_owned();
+    ok(&alice, &["send", &alice_chat, "two"]);
+    assert_eq!(texts(&bob, "Alice"), ["one", "two"]);
+
+    // The first server goes down. Before the failover time the message waits...
+    first.kill().await;
+    let out = run(&alice, &["send", &alice_chat, "three, queued"]);
+    assert!(!out.status.success() && stderr(&out).contains("queued"), "{}", stderr(&out));
+    // ... after it the chat moves, and both messages go to the second server.
+    ok_with(&alice, &["send", &alice_chat, "four, moved"], AT_ONCE);
+
+    // The first server comes back for Bob, who has not noticed: his message lands there.
+    first.restart().await;
+    ok(&bob, &["send", &bob_chat, "five, on the first server"]);
+    // His next sync finds the moved chat and follows it; his message goes again, to the
+    // second server, where Alice reads it.
+    ok_with(&bob, &["sync"], AT_ONCE);
+    let everything = ["five, on the first server", "four, moved", "one", "three, queued", "two"];
+    assert_eq!(sorted(texts(&alice, "Bob")), everything);
+    assert_eq!(sorted(texts(&bob, "Alice")), everything);
+
+    // The first server goes for good: the chat lives on the second, mailbox or not.
+    first.kill().await;
+    ok(&alice, &["send", &alice_chat, "six"]);
+    ok(&bob, &["send", &bob_chat, "seven"]);
+    let mut all = everything.map(str::to_owned).to_vec();
+    all.extend(["seven".to_owned(), "six".to_owned()]);
+    let all = sorted(all);
+    assert_eq!(sorted(texts(&alice, "Bob")), all);
+    assert_eq!(sorted(texts(&bob, "Alice")), all);
+    for home in [&alice, &bob] {
+        let chats = ok(home, &["chats"]);
+        assert_eq!(chats.len(), 1);
+        assert_eq!(chats[0]["fork_alarm"], false);
+    }
+}
+
+#[tokio::test]
+async fn a_group_moves_and_a_member_who_read_a_message_on_the_old_server_sees_it_once() {
+    let mut first = TestServer::start(bin()).await;
+    let second = TestServer::start(bin()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let homes = crate::group::people(dir.path(), &first, &["Alice", "Bob", "Carol"]);
+    let [alice, bob, carol] = &homes[..] else { unreachable!() };
+    // The creator's fallbacks make the group's list.
+    ok(alice, &["servers", "add", &second.link.to_link_string()]);
+    ok(alice, &["group", "create", "Moving", "Bob", "Carol"]);
+    for home in [bob, carol] {
+        ok(home, &["sync"]);
+    }
+    ok(bob, &["send", "Moving", "hello"]);
+
+    // Alice cannot reach the first server and moves the group.
+    first.kill().await;
+    ok_with(alice, &["send", "Moving", "alice moved"], AT_ONCE);
+    first.restart().await;
+    // Bob and Carol still reach it (and looked for moves a moment ago, at their join):
+    // Bob's message lands there and Carol reads it there.
+    ok(bob, &["send", "Moving", "bob on the first server"]);
+    assert_eq!(texts(carol, "Moving"), ["hello", "bob on the first server"]);
+    // Bob follows and sends his message again; Carol follows and already has it.
+    ok_with(bob, &["sync"], AT_ONCE);
+    ok_with(carol, &["sync"], AT_ONCE);
+    let all =
+        sorted(["hello", "alice moved", "bob on the first server"].map(str::to_owned).to_vec());
+    for home in [alice, bob, carol] {
+        assert_eq!(sorted(texts(home, "Moving")), all, "{}", home.display());
+    }
+    // All three are on the second server now.
+    first.kill().await;
+    ok(carol, &["send", "Moving", "carol after"]);
+    for home in [alice, bob] {
+        assert_eq!(texts(home, "Moving").last().unwrap(), "carol after");
+    }
+}
+
+#[tokio::test]
+async fn a_listening_client_moves_an_idle_chat_and_gets_pushes_on_the_next_server() {
+    let Two { mut first, second: _second, alice, bob, _dir } = two().await;
+    let bob_chat = connect(&alice, &bob);
+    ok(&alice, &["sync"]);
+    let mut listen = Listener::start_with(&alice, AT_ONCE);
+    ok(&bob, &["send", &bob_chat, "before"]);
+    assert_eq!(listen.next("message")["text"], "before");
+
+    // The server goes; whichever of them moves the chat first, the other follows, and the
+    // message reaches Alice's listen on the second server.
+    first.kill().await;
+    ok_with(&bob, &["send", &bob_chat, "after the move"], AT_ONCE);
+    assert_eq!(listen.next("message")["text"], "after the move");
+    ok_with(&bob, &["send", &bob_chat, "and one more"], AT_ONCE);
+    assert_eq!(listen.next("message")["text"], "and one more");
+    listen.stop();
+    assert_eq!(texts(&alice, "Bob"), ["before", "after the move", "and one more"]);
+}
