@@ -703,6 +703,7 @@ impl Driver {
                 }
             }
             if let Some(e) = unreachable {
+                self.unshown.extend(events);
                 return Err(e);
             }
             let unresolved = self.client.unresolved()?;
@@ -837,6 +838,7 @@ impl Driver {
     async fn pull(&mut self, only: Option<&str>) -> Result<Vec<Event>> {
         let mut events = Vec::new();
         let mut done = HashSet::new();
+        let mut down = HashSet::new();
         let mut unreachable = None;
         for _ in 0..MAX_FLUSH_ROUNDS {
             let pending: Vec<_> = self
@@ -850,11 +852,15 @@ impl Driver {
             }
             for chat in pending {
                 done.insert(chat.log);
+                if down.contains(&chat.server.to_link_string()) {
+                    continue;
+                }
                 match self.read_log(&chat).await {
                     Ok(more) => events.extend(more),
                     // Moved to another server: read there in the next round.
                     Err(e) if e.is::<Unreachable>() && self.fail_over(&chat.server).await? => {}
                     Err(e) if e.is::<Unreachable>() => {
+                        down.insert(chat.server.to_link_string());
                         unreachable.get_or_insert(e);
                     }
                     Err(e) => return Err(e),
