@@ -58,6 +58,8 @@ struct Scene {
     cdn: String,
     /// Every client command's log (the transport engine's decisions).
     client_log: Mutex<String>,
+    /// Environment variables for every client command.
+    client_env: Vec<(&'static str, &'static str)>,
 }
 
 fn relay_config(dir: &Path, name: &str, listen: &str, host: &str, upstream: &str) -> PathBuf {
@@ -144,6 +146,7 @@ impl Scene {
             domestic,
             cdn,
             client_log: Default::default(),
+            client_env: Vec::new(),
         }
     }
 
@@ -176,6 +179,7 @@ impl Scene {
                     .unwrap_or_else(|_| "warn,postern::client::driver=debug".into()),
             )
             .env_remove("POSTERN_PASSPHRASE")
+            .envs(self.client_env.iter().copied())
             // Bob is on a line of his own, as two people would be.
             .env(
                 "POSTERN_TEST_SOURCE_IP",
@@ -242,12 +246,21 @@ impl Scene {
     /// Alice and Bob make their identities, holding `relays`, and Bob connects with
     /// Alice's invite.
     fn start_chat(&self, relays: &[&str]) {
+        self.start_chat_with(relays, &[]);
+    }
+
+    /// [`start_chat`](Self::start_chat), both having added `servers` for their chats to
+    /// move to.
+    fn start_chat_with(&self, relays: &[&str], servers: &[&str]) {
         for name in ["Alice", "Bob"] {
             let mut args = vec!["init", "--name", name, "--server", &self.server_link];
             for relay in relays {
                 args.extend(["--relay", relay]);
             }
             self.ok(&name.to_lowercase(), &args);
+            for server in servers {
+                self.ok(&name.to_lowercase(), &["servers", "add", server]);
+            }
         }
         let invite =
             self.ok("alice", &["invite", "--once"])[0]["link"].as_str().unwrap().to_owned();
@@ -774,4 +787,53 @@ fn a_door_blocked_mid_run_is_left_within_30_s_and_nothing_is_lost() {
     let through_other = flows_to(&report, other).len();
     eprintln!("moved off {last} in {moved:?}; {cut} flows cut, {through_other} through {other}");
     assert!(cut >= 1 && through_other >= 1);
+}
+
+#[test]
+fn a_server_blocked_mid_run_is_left_for_the_next_on_the_chats_list_and_nothing_is_lost() {
+    if !root() {
+        return;
+    }
+    // No relays: when the censor blocks the chat's server, the chat moves to the second
+    // server on its list (another address), as soon as the first cannot be reached.
+    let mut scene = Scene::up("open");
+    let data = scene.dir.path().join("second");
+    let listen = format!("{}:8443", addr::CDN);
+    let bin = postern();
+    let server = [
+        "env",
+        "POSTERN_LOG=warn",
+        bin.to_str().unwrap(),
+        "--json",
+        "server",
+        "--listen",
+        &listen,
+        "--admin",
+        "127.0.0.1:0",
+        "--data",
+        data.to_str().unwrap(),
+    ];
+    let second = link_of(&scene.lab.start(Host::Foreign, &server).unwrap());
+    scene.client_env = vec![("POSTERN_FAILOVER_AFTER", "0"), ("POSTERN_SUCCESSOR_CHECK", "0")];
+    scene.start_chat_with(&[], &[&second]);
+    scene.exchange(0..3, 600);
+    scene.lab.tell(0, &format!("block {}/32", addr::FOREIGN_BLOCKED)).unwrap();
+    let started = std::time::Instant::now();
+    scene.exchange(3..4, 600);
+    let moved = started.elapsed();
+    // Each side waits out one connect timeout to the blocked server, then moves.
+    assert!(moved < std::time::Duration::from_secs(60), "took {moved:?} to move");
+    scene.exchange(4..N, 600);
+    let (bob_read, alice_read) = scene.read_all();
+    assert_eq!(bob_read, expected("alice", N));
+    assert_eq!(alice_read, expected("bob", N));
+    let report = scene.report();
+    let cut = flows_to(&report, addr::FOREIGN_BLOCKED)
+        .iter()
+        .filter(|f| f["blocked"] == "ip-block")
+        .count();
+    let moved_to = flows_to(&report, &listen);
+    eprintln!("moved in {moved:?}; {cut} flows cut, {} to the second server", moved_to.len());
+    assert!(cut >= 1 && !moved_to.is_empty());
+    assert!(moved_to.iter().all(|f| f["blocked"].is_null()), "{moved_to:?}");
 }
