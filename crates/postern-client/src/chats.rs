@@ -580,6 +580,22 @@ pub(crate) fn save_epoch(db: &Connection, chat: i64, keys: &EpochKeys) -> Result
     Ok(())
 }
 
+/// The keys of every epoch kept for a chat (the current one and two before), oldest first.
+pub(crate) fn stored_epochs(db: &Connection, chat: i64) -> Result<Vec<EpochKeys>, ClientError> {
+    let key_ids: Vec<Vec<u8>> = {
+        let mut stmt = db
+            .prepare("SELECT key_id FROM chat_epochs WHERE chat_id = ?1 ORDER BY epoch")
+            .map_err(dbe)?;
+        let rows = stmt.query_map([chat], |r| r.get(0)).map_err(dbe)?;
+        rows.collect::<Result<_, _>>().map_err(dbe)?
+    };
+    let mut out = Vec::new();
+    for key_id in key_ids {
+        out.extend(epoch_by_key_id(db, chat, &key_id)?);
+    }
+    Ok(out)
+}
+
 fn epoch_by_key_id(
     db: &Connection,
     chat: i64,

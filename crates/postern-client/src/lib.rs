@@ -836,6 +836,11 @@ impl Client {
         self.step(|ctx| moves::follow(ctx, chat))
     }
 
+    /// Members moved `chat` from an epoch before ours: it is marked as forked (reported once).
+    pub fn moved_without_us(&mut self, chat: &str) -> Result<Option<Event>, ClientError> {
+        self.step(|ctx| moves::moved_without_us(ctx, chat))
+    }
+
     /// When the successors were last looked for (Unix seconds).
     pub fn last_successor_check(&self) -> Result<Option<u64>, ClientError> {
         moves::last_check(self.store.conn())

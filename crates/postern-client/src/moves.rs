@@ -22,7 +22,9 @@
 //!   ([`successors`]); when it has entries, they move the same way.
 //!
 //! Not handled: a member whose epoch moved on while the others moved (a commit on the old
-//! server after the split) derives another successor and does not find the move.
+//! server after the split) cannot follow, since MLS cannot merge the two histories. It
+//! finds the move among the successors of its earlier epochs and marks the chat as forked
+//! (`fork_alarm`), which `postern chats` shows.
 
 use postern_proto::content::{AppMessage, Content};
 use postern_proto::ids::LogId;
@@ -30,7 +32,7 @@ use postern_proto::link::ServerLink;
 use rusqlite::{OptionalExtension, params};
 
 use crate::ClientError;
-use crate::chats::{ChatRow, Ctx, bad, chat_row, dbe, insert_outbox, resend_after, unseal};
+use crate::chats::{ChatRow, Ctx, Event, bad, chat_row, dbe, insert_outbox, resend_after, unseal};
 use crate::groups;
 use crate::mls::{self, EpochKeys};
 
@@ -158,31 +160,52 @@ pub(crate) fn fail_over(ctx: &Ctx<'_>, server: &str, to: &str) -> Result<Vec<Str
     Ok(moved)
 }
 
-/// Where a chat would be if a member moved it from our current epoch: the chat, the next
-/// server and the log there.
+/// Where a chat would be if a member moved it in one of the epochs we hold: the chat, the
+/// next server and the log there.
 pub struct Successor {
     /// The chat's id.
     pub chat: String,
     /// The next server on its list.
     pub server: ServerLink,
-    /// The log a move in our epoch makes there.
+    /// The log a move in that epoch makes there.
     pub log: LogId,
+    /// Whether that epoch is our current one. A move from an earlier one means our epoch
+    /// moved on, on the old server, after the others left it: the two histories cannot be
+    /// merged (see the module comment).
+    pub current: bool,
 }
 
-/// The successor of every active chat that has a server after its own.
+/// The successors of every active chat that has a server after its own: from our current
+/// epoch, and from the earlier epochs we still hold.
 pub(crate) fn successors(ctx: &Ctx<'_>) -> Result<Vec<Successor>, ClientError> {
     let mut out = Vec::new();
     for chat in active_chats(ctx, None)? {
-        if let Some((index, next)) = next_server(ctx, &chat)? {
-            let keys = mls::epoch_keys(&ctx.mls, &chat.group_id)?;
+        let Some((index, next)) = next_server(ctx, &chat)? else { continue };
+        let server = ServerLink::parse(&next)?;
+        let current = mls::epoch_keys(&ctx.mls, &chat.group_id)?;
+        // Newest first; epoch 0 had only the creator in it, so nobody moved from it.
+        let epochs = crate::chats::stored_epochs(ctx.db, chat.id)?;
+        for keys in epochs.iter().rev().filter(|k| k.epoch > 0) {
             out.push(Successor {
                 chat: chat.reference.clone(),
-                server: ServerLink::parse(&next)?,
+                server: server.clone(),
                 log: keys.successor_log(index)?,
+                current: keys.epoch == current.epoch,
             });
         }
     }
     Ok(out)
+}
+
+/// Members moved `chat` from an epoch before ours: we cannot follow (MLS cannot merge the
+/// two histories), and the chat is marked as having forked.
+pub(crate) fn moved_without_us(ctx: &Ctx<'_>, chat: &str) -> Result<Option<Event>, ClientError> {
+    let Some(row) = chat_row(ctx.db, "ref = ?1", &chat)? else { return Ok(None) };
+    let marked = ctx
+        .db
+        .execute("UPDATE chats SET fork_alarm = 1 WHERE id = ?1 AND fork_alarm = 0", [row.id])
+        .map_err(dbe)?;
+    Ok((marked == 1).then_some(Event::ForkAlarm { chat: row.reference }))
 }
 
 /// Another member moved `chat` (its successor log has entries): move with it.

@@ -906,21 +906,36 @@ impl Driver {
     /// Looks (at most every `POSTERN_SUCCESSOR_CHECK`) for chats another member moved to
     /// their next server: the log a move in our epoch makes there has entries. Follows them;
     /// reading the logs afterwards reads them there.
-    pub(crate) async fn follow_moves(&mut self) -> Result<()> {
+    /// A move from an epoch before ours cannot be followed: the chat is marked as forked.
+    pub(crate) async fn follow_moves(&mut self) -> Result<Vec<Event>> {
         let now = unix_now();
         let last = self.client.last_successor_check()?;
         if last.is_some_and(|at| Duration::from_secs(now.saturating_sub(at)) < self.successor_check)
         {
-            return Ok(());
+            return Ok(vec![]);
         }
         let successors = self.client.successors()?;
+        let mut events = Vec::new();
+        let mut moved = HashSet::new();
         for s in &successors {
+            if moved.contains(&s.chat) {
+                continue;
+            }
             let request =
                 Request::LogRead { log: s.log, after: 0, max_items: 1, max_bytes: TINY_FRAME };
             match self.call(&s.server, request, None).await {
                 Ok(Outcome::Done(Response::Items { items, .. })) if !items.is_empty() => {
-                    tracing::info!("a chat moved to the next server on its list: following it");
-                    self.client.follow(&s.chat)?;
+                    moved.insert(s.chat.clone());
+                    if s.current {
+                        tracing::info!("a chat moved to the next server on its list: following it");
+                        self.client.follow(&s.chat)?;
+                    } else {
+                        tracing::warn!(
+                            "a chat moved to the next server from an epoch before ours: \
+                             it cannot be followed"
+                        );
+                        events.extend(self.client.moved_without_us(&s.chat)?);
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => tracing::debug!(error = %e, "cannot look for moved chats"),
@@ -929,7 +944,7 @@ impl Driver {
         if !successors.is_empty() {
             self.client.successors_checked(now)?;
         }
-        Ok(())
+        Ok(events)
     }
 
     /// Everything: publish, send the outbox, read the mailbox and the logs, and send what
@@ -958,7 +973,7 @@ impl Driver {
         keep(self.publish().await.map(|_| vec![]), &mut events);
         keep(self.flush().await, &mut events);
         keep(self.fetch_mailbox().await, &mut events);
-        keep(self.follow_moves().await.map(|()| vec![]), &mut events);
+        keep(self.follow_moves().await, &mut events);
         if logs {
             keep(self.pull_logs().await, &mut events);
         }

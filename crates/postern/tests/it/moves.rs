@@ -146,3 +146,41 @@ async fn a_listening_client_moves_an_idle_chat_and_gets_pushes_on_the_next_serve
     listen.stop();
     assert_eq!(texts(&alice, "Bob"), ["before", "after the move", "and one more"]);
 }
+
+#[tokio::test]
+async fn a_member_who_changed_the_group_on_the_old_server_is_told_it_cannot_follow() {
+    let mut first = TestServer::start(bin()).await;
+    let second = TestServer::start(bin()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let homes = crate::group::people(dir.path(), &first, &["Alice", "Bob", "Carol"]);
+    let [alice, bob, carol] = &homes[..] else { unreachable!() };
+    // Dave is Bob's contact, not Alice's.
+    let dave = init(dir.path(), "Dave", &first);
+    connect(bob, &dave);
+    for home in [bob, &dave, bob] {
+        ok(home, &["sync"]);
+    }
+    ok(alice, &["servers", "add", &second.link.to_link_string()]);
+    ok(alice, &["group", "create", "Split", "Bob", "Carol", "--members-can-add"]);
+    for home in [bob, carol] {
+        ok(home, &["sync"]);
+    }
+    // Alice moves the group while the first server is down for her...
+    first.kill().await;
+    ok_with(alice, &["send", "Split", "alice moved"], AT_ONCE);
+    first.restart().await;
+    // ... and Bob, who still reaches it, adds Dave there: a commit the moved group never saw.
+    ok(bob, &["sync"]);
+    ok(bob, &["group", "add", "Split", "Dave"]);
+    // Carol has not read that commit: she follows Alice. Bob cannot, and is told.
+    ok_with(carol, &["sync"], AT_ONCE);
+    assert_eq!(texts(carol, "Split").last().unwrap(), "alice moved");
+    let synced = ok_with(bob, &["sync"], AT_ONCE);
+    assert!(synced.iter().any(|e| e["event"] == "fork_alarm"), "{synced:?}");
+    let chats = ok(bob, &["chats"]);
+    let split = chats.iter().find(|c| c["name"] == "Split").unwrap();
+    assert_eq!(split["fork_alarm"], true);
+    // Reported once.
+    let again = ok_with(bob, &["sync"], AT_ONCE);
+    assert!(!again.iter().any(|e| e["event"] == "fork_alarm"), "{again:?}");
+}
