@@ -1,8 +1,9 @@
 //! Moving a chat to the next server of its list when the one it is on cannot be reached
 //! (design review finding 6).
 //!
-//! - **The list** is in the group context ([`ServerList`]): the creator's server, then the
-//!   servers the creator added with `postern servers add`. Every member reads the same list.
+//! - **The list** is in the group context ([`postern_proto::content::ServerList`]): the
+//!   creator's server, then the servers the creator added with `postern servers add`. Every
+//!   member reads the same list.
 //! - **A deterministic successor.** A member that found every door to the chat's server
 //!   failing for the failover time moves the chat to the next server on the list. The new
 //!   log's id is derived from the current epoch ([`EpochKeys::successor_log`]), so every
