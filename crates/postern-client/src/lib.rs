@@ -53,7 +53,7 @@ pub use gaps::{Gap, REJOIN_HELPERS};
 pub use groups::{Card, GroupRules, Member};
 pub use identity::{DeviceCredential, Identity, fingerprint};
 pub use mls::{CIPHERSUITE, EpochKeys, MlsError, Received};
-pub use moves::Successor;
+pub use moves::{ChatServer, Successor};
 use postern_proto::ids::PublicKey;
 pub use store::KeySource;
 
@@ -839,6 +839,11 @@ impl Client {
     /// Members moved `chat` from an epoch before ours: it is marked as forked (reported once).
     pub fn moved_without_us(&mut self, chat: &str) -> Result<Option<Event>, ClientError> {
         self.step(|ctx| moves::moved_without_us(ctx, chat))
+    }
+
+    /// The servers the active chats are on, and which are out of reach.
+    pub fn chat_servers(&self) -> Result<Vec<ChatServer>, ClientError> {
+        moves::chat_servers(self.store.conn())
     }
 
     /// When the successors were last looked for (Unix seconds).

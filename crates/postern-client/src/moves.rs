@@ -269,6 +269,43 @@ pub(crate) fn moved(ctx: &Ctx<'_>, chat: &ChatRow, read_to: u64) -> Result<(), C
     groups::pump(ctx, chat.id)
 }
 
+/// A server that active chats are on (`postern status`).
+pub struct ChatServer {
+    /// The server.
+    pub server: ServerLink,
+    /// How many active chats are on it.
+    pub chats: u64,
+    /// Since when no door to it has opened (Unix seconds), if that is so.
+    pub out_of_reach_since: Option<u64>,
+}
+
+/// The servers the active chats are on, the one with the oldest chat first.
+pub(crate) fn chat_servers(db: &rusqlite::Connection) -> Result<Vec<ChatServer>, ClientError> {
+    let mut stmt = db
+        .prepare(
+            "SELECT c.server_link, count(*), o.since FROM chats c
+             LEFT JOIN outages o ON o.server = c.server_link
+             WHERE c.active = 1 AND c.state NOT IN ('left', 'stale')
+             GROUP BY c.server_link ORDER BY min(c.id)",
+        )
+        .map_err(dbe)?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?, r.get::<_, Option<u64>>(2)?))
+        })
+        .map_err(dbe)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (server, chats, since) = row.map_err(dbe)?;
+        out.push(ChatServer {
+            server: ServerLink::parse(&server)?,
+            chats,
+            out_of_reach_since: since,
+        });
+    }
+    Ok(out)
+}
+
 /// When the successors were last looked for (Unix seconds), if ever.
 pub(crate) fn last_check(db: &rusqlite::Connection) -> Result<Option<u64>, ClientError> {
     db.query_row("SELECT at FROM successor_checks WHERE id = 1", [], |r| r.get(0))

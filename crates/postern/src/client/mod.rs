@@ -818,6 +818,10 @@ async fn status(
         && reports.iter().all(|r| matches!(r.result, Err(postern_net::NetError::Timeout)));
     let reference = if all_silent { reachable_reference(references).await } else { None };
     let whitelist = reference.is_some();
+    let chat_servers = driver.client.chat_servers()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     if json {
         let doors: Vec<_> = reports
             .iter()
@@ -840,6 +844,11 @@ async fn status(
             "queued": { "messages": queued.messages, "requests": queued.requests },
             "whitelist_mode": whitelist,
             "reference": reference,
+            "chat_servers": chat_servers.iter().map(|s| serde_json::json!({
+                "server": s.server.addrs,
+                "chats": s.chats,
+                "out_of_reach_secs": s.out_of_reach_since.map(|t| now.saturating_sub(t)),
+            })).collect::<Vec<_>>(),
         });
         writeln!(out, "{line}")?;
         return Ok(());
@@ -855,6 +864,14 @@ async fn status(
         writeln!(out, "  {:<32} {how}{budget}{last}", r.door.to_string())?;
     }
     writeln!(out, "Queued: {} messages, {} requests", queued.messages, queued.requests)?;
+    for s in &chat_servers {
+        let home = if s.server == server { " (your server)" } else { "" };
+        let reach = s
+            .out_of_reach_since
+            .map(|t| format!("; out of reach for {} min", now.saturating_sub(t) / 60))
+            .unwrap_or_default();
+        writeln!(out, "Chats on {}{home}: {}{reach}", s.server.addrs.join(", "), s.chats)?;
+    }
     if let Some(reference) = reference {
         writeln!(
             out,

@@ -59,6 +59,10 @@ async fn a_partitioned_chat_moves_to_its_next_server_and_every_message_arrives_o
     first.kill().await;
     let out = run(&alice, &["send", &alice_chat, "three, queued"]);
     assert!(!out.status.success() && stderr(&out).contains("queued"), "{}", stderr(&out));
+    // `status` says where the chat is and that its server is out of reach.
+    let status = &ok(&alice, &["status"])[0]["chat_servers"];
+    assert_eq!(status[0]["server"][0], first.link.addrs[0]);
+    assert!(status[0]["out_of_reach_secs"].is_u64(), "{status}");
     // ... after it the chat moves, and both messages go to the second server.
     ok_with(&alice, &["send", &alice_chat, "four, moved"], AT_ONCE);
 
@@ -85,6 +89,11 @@ async fn a_partitioned_chat_moves_to_its_next_server_and_every_message_arrives_o
         let chats = ok(home, &["chats"]);
         assert_eq!(chats.len(), 1);
         assert_eq!(chats[0]["fork_alarm"], false);
+        let status = &ok(home, &["status"])[0]["chat_servers"];
+        assert_eq!(status.as_array().unwrap().len(), 1, "{status}");
+        assert_eq!(status[0]["server"][0], second.link.addrs[0]);
+        assert_eq!(status[0]["chats"], 1);
+        assert!(status[0]["out_of_reach_secs"].is_null(), "{status}");
     }
 }
 
