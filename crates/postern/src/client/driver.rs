@@ -905,8 +905,8 @@ impl Driver {
 
     /// Looks (at most every `POSTERN_SUCCESSOR_CHECK`) for chats another member moved to
     /// their next server: the log a move in our epoch makes there has entries. Follows them;
-    /// reading the logs afterwards reads them there.
-    /// A move from an epoch before ours cannot be followed: the chat is marked as forked.
+    /// reading the logs afterwards reads them there. A move from an epoch before ours cannot
+    /// be followed: the chat is marked as forked.
     pub(crate) async fn follow_moves(&mut self) -> Result<Vec<Event>> {
         let now = unix_now();
         let last = self.client.last_successor_check()?;
