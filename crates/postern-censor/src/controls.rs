@@ -424,7 +424,7 @@ fn browse_once(browser: &str, url: &str, timeout: Duration) -> Outcome {
 pub enum Payload {
     /// A WireGuard handshake initiation: type 1, 148 bytes.
     Wireguard,
-    /// 300 random bytes.
+    /// 300 random bytes, the first one unprintable.
     Random,
     /// An HTTP/1.1 request.
     Http,
@@ -446,6 +446,9 @@ fn payload(kind: Payload) -> Vec<u8> {
         Payload::Random => {
             let mut p = vec![0u8; 300];
             rng.fill_bytes(&mut p);
+            // Never six printable bytes first (the fully-encrypted rule's exemption, one
+            // random payload in about 385): a test of that rule must not depend on luck.
+            p[0] |= 0x80;
             p
         }
         Payload::Http => b"GET / HTTP/1.1\r\nHost: fine.example\r\n\r\n".to_vec(),
