@@ -77,6 +77,27 @@ fn relay_config(dir: &Path, name: &str, listen: &str, host: &str, upstream: &str
     path
 }
 
+/// Starts a Postern server on the foreign host, listening on `listen` with its data in
+/// `dir/name`; returns its link.
+fn start_server(lab: &mut Lab, dir: &Path, name: &str, listen: &str) -> String {
+    let bin = postern();
+    let data = dir.join(name);
+    let server = [
+        "env",
+        "POSTERN_LOG=warn",
+        bin.to_str().unwrap(),
+        "--json",
+        "server",
+        "--listen",
+        listen,
+        "--admin",
+        "127.0.0.1:0",
+        "--data",
+        data.to_str().unwrap(),
+    ];
+    link_of(&lab.start(Host::Foreign, &server).unwrap())
+}
+
 fn link_of(ready: &str) -> String {
     let v: Value = serde_json::from_str(ready).unwrap();
     v["link"].as_str().unwrap().to_owned()
@@ -99,12 +120,7 @@ impl Scene {
         let bin = bin.to_str().unwrap();
         let quiet = ["env", "POSTERN_LOG=warn", bin, "--json"];
 
-        let data = dir.path().join("server");
-        let data = data.to_str().unwrap();
-        let server =
-            [&quiet[..], &["server", "--listen", server_listen, "--admin", "127.0.0.1:0"]].concat();
-        let server_link =
-            link_of(&lab.start(Host::Foreign, &[&server[..], &["--data", data]].concat()).unwrap());
+        let server_link = start_server(&mut lab, dir.path(), "server", server_listen);
 
         let listen = format!("{}:443", addr::FOREIGN);
         let servers = format!("servers = [\"{server_link}\"]");
@@ -797,23 +813,8 @@ fn a_server_blocked_mid_run_is_left_for_the_next_on_the_chats_list_and_nothing_i
     // No relays: when the censor blocks the chat's server, the chat moves to the second
     // server on its list (another address), as soon as the first cannot be reached.
     let mut scene = Scene::up("open");
-    let data = scene.dir.path().join("second");
     let listen = format!("{}:8443", addr::CDN);
-    let bin = postern();
-    let server = [
-        "env",
-        "POSTERN_LOG=warn",
-        bin.to_str().unwrap(),
-        "--json",
-        "server",
-        "--listen",
-        &listen,
-        "--admin",
-        "127.0.0.1:0",
-        "--data",
-        data.to_str().unwrap(),
-    ];
-    let second = link_of(&scene.lab.start(Host::Foreign, &server).unwrap());
+    let second = start_server(&mut scene.lab, scene.dir.path(), "second", &listen);
     scene.client_env = vec![("POSTERN_FAILOVER_AFTER", "0"), ("POSTERN_SUCCESSOR_CHECK", "0")];
     scene.start_chat_with(&[], &[&second]);
     scene.exchange(0..3, 600);

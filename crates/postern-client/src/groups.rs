@@ -21,7 +21,7 @@
 //!   nothing while a proposal waits), so one leave never stalls the group.
 
 use postern_proto::content::{AppMessage, Content, DropPayload, GroupMeta, KeyPackagePayload};
-use postern_proto::ids::{ClaimToken, DropId, PublicKey};
+use postern_proto::ids::{ClaimToken, DropId, LogId, PublicKey};
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -31,7 +31,7 @@ use crate::chats::{
     now_ms, queue_envelope, random, resend_after, resolve, save_epoch, seal_drop, seal_queued,
     today, unseal,
 };
-use crate::mls::{self, MlsError};
+use crate::mls::{self, EpochKeys, MlsError};
 use crate::{ClientError, envelope};
 
 /// Where a person's Welcome goes.
@@ -690,26 +690,40 @@ pub(crate) fn after_commit(
     // Rotate: the new log is named by the new epoch. Every member creates it (same id and
     // key for all) and moves to it; what we sent to the old log after this commit, or sealed
     // for it, goes again to the new one.
-    let new_log = keys.log_id;
+    switch_log(ctx, chat, &chat.server, &keys.log_id, &keys, seq)
+}
+
+/// Moves a chat to `log` on `server` (a rotation after a removal, or a move to the next
+/// server of its list): a new generation, read from its start; our messages the old log has
+/// after `after`, and what was sealed for the old log, go out again to the new one; the new
+/// log is created with `keys`' append key (every member does; the first wins).
+pub(crate) fn switch_log(
+    ctx: &Ctx<'_>,
+    chat: &ChatRow,
+    server: &str,
+    log: &LogId,
+    keys: &EpochKeys,
+    after: u64,
+) -> Result<(), ClientError> {
     ctx.db
         .execute(
-            "UPDATE chats SET log_id = ?2, cursor = 0, generation = generation + 1 WHERE id = ?1",
-            params![chat.id, &new_log.0[..]],
+            "UPDATE chats SET server_link = ?2, log_id = ?3, cursor = 0, generation = generation + 1
+             WHERE id = ?1",
+            params![chat.id, server, &log.0[..]],
         )
         .map_err(dbe)?;
-    resend_after(ctx.db, chat.id, seq)?;
+    resend_after(ctx.db, chat.id, after)?;
     unseal(ctx, chat.id, &["message", "proposal"], Some(&chat.log))?;
     let key = keys.append_key.to_bytes();
     insert_outbox(
         ctx.db,
         Some(chat.id),
         "log_create",
-        &chat.server,
-        &new_log.0,
+        server,
+        &log.0,
         &[],
         (Some(&key[..]), None, None),
-    )?;
-    Ok(())
+    )
 }
 
 /// Seals the Welcomes of a commit that won, with the log the new members read and where.

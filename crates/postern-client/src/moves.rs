@@ -33,9 +33,9 @@ use postern_proto::link::ServerLink;
 use rusqlite::{OptionalExtension, params};
 
 use crate::ClientError;
-use crate::chats::{ChatRow, Ctx, Event, bad, chat_row, dbe, insert_outbox, resend_after, unseal};
+use crate::chats::{ChatRow, Ctx, Event, bad, chat_row, dbe, resend_after};
 use crate::groups;
-use crate::mls::{self, EpochKeys};
+use crate::mls;
 
 pub(crate) const MIGRATION_MOVES: &str = r#"
 CREATE TABLE fallback_servers (
@@ -220,36 +220,18 @@ pub(crate) fn follow(ctx: &Ctx<'_>, chat: &str) -> Result<bool, ClientError> {
 /// Moves a chat's log to the server at `index` of its list (`to`), from the current epoch.
 fn move_chat(ctx: &Ctx<'_>, chat: &ChatRow, index: usize, to: &str) -> Result<(), ClientError> {
     ServerLink::parse(to)?;
-    // A commit in flight on the old log is planned again on the new one.
+    // A commit in flight on the old log is planned again on the new one; the old server,
+    // out of reach, need not have the old log created or kept alive any more.
     groups::lose_commit(ctx, chat)?;
-    let keys: EpochKeys = mls::epoch_keys(&ctx.mls, &chat.group_id)?;
-    let log = keys.successor_log(index)?;
-    unseal(ctx, chat.id, &["message", "proposal"], Some(&chat.log))?;
     ctx.db
         .execute(
             "DELETE FROM outbox WHERE chat_id = ?1 AND kind = 'log_create' AND target = ?2",
             params![chat.id, &chat.log.0[..]],
         )
         .map_err(dbe)?;
-    ctx.db
-        .execute(
-            "UPDATE chats SET server_link = ?2, log_id = ?3, cursor = 0, generation = generation + 1
-             WHERE id = ?1",
-            params![chat.id, to, &log.0[..]],
-        )
-        .map_err(dbe)?;
+    let keys = mls::epoch_keys(&ctx.mls, &chat.group_id)?;
     let read_to = chat.cursor;
-    resend_after(ctx.db, chat.id, read_to)?;
-    let key = keys.append_key.to_bytes();
-    insert_outbox(
-        ctx.db,
-        Some(chat.id),
-        "log_create",
-        to,
-        &log.0,
-        &[],
-        (Some(&key[..]), None, None),
-    )?;
+    groups::switch_log(ctx, chat, to, &keys.successor_log(index)?, &keys, read_to)?;
     let row = chat_row(ctx.db, "id = ?1", &chat.id)?.ok_or(bad("chat vanished"))?;
     // MLS encrypts nothing while a proposal waits; the proposal's commit comes first then,
     // and the marker is left out (members re-send from their own `read_to` still).
