@@ -257,7 +257,7 @@ async fn front<S: Store>(State(app): State<Arc<App<S>>>, req: Request) -> Respon
         }
     }
     app.metrics.website_responses.inc();
-    site::respond(&parts.method, parts.uri.path())
+    site::respond(&parts)
 }
 
 async fn admin_loop<S: Store>(listener: TcpListener, app: Arc<App<S>>) {

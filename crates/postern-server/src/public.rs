@@ -147,8 +147,22 @@ async fn serve_connection(
         return;
     };
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(HANDSHAKE_TIMEOUT);
-    builder.http2().timer(TokioTimer::new()).enable_connect_protocol();
+    // Headers written as nginx writes them (`Content-Length`, not `content-length`).
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_TIMEOUT)
+        .title_case_headers(true);
+    // nginx's HTTP/2 SETTINGS and connection window. The 16 MiB frame size is only
+    // announced: the patched h2 reads frames up to 64 KiB (vendor/h2/PATCH.md).
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .max_concurrent_streams(128)
+        .initial_stream_window_size(65_536)
+        .initial_connection_window_size((1 << 31) - 1)
+        .max_frame_size(16_777_215);
     let conn = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(router));
     tokio::pin!(conn);

@@ -342,7 +342,7 @@ async fn front(State(relay): State<Arc<Relay>>, req: Request) -> Response {
                 .into_response();
         }
     }
-    site::respond(&parts.method, parts.uri.path())
+    site::respond(&parts)
 }
 
 /// Opens the hop upstream and copies messages both ways until either side ends.

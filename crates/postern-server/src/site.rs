@@ -3,68 +3,560 @@
 //! **Architecture Invariant:** nothing here depends on Postern state, and nothing Postern does
 //! is visible here: no Postern path, header or error. A refused gate is answered by exactly
 //! this code, the same way as a plain visit.
+//!
+//! The site answers as Debian's nginx 1.22.1 with its default configuration serves these
+//! files (`try_files $uri $uri/ =404`): the same status lines, headers in nginx's order,
+//! error pages, path normalisation, conditional requests and byte ranges. A censor that
+//! probes the address sees a common web server, not a program of its own. The lab test
+//! `lookalike` compares the two request by request; where they still differ is listed in
+//! docs/circumvention.md.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
-use axum::http::{HeaderValue, Method, Response, StatusCode, header};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Version, header};
+use bytes::Bytes;
 
-struct Page {
-    path: &'static str,
+/// What the `Server` header and the error pages name.
+const SERVER: &str = "nginx/1.22.1";
+/// The files' modification time (seconds since the epoch), as a static site reports it in
+/// `Last-Modified` and in its `ETag`s. The lab test gives its nginx copy the same time.
+const MTIME: u64 = 1_760_433_164;
+/// [`MTIME`] as `Last-Modified` writes it.
+const LAST_MODIFIED: &str = "Tue, 14 Oct 2025 09:12:44 GMT";
+
+struct File {
+    path: &'static [u8],
     content_type: &'static str,
     body: &'static [u8],
 }
 
-const PAGES: &[Page] = &[
-    Page {
-        path: "/",
-        content_type: "text/html; charset=utf-8",
-        body: include_bytes!("site/index.html"),
-    },
-    Page {
-        path: "/index.html",
-        content_type: "text/html; charset=utf-8",
-        body: include_bytes!("site/index.html"),
-    },
-    Page {
-        path: "/about.html",
-        content_type: "text/html; charset=utf-8",
+const INDEX: &[u8] = include_bytes!("site/index.html");
+const FILES: &[File] = &[
+    File { path: b"/index.html", content_type: "text/html", body: INDEX },
+    File {
+        path: b"/about.html",
+        content_type: "text/html",
         body: include_bytes!("site/about.html"),
     },
-    Page { path: "/style.css", content_type: "text/css", body: include_bytes!("site/style.css") },
-    Page {
-        path: "/robots.txt",
+    File { path: b"/style.css", content_type: "text/css", body: include_bytes!("site/style.css") },
+    File {
+        path: b"/robots.txt",
         content_type: "text/plain",
         body: include_bytes!("site/robots.txt"),
     },
 ];
 
-const NOT_FOUND: &[u8] = include_bytes!("site/404.html");
-/// A fixed modification time, as a static site would report for its files.
-const LAST_MODIFIED: &str = "Tue, 14 Oct 2025 09:12:44 GMT";
-
-/// The site's answer to `method path`.
-pub(crate) fn respond(method: &Method, path: &str) -> Response<Body> {
-    let page = PAGES.iter().find(|p| p.path == path);
-    let (status, content_type, body) = match page {
-        Some(p) => (StatusCode::OK, p.content_type, p.body),
-        None => (StatusCode::NOT_FOUND, "text/html; charset=utf-8", NOT_FOUND),
+/// The site's answer to a request (its body is never read: nginx's static files ignore it).
+pub(crate) fn respond(parts: &Parts) -> Response<Body> {
+    let http1 = parts.version <= Version::HTTP_11;
+    let reply = Reply {
+        http1,
+        keep_alive: keep_alive(parts),
+        head: parts.method == Method::HEAD,
+        msie: msie(&parts.headers),
     };
-    if method != Method::GET && method != Method::HEAD {
-        let mut resp = Response::new(Body::from(NOT_FOUND));
-        *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-        resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-        resp.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
-        return resp;
+    let hosts = parts.headers.get_all(header::HOST).iter().count();
+    if hosts > 1 || (parts.version == Version::HTTP_11 && hosts == 0) {
+        return reply.error(StatusCode::BAD_REQUEST);
     }
-    let len = body.len();
-    let mut resp =
-        Response::new(if method == Method::HEAD { Body::empty() } else { Body::from(body) });
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    if status == StatusCode::OK {
-        h.insert(header::LAST_MODIFIED, HeaderValue::from_static(LAST_MODIFIED));
+    if parts.method == Method::TRACE {
+        return Reply { keep_alive: false, ..reply }.error(StatusCode::METHOD_NOT_ALLOWED);
     }
-    resp
+    let Ok(path) = normalise(parts.uri.path().as_bytes()) else {
+        return reply.error(StatusCode::BAD_REQUEST);
+    };
+    let path: &[u8] = if path == b"/" { b"/index.html" } else { &path };
+    let Some(file) = FILES.iter().find(|f| f.path == path) else {
+        return reply.error(StatusCode::NOT_FOUND);
+    };
+    if parts.method != Method::GET && parts.method != Method::HEAD {
+        return reply.error(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    reply.file(file, parts)
+}
+
+/// How an answer is framed for the request it answers.
+#[derive(Clone, Copy)]
+struct Reply {
+    http1: bool,
+    /// Whether an HTTP/1 connection stays open (the `Connection` header nginx writes).
+    keep_alive: bool,
+    /// A HEAD request: headers only.
+    head: bool,
+    /// nginx pads its error pages for Internet Explorer (`msie_padding`, on by default).
+    msie: bool,
+}
+
+impl Reply {
+    /// Headers every answer starts with, in nginx's order.
+    fn start(&self, status: StatusCode) -> Response<Body> {
+        let mut resp = Response::new(Body::empty());
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(header::SERVER, HeaderValue::from_static(SERVER));
+        if let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(SystemTime::now())) {
+            h.insert(header::DATE, date);
+        }
+        resp
+    }
+
+    fn connection(&self, h: &mut HeaderMap) {
+        if self.http1 {
+            let value = if self.keep_alive { "keep-alive" } else { "close" };
+            h.insert(header::CONNECTION, HeaderValue::from_static(value));
+        }
+    }
+
+    /// nginx's built-in error page for `status`.
+    fn error(self, status: StatusCode) -> Response<Body> {
+        self.error_with(status, |_| {})
+    }
+
+    fn error_with(self, status: StatusCode, more: impl FnOnce(&mut HeaderMap)) -> Response<Body> {
+        // nginx closes the connection after answering a request it could not parse.
+        let reply =
+            Reply { keep_alive: self.keep_alive && status != StatusCode::BAD_REQUEST, ..self };
+        let mut resp = reply.start(status);
+        let page = error_page(status, self.msie);
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(page.len()));
+        reply.connection(h);
+        more(h);
+        let reason = nginx_reason(status);
+        if Some(reason) != status.canonical_reason() {
+            resp.extensions_mut().insert(hyper::ext::ReasonPhrase::from_static(reason.as_bytes()));
+        }
+        if !self.head {
+            *resp.body_mut() = Body::from(page);
+        }
+        resp
+    }
+
+    /// A file, with nginx's conditional requests and byte ranges.
+    fn file(self, file: &File, parts: &Parts) -> Response<Body> {
+        let len = file.body.len() as u64;
+        let etag = format!("\"{MTIME:x}-{len:x}\"");
+        let h = &parts.headers;
+        if !precondition_holds(h, &etag) {
+            return self.error(StatusCode::PRECONDITION_FAILED);
+        }
+        let validators = |h: &mut HeaderMap| {
+            h.insert(header::LAST_MODIFIED, HeaderValue::from_static(LAST_MODIFIED));
+            self.connection(h);
+            if let Ok(etag) = HeaderValue::from_str(&etag) {
+                h.insert(header::ETAG, etag);
+            }
+        };
+        if not_modified(h, &etag) {
+            let mut resp = self.start(StatusCode::NOT_MODIFIED);
+            validators(resp.headers_mut());
+            // No Content-Length, as nginx: hyper adds `content-length: 0` to HTTP/2 answers
+            // whose body says it is empty, so this one does not say.
+            *resp.body_mut() = Body::new(NoBody);
+            return resp;
+        }
+        let ranges = match h.get(header::RANGE) {
+            Some(range) if if_range_holds(h, &etag) => parse_ranges(range.as_bytes(), len),
+            _ => Ranges::Whole,
+        };
+        let (status, content_type, content, more): (_, String, Bytes, Option<HeaderValue>) =
+            match ranges {
+                Ranges::Whole => (
+                    StatusCode::OK,
+                    file.content_type.into(),
+                    Bytes::from_static(file.body),
+                    Some(HeaderValue::from_static("bytes")),
+                ),
+                Ranges::Unsatisfiable => {
+                    let range = HeaderValue::from_str(&format!("bytes */{len}"));
+                    return self.error_with(StatusCode::RANGE_NOT_SATISFIABLE, |h| {
+                        if let Ok(range) = range {
+                            h.insert(header::CONTENT_RANGE, range);
+                        }
+                    });
+                }
+                Ranges::Some(ranges) if ranges.len() == 1 => {
+                    let (start, end) = ranges[0];
+                    (
+                        StatusCode::PARTIAL_CONTENT,
+                        file.content_type.into(),
+                        Bytes::from_static(&file.body[start as usize..end as usize]),
+                        HeaderValue::from_str(&format!("bytes {start}-{}/{len}", end - 1)).ok(),
+                    )
+                }
+                Ranges::Some(ranges) => {
+                    let (content_type, body) = multipart(file, &ranges);
+                    (StatusCode::PARTIAL_CONTENT, content_type, body.into(), None)
+                }
+            };
+        let mut resp = self.start(status);
+        let h = resp.headers_mut();
+        if let Ok(content_type) = HeaderValue::from_str(&content_type) {
+            h.insert(header::CONTENT_TYPE, content_type);
+        }
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(content.len()));
+        validators(h);
+        match (status, more) {
+            (StatusCode::OK, Some(v)) => h.insert(header::ACCEPT_RANGES, v),
+            (_, Some(v)) => h.insert(header::CONTENT_RANGE, v),
+            _ => None,
+        };
+        if !self.head {
+            *resp.body_mut() = Body::from(content);
+        }
+        resp
+    }
+}
+
+/// Whether an HTTP/1 connection stays open after this request, as nginx decides it.
+fn keep_alive(parts: &Parts) -> bool {
+    let connection = |token: &str| {
+        parts.headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    match parts.version {
+        Version::HTTP_11 => !connection("close"),
+        Version::HTTP_10 => connection("keep-alive"),
+        _ => false,
+    }
+}
+
+/// nginx's test for Internet Explorer: "MSIE " with something after it, and not Opera.
+fn msie(headers: &HeaderMap) -> bool {
+    let Some(agent) = headers.get(header::USER_AGENT).map(HeaderValue::as_bytes) else {
+        return false;
+    };
+    let found = agent.windows(5).position(|w| w == b"MSIE ");
+    found.is_some_and(|at| at + 7 < agent.len()) && !agent.windows(5).any(|w| w == b"Opera")
+}
+
+/// nginx's reason phrase for an error status, where two differ from hyper's.
+fn nginx_reason(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::METHOD_NOT_ALLOWED => "Not Allowed",
+        StatusCode::RANGE_NOT_SATISFIABLE => "Requested Range Not Satisfiable",
+        other => other.canonical_reason().unwrap_or(""),
+    }
+}
+
+/// The page nginx writes for an error status.
+fn error_page(status: StatusCode, msie: bool) -> String {
+    let line = format!("{} {}", status.as_u16(), nginx_reason(status));
+    let mut page = format!(
+        "<html>\r\n<head><title>{line}</title></head>\r\n<body>\r\n<center><h1>{line}</h1></center>\r\n\
+         <hr><center>{SERVER}</center>\r\n</body>\r\n</html>\r\n"
+    );
+    if msie {
+        for _ in 0..6 {
+            page.push_str("<!-- a padding to disable MSIE and Chrome friendly error page -->\r\n");
+        }
+    }
+    page
+}
+
+/// The request path as nginx resolves it: percent-decoded, slashes merged, `.` and `..`
+/// segments applied. A bad escape, a NUL or a `..` above the root is an error (400).
+fn normalise(raw: &[u8]) -> Result<Vec<u8>, ()> {
+    let mut decoded = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let b = match raw[i] {
+            b'%' => {
+                let hex = |at: usize| raw.get(at).and_then(|c| (*c as char).to_digit(16));
+                let (Some(hi), Some(lo)) = (hex(i + 1), hex(i + 2)) else { return Err(()) };
+                i += 2;
+                (hi * 16 + lo) as u8
+            }
+            b => b,
+        };
+        if b == 0 {
+            return Err(());
+        }
+        decoded.push(b);
+        i += 1;
+    }
+    let mut segments: Vec<&[u8]> = Vec::new();
+    let mut directory = true;
+    for segment in decoded.split(|&b| b == b'/') {
+        directory = true;
+        match segment {
+            b"" | b"." => {}
+            b".." => {
+                segments.pop().ok_or(())?;
+            }
+            name => {
+                segments.push(name);
+                directory = false;
+            }
+        }
+    }
+    let mut path = Vec::with_capacity(decoded.len());
+    for segment in &segments {
+        path.push(b'/');
+        path.extend_from_slice(segment);
+    }
+    if directory || path.is_empty() {
+        path.push(b'/');
+    }
+    Ok(path)
+}
+
+/// A date header's value as seconds since the epoch, if it parses.
+fn date(headers: &HeaderMap, name: header::HeaderName) -> Option<Option<u64>> {
+    let value = headers.get(name)?;
+    let parsed = value.to_str().ok().and_then(|v| httpdate::parse_http_date(v).ok());
+    Some(parsed.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()))
+}
+
+/// nginx's test of an entity tag list (`If-Match`, `If-None-Match`): `*`, or one of the
+/// tags equal to ours, weak ones counting only where `weak` allows.
+fn etag_matches(list: &HeaderValue, etag: &str, weak: bool) -> bool {
+    let list = list.as_bytes();
+    if list == b"*" {
+        return true;
+    }
+    list.split(|&b| b == b',').any(|tag| {
+        let tag = tag.trim_ascii();
+        let tag = match tag.strip_prefix(b"W/") {
+            Some(strong) if weak => strong,
+            _ => tag,
+        };
+        tag == etag.as_bytes()
+    })
+}
+
+/// `If-Unmodified-Since` and `If-Match`: false answers 412.
+fn precondition_holds(h: &HeaderMap, etag: &str) -> bool {
+    if let Some(since) = date(h, header::IF_UNMODIFIED_SINCE)
+        && since.is_none_or(|since| since < MTIME)
+    {
+        return false;
+    }
+    h.get(header::IF_MATCH).is_none_or(|list| etag_matches(list, etag, false))
+}
+
+/// `If-Modified-Since` (an exact match, nginx's default) and `If-None-Match`: true answers
+/// 304.
+fn not_modified(h: &HeaderMap, etag: &str) -> bool {
+    let since = date(h, header::IF_MODIFIED_SINCE);
+    let none_match = h.get(header::IF_NONE_MATCH);
+    if since.is_none() && none_match.is_none() {
+        return false;
+    }
+    since.is_none_or(|since| since == Some(MTIME))
+        && none_match.is_none_or(|list| etag_matches(list, etag, true))
+}
+
+/// `If-Range`: a range is served only if the validator is still ours.
+fn if_range_holds(h: &HeaderMap, etag: &str) -> bool {
+    let Some(value) = h.get(header::IF_RANGE) else { return true };
+    if value.as_bytes().starts_with(b"\"") || value.as_bytes().starts_with(b"W/") {
+        return value.as_bytes() == etag.as_bytes();
+    }
+    date(h, header::IF_RANGE).flatten() == Some(MTIME)
+}
+
+#[derive(Debug, PartialEq)]
+enum Ranges {
+    /// The whole file, with 200.
+    Whole,
+    /// 416.
+    Unsatisfiable,
+    /// Half-open byte ranges, with 206.
+    Some(Vec<(u64, u64)>),
+}
+
+/// A `Range` header as nginx's `ngx_http_range_parse` reads it.
+fn parse_ranges(value: &[u8], len: u64) -> Ranges {
+    let Some(spec) = value.get(..6).filter(|p| p.eq_ignore_ascii_case(b"bytes=")) else {
+        return Ranges::Whole;
+    };
+    let spec = &value[spec.len()..];
+    let mut p = 0;
+    let at = |p: usize| spec.get(p).copied().unwrap_or(0);
+    let skip_spaces = |p: &mut usize| {
+        while at(*p) == b' ' {
+            *p += 1;
+        }
+    };
+    let number = |p: &mut usize| -> Option<u64> {
+        let mut n: u64 = 0;
+        while at(*p).is_ascii_digit() {
+            n = n.checked_mul(10)?.checked_add(u64::from(at(*p) - b'0'))?;
+            *p += 1;
+        }
+        // nginx's cutoff is off_t's maximum.
+        (n <= i64::MAX as u64).then_some(n)
+    };
+    let mut ranges = Vec::new();
+    let mut size = 0u64;
+    loop {
+        skip_spaces(&mut p);
+        let (start, end);
+        if at(p) != b'-' {
+            if !at(p).is_ascii_digit() {
+                return Ranges::Unsatisfiable;
+            }
+            let Some(s) = number(&mut p) else { return Ranges::Unsatisfiable };
+            skip_spaces(&mut p);
+            if at(p) != b'-' {
+                return Ranges::Unsatisfiable;
+            }
+            p += 1;
+            skip_spaces(&mut p);
+            if at(p) == b',' || at(p) == 0 {
+                (start, end) = (s, len);
+            } else {
+                let Some(e) = last(&mut p, &number, at) else { return Ranges::Unsatisfiable };
+                (start, end) = (s, if e >= len { len } else { e + 1 });
+            }
+        } else {
+            p += 1;
+            let Some(suffix) = last(&mut p, &number, at) else { return Ranges::Unsatisfiable };
+            start = len.saturating_sub(suffix);
+            end = len;
+        }
+        if start < end {
+            ranges.push((start, end));
+            size += end - start;
+        } else if start == 0 {
+            return Ranges::Whole;
+        }
+        if at(p) != b',' {
+            break;
+        }
+        p += 1;
+    }
+    if ranges.is_empty() {
+        Ranges::Unsatisfiable
+    } else if size > len {
+        Ranges::Whole
+    } else {
+        Ranges::Some(ranges)
+    }
+}
+
+/// The number that ends a range, followed by spaces and then `,` or the end.
+fn last(
+    p: &mut usize,
+    number: &impl Fn(&mut usize) -> Option<u64>,
+    at: impl Fn(usize) -> u8,
+) -> Option<u64> {
+    if !at(*p).is_ascii_digit() {
+        return None;
+    }
+    let n = number(p)?;
+    while at(*p) == b' ' {
+        *p += 1;
+    }
+    (at(*p) == b',' || at(*p) == 0).then_some(n)
+}
+
+/// nginx numbers its multipart boundaries from one counter per server, from 1.
+static BOUNDARY: AtomicU64 = AtomicU64::new(0);
+
+/// A `multipart/byteranges` answer, as nginx writes it: its content type and body.
+fn multipart(file: &File, ranges: &[(u64, u64)]) -> (String, Vec<u8>) {
+    let boundary = format!("{:020}", BOUNDARY.fetch_add(1, Ordering::Relaxed) + 1);
+    let len = file.body.len();
+    let mut body = Vec::new();
+    for &(start, end) in ranges {
+        body.extend_from_slice(
+            format!(
+                "\r\n--{boundary}\r\nContent-Type: {}\r\nContent-Range: bytes {start}-{}/{len}\r\n\r\n",
+                file.content_type,
+                end - 1
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(&file.body[start as usize..end as usize]);
+    }
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (format!("multipart/byteranges; boundary={boundary}"), body)
+}
+
+/// A body that is over before it starts and, unlike an empty one, does not say its length.
+struct NoBody;
+
+impl http_body::Body for NoBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        Poll::Ready(None)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_modified_is_the_mtime() {
+        let mtime = UNIX_EPOCH + std::time::Duration::from_secs(MTIME);
+        assert_eq!(httpdate::fmt_http_date(mtime), LAST_MODIFIED);
+    }
+
+    #[test]
+    fn paths_resolve_as_nginx_resolves_them() {
+        let ok = |raw: &str, want: &str| {
+            assert_eq!(normalise(raw.as_bytes()).as_deref(), Ok(want.as_bytes()), "{raw}");
+        };
+        ok("/", "/");
+        ok("//about.html", "/about.html");
+        ok("/./about.html", "/about.html");
+        ok("/x/../about.html", "/about.html");
+        ok("/%61bout.html", "/about.html");
+        ok("/about.html/.", "/about.html/");
+        ok("/about.html/..", "/");
+        ok("/.", "/");
+        ok("/a%2fb", "/a/b");
+        for bad in ["/..", "/../about.html", "/x/../../a", "/%2e%2e/a", "/%zz", "/%4", "/a%00b"] {
+            assert_eq!(normalise(bad.as_bytes()), Err(()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ranges_parse_as_nginx_parses_them() {
+        let r = |v: &str| parse_ranges(v.as_bytes(), 23);
+        assert_eq!(r("bytes=0-10"), Ranges::Some(vec![(0, 11)]));
+        assert_eq!(r("bytes=5-"), Ranges::Some(vec![(5, 23)]));
+        assert_eq!(r("bytes=-5"), Ranges::Some(vec![(18, 23)]));
+        assert_eq!(r("bytes=-100"), Ranges::Some(vec![(0, 23)]));
+        assert_eq!(r("bytes=20-30"), Ranges::Some(vec![(20, 23)]));
+        assert_eq!(r("bytes= 0 - 1 , 3-4"), Ranges::Some(vec![(0, 2), (3, 5)]));
+        assert_eq!(r("BYTES=0-1"), Ranges::Some(vec![(0, 2)]));
+        assert_eq!(r("items=0-1"), Ranges::Whole);
+        assert_eq!(r("bytes=0-22,0-22"), Ranges::Whole, "more than the file");
+        for bad in ["bytes=100-200", "bytes=23-", "bytes=-0", "bytes=foo", "bytes=1-x", "bytes="] {
+            assert_eq!(r(bad), Ranges::Unsatisfiable, "{bad}");
+        }
+        assert_eq!(r("bytes=99999999999999999999-"), Ranges::Unsatisfiable, "overflow");
+    }
+
+    #[test]
+    fn error_pages_are_nginx_pages() {
+        let page = error_page(StatusCode::METHOD_NOT_ALLOWED, false);
+        assert_eq!(page.len(), 157);
+        assert!(page.starts_with("<html>\r\n<head><title>405 Not Allowed</title>"));
+        assert_eq!(error_page(StatusCode::NOT_FOUND, false).len(), 153);
+        assert_eq!(error_page(StatusCode::NOT_FOUND, true).len(), 555);
+        assert_eq!(error_page(StatusCode::RANGE_NOT_SATISFIABLE, false).len(), 197);
+        assert_eq!(error_page(StatusCode::PRECONDITION_FAILED, false).len(), 173);
+    }
 }

@@ -9,6 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod faultfs;
+pub mod webprint;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

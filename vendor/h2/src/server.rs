@@ -389,7 +389,8 @@ where
         let mut codec = Codec::new(io);
 
         if let Some(max) = builder.settings.max_frame_size() {
-            codec.set_max_recv_frame_size(max as usize);
+            // Postern: capped (proto::RECV_FRAME_CAP).
+            codec.set_max_recv_frame_size(proto::recv_frame_size(max));
         }
 
         if let Some(max) = builder.settings.max_header_list_size() {
@@ -397,9 +398,23 @@ where
         }
 
         // Send initial settings frame.
-        codec
-            .buffer(builder.settings.clone().into())
-            .expect("invalid SETTINGS frame");
+        //
+        // Postern: as nginx does, without SETTINGS_MAX_HEADER_LIST_SIZE and
+        // SETTINGS_ENABLE_CONNECT_PROTOCOL. The local settings keep both: the header list
+        // limit still holds, and extended CONNECT is still accepted from a client that sends
+        // it without waiting to read the setting.
+        let mut announced = builder.settings.clone();
+        announced.set_max_header_list_size(None);
+        announced.set_enable_connect_protocol(None);
+        codec.buffer(announced.into()).expect("invalid SETTINGS frame");
+
+        // Postern: the connection's WINDOW_UPDATE leaves with the SETTINGS, as nginx sends
+        // it, rather than after the client's preface.
+        if let Some(increment) = builder.connection_window_increment() {
+            codec
+                .buffer(frame::WindowUpdate::new(StreamId::zero(), increment).into())
+                .expect("invalid WINDOW_UPDATE frame");
+        }
 
         // Create the handshake future.
         let state =
@@ -732,6 +747,14 @@ impl Builder {
     pub fn initial_connection_window_size(&mut self, size: u32) -> &mut Self {
         self.initial_target_connection_window_size = Some(size);
         self
+    }
+
+    /// Postern: the connection WINDOW_UPDATE the handshake sends, if the target connection
+    /// window is larger than the protocol's initial one.
+    fn connection_window_increment(&self) -> Option<u32> {
+        self.initial_target_connection_window_size
+            .and_then(|size| size.checked_sub(frame::DEFAULT_INITIAL_WINDOW_SIZE))
+            .filter(|&increment| increment > 0)
     }
 
     /// Indicates the size (in octets) of the largest HTTP/2 frame payload that the
@@ -1542,6 +1565,10 @@ where
                     let mut c = Connection { connection };
                     if let Some(sz) = self.builder.initial_target_connection_window_size {
                         c.set_target_window_size(sz);
+                    }
+                    // Postern: the handshake already sent it.
+                    if let Some(increment) = self.builder.connection_window_increment() {
+                        c.connection.connection_window_update_sent(increment);
                     }
 
                     return Poll::Ready(Ok(c));

@@ -14,6 +14,7 @@ mod disclosure;
 mod durability;
 mod group;
 mod logs;
+mod lookalike;
 mod moves;
 mod ops;
 mod relay;

@@ -180,6 +180,13 @@ where
         debug_assert!(_res.is_ok());
     }
 
+    /// Postern: records a connection WINDOW_UPDATE of `increment` already written (by the
+    /// server's handshake), so that it is not sent again.
+    pub(crate) fn connection_window_update_sent(&mut self, increment: WindowSize) {
+        let _res = self.inner.streams.connection_window_update_sent(increment);
+        debug_assert!(_res.is_ok());
+    }
+
     /// Send a new SETTINGS frame with an updated initial window size.
     pub(crate) fn set_initial_window_size(&mut self, size: WindowSize) -> Result<(), UserError> {
         let mut settings = frame::Settings::default();

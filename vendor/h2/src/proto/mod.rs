@@ -31,6 +31,16 @@ pub type WindowSize = u32;
 
 // Constants
 pub const MAX_WINDOW_SIZE: WindowSize = (1 << 31) - 1; // i32::MAX as u32
+
+/// Postern: the largest frame read, whatever SETTINGS_MAX_FRAME_SIZE announced. The server
+/// announces nginx's 16 MiB but, with a 64 KiB stream window, a peer's DATA frames fit in
+/// 64 KiB; a larger frame is a FRAME_SIZE_ERROR rather than a 16 MiB buffer.
+pub const RECV_FRAME_CAP: usize = 64 << 10;
+
+/// Postern: the frame size read for an announced SETTINGS_MAX_FRAME_SIZE.
+pub fn recv_frame_size(announced: u32) -> usize {
+    (announced as usize).min(RECV_FRAME_CAP)
+}
 pub const DEFAULT_REMOTE_RESET_STREAM_MAX: usize = 20;
 pub const DEFAULT_LOCAL_RESET_COUNT_MAX: usize = 1024;
 // Approximately the memory occupied by one buffered DATA event. Payloads

@@ -56,7 +56,8 @@ impl Settings {
                     tracing::debug!("received settings ACK; applying {:?}", local);
 
                     if let Some(max) = local.max_frame_size() {
-                        codec.set_max_recv_frame_size(max as usize);
+                        // Postern: capped (proto::RECV_FRAME_CAP).
+                        codec.set_max_recv_frame_size(crate::proto::recv_frame_size(max));
                     }
 
                     if let Some(max) = local.max_header_list_size() {

@@ -570,6 +570,12 @@ impl Recv {
         Ok(())
     }
 
+    /// Postern: a connection WINDOW_UPDATE of `increment` was written outside
+    /// `send_connection_window_update`.
+    pub fn connection_window_update_sent(&mut self, increment: WindowSize) -> Result<(), Reason> {
+        self.flow.inc_window(increment)
+    }
+
     pub(crate) fn apply_local_settings(
         &mut self,
         settings: &frame::Settings,

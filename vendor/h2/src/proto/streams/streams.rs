@@ -139,6 +139,12 @@ where
         Ok(())
     }
 
+    /// Postern: see `Connection::connection_window_update_sent`.
+    pub fn connection_window_update_sent(&mut self, increment: WindowSize) -> Result<(), Reason> {
+        let mut me = self.inner.lock().unwrap();
+        me.actions.recv.connection_window_update_sent(increment)
+    }
+
     pub fn next_incoming(&mut self) -> Option<StreamRef<B>> {
         let mut me = self.inner.lock().unwrap();
         let me = &mut *me;

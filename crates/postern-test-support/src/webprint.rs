@@ -1,0 +1,616 @@
+//! What a web server shows a prober, for comparing Postern's public listener with nginx: how
+//! it answers ClientHellos of several shapes, its first HTTP/2 frames, and its HTTP/2 and
+//! HTTP/1.1 answers. Everything that changes from one connection to the next (random values,
+//! keys, dates) is left out, so two servers that behave alike print alike.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{
+    ClientSessionMemoryCache, ClientSessionStore, Tls12ClientSessionValue, Tls13ClientSessionValue,
+};
+pub use rustls::crypto::ring::{cipher_suite, kx_group};
+use rustls::crypto::{CryptoProvider, SupportedKxGroup};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+pub use rustls::version;
+use rustls::{DigitallySignedStruct, SignatureScheme, SupportedCipherSuite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// How long a read may wait for a server that has nothing more to say.
+const QUIET: Duration = Duration::from_millis(300);
+/// How long any one exchange may take.
+const EXCHANGE: Duration = Duration::from_secs(10);
+
+/// The shape of a ClientHello.
+#[derive(Clone, Debug)]
+pub struct Hello {
+    pub versions: Vec<&'static rustls::SupportedProtocolVersion>,
+    pub suites: Vec<SupportedCipherSuite>,
+    pub groups: Vec<&'static dyn SupportedKxGroup>,
+    pub alpn: Vec<Vec<u8>>,
+    /// Whether the client offers TLS 1.2 session tickets.
+    pub tickets: bool,
+}
+
+impl Hello {
+    /// TLS 1.3 and 1.2, rustls' suites and groups, ALPN `h2` and `http/1.1`.
+    pub fn browser() -> Self {
+        let provider = rustls::crypto::ring::default_provider();
+        Hello {
+            versions: vec![&rustls::version::TLS13, &rustls::version::TLS12],
+            suites: provider.cipher_suites,
+            groups: provider.kx_groups,
+            alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            tickets: true,
+        }
+    }
+}
+
+/// How a server answered one ClientHello.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TlsPrint {
+    /// The handshake failed: the alert or error, as text.
+    pub failed: Option<String>,
+    /// The server's first flight (what it sent before the client's second flight), a line
+    /// per record: its content type, and the handshake messages of a plaintext one.
+    pub records: Vec<String>,
+    /// The length of the first encrypted record (TLS 1.3's EncryptedExtensions), which
+    /// varies with the extensions in it.
+    pub first_encrypted: Option<usize>,
+    /// The ServerHello's legacy version, cipher suite and session ID length.
+    pub version: u16,
+    pub suite: u16,
+    pub session_id_len: usize,
+    /// Its extensions, in order: type and body, with a key share's key left out.
+    pub extensions: Vec<(u16, Vec<u8>)>,
+    /// The protocol both sides agreed on, and ALPN's choice.
+    pub negotiated: Option<String>,
+    pub alpn: Option<Vec<u8>>,
+    /// Session tickets the client was given (TLS 1.3 ones after the handshake).
+    pub tickets: usize,
+    /// A TLS 1.2 ticket's lifetime hint, which is sent in the clear.
+    pub ticket_lifetime: Option<u32>,
+}
+
+/// Connects to `addr`, sends a ClientHello of `hello`'s shape with `sni`, completes the
+/// handshake if the server agrees, and reads what follows for a moment.
+pub async fn tls(addr: SocketAddr, sni: &str, hello: &Hello) -> TlsPrint {
+    let tickets = Arc::new(Tickets::default());
+    let provider = CryptoProvider {
+        cipher_suites: hello.suites.clone(),
+        kx_groups: hello.groups.clone(),
+        ..rustls::crypto::ring::default_provider()
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&hello.versions)
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert))
+        .with_no_client_auth();
+    config.alpn_protocols = hello.alpn.clone();
+    config.resumption = rustls::client::Resumption::store(tickets.clone());
+    if !hello.tickets {
+        config.resumption =
+            config.resumption.tls12_resumption(rustls::client::Tls12Resumption::SessionIdOnly);
+    }
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let marks = Arc::new(Mutex::new(Vec::new()));
+    let recorded = Recorded { inner: tcp, seen: seen.clone(), marks: marks.clone() };
+    let name = ServerName::try_from(sni.to_owned()).expect("server name");
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let handshake = tokio::time::timeout(EXCHANGE, connector.connect(name, recorded)).await;
+    let (failed, negotiated, alpn) = match handshake {
+        Ok(Ok(mut stream)) => {
+            let (_, conn) = stream.get_ref();
+            let negotiated = conn.protocol_version().map(|v| format!("{v:?}"));
+            let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+            // TLS 1.3 tickets come after the handshake; HTTP/2's SETTINGS may too.
+            let mut buf = [0u8; 4096];
+            let _ = tokio::time::timeout(QUIET, stream.read(&mut buf)).await;
+            (None, negotiated, alpn)
+        }
+        Ok(Err(e)) => (Some(e.to_string()), None, None),
+        Err(_) => (Some("timed out".to_owned()), None, None),
+    };
+    let seen = seen.lock().expect("recorded bytes").clone();
+    let flight_end = marks.lock().expect("marks").get(1).copied().unwrap_or(seen.len());
+    let mut print = read_server_flight(&seen, flight_end);
+    print.failed = failed;
+    print.negotiated = negotiated;
+    print.alpn = alpn;
+    print.tickets = tickets.count.load(Ordering::SeqCst);
+    print
+}
+
+/// Parses the plaintext records at the start of what a server sent.
+fn read_server_flight(bytes: &[u8], flight_end: usize) -> TlsPrint {
+    let mut print = TlsPrint {
+        failed: None,
+        records: Vec::new(),
+        first_encrypted: None,
+        version: 0,
+        suite: 0,
+        session_id_len: 0,
+        extensions: Vec::new(),
+        negotiated: None,
+        alpn: None,
+        tickets: 0,
+        ticket_lifetime: None,
+    };
+    let mut rest = bytes;
+    let mut tls13 = false;
+    while rest.len() >= 5 {
+        let (kind, len) = (rest[0], usize::from(u16::from_be_bytes([rest[3], rest[4]])));
+        let Some(body) = rest.get(5..5 + len) else { break };
+        let in_flight = bytes.len() - rest.len() < flight_end;
+        rest = &rest[5 + len..];
+        if !in_flight {
+            // After the first flight only a TLS 1.2 ticket is read (in the clear).
+            if kind == 22 && !tls13 && body.first() == Some(&4) && body.len() >= 8 {
+                print.ticket_lifetime =
+                    Some(u32::from_be_bytes([body[4], body[5], body[6], body[7]]));
+            }
+            continue;
+        }
+        match kind {
+            22 => {
+                let mut messages = body;
+                let mut types = Vec::new();
+                while messages.len() >= 4 {
+                    let mlen = usize::from(messages[1]) << 16
+                        | usize::from(messages[2]) << 8
+                        | usize::from(messages[3]);
+                    let Some(message) = messages.get(4..4 + mlen) else { break };
+                    types.push(messages[0].to_string());
+                    if messages[0] == 2 {
+                        tls13 = read_server_hello(message, &mut print);
+                    }
+                    messages = &messages[4 + mlen..];
+                }
+                print.records.push(format!("handshake {}", types.join(",")));
+            }
+            20 => {
+                print.records.push("change_cipher_spec".to_owned());
+            }
+            21 => print.records.push(format!("alert {body:?}")),
+            23 => {
+                print.first_encrypted.get_or_insert(len);
+                print.records.push("encrypted".to_owned());
+            }
+            other => print.records.push(format!("type {other}")),
+        }
+    }
+    print
+}
+
+/// Reads a ServerHello (or HelloRetryRequest) into `print`; whether it chose TLS 1.3.
+fn read_server_hello(m: &[u8], print: &mut TlsPrint) -> bool {
+    let Some(&sid_len) = m.get(34) else { return false };
+    let sid_len = usize::from(sid_len);
+    let at = 35 + sid_len;
+    let Some(rest) = m.get(at..at + 3) else { return false };
+    print.version = u16::from_be_bytes([m[0], m[1]]);
+    print.session_id_len = sid_len;
+    print.suite = u16::from_be_bytes([rest[0], rest[1]]);
+    let mut exts = m.get(at + 5..).unwrap_or_default();
+    let mut tls13 = false;
+    while exts.len() >= 4 {
+        let kind = u16::from_be_bytes([exts[0], exts[1]]);
+        let len = usize::from(u16::from_be_bytes([exts[2], exts[3]]));
+        let Some(body) = exts.get(4..4 + len) else { break };
+        let kept = match kind {
+            // key_share: the group only.
+            51 => body.get(..2).unwrap_or_default().to_vec(),
+            43 => {
+                tls13 = body == [3, 4];
+                body.to_vec()
+            }
+            _ => body.to_vec(),
+        };
+        print.extensions.push((kind, kept));
+        exts = &exts[4 + len..];
+    }
+    tls13
+}
+
+/// A TCP stream that keeps a copy of everything it reads, and how much it had read at each
+/// write.
+struct Recorded {
+    inner: TcpStream,
+    seen: Arc<Mutex<Vec<u8>>>,
+    marks: Arc<Mutex<Vec<usize>>>,
+}
+
+impl AsyncRead for Recorded {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if polled.is_ready() {
+            let new = buf.filled()[before..].to_vec();
+            self.seen.lock().expect("recorded bytes").extend_from_slice(&new);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Recorded {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let read = self.seen.lock().expect("recorded bytes").len();
+        let mut marks = self.marks.lock().expect("marks");
+        if marks.last() != Some(&read) {
+            marks.push(read);
+        }
+        drop(marks);
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A session store that counts the tickets it is given.
+#[derive(Debug)]
+struct Tickets {
+    inner: ClientSessionMemoryCache,
+    count: AtomicUsize,
+}
+
+impl Default for Tickets {
+    fn default() -> Self {
+        Tickets { inner: ClientSessionMemoryCache::new(16), count: AtomicUsize::new(0) }
+    }
+}
+
+impl ClientSessionStore for Tickets {
+    fn set_kx_hint(&self, name: ServerName<'static>, group: rustls::NamedGroup) {
+        self.inner.set_kx_hint(name, group);
+    }
+
+    fn kx_hint(&self, name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.inner.kx_hint(name)
+    }
+
+    fn set_tls12_session(&self, name: ServerName<'static>, value: Tls12ClientSessionValue) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        self.inner.set_tls12_session(name, value);
+    }
+
+    fn tls12_session(&self, name: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
+        self.inner.tls12_session(name)
+    }
+
+    fn remove_tls12_session(&self, name: &ServerName<'static>) {
+        self.inner.remove_tls12_session(name);
+    }
+
+    fn insert_tls13_ticket(&self, name: ServerName<'static>, value: Tls13ClientSessionValue) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        self.inner.insert_tls13_ticket(name, value);
+    }
+
+    fn take_tls13_ticket(&self, name: &ServerName<'static>) -> Option<Tls13ClientSessionValue> {
+        self.inner.take_tls13_ticket(name)
+    }
+}
+
+/// Accepts any certificate: the prints compare servers, not trust.
+#[derive(Debug)]
+struct AnyCert;
+
+impl ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A TLS connection to `addr` offering `alpn` only.
+async fn connect(
+    addr: SocketAddr,
+    sni: &str,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(AnyCert))
+    .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let _ = tcp.set_nodelay(true);
+    let name = ServerName::try_from(sni.to_owned()).expect("server name");
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    tokio::time::timeout(EXCHANGE, connector.connect(name, tcp))
+        .await
+        .expect("TLS in time")
+        .expect("TLS")
+}
+
+/// The frames a server sends first on HTTP/2, one line each, up to its acknowledgement of a
+/// PING the client sends after its preface and an empty SETTINGS.
+pub async fn h2_preface(addr: SocketAddr, sni: &str) -> Vec<String> {
+    let mut tls = connect(addr, sni, b"h2").await;
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    hello.extend_from_slice(&[0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]);
+    tls.write_all(&hello).await.expect("preface");
+    let mut frames = Vec::new();
+    let read = async {
+        loop {
+            let mut head = [0u8; 9];
+            tls.read_exact(&mut head).await.expect("frame header");
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            tls.read_exact(&mut payload).await.expect("frame payload");
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]);
+            let body = match head[3] {
+                4 => payload
+                    .chunks(6)
+                    .map(|s| {
+                        let id = u16::from_be_bytes([s[0], s[1]]);
+                        let value = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
+                        format!("{id}={value}")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                8 => {
+                    u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]).to_string()
+                }
+                _ => format!("{payload:02x?}"),
+            };
+            frames.push(format!("type {} flags {} stream {stream}: {body}", head[3], head[4]));
+            if head[3] == 6 && head[4] & 1 == 1 {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(EXCHANGE, read).await.expect("frames up to the PING ACK in time");
+    frames
+}
+
+/// An answer, with the date's value blanked.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+/// One HTTP/2 request on its own connection.
+pub async fn h2_request(
+    addr: SocketAddr,
+    sni: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Answer {
+    let tls = connect(addr, sni, b"h2").await;
+    let (mut client, conn) = h2::client::handshake(tls).await.expect("HTTP/2 handshake");
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut request = http::Request::builder().method(method).uri(format!("https://{sni}{path}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(()).expect("request");
+    let exchange = async {
+        let (response, _) = client.send_request(request, true).expect("send request");
+        let response = response.await.expect("response");
+        let (parts, mut body) = response.into_parts();
+        let mut content = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.expect("body");
+            let _ = body.flow_control().release_capacity(chunk.len());
+            content.extend_from_slice(&chunk);
+        }
+        Answer {
+            status: parts.status.as_u16(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(name, value)| {
+                    let value = if name == http::header::DATE {
+                        String::new()
+                    } else {
+                        String::from_utf8_lossy(value.as_bytes()).into_owned()
+                    };
+                    (name.as_str().to_owned(), value)
+                })
+                .collect(),
+            body: String::from_utf8_lossy(&content).into_owned(),
+        }
+    };
+    let answer = tokio::time::timeout(EXCHANGE, exchange).await.expect("an answer in time");
+    driver.abort();
+    answer
+}
+
+/// One raw HTTP/1.1 request on its own connection: the answer's head and body, as text with
+/// the date's value blanked. The body is read by its Content-Length (none after HEAD or a
+/// 304), or to the end when the server closes.
+pub async fn h1_request(addr: SocketAddr, sni: &str, raw: &str) -> String {
+    let mut tls = connect(addr, sni, b"http/1.1").await;
+    tls.write_all(raw.as_bytes()).await.expect("request");
+    let read = async {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&got[..end]).into_owned();
+                let length = head
+                    .lines()
+                    .find_map(|l| {
+                        let (name, value) = l.split_once(':')?;
+                        name.eq_ignore_ascii_case("content-length")
+                            .then(|| value.trim().parse().ok())?
+                    })
+                    .unwrap_or(0usize);
+                let bodiless = raw.starts_with("HEAD ") || head.starts_with("HTTP/1.1 304");
+                let want = end + 4 + if bodiless { 0 } else { length };
+                if got.len() >= want {
+                    got.truncate(want);
+                    return got;
+                }
+            }
+            match tokio::time::timeout(QUIET * 10, tls.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => return got,
+            }
+        }
+    };
+    let got = tokio::time::timeout(EXCHANGE, read).await.expect("an answer in time");
+    String::from_utf8_lossy(&got)
+        .split("\r\n")
+        .map(|line| if line.to_ascii_lowercase().starts_with("date:") { "Date: -" } else { line })
+        .collect::<Vec<_>>()
+        .join("\r\n")
+}
+
+/// nginx from Debian's package, serving a directory over TLS with Debian's default
+/// configuration: its `http` settings and default site, with `listen ssl http2` added.
+/// Killed when dropped.
+pub struct Nginx {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+/// Where Debian installs nginx.
+const NGINX: &str = "/usr/sbin/nginx";
+
+impl Nginx {
+    /// Whether nginx is installed.
+    pub fn installed() -> bool {
+        Path::new(NGINX).exists()
+    }
+
+    /// Starts nginx serving `root` with the certificate and key (PEM files).
+    pub async fn start(root: &Path, cert: &Path, key: &Path) -> Nginx {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+        let d = dir.path().display();
+        let config = format!(
+            "worker_processes 1;\nmaster_process off;\ndaemon off;\npid {d}/nginx.pid;\n\
+             error_log {d}/error.log;\nevents {{ worker_connections 768; }}\n\
+             http {{\n\tsendfile on;\n\ttcp_nopush on;\n\ttypes_hash_max_size 2048;\n\
+             \tinclude /etc/nginx/mime.types;\n\tdefault_type application/octet-stream;\n\
+             \tssl_protocols TLSv1 TLSv1.1 TLSv1.2 TLSv1.3;\n\tssl_prefer_server_ciphers on;\n\
+             \taccess_log off;\n\tgzip on;\n\
+             \tclient_body_temp_path {d}/body;\n\tproxy_temp_path {d}/proxy;\n\
+             \tfastcgi_temp_path {d}/fastcgi;\n\tuwsgi_temp_path {d}/uwsgi;\n\
+             \tscgi_temp_path {d}/scgi;\n\
+             \tserver {{\n\t\tlisten {addr} ssl http2 default_server;\n\
+             \t\tssl_certificate {cert};\n\t\tssl_certificate_key {key};\n\
+             \t\troot {root};\n\t\tindex index.html index.htm index.nginx-debian.html;\n\
+             \t\tserver_name _;\n\t\tlocation / {{\n\t\t\ttry_files $uri $uri/ =404;\n\t\t}}\n\
+             \t}}\n}}\n",
+            cert = cert.display(),
+            key = key.display(),
+            root = root.display(),
+        );
+        let config_path = dir.path().join("nginx.conf");
+        std::fs::write(&config_path, config).expect("nginx.conf");
+        let child = std::process::Command::new(NGINX)
+            .arg("-c")
+            .arg(&config_path)
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        let started = async {
+            while TcpStream::connect(addr).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(EXCHANGE, started).await.expect("nginx listening in time");
+        Nginx { child, addr, _dir: dir }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Copies the website's files (crates/postern-server/src/site) to `dir`, each modified at
+/// `mtime` (seconds since the epoch), as a static site on nginx would hold them.
+pub fn site_copy(dir: &Path, mtime: u64) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../postern-server/src/site");
+    for entry in std::fs::read_dir(&source).expect("the site's files") {
+        let entry = entry.expect("a site file");
+        let target = dir.join(entry.file_name());
+        std::fs::copy(entry.path(), &target).expect("copy");
+        let file = std::fs::File::options().write(true).open(&target).expect("open");
+        file.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(mtime)).expect("mtime");
+    }
+    dir.to_owned()
+}
