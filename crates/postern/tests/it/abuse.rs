@@ -270,10 +270,12 @@ async fn a_connection_past_its_request_rate_is_refused_and_others_are_not() {
     std::fs::write(&config, "requests_per_second = 100\nrequest_burst = 100\n").unwrap();
     let env = vec![("POSTERN_CONFIG".to_owned(), config.display().to_string())];
     let server = TestServer::start_with_env(bin(), env).await;
-    // 1,000 pings sent at once: the first 100 pass, then about 100 a second.
+    // 400 pings sent at once: the first 100 pass, then about 100 a second. The client reads
+    // nothing until it has sent them all, so every answer must fit its receive window
+    // (128 KiB, Firefox's), and the pings the server's 64 KiB one (nginx's) as it reads.
     let mut flood = server.connect().await;
     let mut ids = Vec::new();
-    for _ in 0..1_000 {
+    for _ in 0..400 {
         ids.push(flood.send(Request::Ping, None).await.unwrap());
     }
     // Refusals are answered at once, pongs as their work finishes: in any order.
@@ -286,7 +288,7 @@ async fn a_connection_past_its_request_rate_is_refused_and_others_are_not() {
         }
     }
     eprintln!("{answered} answered, {limited} rate-limited");
-    assert!(answered >= 100 && limited >= 500, "{answered} answered, {limited} limited");
+    assert!(answered >= 100 && limited >= 200, "{answered} answered, {limited} limited");
     // Another connection has its own budget; and the flooding one recovers.
     let mut other = server.connect().await;
     assert_eq!(other.request(Request::Ping, None).await.unwrap(), Response::Pong);
