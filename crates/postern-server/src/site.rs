@@ -36,9 +36,12 @@ struct File {
     body: &'static [u8],
 }
 
-const INDEX: &[u8] = include_bytes!("site/index.html");
 const FILES: &[File] = &[
-    File { path: b"/index.html", content_type: "text/html", body: INDEX },
+    File {
+        path: b"/index.html",
+        content_type: "text/html",
+        body: include_bytes!("site/index.html"),
+    },
     File {
         path: b"/about.html",
         content_type: "text/html",
@@ -166,36 +169,38 @@ impl Reply {
             Some(range) if if_range_holds(h, &etag) => parse_ranges(range.as_bytes(), len),
             _ => Ranges::Whole,
         };
-        let (status, content_type, content, more): (_, String, Bytes, Option<HeaderValue>) =
-            match ranges {
-                Ranges::Whole => (
-                    StatusCode::OK,
+        // The status, the body's type and bytes, and the header that says which part it is.
+        let (status, content_type, content, part): (_, String, Bytes, Option<_>) = match ranges {
+            Ranges::Whole => (
+                StatusCode::OK,
+                file.content_type.into(),
+                Bytes::from_static(file.body),
+                Some((header::ACCEPT_RANGES, HeaderValue::from_static("bytes"))),
+            ),
+            Ranges::Unsatisfiable => {
+                let range = HeaderValue::from_str(&format!("bytes */{len}"));
+                return self.error_with(StatusCode::RANGE_NOT_SATISFIABLE, |h| {
+                    if let Ok(range) = range {
+                        h.insert(header::CONTENT_RANGE, range);
+                    }
+                });
+            }
+            Ranges::Some(ranges) if ranges.len() == 1 => {
+                let (start, end) = ranges[0];
+                (
+                    StatusCode::PARTIAL_CONTENT,
                     file.content_type.into(),
-                    Bytes::from_static(file.body),
-                    Some(HeaderValue::from_static("bytes")),
-                ),
-                Ranges::Unsatisfiable => {
-                    let range = HeaderValue::from_str(&format!("bytes */{len}"));
-                    return self.error_with(StatusCode::RANGE_NOT_SATISFIABLE, |h| {
-                        if let Ok(range) = range {
-                            h.insert(header::CONTENT_RANGE, range);
-                        }
-                    });
-                }
-                Ranges::Some(ranges) if ranges.len() == 1 => {
-                    let (start, end) = ranges[0];
-                    (
-                        StatusCode::PARTIAL_CONTENT,
-                        file.content_type.into(),
-                        Bytes::from_static(&file.body[start as usize..end as usize]),
-                        HeaderValue::from_str(&format!("bytes {start}-{}/{len}", end - 1)).ok(),
-                    )
-                }
-                Ranges::Some(ranges) => {
-                    let (content_type, body) = multipart(file, &ranges);
-                    (StatusCode::PARTIAL_CONTENT, content_type, body.into(), None)
-                }
-            };
+                    Bytes::from_static(&file.body[start as usize..end as usize]),
+                    HeaderValue::from_str(&format!("bytes {start}-{}/{len}", end - 1))
+                        .ok()
+                        .map(|v| (header::CONTENT_RANGE, v)),
+                )
+            }
+            Ranges::Some(ranges) => {
+                let (content_type, body) = multipart(file, &ranges);
+                (StatusCode::PARTIAL_CONTENT, content_type, body.into(), None)
+            }
+        };
         let mut resp = self.start(status);
         let h = resp.headers_mut();
         if let Ok(content_type) = HeaderValue::from_str(&content_type) {
@@ -203,11 +208,9 @@ impl Reply {
         }
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(content.len()));
         validators(h);
-        match (status, more) {
-            (StatusCode::OK, Some(v)) => h.insert(header::ACCEPT_RANGES, v),
-            (_, Some(v)) => h.insert(header::CONTENT_RANGE, v),
-            _ => None,
-        };
+        if let Some((name, value)) = part {
+            h.insert(name, value);
+        }
         if !self.head {
             *resp.body_mut() = Body::from(content);
         }
@@ -379,61 +382,40 @@ fn parse_ranges(value: &[u8], len: u64) -> Ranges {
     let Some(spec) = value.get(..6).filter(|p| p.eq_ignore_ascii_case(b"bytes=")) else {
         return Ranges::Whole;
     };
-    let spec = &value[spec.len()..];
-    let mut p = 0;
-    let at = |p: usize| spec.get(p).copied().unwrap_or(0);
-    let skip_spaces = |p: &mut usize| {
-        while at(*p) == b' ' {
-            *p += 1;
-        }
-    };
-    let number = |p: &mut usize| -> Option<u64> {
-        let mut n: u64 = 0;
-        while at(*p).is_ascii_digit() {
-            n = n.checked_mul(10)?.checked_add(u64::from(at(*p) - b'0'))?;
-            *p += 1;
-        }
-        // nginx's cutoff is off_t's maximum.
-        (n <= i64::MAX as u64).then_some(n)
-    };
+    let mut c = Cursor { bytes: &value[spec.len()..], at: 0 };
     let mut ranges = Vec::new();
     let mut size = 0u64;
     loop {
-        skip_spaces(&mut p);
-        let (start, end);
-        if at(p) != b'-' {
-            if !at(p).is_ascii_digit() {
-                return Ranges::Unsatisfiable;
-            }
-            let Some(s) = number(&mut p) else { return Ranges::Unsatisfiable };
-            skip_spaces(&mut p);
-            if at(p) != b'-' {
-                return Ranges::Unsatisfiable;
-            }
-            p += 1;
-            skip_spaces(&mut p);
-            if at(p) == b',' || at(p) == 0 {
-                (start, end) = (s, len);
-            } else {
-                let Some(e) = last(&mut p, &number, at) else { return Ranges::Unsatisfiable };
-                (start, end) = (s, if e >= len { len } else { e + 1 });
-            }
+        c.spaces();
+        let (start, end) = if c.peek() == b'-' {
+            c.at += 1;
+            let Some(suffix) = c.last_number() else { return Ranges::Unsatisfiable };
+            (len.saturating_sub(suffix), len)
         } else {
-            p += 1;
-            let Some(suffix) = last(&mut p, &number, at) else { return Ranges::Unsatisfiable };
-            start = len.saturating_sub(suffix);
-            end = len;
-        }
+            let Some(start) = c.number() else { return Ranges::Unsatisfiable };
+            c.spaces();
+            if c.peek() != b'-' {
+                return Ranges::Unsatisfiable;
+            }
+            c.at += 1;
+            c.spaces();
+            if matches!(c.peek(), b',' | 0) {
+                (start, len)
+            } else {
+                let Some(last) = c.last_number() else { return Ranges::Unsatisfiable };
+                (start, if last >= len { len } else { last + 1 })
+            }
+        };
         if start < end {
             ranges.push((start, end));
             size += end - start;
         } else if start == 0 {
             return Ranges::Whole;
         }
-        if at(p) != b',' {
+        if c.peek() != b',' {
             break;
         }
-        p += 1;
+        c.at += 1;
     }
     if ranges.is_empty() {
         Ranges::Unsatisfiable
@@ -444,20 +426,43 @@ fn parse_ranges(value: &[u8], len: u64) -> Ranges {
     }
 }
 
-/// The number that ends a range, followed by spaces and then `,` or the end.
-fn last(
-    p: &mut usize,
-    number: &impl Fn(&mut usize) -> Option<u64>,
-    at: impl Fn(usize) -> u8,
-) -> Option<u64> {
-    if !at(*p).is_ascii_digit() {
-        return None;
+/// A position in a `Range` header's byte ranges; past the end reads as NUL, as nginx's
+/// string does.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Cursor<'_> {
+    fn peek(&self) -> u8 {
+        self.bytes.get(self.at).copied().unwrap_or(0)
     }
-    let n = number(p)?;
-    while at(*p) == b' ' {
-        *p += 1;
+
+    fn spaces(&mut self) {
+        while self.peek() == b' ' {
+            self.at += 1;
+        }
     }
-    (at(*p) == b',' || at(*p) == 0).then_some(n)
+
+    /// At least one digit; none past nginx's cutoff (off_t's maximum).
+    fn number(&mut self) -> Option<u64> {
+        if !self.peek().is_ascii_digit() {
+            return None;
+        }
+        let mut n: u64 = 0;
+        while self.peek().is_ascii_digit() {
+            n = n.checked_mul(10)?.checked_add(u64::from(self.peek() - b'0'))?;
+            self.at += 1;
+        }
+        (n <= i64::MAX as u64).then_some(n)
+    }
+
+    /// The number that ends a range, followed by spaces and then `,` or the end.
+    fn last_number(&mut self) -> Option<u64> {
+        let n = self.number()?;
+        self.spaces();
+        matches!(self.peek(), b',' | 0).then_some(n)
+    }
 }
 
 /// nginx numbers its multipart boundaries from one counter per server, from 1.

@@ -53,7 +53,7 @@ impl Hello {
 }
 
 /// How a server answered one ClientHello.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct TlsPrint {
     /// The handshake failed: the alert or error, as text.
     pub failed: Option<String>,
@@ -129,21 +129,10 @@ pub async fn tls(addr: SocketAddr, sni: &str, hello: &Hello) -> TlsPrint {
     print
 }
 
-/// Parses the plaintext records at the start of what a server sent.
+/// Reads the records of what a server sent: those of its first flight (the first
+/// `flight_end` bytes), and a TLS 1.2 ticket after it.
 fn read_server_flight(bytes: &[u8], flight_end: usize) -> TlsPrint {
-    let mut print = TlsPrint {
-        failed: None,
-        records: Vec::new(),
-        first_encrypted: None,
-        version: 0,
-        suite: 0,
-        session_id_len: 0,
-        extensions: Vec::new(),
-        negotiated: None,
-        alpn: None,
-        tickets: 0,
-        ticket_lifetime: None,
-    };
+    let mut print = TlsPrint::default();
     let mut rest = bytes;
     let mut tls13 = false;
     while rest.len() >= 5 {
@@ -176,9 +165,7 @@ fn read_server_flight(bytes: &[u8], flight_end: usize) -> TlsPrint {
                 }
                 print.records.push(format!("handshake {}", types.join(",")));
             }
-            20 => {
-                print.records.push("change_cipher_spec".to_owned());
-            }
+            20 => print.records.push("change_cipher_spec".to_owned()),
             21 => print.records.push(format!("alert {body:?}")),
             23 => {
                 print.first_encrypted.get_or_insert(len);
