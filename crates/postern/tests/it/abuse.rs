@@ -273,20 +273,26 @@ async fn a_connection_past_its_request_rate_is_refused_and_others_are_not() {
     // 400 pings sent at once: the first 100 pass, then about 100 a second. The client reads
     // nothing until it has sent them all, so every answer must fit its receive window
     // (128 KiB, Firefox's), and the pings the server's 64 KiB one (nginx's) as it reads.
+    // Windows that cannot take the flood would stall both sides for good: a deadline says so.
     let mut flood = server.connect().await;
-    let mut ids = Vec::new();
-    for _ in 0..400 {
-        ids.push(flood.send(Request::Ping, None).await.unwrap());
-    }
-    // Refusals are answered at once, pongs as their work finishes: in any order.
-    let (mut answered, mut limited) = (0, 0);
-    for _ in &ids {
-        match flood.recv().await.unwrap() {
-            ServerFrame::Response { result: Ok(Response::Pong), .. } => answered += 1,
-            ServerFrame::Response { result: Err(ErrorCode::RateLimited), .. } => limited += 1,
-            other => panic!("{other:?}"),
+    let flooding = async {
+        for _ in 0..400 {
+            flood.send(Request::Ping, None).await.unwrap();
         }
-    }
+        // Refusals are answered at once, pongs as their work finishes: in any order.
+        let (mut answered, mut limited) = (0, 0);
+        for _ in 0..400 {
+            match flood.recv().await.unwrap() {
+                ServerFrame::Response { result: Ok(Response::Pong), .. } => answered += 1,
+                ServerFrame::Response { result: Err(ErrorCode::RateLimited), .. } => limited += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        (answered, limited)
+    };
+    let (answered, limited) = tokio::time::timeout(Duration::from_secs(60), flooding)
+        .await
+        .expect("the flood and its answers stalled: the flow-control windows cannot hold them");
     eprintln!("{answered} answered, {limited} rate-limited");
     assert!(answered >= 100 && limited >= 200, "{answered} answered, {limited} limited");
     // Another connection has its own budget; and the flooding one recovers.
