@@ -27,6 +27,9 @@ const SERVER: &str = "nginx/1.22.1";
 /// The files' modification time (seconds since the epoch), as a static site reports it in
 /// `Last-Modified` and in its `ETag`s. The lab test gives its nginx copy the same time.
 const MTIME: u64 = 1_760_433_164;
+/// The 404 page as nginx gzips it, without and with the MSIE padding (`site-gzip/make.py`).
+const NOT_FOUND_GZ: &[u8] = include_bytes!("site-gzip/404.html.gz");
+const NOT_FOUND_MSIE_GZ: &[u8] = include_bytes!("site-gzip/404-msie.html.gz");
 /// [`MTIME`] as `Last-Modified` writes it.
 const LAST_MODIFIED: &str = "Tue, 14 Oct 2025 09:12:44 GMT";
 
@@ -34,6 +37,9 @@ struct File {
     path: &'static [u8],
     content_type: &'static str,
     body: &'static [u8],
+    /// The body as nginx gzips it (`gzip on` compresses text/html), made by
+    /// `site-gzip/make.py`.
+    gzipped: Option<&'static [u8]>,
 }
 
 const FILES: &[File] = &[
@@ -41,17 +47,25 @@ const FILES: &[File] = &[
         path: b"/index.html",
         content_type: "text/html",
         body: include_bytes!("site/index.html"),
+        gzipped: Some(include_bytes!("site-gzip/index.html.gz")),
     },
     File {
         path: b"/about.html",
         content_type: "text/html",
         body: include_bytes!("site/about.html"),
+        gzipped: Some(include_bytes!("site-gzip/about.html.gz")),
     },
-    File { path: b"/style.css", content_type: "text/css", body: include_bytes!("site/style.css") },
+    File {
+        path: b"/style.css",
+        content_type: "text/css",
+        body: include_bytes!("site/style.css"),
+        gzipped: None,
+    },
     File {
         path: b"/robots.txt",
         content_type: "text/plain",
         body: include_bytes!("site/robots.txt"),
+        gzipped: None,
     },
 ];
 
@@ -63,6 +77,7 @@ pub(crate) fn respond(parts: &Parts) -> Response<Body> {
         keep_alive: keep_alive(parts),
         head: parts.method == Method::HEAD,
         msie: msie(&parts.headers),
+        gzip: gzip(parts),
     };
     let hosts = parts.headers.get_all(header::HOST).iter().count();
     if hosts > 1 || (parts.version == Version::HTTP_11 && hosts == 0) {
@@ -94,6 +109,8 @@ struct Reply {
     head: bool,
     /// nginx pads its error pages for Internet Explorer (`msie_padding`, on by default).
     msie: bool,
+    /// The client takes gzip, and nginx would give it (see [`gzip`]).
+    gzip: bool,
 }
 
 impl Reply {
@@ -109,7 +126,12 @@ impl Reply {
         resp
     }
 
-    fn connection(&self, h: &mut HeaderMap) {
+    /// `Connection`, after `Transfer-Encoding` when a gzipped body goes in chunks (nginx
+    /// writes the two in that order; hyper chunks a body whose header says so).
+    fn connection(&self, h: &mut HeaderMap, gzipped: bool) {
+        if self.http1 && gzipped && !self.head {
+            h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        }
         if self.http1 {
             let value = if self.keep_alive { "keep-alive" } else { "close" };
             h.insert(header::CONNECTION, HeaderValue::from_static(value));
@@ -127,11 +149,24 @@ impl Reply {
             Reply { keep_alive: self.keep_alive && status != StatusCode::BAD_REQUEST, ..self };
         let mut resp = reply.start(status);
         let page = error_page(status, self.msie);
+        // nginx gzips the 404 page (of the error statuses, only 403 and 404).
+        let gzipped = match (self.gzip, status, self.msie) {
+            (true, StatusCode::NOT_FOUND, false) => Some(NOT_FOUND_GZ),
+            (true, StatusCode::NOT_FOUND, true) => Some(NOT_FOUND_MSIE_GZ),
+            _ => None,
+        };
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(page.len()));
-        reply.connection(h);
+        if gzipped.is_none() {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(page.len()));
+        }
+        reply.connection(h, gzipped.is_some());
         more(h);
+        if let Some(gzipped) = gzipped {
+            h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+            *resp.body_mut() = reply.gzipped_body(gzipped);
+            return resp;
+        }
         let reason = nginx_reason(status);
         if Some(reason) != status.canonical_reason() {
             resp.extensions_mut().insert(hyper::ext::ReasonPhrase::from_static(reason.as_bytes()));
@@ -150,19 +185,34 @@ impl Reply {
         if !precondition_holds(h, &etag) {
             return self.error(StatusCode::PRECONDITION_FAILED);
         }
-        let validators = |h: &mut HeaderMap| {
+        let validators = |h: &mut HeaderMap, gzipped: bool| {
             h.insert(header::LAST_MODIFIED, HeaderValue::from_static(LAST_MODIFIED));
-            self.connection(h);
+            self.connection(h, gzipped);
+            // A gzipped body is not the file's bytes: its tag is weak.
+            let etag = if gzipped { format!("W/{etag}") } else { etag.clone() };
             if let Ok(etag) = HeaderValue::from_str(&etag) {
                 h.insert(header::ETAG, etag);
             }
         };
+        // Conditions are decided on the file, before nginx's gzip filter runs.
         if not_modified(h, &etag) {
             let mut resp = self.start(StatusCode::NOT_MODIFIED);
-            validators(resp.headers_mut());
+            validators(resp.headers_mut(), false);
             // No Content-Length, as nginx: hyper adds `content-length: 0` to HTTP/2 answers
             // whose body says it is empty, so this one does not say.
-            *resp.body_mut() = Body::new(NoBody);
+            *resp.body_mut() = Body::new(Unsized(None));
+            return resp;
+        }
+        // Gzipped, the whole file: without a length nginx serves no ranges.
+        if let Some(gzipped) = file.gzipped.filter(|_| self.gzip) {
+            let mut resp = self.start(StatusCode::OK);
+            let h = resp.headers_mut();
+            if let Ok(content_type) = HeaderValue::from_str(file.content_type) {
+                h.insert(header::CONTENT_TYPE, content_type);
+            }
+            validators(h, true);
+            h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+            *resp.body_mut() = self.gzipped_body(gzipped);
             return resp;
         }
         let ranges = match h.get(header::RANGE) {
@@ -207,7 +257,7 @@ impl Reply {
             h.insert(header::CONTENT_TYPE, content_type);
         }
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(content.len()));
-        validators(h);
+        validators(h, false);
         if let Some((name, value)) = part {
             h.insert(name, value);
         }
@@ -215,6 +265,12 @@ impl Reply {
             *resp.body_mut() = Body::from(content);
         }
         resp
+    }
+
+    /// A body sent without a length (nginx's gzipped answers): in chunks over HTTP/1.1, with
+    /// no Content-Length over HTTP/2; nothing after HEAD.
+    fn gzipped_body(&self, bytes: &'static [u8]) -> Body {
+        Body::new(Unsized((!self.head).then(|| Bytes::from_static(bytes))))
     }
 }
 
@@ -230,6 +286,83 @@ fn keep_alive(parts: &Parts) -> bool {
         Version::HTTP_10 => connection("keep-alive"),
         _ => false,
     }
+}
+
+/// Whether nginx's `gzip on` would compress the answer: a request of HTTP/1.1 or later,
+/// not through a proxy (`Via`; `gzip_proxied` is off), whose first `Accept-Encoding`
+/// takes gzip as ngx_http_gzip_ok reads it.
+fn gzip(parts: &Parts) -> bool {
+    if parts.version < Version::HTTP_11 || parts.headers.contains_key(header::VIA) {
+        return false;
+    }
+    parts.headers.get(header::ACCEPT_ENCODING).is_some_and(|ae| {
+        let ae = ae.as_bytes();
+        ae.len() >= 4 && (ae.starts_with(b"gzip,") || accepts_gzip(ae))
+    })
+}
+
+/// ngx_http_gzip_accept_encoding: a `gzip` token (at the start, or after a comma or a
+/// space), then the end, a comma, or a `q` that is not zero.
+fn accepts_gzip(ae: &[u8]) -> bool {
+    let mut from = 0;
+    let after = loop {
+        let Some(at) = ae[from..].windows(4).position(|w| w.eq_ignore_ascii_case(b"gzip")) else {
+            return false;
+        };
+        let at = from + at;
+        if at == 0 || matches!(ae[at - 1], b',' | b' ') {
+            break &ae[at + 4..];
+        }
+        from = at + 4;
+    };
+    let mut rest = after.iter();
+    loop {
+        match rest.next() {
+            None | Some(b',') => return true,
+            Some(b' ') => {}
+            Some(b';') => break,
+            Some(_) => return false,
+        }
+    }
+    loop {
+        match rest.next() {
+            None => return true,
+            Some(b'q' | b'Q') => break,
+            Some(b' ') => {}
+            Some(_) => return false,
+        }
+    }
+    let rest = rest.as_slice();
+    match rest.split_first() {
+        Some((b'=', q)) if !q.is_empty() => quantity(q) > 0,
+        _ => false,
+    }
+}
+
+/// ngx_http_gzip_quantity: a q-value in thousandths, 0 for a malformed one or one over 1.
+fn quantity(q: &[u8]) -> u32 {
+    let mut q = q.iter();
+    let mut value = match q.next() {
+        Some(&c @ (b'0' | b'1')) => u32::from(c - b'0') * 1000,
+        _ => return 0,
+    };
+    match q.next() {
+        None | Some(b',' | b' ') => return value,
+        Some(b'.') => {}
+        Some(_) => return 0,
+    }
+    let mut scale = 100;
+    for &c in q {
+        match c {
+            b',' | b' ' => break,
+            b'0'..=b'9' if scale > 0 => {
+                value += u32::from(c - b'0') * scale;
+                scale /= 10;
+            }
+            _ => return 0,
+        }
+    }
+    if value > 1000 { 0 } else { value }
 }
 
 /// nginx's test for Internet Explorer: "MSIE " with something after it, and not Opera.
@@ -488,28 +621,92 @@ fn multipart(file: &File, ranges: &[(u64, u64)]) -> (String, Vec<u8>) {
     (format!("multipart/byteranges; boundary={boundary}"), body)
 }
 
-/// A body that is over before it starts and, unlike an empty one, does not say its length.
-struct NoBody;
+/// A body that, unlike `Body::from`, does not say its length: nothing (a 304's), or one
+/// piece (a gzipped page's).
+struct Unsized(Option<Bytes>);
 
-impl http_body::Body for NoBody {
+impl http_body::Body for Unsized {
     type Data = Bytes;
     type Error = Infallible;
 
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         _: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
-        Poll::Ready(None)
+        Poll::Ready(self.0.take().map(|bytes| Ok(http_body::Frame::data(bytes))))
     }
 
     fn is_end_stream(&self) -> bool {
-        true
+        self.0.is_none()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn gunzip(bytes: &[u8]) -> Vec<u8> {
+        use std::io::Read;
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(bytes).read_to_end(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn gzipped_pages_are_their_pages() {
+        for file in FILES {
+            match file.gzipped {
+                Some(gz) => assert_eq!(gunzip(gz), file.body, "{:?}", file.path),
+                None => assert_ne!(file.content_type, "text/html", "nginx gzips every page"),
+            }
+        }
+        let not_found = StatusCode::NOT_FOUND;
+        assert_eq!(gunzip(NOT_FOUND_GZ), error_page(not_found, false).as_bytes());
+        assert_eq!(gunzip(NOT_FOUND_MSIE_GZ), error_page(not_found, true).as_bytes());
+    }
+
+    #[test]
+    fn accept_encoding_reads_as_nginx_reads_it() {
+        let takes = |ae: &str| {
+            let (parts, ()) = axum::http::Request::builder()
+                .header(header::ACCEPT_ENCODING, ae)
+                .body(())
+                .unwrap()
+                .into_parts();
+            gzip(&parts)
+        };
+        for yes in [
+            "gzip",
+            "gzip, deflate, br",
+            "deflate, gzip",
+            "br,GZIP",
+            "gzip;q=0.5",
+            "x, gzip ;q=1",
+            "gzip;q=0.001",
+            "gzip; q=0.5",
+            "x,gzip",
+            "gzip;q=1.000",
+        ] {
+            assert!(takes(yes), "{yes}");
+        }
+        for no in [
+            "",
+            "gzi",
+            "deflate",
+            "xgzip",
+            "gzipx",
+            "gzip;q=0",
+            "gzip;q=0.000",
+            "gzip;q=",
+            "gzip;q=2",
+            "x-gzip",
+            "gzip;q=1.5",
+            "gzip;q=0.0000",
+            "gzipx, gzip",
+        ] {
+            assert!(!takes(no), "{no}");
+        }
+    }
 
     #[test]
     fn last_modified_is_the_mtime() {

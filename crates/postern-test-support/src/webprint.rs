@@ -464,7 +464,7 @@ pub async fn h2_request(
                     (name.as_str().to_owned(), value)
                 })
                 .collect(),
-            body: String::from_utf8_lossy(&content).into_owned(),
+            body: content.escape_ascii().to_string(),
         }
     };
     let answer = tokio::time::timeout(EXCHANGE, exchange).await.expect("an answer in time");
@@ -472,9 +472,10 @@ pub async fn h2_request(
     answer
 }
 
-/// One raw HTTP/1.1 request on its own connection: the answer's head and body, as text with
-/// the date's value blanked. The body is read by its Content-Length (none after HEAD or a
-/// 304), or to the end when the server closes.
+/// One raw HTTP/1.1 request on its own connection: the answer's head, as text with the
+/// date's value blanked, and its body with bytes outside printable ASCII escaped. The body
+/// is read by its Content-Length (none after HEAD or a 304), to its last chunk, or to the
+/// end when the server closes.
 pub async fn h1_request(addr: SocketAddr, sni: &str, raw: &str) -> String {
     let mut tls = connect(addr, sni, b"http/1.1").await;
     tls.write_all(raw.as_bytes()).await.expect("request");
@@ -493,8 +494,13 @@ pub async fn h1_request(addr: SocketAddr, sni: &str, raw: &str) -> String {
                     })
                     .unwrap_or(0usize);
                 let bodiless = raw.starts_with("HEAD ") || head.starts_with("HTTP/1.1 304");
-                let want = end + 4 + if bodiless { 0 } else { length };
-                if got.len() >= want {
+                let chunked = head.to_ascii_lowercase().contains("\r\ntransfer-encoding: chunked");
+                let want = end + 4 + if bodiless || chunked { 0 } else { length };
+                if chunked && !bodiless {
+                    if got[end..].windows(7).any(|w| w == b"\r\n0\r\n\r\n") {
+                        return got;
+                    }
+                } else if got.len() >= want {
                     got.truncate(want);
                     return got;
                 }
@@ -506,11 +512,13 @@ pub async fn h1_request(addr: SocketAddr, sni: &str, raw: &str) -> String {
         }
     };
     let got = tokio::time::timeout(EXCHANGE, read).await.expect("an answer in time");
-    String::from_utf8_lossy(&got)
+    let end = got.windows(4).position(|w| w == b"\r\n\r\n").map_or(got.len(), |end| end + 4);
+    let head = String::from_utf8_lossy(&got[..end])
         .split("\r\n")
         .map(|line| if line.to_ascii_lowercase().starts_with("date:") { "Date: -" } else { line })
         .collect::<Vec<_>>()
-        .join("\r\n")
+        .join("\r\n");
+    format!("{head}{}", got[end..].escape_ascii())
 }
 
 /// nginx from Debian's package, serving a directory over TLS with Debian's default
