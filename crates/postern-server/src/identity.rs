@@ -212,7 +212,9 @@ impl TlsIdentity {
             .with_no_client_auth()
             .with_single_cert(self.certs.clone(), self.key.clone_key())
             .map_err(tls)?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // nginx's list (with `http2` on the listener), in its order of preference.
+        config.alpn_protocols =
+            [&b"h2"[..], b"http/1.1", b"http/1.0", b"http/0.9"].map(<[u8]>::to_vec).to_vec();
         config.ignore_client_order = true;
         config.ticketer = Arc::new(Tickets(rustls::crypto::ring::Ticketer::new().map_err(tls)?));
         Ok(Arc::new(config))

@@ -47,6 +47,7 @@ pub use config::{FileConfig, QuotaConfig, RetentionConfig, ServerConfig};
 pub use relay::{
     RelayConfig, RelayFileConfig, RelayIdentity, RunningRelay, mint_link, start_relay,
 };
+pub use site::answer_status as site_answer_status;
 
 /// How often expired data is swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(3_600);

@@ -140,36 +140,52 @@ async fn serve_connection(
     tls: tokio_rustls::TlsAcceptor,
     tcp: tokio::net::TcpStream,
     router: Router,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let tcp = Coalesce::new(tcp);
     let Ok(Ok(stream)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await else {
         return;
     };
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    // Headers written as nginx writes them (`Content-Length`, not `content-length`).
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HANDSHAKE_TIMEOUT)
-        .title_case_headers(true);
-    // nginx's HTTP/2 SETTINGS and connection window. The 16 MiB frame size is only
-    // announced: the patched h2 reads frames up to 64 KiB (vendor/h2/PATCH.md).
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .enable_connect_protocol()
-        .max_concurrent_streams(128)
-        .initial_stream_window_size(65_536)
-        .initial_connection_window_size((1 << 31) - 1)
-        .max_frame_size(16_777_215);
-    let conn = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(router));
+    let (io, service) = (TokioIo::new(stream), TowerToHyperService::new(router));
+    // The protocol is the one ALPN chose, as nginx decides it: an HTTP/2 preface on a
+    // connection that did not agree on h2 is a bad HTTP/1 request, not HTTP/2.
+    if io.inner().get_ref().1.alpn_protocol() == Some(b"h2") {
+        // nginx's HTTP/2 SETTINGS and connection window. The 16 MiB frame size is only
+        // announced: the patched h2 reads frames up to 64 KiB (vendor/h2/PATCH.md).
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .enable_connect_protocol()
+            .max_concurrent_streams(128)
+            .initial_stream_window_size(65_536)
+            .initial_connection_window_size((1 << 31) - 1)
+            .max_frame_size(16_777_215);
+        let conn = http2.serve_connection(io, service);
+        drive(conn, |conn| conn.graceful_shutdown(), shutdown).await;
+    } else {
+        // Headers written as nginx writes them (`Content-Length`, not `content-length`).
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(HANDSHAKE_TIMEOUT)
+            .title_case_headers(true);
+        let conn = http1.serve_connection(io, service).with_upgrades();
+        drive(conn, |conn| conn.graceful_shutdown(), shutdown).await;
+    }
+}
+
+/// Serves a connection until it ends, or, once the server shuts down, asks it to finish
+/// (`graceful`) and drains it for a while.
+async fn drive<C: Future>(
+    conn: C,
+    graceful: impl FnOnce(Pin<&mut C>),
+    mut shutdown: watch::Receiver<bool>,
+) {
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}
         _ = shutdown.changed() => {
-            conn.as_mut().graceful_shutdown();
+            graceful(conn.as_mut());
             let _ = tokio::time::timeout(DRAIN_TIMEOUT, conn).await;
         }
     }

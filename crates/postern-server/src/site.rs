@@ -99,6 +99,25 @@ pub(crate) fn respond(parts: &Parts) -> Response<Body> {
     reply.file(file, parts)
 }
 
+/// The status of the site's answer to a request built from a stranger's bytes: a method, a
+/// request target and header lines (`None` where `http` refuses them, as hyper would), sent
+/// over HTTP/2 so that it needs no Host. For the fuzz target `site_request`, which drives
+/// the site's own readers of paths, ranges, entity tags, dates and `Accept-Encoding`.
+pub fn answer_status(method: &[u8], target: &[u8], headers: &[(&[u8], &[u8])]) -> Option<u16> {
+    let mut request = axum::http::Request::builder()
+        .version(Version::HTTP_2)
+        .method(Method::from_bytes(method).ok()?)
+        .uri(axum::http::Uri::try_from(target).ok()?);
+    for (name, value) in headers {
+        request = request.header(
+            header::HeaderName::from_bytes(name).ok()?,
+            HeaderValue::from_bytes(value).ok()?,
+        );
+    }
+    let (parts, ()) = request.body(()).ok()?.into_parts();
+    Some(respond(&parts).status().as_u16())
+}
+
 /// How an answer is framed for the request it answers.
 #[derive(Clone, Copy)]
 struct Reply {

@@ -52,6 +52,9 @@ fn hellos() -> Vec<(&'static str, Hello)> {
             },
         ),
         ("no ALPN", Hello { alpn: vec![], ..browser.clone() }),
+        // nginx also takes the HTTP/1.0 and HTTP/0.9 names.
+        ("HTTP/1.0 ALPN", Hello { alpn: vec![b"http/1.0".to_vec()], ..browser.clone() }),
+        ("HTTP/0.9 ALPN", Hello { alpn: vec![b"http/0.9".to_vec()], ..browser.clone() }),
         ("unknown ALPN", Hello { alpn: vec![b"spdy/3".to_vec()], ..browser }),
     ]
 }
@@ -203,5 +206,16 @@ async fn a_server_and_a_relay_answer_as_nginx_does() {
             let got = h1_request(addr, SNI, raw).await;
             assert_eq!(got, want, "{who}: HTTP/1.1 {raw:?}");
         }
+    }
+
+    // An HTTP/2 preface where ALPN chose HTTP/1.1 is a bad HTTP/1 request to nginx. It
+    // answers with its 400 page, hyper with an empty 400 (a known difference): the status
+    // line is compared.
+    let preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let status = |answer: String| answer.lines().next().unwrap_or_default().to_owned();
+    let want = status(h1_request(nginx.addr, SNI, preface).await);
+    assert_eq!(want, "HTTP/1.1 400 Bad Request");
+    for (who, addr) in ours {
+        assert_eq!(status(h1_request(addr, SNI, preface).await), want, "{who}: HTTP/2 preface");
     }
 }

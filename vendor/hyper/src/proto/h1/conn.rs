@@ -835,7 +835,9 @@ where
     // - Server: if Response hasn't been written yet, we can send a 4xx response
     fn on_parse_error(&mut self, err: crate::Error) -> crate::Result<()> {
         if let Writing::Init = self.state.writing {
-            if self.has_h2_prefix() {
+            // Postern: a server answers an HTTP/2 preface as it answers any request it cannot
+            // parse (400), as nginx does on a connection whose ALPN did not choose h2.
+            if !T::is_server() && self.has_h2_prefix() {
                 return Err(crate::Error::new_version_h2());
             }
             if let Some(msg) = T::on_error(&err) {
