@@ -181,17 +181,17 @@ impl Reply {
         }
         reply.connection(h, gzipped.is_some());
         more(h);
-        if let Some(gzipped) = gzipped {
+        if gzipped.is_some() {
             h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-            *resp.body_mut() = reply.gzipped_body(gzipped);
-            return resp;
         }
         let reason = nginx_reason(status);
         if Some(reason) != status.canonical_reason() {
             resp.extensions_mut().insert(hyper::ext::ReasonPhrase::from_static(reason.as_bytes()));
         }
-        if !self.head {
-            *resp.body_mut() = Body::from(page);
+        match gzipped {
+            Some(gzipped) => *resp.body_mut() = reply.gzipped_body(gzipped),
+            None if !self.head => *resp.body_mut() = Body::from(page),
+            None => {}
         }
         resp
     }
@@ -314,14 +314,12 @@ fn gzip(parts: &Parts) -> bool {
     if parts.version < Version::HTTP_11 || parts.headers.contains_key(header::VIA) {
         return false;
     }
-    parts.headers.get(header::ACCEPT_ENCODING).is_some_and(|ae| {
-        let ae = ae.as_bytes();
-        ae.len() >= 4 && (ae.starts_with(b"gzip,") || accepts_gzip(ae))
-    })
+    parts.headers.get(header::ACCEPT_ENCODING).is_some_and(|ae| accepts_gzip(ae.as_bytes()))
 }
 
 /// ngx_http_gzip_accept_encoding: a `gzip` token (at the start, or after a comma or a
-/// space), then the end, a comma, or a `q` that is not zero.
+/// space), then the end, a comma, or a `q` that is not zero. It also covers nginx's fast
+/// path for a value starting `gzip,`.
 fn accepts_gzip(ae: &[u8]) -> bool {
     let mut from = 0;
     let after = loop {

@@ -495,14 +495,16 @@ pub async fn h1_request(addr: SocketAddr, sni: &str, raw: &str) -> String {
                     .unwrap_or(0usize);
                 let bodiless = raw.starts_with("HEAD ") || head.starts_with("HTTP/1.1 304");
                 let chunked = head.to_ascii_lowercase().contains("\r\ntransfer-encoding: chunked");
-                let want = end + 4 + if bodiless || chunked { 0 } else { length };
                 if chunked && !bodiless {
                     if got[end..].windows(7).any(|w| w == b"\r\n0\r\n\r\n") {
                         return got;
                     }
-                } else if got.len() >= want {
-                    got.truncate(want);
-                    return got;
+                } else {
+                    let want = end + 4 + if bodiless { 0 } else { length };
+                    if got.len() >= want {
+                        got.truncate(want);
+                        return got;
+                    }
                 }
             }
             match tokio::time::timeout(QUIET * 10, tls.read(&mut buf)).await {
