@@ -42,12 +42,14 @@ mod public;
 mod relay;
 mod session;
 mod site;
+mod unparsed;
 
 pub use config::{FileConfig, QuotaConfig, RetentionConfig, ServerConfig};
 pub use relay::{
     RelayConfig, RelayFileConfig, RelayIdentity, RunningRelay, mint_link, start_relay,
 };
 pub use site::answer_status as site_answer_status;
+pub use unparsed::answer as site_unparsed_answer;
 
 /// How often expired data is swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(3_600);

@@ -168,7 +168,13 @@ async fn serve_connection(
         http1
             .timer(TokioTimer::new())
             .header_read_timeout(HANDSHAKE_TIMEOUT)
-            .title_case_headers(true);
+            .title_case_headers(true)
+            // nginx takes several spaces between the request line's parts, and answers
+            // what it cannot read with its own pages (crate::unparsed).
+            .allow_multiple_spaces_in_request_line_delimiters(true)
+            // nginx has no limit on header lines but its buffers' (crate::site::oversize).
+            .max_headers(1000)
+            .parse_error_answer(crate::unparsed::answer);
         let conn = http1.serve_connection(io, service).with_upgrades();
         drive(conn, |conn| conn.graceful_shutdown(), shutdown).await;
     }

@@ -23,7 +23,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Version, 
 use bytes::Bytes;
 
 /// What the `Server` header and the error pages name.
-const SERVER: &str = "nginx/1.22.1";
+pub(crate) const SERVER: &str = "nginx/1.22.1";
 /// The files' modification time (seconds since the epoch), as a static site reports it in
 /// `Last-Modified` and in its `ETag`s. The lab test gives its nginx copy the same time.
 const MTIME: u64 = 1_760_433_164;
@@ -33,10 +33,10 @@ const NOT_FOUND_MSIE_GZ: &[u8] = include_bytes!("site-gzip/404-msie.html.gz");
 /// [`MTIME`] as `Last-Modified` writes it.
 const LAST_MODIFIED: &str = "Tue, 14 Oct 2025 09:12:44 GMT";
 
-struct File {
+pub(crate) struct File {
     path: &'static [u8],
     content_type: &'static str,
-    body: &'static [u8],
+    pub(crate) body: &'static [u8],
     /// The body as nginx gzips it (`gzip on` compresses text/html), made by
     /// `site-gzip/make.py`.
     gzipped: Option<&'static [u8]>,
@@ -76,22 +76,17 @@ pub(crate) fn respond(parts: &Parts) -> Response<Body> {
         http1,
         keep_alive: keep_alive(parts),
         head: parts.method == Method::HEAD,
-        msie: msie(&parts.headers),
+        msie: parts.headers.get(header::USER_AGENT).is_some_and(|ua| msie(ua.as_bytes())),
         gzip: gzip(parts),
     };
-    let hosts = parts.headers.get_all(header::HOST).iter().count();
-    if hosts > 1 || (parts.version == Version::HTTP_11 && hosts == 0) {
-        return reply.error(StatusCode::BAD_REQUEST);
+    if let Some(status) = refused(parts) {
+        // nginx also closes the connection after TRACE.
+        let keep_alive = reply.keep_alive && parts.method != Method::TRACE;
+        return Reply { keep_alive, ..reply }.error(status);
     }
-    if parts.method == Method::TRACE {
-        return Reply { keep_alive: false, ..reply }.error(StatusCode::METHOD_NOT_ALLOWED);
-    }
-    let Ok(path) = normalise(parts.uri.path().as_bytes()) else {
-        return reply.error(StatusCode::BAD_REQUEST);
-    };
-    let path: &[u8] = if path == b"/" { b"/index.html" } else { &path };
-    let Some(file) = FILES.iter().find(|f| f.path == path) else {
-        return reply.error(StatusCode::NOT_FOUND);
+    let file = match find(parts.uri.path().as_bytes()) {
+        Ok(file) => file,
+        Err(status) => return reply.error(status),
     };
     if parts.method != Method::GET && parts.method != Method::HEAD {
         return reply.error(StatusCode::METHOD_NOT_ALLOWED);
@@ -99,13 +94,131 @@ pub(crate) fn respond(parts: &Parts) -> Response<Body> {
     reply.file(file, parts)
 }
 
+/// What nginx refuses before it looks for a file, in its order: the request line and header
+/// buffers (HTTP/1), the headers it allows once and the Host, then the body's framing, then
+/// TRACE.
+fn refused(parts: &Parts) -> Option<StatusCode> {
+    let h = &parts.headers;
+    let http1 = parts.version <= Version::HTTP_11;
+    if http1 {
+        // nginx's request line: an upper-case method, and a target that is a path or an
+        // absolute URI (not `*`, not an authority).
+        let method = parts.method.as_str();
+        if !method.bytes().all(method_byte)
+            || (parts.uri.scheme().is_none() && !parts.uri.path().starts_with('/'))
+        {
+            return Some(StatusCode::BAD_REQUEST);
+        }
+        // The lines as the client most likely sent them: `Name: value`.
+        let request_line = method.len() + 1 + parts.uri.to_string().len() + " HTTP/1.1\r\n".len();
+        let fields = h.iter().map(|(name, value)| name.as_str().len() + value.len() + 4);
+        let lines = std::iter::once(request_line).chain(fields).chain([2]);
+        if let Some(status) = oversize(lines) {
+            return Some(status);
+        }
+    }
+    let count = |name| h.get_all(name).iter().count();
+    let hosts = count(header::HOST);
+    if hosts > 1 || count(header::CONTENT_LENGTH) > 1 || count(header::TRANSFER_ENCODING) > 1 {
+        return Some(StatusCode::BAD_REQUEST);
+    }
+    if (http1 && h.get(header::HOST).is_some_and(|host| !valid_host(host.as_bytes())))
+        || (parts.version == Version::HTTP_11 && hosts == 0)
+    {
+        return Some(StatusCode::BAD_REQUEST);
+    }
+    if let Some(te) = h.get(header::TRANSFER_ENCODING) {
+        if !te.as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Some(StatusCode::NOT_IMPLEMENTED);
+        }
+        if h.contains_key(header::CONTENT_LENGTH) {
+            return Some(StatusCode::BAD_REQUEST);
+        }
+    }
+    (parts.method == Method::TRACE).then_some(StatusCode::METHOD_NOT_ALLOWED)
+}
+
+/// A byte nginx takes in a method: `A`–`Z`, `_` and `-`.
+pub(crate) fn method_byte(b: u8) -> bool {
+    b.is_ascii_uppercase() || b == b'_' || b == b'-'
+}
+
+/// ngx_http_validate_host: no empty name, no `..`, no `/`, no space or control byte.
+fn valid_host(host: &[u8]) -> bool {
+    let (mut dot, mut name_len, mut literal, mut port) = (None, host.len(), false, false);
+    for (i, &b) in host.iter().enumerate() {
+        match b {
+            b'.' => {
+                if i > 0 && dot == Some(i - 1) {
+                    return false;
+                }
+                dot = Some(i);
+            }
+            b':' if !literal && !port => (name_len, port) = (i, true),
+            b'[' if i == 0 => literal = true,
+            b']' if literal => (name_len, literal, port) = (i + 1, false, true),
+            b'/' | 0..=0x20 | 0x7f => return false,
+            _ => {}
+        }
+    }
+    // A trailing dot does not count.
+    if name_len > 0 && dot == Some(name_len - 1) {
+        name_len -= 1;
+    }
+    name_len > 0
+}
+
+/// The file a request path names, or the error nginx answers instead: 400 for a path it
+/// cannot resolve, 404 for one it does not have.
+pub(crate) fn find(path: &[u8]) -> Result<&'static File, StatusCode> {
+    let path = normalise(path).map_err(|()| StatusCode::BAD_REQUEST)?;
+    let path: &[u8] = if path == b"/" { b"/index.html" } else { &path };
+    FILES.iter().find(|f| f.path == path).ok_or(StatusCode::NOT_FOUND)
+}
+
+/// nginx's buffers for a request's head (Debian's defaults): it starts in 1 KiB; a line that
+/// does not fit there moves to the next of four 8 KiB buffers.
+const SMALL_BUFFER: usize = 1024;
+pub(crate) const LARGE_BUFFER: usize = 8192;
+const LARGE_BUFFERS: usize = 4;
+
+/// Whether a request head overflows nginx's buffers, given the lengths of its lines (the
+/// request line first, each with its line end, and the empty line last): 414 if the request
+/// line does not fit, [`too_large`] if a header line does not.
+pub(crate) fn oversize(lines: impl IntoIterator<Item = usize>) -> Option<StatusCode> {
+    let (mut room, mut large) = (SMALL_BUFFER, 0);
+    for (i, len) in lines.into_iter().enumerate() {
+        if len <= room {
+            room -= len;
+            continue;
+        }
+        if len > LARGE_BUFFER || large == LARGE_BUFFERS {
+            return Some(if i == 0 { StatusCode::URI_TOO_LONG } else { too_large() });
+        }
+        (room, large) = (LARGE_BUFFER - len, large + 1);
+    }
+    None
+}
+
+/// nginx's 494: a request whose header lines overflow its buffers, answered as 400 with a
+/// page of its own.
+pub(crate) fn too_large() -> StatusCode {
+    // 494 is in the range `http` takes; a plain 400 would be the answer otherwise.
+    StatusCode::from_u16(494).unwrap_or(StatusCode::BAD_REQUEST)
+}
+
 /// The status of the site's answer to a request built from a stranger's bytes: a method, a
 /// request target and header lines (`None` where `http` refuses them, as hyper would), sent
-/// over HTTP/2 so that it needs no Host. For the fuzz target `site_request`, which drives
-/// the site's own readers of paths, ranges, entity tags, dates and `Accept-Encoding`.
-pub fn answer_status(method: &[u8], target: &[u8], headers: &[(&[u8], &[u8])]) -> Option<u16> {
+/// over HTTP/1.1 or HTTP/2. For the fuzz target `site_request`, which drives the site's own
+/// readers of paths, hosts, ranges, entity tags, dates and `Accept-Encoding`.
+pub fn answer_status(
+    http1: bool,
+    method: &[u8],
+    target: &[u8],
+    headers: &[(&[u8], &[u8])],
+) -> Option<u16> {
     let mut request = axum::http::Request::builder()
-        .version(Version::HTTP_2)
+        .version(if http1 { Version::HTTP_11 } else { Version::HTTP_2 })
         .method(Method::from_bytes(method).ok()?)
         .uri(axum::http::Uri::try_from(target).ok()?);
     for (name, value) in headers {
@@ -163,11 +276,9 @@ impl Reply {
     }
 
     fn error_with(self, status: StatusCode, more: impl FnOnce(&mut HeaderMap)) -> Response<Body> {
-        // nginx closes the connection after answering a request it could not parse.
-        let reply =
-            Reply { keep_alive: self.keep_alive && status != StatusCode::BAD_REQUEST, ..self };
-        let mut resp = reply.start(status);
-        let page = error_page(status, self.msie);
+        let reply = Reply { keep_alive: self.keep_alive && !closes(status), ..self };
+        let (wire, page) = (on_the_wire(status), error_page(status, self.msie));
+        let mut resp = reply.start(wire);
         // nginx gzips the 404 page (of the error statuses, only 403 and 404).
         let gzipped = match (self.gzip, status, self.msie) {
             (true, StatusCode::NOT_FOUND, false) => Some(NOT_FOUND_GZ),
@@ -184,8 +295,8 @@ impl Reply {
         if gzipped.is_some() {
             h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         }
-        let reason = nginx_reason(status);
-        if Some(reason) != status.canonical_reason() {
+        let reason = nginx_reason(wire);
+        if Some(reason) != wire.canonical_reason() {
             resp.extensions_mut().insert(hyper::ext::ReasonPhrase::from_static(reason.as_bytes()));
         }
         match gzipped {
@@ -382,29 +493,55 @@ fn quantity(q: &[u8]) -> u32 {
     if value > 1000 { 0 } else { value }
 }
 
-/// nginx's test for Internet Explorer: "MSIE " with something after it, and not Opera.
-fn msie(headers: &HeaderMap) -> bool {
-    let Some(agent) = headers.get(header::USER_AGENT).map(HeaderValue::as_bytes) else {
-        return false;
-    };
+/// nginx's test for Internet Explorer: a User-Agent with "MSIE " and something after it, and
+/// not Opera.
+pub(crate) fn msie(agent: &[u8]) -> bool {
     let found = agent.windows(5).position(|w| w == b"MSIE ");
     found.is_some_and(|at| at + 7 < agent.len()) && !agent.windows(5).any(|w| w == b"Opera")
 }
 
-/// nginx's reason phrase for an error status, where two differ from hyper's.
-fn nginx_reason(status: StatusCode) -> &'static str {
+/// nginx's reason phrase for an error status, where it differs from hyper's.
+pub(crate) fn nginx_reason(status: StatusCode) -> &'static str {
     match status {
         StatusCode::METHOD_NOT_ALLOWED => "Not Allowed",
+        StatusCode::URI_TOO_LONG => "Request-URI Too Large",
         StatusCode::RANGE_NOT_SATISFIABLE => "Requested Range Not Satisfiable",
         other => other.canonical_reason().unwrap_or(""),
     }
 }
 
+/// Whether nginx closes the connection after this error: after a request it could not read
+/// or will not serve (ngx_http_special_response_handler).
+fn closes(status: StatusCode) -> bool {
+    status == too_large()
+        || matches!(
+            status,
+            StatusCode::BAD_REQUEST
+                | StatusCode::PAYLOAD_TOO_LARGE
+                | StatusCode::URI_TOO_LONG
+                | StatusCode::INTERNAL_SERVER_ERROR
+                | StatusCode::NOT_IMPLEMENTED
+                | StatusCode::HTTP_VERSION_NOT_SUPPORTED
+        )
+}
+
+/// The status line's code: nginx's own 494 goes out as 400.
+pub(crate) fn on_the_wire(status: StatusCode) -> StatusCode {
+    if status == too_large() { StatusCode::BAD_REQUEST } else { status }
+}
+
 /// The page nginx writes for an error status.
-fn error_page(status: StatusCode, msie: bool) -> String {
-    let line = format!("{} {}", status.as_u16(), nginx_reason(status));
+pub(crate) fn error_page(status: StatusCode, msie: bool) -> String {
+    let (title, heading) = if status == too_large() {
+        let heading = "<center><h1>400 Bad Request</h1></center>\r\n\
+                       <center>Request Header Or Cookie Too Large</center>";
+        ("400 Request Header Or Cookie Too Large".to_string(), heading.to_string())
+    } else {
+        let line = format!("{} {}", status.as_u16(), nginx_reason(status));
+        (line.clone(), format!("<center><h1>{line}</h1></center>"))
+    };
     let mut page = format!(
-        "<html>\r\n<head><title>{line}</title></head>\r\n<body>\r\n<center><h1>{line}</h1></center>\r\n\
+        "<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n{heading}\r\n\
          <hr><center>{SERVER}</center>\r\n</body>\r\n</html>\r\n"
     );
     if msie {

@@ -135,14 +135,20 @@ fn read_server_flight(bytes: &[u8], flight_end: usize) -> TlsPrint {
     let mut print = TlsPrint::default();
     let mut rest = bytes;
     let mut tls13 = false;
+    let mut encrypted = false;
     while rest.len() >= 5 {
         let (kind, len) = (rest[0], usize::from(u16::from_be_bytes([rest[3], rest[4]])));
         let Some(body) = rest.get(5..5 + len) else { break };
         let in_flight = bytes.len() - rest.len() < flight_end;
         rest = &rest[5 + len..];
         if !in_flight {
-            // After the first flight only a TLS 1.2 ticket is read (in the clear).
-            if kind == 22 && !tls13 && body.first() == Some(&4) && body.len() >= 8 {
+            // After the first flight only a TLS 1.2 ticket is read: it comes in the clear,
+            // before the server's ChangeCipherSpec; the handshake records after that are
+            // encrypted (its Finished), and one whose ciphertext starts with a 4 is no ticket.
+            if kind == 20 {
+                encrypted = true;
+            }
+            if kind == 22 && !tls13 && !encrypted && body.first() == Some(&4) && body.len() >= 8 {
                 print.ticket_lifetime =
                     Some(u32::from_be_bytes([body[4], body[5], body[6], body[7]]));
             }
@@ -476,9 +482,10 @@ pub async fn h2_request(
 /// date's value blanked, and its body with bytes outside printable ASCII escaped. The body
 /// is read by its Content-Length (none after HEAD or a 304), to its last chunk, or to the
 /// end when the server closes.
-pub async fn h1_request(addr: SocketAddr, sni: &str, raw: &str) -> String {
+pub async fn h1_request(addr: SocketAddr, sni: &str, raw: impl AsRef<[u8]>) -> String {
+    let raw = raw.as_ref();
     let mut tls = connect(addr, sni, b"http/1.1").await;
-    tls.write_all(raw.as_bytes()).await.expect("request");
+    tls.write_all(raw).await.expect("request");
     let read = async {
         let mut got = Vec::new();
         let mut buf = [0u8; 4096];
@@ -493,7 +500,7 @@ pub async fn h1_request(addr: SocketAddr, sni: &str, raw: &str) -> String {
                             .then(|| value.trim().parse().ok())?
                     })
                     .unwrap_or(0usize);
-                let bodiless = raw.starts_with("HEAD ") || head.starts_with("HTTP/1.1 304");
+                let bodiless = raw.starts_with(b"HEAD ") || head.starts_with("HTTP/1.1 304");
                 let chunked = head.to_ascii_lowercase().contains("\r\ntransfer-encoding: chunked");
                 if chunked && !bodiless {
                     if got[end..].windows(7).any(|w| w == b"\r\n0\r\n\r\n") {
@@ -610,4 +617,30 @@ pub fn site_copy(dir: &Path, mtime: u64) -> PathBuf {
         file.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(mtime)).expect("mtime");
     }
     dir.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_server_flight;
+
+    fn record(kind: u8, body: &[u8]) -> Vec<u8> {
+        let len = u16::try_from(body.len()).unwrap_or(u16::MAX).to_be_bytes();
+        [&[kind, 3, 3, len[0], len[1]][..], body].concat()
+    }
+
+    #[test]
+    fn a_tls12_ticket_is_read_before_change_cipher_spec_only() {
+        let flight = record(22, &[14, 0, 0, 0]); // ServerHelloDone
+        let ticket = record(22, &[4, 0, 0, 10, 0, 0, 0x1c, 0x20, 0, 0]);
+        let ccs = record(20, &[1]);
+        // An encrypted Finished whose ciphertext happens to start with a 4.
+        let finished = record(22, &[4, 0x8e, 0x7c, 0x11, 0xdc, 0x55, 0x01, 0x02, 0x03]);
+
+        let with_ticket = [&flight[..], &ticket, &ccs, &finished].concat();
+        let print = read_server_flight(&with_ticket, flight.len());
+        assert_eq!(print.ticket_lifetime, Some(7200));
+
+        let without = [&flight[..], &ccs, &finished].concat();
+        assert_eq!(read_server_flight(&without, flight.len()).ticket_lifetime, None);
+    }
 }

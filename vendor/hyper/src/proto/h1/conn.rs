@@ -68,6 +68,8 @@ where
                 #[cfg(feature = "server")]
                 date_header: true,
                 #[cfg(feature = "server")]
+                parse_error_answer: None,
+                #[cfg(feature = "server")]
                 timer: Time::Empty,
                 preserve_header_case: false,
                 #[cfg(feature = "ffi")]
@@ -118,6 +120,11 @@ where
 
     pub(crate) fn set_h1_parser_config(&mut self, parser_config: ParserConfig) {
         self.state.h1_parser_config = parser_config;
+    }
+
+    #[cfg(feature = "server")]
+    pub(crate) fn set_parse_error_answer(&mut self, answer: crate::server::conn::http1::ParseErrorAnswer) {
+        self.state.parse_error_answer = Some(answer);
     }
 
     pub(crate) fn set_title_case_headers(&mut self) {
@@ -841,6 +848,16 @@ where
                 return Err(crate::Error::new_version_h2());
             }
             if let Some(msg) = T::on_error(&err) {
+                // Postern: the server's own answer, if it has one, in place of hyper's.
+                #[cfg(feature = "server")]
+                if let Some(answer) =
+                    self.state.parse_error_answer.and_then(|answer| answer(self.io.read_buf()))
+                {
+                    self.io.headers_buf().extend_from_slice(&answer);
+                    self.state.writing = Writing::Closed;
+                    self.state.error = Some(err);
+                    return Ok(());
+                }
                 // Drop the cached headers so as to not trigger a debug
                 // assert in `write_head`...
                 self.state.cached_headers.take();
@@ -963,6 +980,9 @@ struct State {
     h1_header_read_timeout_running: bool,
     #[cfg(feature = "server")]
     date_header: bool,
+    /// Postern: a server's own answer to a request it cannot parse.
+    #[cfg(feature = "server")]
+    parse_error_answer: Option<crate::server::conn::http1::ParseErrorAnswer>,
     #[cfg(feature = "server")]
     timer: Time,
     preserve_header_case: bool,

@@ -205,6 +205,7 @@ impl Http1Transaction for Server {
 
                     record_header_indices(bytes, req.headers, &mut headers_indices)?;
                     headers_len = req.headers.len();
+                    Server::check_framing(req.headers, is_http_11)?;
                 }
                 Ok(httparse::Status::Partial) => return Ok(None),
                 // if invalid Token, try to determine if for method or path
@@ -522,6 +523,35 @@ impl Http1Transaction for Server {
 
 #[cfg(feature = "server")]
 impl Server {
+    /// Postern: the headers that frame a request's body, checked as nginx checks them while
+    /// the head is still in the read buffer, so that a server's own parse-error answer sees
+    /// the request. A Transfer-Encoding over HTTP/1.0 or beside a Content-Length, a second
+    /// Content-Length (even an equal one), or one that is not a number is a 400; a
+    /// Transfer-Encoding whose last coding is not chunked is refused as before.
+    fn check_framing(fields: &[httparse::Header<'_>], is_http_11: bool) -> Result<(), Parse> {
+        let (mut te, mut lengths) = (None, 0);
+        for field in fields {
+            if field.name.eq_ignore_ascii_case("transfer-encoding") {
+                te = Some(field.value);
+            } else if field.name.eq_ignore_ascii_case("content-length") {
+                lengths += 1;
+                let value = HeaderValue::from_bytes(field.value);
+                if lengths > 1 || value.ok().and_then(|v| headers::content_length_parse(&v)).is_none()
+                {
+                    return Err(Parse::content_length_invalid());
+                }
+            }
+        }
+        let Some(te) = te else { return Ok(()) };
+        if !is_http_11 || lengths > 0 {
+            return Err(Parse::transfer_encoding_unexpected());
+        }
+        match HeaderValue::from_bytes(te) {
+            Ok(te) if headers::is_chunked_(&te) => Ok(()),
+            _ => Err(Parse::transfer_encoding_invalid()),
+        }
+    }
+
     fn can_have_body(method: Option<&Method>, status: StatusCode) -> bool {
         Server::can_chunked(method, status)
     }

@@ -83,7 +83,12 @@ pub struct Builder {
     max_buf_size: Option<usize>,
     pipeline_flush: bool,
     date_header: bool,
+    parse_error_answer: Option<ParseErrorAnswer>,
 }
+
+/// Postern: what a server writes, in place of hyper's own empty answer, to a request it
+/// cannot parse, given the bytes it has read of it; `None` leaves the answer to hyper.
+pub type ParseErrorAnswer = fn(&[u8]) -> Option<Vec<u8>>;
 
 /// Deconstructed parts of a `Connection`.
 ///
@@ -255,7 +260,15 @@ impl Builder {
             max_buf_size: None,
             pipeline_flush: false,
             date_header: true,
+            parse_error_answer: None,
         }
+    }
+
+    /// Postern: writes `answer`'s bytes, instead of hyper's empty 4xx, to a request that
+    /// cannot be parsed, and then closes the connection.
+    pub fn parse_error_answer(&mut self, answer: ParseErrorAnswer) -> &mut Self {
+        self.parse_error_answer = Some(answer);
+        self
     }
     /// Set whether HTTP/1 connections should support half-closures.
     ///
@@ -486,6 +499,9 @@ impl Builder {
         }
         if self.h1_title_case_headers {
             conn.set_title_case_headers();
+        }
+        if let Some(answer) = self.parse_error_answer {
+            conn.set_parse_error_answer(answer);
         }
         if self.h1_preserve_header_case {
             conn.set_preserve_header_case();
