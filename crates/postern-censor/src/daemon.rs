@@ -2,7 +2,9 @@
 //! queue, then sends every forwarded packet to it with iptables (`-j NFQUEUE` without
 //! `--queue-bypass`: if the daemon dies, traffic stops rather than flowing uncensored),
 //! prints `ready`, and gives verdicts until its stdin closes; a line `block CIDR` on stdin
-//! adds a range to the block list while it runs. It writes its report (the
+//! adds a range to the block list while it runs, and `profile NAME` runs another profile
+//! from then on (its modules and block list; the link's loss and delay, and the resolver,
+//! stay as the first profile set them). It writes its report (the
 //! profile and every flow) to a JSON file every 100 ms while it changes, and at the end.
 
 use std::io::Write;
@@ -57,7 +59,7 @@ fn iptables(args: &[&str]) -> Result<()> {
 
 /// Runs the censor until stdin closes.
 pub fn run(profile: Profile, report: &Path, queue_num: u16) -> Result<()> {
-    let name = profile.name.clone();
+    let mut name = profile.name.clone();
     let dns = profile.dns.clone().unwrap_or_default();
     let link = profile.link.clone();
     let mut rng = {
@@ -98,7 +100,8 @@ pub fn run(profile: Profile, report: &Path, queue_num: u16) -> Result<()> {
     let link_report = |lost| link.as_ref().map(|l| (l.seed, lost));
     write_report(report, &name, link_report(lost), &engine)?;
     // Commands on stdin, one a line: `block CIDR` adds a range to the block list (a door
-    // killed mid-run). End of input stops the censor.
+    // killed mid-run); `profile NAME` switches profiles (the device on another network).
+    // End of input stops the censor.
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let (commands, commanded) = std::sync::mpsc::channel::<String>();
@@ -164,6 +167,11 @@ pub fn run(profile: Profile, report: &Path, queue_num: u16) -> Result<()> {
         while let Ok(command) = commanded.try_recv() {
             match command.split_once(' ') {
                 Some(("block", range)) => engine.block(Cidr::parse(range.trim())?),
+                Some(("profile", next)) => {
+                    let profile = Profile::load(next.trim())?;
+                    name.clone_from(&profile.name);
+                    engine.set_profile(profile)?;
+                }
                 _ => anyhow::bail!("unknown command on stdin: {command:?}"),
             }
         }

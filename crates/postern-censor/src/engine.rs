@@ -260,6 +260,15 @@ impl Engine {
         self.blocked.push(range);
     }
 
+    /// Runs `profile` from the next packet on (the device moved to another network, or the
+    /// censor changed its rules): its block list replaces the old one; flows, residual
+    /// blocks and the prober's findings stay.
+    pub fn set_profile(&mut self, profile: Profile) -> anyhow::Result<()> {
+        self.blocked = profile.ip_block.iter().map(|c| Cidr::parse(c)).collect::<Result<_, _>>()?;
+        self.profile = profile;
+        Ok(())
+    }
+
     /// Servers the prober should visit now.
     pub fn take_probe_requests(&mut self) -> Vec<prober::Request> {
         std::mem::take(&mut self.probe_queue)
@@ -665,6 +674,19 @@ mod tests {
         e.block(Cidr::parse("10.0.2.2/32").unwrap());
         assert_eq!(e.packet(&tcp(true, FOREIGN, 2, false, &[1]), 0), Verdict::Drop);
         assert_eq!(e.packet(&tcp(true, [10, 0, 3, 2], 1, true, &[]), 0), Verdict::Accept);
+    }
+
+    #[test]
+    fn another_profile_applies_from_the_next_packet() {
+        let mut e = engine("open");
+        let blocked = [10, 0, 2, 66];
+        assert_eq!(e.packet(&tcp(true, blocked, 1, true, &[]), 0), Verdict::Accept);
+        e.set_profile(Profile::load("ru-2024").unwrap()).unwrap();
+        assert_eq!(e.packet(&tcp(true, blocked, 2, false, &[1]), 0), Verdict::Drop);
+        // Back on the open profile, a flow that was cut stays cut.
+        e.set_profile(Profile::load("open").unwrap()).unwrap();
+        assert_eq!(e.packet(&tcp(true, blocked, 3, false, &[1]), 1), Verdict::Drop);
+        assert_eq!(e.flows().len(), 1, "flows are kept");
     }
 
     #[test]

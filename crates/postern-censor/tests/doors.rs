@@ -659,6 +659,61 @@ fn ru_2025_06_a_frozen_direct_door_teaches_the_budget_and_everything_gets_throug
 }
 
 #[test]
+fn what_a_network_taught_stays_with_that_network() {
+    if !root() {
+        return;
+    }
+    // On a mobile network under `ru-2025-06` the direct door freezes and teaches a budget.
+    let server = format!("{}:8443", addr::FOREIGN);
+    let mut scene = Scene::up_at("ru-2025-06", &server);
+    scene.client_env = vec![("POSTERN_NETWORK", "mobile")];
+    let (bob_read, alice_read) = scene.talk_sized(Relays::None, N, 600);
+    assert_eq!((bob_read.len(), alice_read.len()), (N, N));
+    let status = |scene: &Scene| {
+        let status = scene.ok("alice", &["status"]).remove(0);
+        (status["network"].clone(), status["doors"][0]["budget_packets"].clone())
+    };
+    let (mobile, budget) = status(&scene);
+    let budget = budget.as_u64().expect("the freeze taught a budget on the mobile network");
+    let flows_so_far = |scene: &Scene| {
+        let report: Value = serde_json::from_slice(&std::fs::read(&scene.report).unwrap()).unwrap();
+        flows_to(&report, &server)
+    };
+
+    // At home, where nothing is censored, the device starts afresh: no budget, and a
+    // connection carries as much as it needs.
+    scene.lab.tell(0, "profile open").unwrap();
+    scene.client_env = vec![("POSTERN_NETWORK", "home")];
+    let (home, home_budget) = status(&scene);
+    assert!(home.is_string() && mobile.is_string() && home != mobile, "{home} {mobile}");
+    assert!(home_budget.is_null(), "the mobile network's budget applied at home: {home_budget}");
+    let before = flows_so_far(&scene).len();
+    scene.exchange(N..2 * N, 4_000);
+    let packets = |f: &Value| f["packets"][0].as_u64().unwrap() + f["packets"][1].as_u64().unwrap();
+    let at_home = flows_so_far(&scene).split_off(before);
+    let most = at_home.iter().map(packets).max().unwrap_or(0);
+    eprintln!("budget on the mobile network {budget}; at home the most packets on one {most}");
+    assert!(most > budget + 8, "no connection at home went past the budget ({most} packets)");
+    assert!(status(&scene).1.is_null(), "a budget was learned at home");
+
+    // Back on the mobile network, its budget holds from the first connection: nothing
+    // freezes, and the first door tried is the one that worked there.
+    scene.lab.tell(0, "profile ru-2025-06").unwrap();
+    scene.client_env = vec![("POSTERN_NETWORK", "mobile")];
+    assert_eq!(status(&scene), (mobile, Value::from(budget)));
+    let froze_before = scene.client_log.lock().unwrap().matches("a connection froze").count();
+    let before = flows_so_far(&scene).len();
+    scene.exchange(2 * N..3 * N, 600);
+    let (bob_read, alice_read) = scene.read_all();
+    assert_eq!(bob_read, expected("alice", 3 * N));
+    assert_eq!(alice_read, expected("bob", 3 * N));
+    let froze = scene.client_log.lock().unwrap().matches("a connection froze").count();
+    assert_eq!(froze, froze_before, "a request froze on the mobile network again");
+    let report = scene.report();
+    assert_none_cut(&flows_to(&report, &server)[before..], "the server, back on mobile");
+}
+
+#[test]
 fn ru_2025_06_relays_start_under_the_budget_and_nothing_freezes() {
     if !root() {
         return;

@@ -1,8 +1,13 @@
 //! The doors this client knows besides the direct one: relays, each by its link
 //! (`postern://relay#…`, which holds the credential's secret, so it lives only in the
-//! encrypted store). The driver tries them when the server does not answer directly, and
-//! the store remembers, per server, the door that opened last, so the next process tries
-//! it first.
+//! encrypted store). The driver tries them when the server does not answer directly.
+//!
+//! What the transport engine learns is kept per network (a censor sits on one network,
+//! not on the device): per server, the door that opened last, so the next process tries it
+//! first; and per door, the packet budget a freeze taught. A network is named by a keyed
+//! hash of what the platform says of it (see `Client::on_network`); the rows of networks
+//! not seen among the [`MAX_NETWORKS`] most recent ones are forgotten. Rows learned before
+//! networks were told apart, or where the network cannot be told, are under `''`.
 
 use postern_proto::link::RelayLink;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -27,6 +32,35 @@ CREATE TABLE door_opens (
     at   INTEGER NOT NULL
 );
 "#;
+
+/// Keeps the door memory per network; what was learned before goes under the unknown
+/// network (`''`).
+pub(crate) const MIGRATION_NETWORKS: &str = r#"
+CREATE TABLE networks (
+    tag  TEXT PRIMARY KEY,
+    seen INTEGER NOT NULL
+);
+CREATE TABLE network_doors (
+    network TEXT NOT NULL,
+    server  TEXT NOT NULL,
+    relay   INTEGER,
+    PRIMARY KEY (network, server)
+);
+INSERT INTO network_doors (network, server, relay) SELECT '', server, relay FROM last_doors;
+DROP TABLE last_doors;
+CREATE TABLE network_budgets (
+    network TEXT NOT NULL,
+    door    TEXT NOT NULL,
+    packets INTEGER NOT NULL,
+    PRIMARY KEY (network, door)
+);
+INSERT INTO network_budgets (network, door, packets)
+    SELECT '', door, packets FROM door_budgets;
+DROP TABLE door_budgets;
+"#;
+
+/// How many networks' door memory is kept (the most recently seen).
+pub(crate) const MAX_NETWORKS: usize = 32;
 
 fn db_err(e: rusqlite::Error) -> ClientError {
     ClientError::Store(e.to_string())
@@ -87,27 +121,67 @@ pub(crate) fn remove(db: &Connection, id: i64) -> Result<bool, ClientError> {
     Ok(db.execute("DELETE FROM relays WHERE id = ?1", params![id]).map_err(db_err)? > 0)
 }
 
-/// The door that opened last to `server` (its link): `Some(None)` direct, `Some(Some(id))`
-/// a relay, `None` unknown (or a relay since removed).
-pub(crate) fn last(db: &Connection, server: &str) -> Result<Option<Option<i64>>, ClientError> {
+/// The door that opened last to `server` on `network`: `Some(None)` direct,
+/// `Some(Some(id))` a relay, `None` unknown (or a relay since removed).
+pub(crate) fn last(
+    db: &Connection,
+    network: &str,
+    server: &str,
+) -> Result<Option<Option<i64>>, ClientError> {
     db.query_row(
-        "SELECT l.relay FROM last_doors l
-         WHERE l.server = ?1 AND (l.relay IS NULL OR l.relay IN (SELECT id FROM relays))",
-        params![server],
+        "SELECT l.relay FROM network_doors l
+         WHERE l.network = ?1 AND l.server = ?2
+           AND (l.relay IS NULL OR l.relay IN (SELECT id FROM relays))",
+        params![network, server],
         |r| r.get::<_, Option<i64>>(0),
     )
     .optional()
     .map_err(db_err)
 }
 
-/// Records the door that opened to `server`.
-pub(crate) fn opened(db: &Connection, server: &str, relay: Option<i64>) -> Result<(), ClientError> {
+/// Records the door that opened to `server` on `network`.
+pub(crate) fn opened(
+    db: &Connection,
+    network: &str,
+    server: &str,
+    relay: Option<i64>,
+) -> Result<(), ClientError> {
     db.execute(
-        "INSERT INTO last_doors (server, relay) VALUES (?1, ?2)
-         ON CONFLICT (server) DO UPDATE SET relay = excluded.relay",
-        params![server, relay],
+        "INSERT INTO network_doors (network, server, relay) VALUES (?1, ?2, ?3)
+         ON CONFLICT (network, server) DO UPDATE SET relay = excluded.relay",
+        params![network, server, relay],
     )
     .map_err(db_err)?;
+    Ok(())
+}
+
+/// Marks `network` seen at `now` (Unix seconds) and forgets what was learned on networks
+/// no longer among the [`MAX_NETWORKS`] seen last.
+pub(crate) fn seen_network(db: &Connection, network: &str, now: u64) -> Result<(), ClientError> {
+    let now = i64::try_from(now).unwrap_or(i64::MAX);
+    let keep = i64::try_from(MAX_NETWORKS).unwrap_or(i64::MAX);
+    db.execute(
+        "INSERT INTO networks (tag, seen) VALUES (?1, ?2)
+         ON CONFLICT (tag) DO UPDATE SET seen = excluded.seen",
+        params![network, now],
+    )
+    .map_err(db_err)?;
+    db.execute(
+        "DELETE FROM networks WHERE tag NOT IN
+             (SELECT tag FROM networks ORDER BY seen DESC, tag LIMIT ?1)",
+        params![keep],
+    )
+    .map_err(db_err)?;
+    for table in ["network_doors", "network_budgets"] {
+        db.execute(
+            &format!(
+                "DELETE FROM {table} WHERE network <> '' \
+                 AND network NOT IN (SELECT tag FROM networks)"
+            ),
+            [],
+        )
+        .map_err(db_err)?;
+    }
     Ok(())
 }
 
@@ -133,19 +207,33 @@ pub(crate) fn queued(db: &Connection) -> Result<Queued, ClientError> {
     })
 }
 
-/// The packet budget learned for a door (named by the driver), if a freeze was seen there.
-pub(crate) fn budget(db: &Connection, door: &str) -> Result<Option<u32>, ClientError> {
-    db.query_row("SELECT packets FROM door_budgets WHERE door = ?1", params![door], |r| r.get(0))
-        .optional()
-        .map_err(db_err)
+/// The packet budget learned for a door (named by the driver) on `network`, if a freeze
+/// was seen there.
+pub(crate) fn budget(
+    db: &Connection,
+    network: &str,
+    door: &str,
+) -> Result<Option<u32>, ClientError> {
+    db.query_row(
+        "SELECT packets FROM network_budgets WHERE network = ?1 AND door = ?2",
+        params![network, door],
+        |r| r.get(0),
+    )
+    .optional()
+    .map_err(db_err)
 }
 
-/// Records a door's packet budget.
-pub(crate) fn set_budget(db: &Connection, door: &str, packets: u32) -> Result<(), ClientError> {
+/// Records a door's packet budget on `network`.
+pub(crate) fn set_budget(
+    db: &Connection,
+    network: &str,
+    door: &str,
+    packets: u32,
+) -> Result<(), ClientError> {
     db.execute(
-        "INSERT INTO door_budgets (door, packets) VALUES (?1, ?2)
-         ON CONFLICT (door) DO UPDATE SET packets = excluded.packets",
-        params![door, packets],
+        "INSERT INTO network_budgets (network, door, packets) VALUES (?1, ?2, ?3)
+         ON CONFLICT (network, door) DO UPDATE SET packets = excluded.packets",
+        params![network, door, packets],
     )
     .map_err(db_err)?;
     Ok(())
@@ -193,30 +281,36 @@ mod tests {
         }
     }
 
-    #[test]
-    fn relays_and_the_last_door_are_remembered_until_the_relay_goes() {
+    fn store() -> Connection {
         let db = Connection::open_in_memory().unwrap();
         db.execute_batch(MIGRATION_RELAYS).unwrap();
+        db.execute_batch(MIGRATION_NETWORKS).unwrap();
+        db
+    }
+
+    #[test]
+    fn relays_and_the_last_door_are_remembered_until_the_relay_goes() {
+        let db = store();
         let (a, new) = add(&db, &relay(1)).unwrap();
         assert!(new);
         assert_eq!(add(&db, &relay(1)).unwrap(), (a, false));
         let (b, _) = add(&db, &relay(2)).unwrap();
         assert_eq!(list(&db).unwrap().iter().map(|r| r.id).collect::<Vec<_>>(), [a, b]);
 
-        assert_eq!(last(&db, "s").unwrap(), None);
-        opened(&db, "s", None).unwrap();
-        assert_eq!(last(&db, "s").unwrap(), Some(None));
-        opened(&db, "s", Some(b)).unwrap();
-        assert_eq!(last(&db, "s").unwrap(), Some(Some(b)));
-        assert_eq!(last(&db, "other").unwrap(), None);
+        assert_eq!(last(&db, "n", "s").unwrap(), None);
+        opened(&db, "n", "s", None).unwrap();
+        assert_eq!(last(&db, "n", "s").unwrap(), Some(None));
+        opened(&db, "n", "s", Some(b)).unwrap();
+        assert_eq!(last(&db, "n", "s").unwrap(), Some(Some(b)));
+        assert_eq!(last(&db, "n", "other").unwrap(), None);
         assert!(remove(&db, b).unwrap());
         assert!(!remove(&db, b).unwrap());
-        assert_eq!(last(&db, "s").unwrap(), None, "a removed relay is no door");
+        assert_eq!(last(&db, "n", "s").unwrap(), None, "a removed relay is no door");
 
-        assert_eq!(budget(&db, "relay 1").unwrap(), None);
-        set_budget(&db, "relay 1", 20).unwrap();
-        set_budget(&db, "relay 1", 18).unwrap();
-        assert_eq!(budget(&db, "relay 1").unwrap(), Some(18));
+        assert_eq!(budget(&db, "n", "relay 1").unwrap(), None);
+        set_budget(&db, "n", "relay 1", 20).unwrap();
+        set_budget(&db, "n", "relay 1", 18).unwrap();
+        assert_eq!(budget(&db, "n", "relay 1").unwrap(), Some(18));
 
         opened_at(&db, "relay 1", 100, 0).unwrap();
         opened_at(&db, "relay 1", 150, 0).unwrap();
@@ -224,5 +318,45 @@ mod tests {
         assert_eq!(opens(&db, "relay 1", 120).unwrap(), [150]);
         opened_at(&db, "relay 1", 200, 140).unwrap();
         assert_eq!(opens(&db, "relay 1", 0).unwrap(), [150, 200], "older ones forgotten");
+    }
+
+    #[test]
+    fn each_network_has_its_own_doors_and_budgets_and_old_networks_are_forgotten() {
+        let db = store();
+        let (a, _) = add(&db, &relay(1)).unwrap();
+        opened(&db, "mobile", "s", Some(a)).unwrap();
+        set_budget(&db, "mobile", "direct x", 20).unwrap();
+        seen_network(&db, "mobile", 10).unwrap();
+        seen_network(&db, "home", 11).unwrap();
+        assert_eq!(last(&db, "home", "s").unwrap(), None);
+        assert_eq!(budget(&db, "home", "direct x").unwrap(), None);
+        opened(&db, "home", "s", None).unwrap();
+        assert_eq!(last(&db, "home", "s").unwrap(), Some(None));
+        assert_eq!(last(&db, "mobile", "s").unwrap(), Some(Some(a)));
+        assert_eq!(budget(&db, "mobile", "direct x").unwrap(), Some(20));
+
+        // Once MAX_NETWORKS others were seen since, `mobile` is forgotten; the unknown
+        // network never is.
+        set_budget(&db, "", "direct x", 22).unwrap();
+        for i in 0..MAX_NETWORKS {
+            seen_network(&db, &format!("n{i}"), 20 + u64::try_from(i).unwrap()).unwrap();
+        }
+        assert_eq!(last(&db, "mobile", "s").unwrap(), None);
+        assert_eq!(budget(&db, "mobile", "direct x").unwrap(), None);
+        assert_eq!(budget(&db, "", "direct x").unwrap(), Some(22));
+        let kept: i64 = db.query_row("SELECT count(*) FROM networks", [], |r| r.get(0)).unwrap();
+        assert_eq!(usize::try_from(kept).unwrap(), MAX_NETWORKS);
+    }
+
+    #[test]
+    fn what_was_learned_before_networks_goes_under_the_unknown_one() {
+        let db = Connection::open_in_memory().unwrap();
+        db.execute_batch(MIGRATION_RELAYS).unwrap();
+        db.execute("INSERT INTO last_doors (server, relay) VALUES ('s', NULL)", []).unwrap();
+        db.execute("INSERT INTO door_budgets (door, packets) VALUES ('network', 21)", []).unwrap();
+        db.execute_batch(MIGRATION_NETWORKS).unwrap();
+        assert_eq!(last(&db, "", "s").unwrap(), Some(None));
+        assert_eq!(budget(&db, "", "network").unwrap(), Some(21));
+        assert_eq!(budget(&db, "home", "network").unwrap(), None);
     }
 }

@@ -59,6 +59,20 @@ impl Identity {
         fingerprint(&self.identity_public())
     }
 
+    /// The tag a network is stored under: 8 bytes in hex of HKDF-SHA-256 keyed with this
+    /// device's secret over the network's description, so the store names no access point
+    /// and tags differ between devices.
+    pub(crate) fn network_tag(&self, description: &str) -> String {
+        let key = zeroize::Zeroizing::new(self.device_key.to_bytes());
+        let hk = hkdf::Hkdf::<sha2::Sha256>::new(Some(b"postern/v1/network\0"), &*key);
+        let mut tag = [0u8; 8];
+        // 8 bytes is far below HKDF-SHA-256's limit of 8,160.
+        if hk.expand(description.as_bytes(), &mut tag).is_err() {
+            return String::new();
+        }
+        tag.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// This device's id in hex.
     pub fn device_id_hex(&self) -> String {
         self.device_id.iter().map(|b| format!("{b:02x}")).collect()

@@ -262,6 +262,9 @@ pub struct Client {
     store: store::Store,
     identity: Identity,
     server: ServerLink,
+    /// The network the device is on, as [`on_network`](Self::on_network) last named it
+    /// (`None` before it was told; `Some("")` unknown).
+    network: Option<String>,
 }
 
 pub(crate) fn check_name(name: &str) -> Result<(), ClientError> {
@@ -289,7 +292,7 @@ impl Client {
         let store = store::Store::create(home.dir(), &key)?;
         store.save_identity(&identity, &server)?;
         store.save_mailbox(&MailboxKeys::generate())?;
-        Ok(Client { home, store, identity, server })
+        Ok(Client { home, store, identity, server, network: None })
     }
 
     /// A second device of `existing`'s user in `dir`: the same identity, mailbox and name,
@@ -312,7 +315,7 @@ impl Client {
         store.save_mailbox(&existing.mailbox()?)?;
         let (private, public) = existing.store.hpke_keypair()?;
         store.set_hpke_keypair(&private, &public)?;
-        Ok(Client { home, store, identity, server: existing.server.clone() })
+        Ok(Client { home, store, identity, server: existing.server.clone(), network: None })
     }
 
     /// Opens the client in `dir`.
@@ -320,7 +323,7 @@ impl Client {
         let home = Home::lock(dir, false)?;
         let store = store::Store::open(home.dir(), &key)?;
         let (identity, server) = store.load_identity()?;
-        Ok(Client { home, store, identity, server })
+        Ok(Client { home, store, identity, server, network: None })
     }
 
     /// Who this client is.
@@ -672,13 +675,40 @@ impl Client {
         Ok(relays.into_iter().find(|r| r.id == id).map(|r| doors::shared(&r.link)))
     }
 
-    /// The door that opened last to `server`: `Some(None)` direct, `Some(Some(id))` relay
-    /// `id`, `None` unknown.
-    pub fn last_door(&self, server: &ServerLink) -> Result<Option<Option<i64>>, ClientError> {
-        doors::last(self.store.conn(), &server.to_link_string())
+    /// Tells the client which network the device is on: `description` is whatever names it
+    /// (a Wi-Fi's access point, a carrier, a route and gateway), `None` if it cannot be
+    /// told. What the transport learns (the door that opened last, budgets taught by
+    /// freezes) is kept per network, since a censor sits on one network and not on the
+    /// device. Only a tag is stored, keyed with this device's secret, so the store does not
+    /// list the access points it was used on. Returns whether the network differs from the
+    /// one named before (in this process).
+    pub fn on_network(&mut self, description: Option<&str>) -> Result<bool, ClientError> {
+        let tag = description.map(|d| self.identity.network_tag(d)).unwrap_or_default();
+        if self.network.as_deref() == Some(tag.as_str()) {
+            return Ok(false);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.step(|ctx| doors::seen_network(ctx.db, &tag, now))?;
+        let changed = self.network.is_some();
+        self.network = Some(tag);
+        Ok(changed)
     }
 
-    /// Records the door that opened to `server` (`None`: direct).
+    /// The tag of the network named last ([`on_network`](Self::on_network)): empty if
+    /// unknown.
+    pub fn network(&self) -> &str {
+        self.network.as_deref().unwrap_or_default()
+    }
+
+    /// The door that opened last to `server` on this network: `Some(None)` direct,
+    /// `Some(Some(id))` relay `id`, `None` unknown.
+    pub fn last_door(&self, server: &ServerLink) -> Result<Option<Option<i64>>, ClientError> {
+        doors::last(self.store.conn(), self.network(), &server.to_link_string())
+    }
+
+    /// Records the door that opened to `server` on this network (`None`: direct).
     pub fn door_opened(
         &mut self,
         server: &ServerLink,
@@ -689,9 +719,10 @@ impl Client {
         if self.last_door(server)? == Some(relay) && !outage {
             return Ok(());
         }
+        let network = self.network().to_owned();
         self.step(|ctx| {
             moves::reached(ctx, &link)?;
-            doors::opened(ctx.db, &link, relay)
+            doors::opened(ctx.db, &network, &link, relay)
         })
     }
 
@@ -700,14 +731,16 @@ impl Client {
         doors::queued(self.store.conn())
     }
 
-    /// The packet budget learned for a door (see the driver's transport engine).
+    /// The packet budget learned for a door on this network (see the driver's transport
+    /// engine).
     pub fn door_budget(&self, door: &str) -> Result<Option<u32>, ClientError> {
-        doors::budget(self.store.conn(), door)
+        doors::budget(self.store.conn(), self.network(), door)
     }
 
-    /// Records the packet budget learned for a door.
+    /// Records the packet budget learned for a door on this network.
     pub fn set_door_budget(&mut self, door: &str, packets: u32) -> Result<(), ClientError> {
-        self.step(|ctx| doors::set_budget(ctx.db, door, packets))
+        let network = self.network().to_owned();
+        self.step(|ctx| doors::set_budget(ctx.db, &network, door, packets))
     }
 
     /// When a door opened connections since `since` (Unix seconds).

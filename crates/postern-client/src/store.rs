@@ -74,6 +74,7 @@ CREATE TABLE invites (
     crate::gaps::MIGRATION_GAPS,
     crate::doors::MIGRATION_RELAYS,
     crate::moves::MIGRATION_MOVES,
+    crate::doors::MIGRATION_NETWORKS,
 ];
 
 #[derive(Debug)]

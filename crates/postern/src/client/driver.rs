@@ -123,6 +123,8 @@ pub(crate) struct Driver {
     failover_after: Duration,
     /// How often moved chats are looked for.
     successor_check: Duration,
+    /// Whether the client was told which network it is on.
+    network_told: bool,
 }
 
 impl Driver {
@@ -138,12 +140,31 @@ impl Driver {
             unshown: Vec::new(),
             failover_after: secs_from_env("POSTERN_FAILOVER_AFTER", FAILOVER_AFTER),
             successor_check: secs_from_env("POSTERN_SUCCESSOR_CHECK", SUCCESSOR_CHECK),
+            network_told: false,
         }
+    }
+
+    /// Looks at which network the device is on (before a connection opens, since the
+    /// device may have moved since the last one). On another network than before, what the
+    /// engine learned of the doors no longer holds: it starts again from what the store
+    /// remembers of this network.
+    fn check_network(&mut self) -> Result<()> {
+        let description = super::network::describe();
+        self.network_told = true;
+        if self.client.on_network(description.as_deref())? {
+            tracing::info!("on another network: the doors are tried afresh");
+            self.book = DoorBook::default();
+            self.doors.clear();
+        }
+        Ok(())
     }
 
     /// The engine's state of a door, with the budget the store remembers for it loaded the
     /// first time this process sees it.
     fn door(&mut self, key: &DoorKey) -> Result<&mut DoorState> {
+        if !self.network_told {
+            self.check_network()?;
+        }
         if !self.book.known(key) {
             // Its own budget, else the network's, else the one its kind starts with.
             let budget = match self.client.door_budget(&key.store_name())? {
@@ -200,6 +221,7 @@ impl Driver {
     async fn conn(&mut self, link: &ServerLink) -> Result<&mut Connection> {
         let key = link.to_link_string();
         if !self.conns.contains_key(&key) {
+            self.check_network()?;
             let all = self.doors(link)?;
             // Doors under their cap are tried at once, but a door that failed lately only
             // when no other is free. Doors that have not worked are tried only until a capped
@@ -474,6 +496,7 @@ impl Driver {
         link: &ServerLink,
         wait: Duration,
     ) -> Result<Vec<DoorReport>> {
+        self.check_network()?;
         let doors = self.doors(link)?;
         let last = self.client.last_door(link)?;
         let tries = doors.iter().map(|(_, door)| async move {

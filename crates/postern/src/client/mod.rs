@@ -16,6 +16,7 @@ use zeroize::Zeroizing;
 
 mod control;
 mod driver;
+mod network;
 mod transport;
 
 use driver::Driver;
@@ -840,6 +841,8 @@ async fn status(
         let line = serde_json::json!({
             "event": "status",
             "server": server.addrs,
+            // The tag the doors' memory is kept under on this network (null: unknown).
+            "network": Some(driver.client.network()).filter(|n| !n.is_empty()),
             "doors": doors,
             "queued": { "messages": queued.messages, "requests": queued.requests },
             "whitelist_mode": whitelist,
