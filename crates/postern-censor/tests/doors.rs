@@ -713,6 +713,109 @@ fn what_a_network_taught_stays_with_that_network() {
     assert_none_cut(&flows_to(&report, &server)[before..], "the server, back on mobile");
 }
 
+/// Waits (up to 60 s) until `postern status` on `home` shows a probe of its relay; the
+/// relay's line.
+fn probed_relay(scene: &Scene, home: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = scene.ok(home, &["status"]).remove(0);
+        let doors = status["doors"].as_array().unwrap();
+        let relay = doors.iter().find(|d| d["relay"].is_i64()).cloned().unwrap();
+        if !relay["probe"].is_null() {
+            return relay;
+        }
+        assert!(Instant::now() < deadline, "no probe within 60 s: {status}");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// The flows from `client`'s address among `flows`.
+fn from(flows: &[Value], client: &str) -> Vec<Value> {
+    let prefix = format!("{client}:");
+    flows
+        .iter()
+        .filter(|f| f["client"].as_str().is_some_and(|c| c.starts_with(&prefix)))
+        .cloned()
+        .collect()
+}
+
+/// What [`probe_then_talk`] saw.
+struct ProbedTalk {
+    /// The relay's line in Alice's `postern status` once it was probed.
+    relay: Value,
+    /// Alice's `listen` log.
+    log: String,
+    /// The flows to the relay: all of them, and those that started during the exchange.
+    flows: Vec<Value>,
+    during: Vec<Value>,
+}
+
+/// Alice and Bob start from an invite through the foreign relay under `profile`; Alice runs
+/// `listen` until it has probed the relay, then they exchange [`N`] messages each way of up
+/// to `max` bytes (Bob with one-shot commands, which never probe), and every one arrives
+/// once.
+fn probe_then_talk(profile: &str, max: usize) -> ProbedTalk {
+    let scene = Scene::up(profile);
+    scene.start_chat(&[scene.foreign.as_str()]);
+    let alice = Listener::start(&scene, "alice");
+    let relay = probed_relay(&scene, "alice");
+    let flows_so_far = || {
+        let report: Value = serde_json::from_slice(&std::fs::read(&scene.report).unwrap()).unwrap();
+        flows_to(&report, addr::FOREIGN)
+    };
+    let before = flows_so_far().len();
+    scene.exchange(0..N, max);
+    let (bob_read, alice_read) = scene.read_all();
+    let log = alice.stop();
+    assert_eq!(bob_read, expected("alice", N), "{log}");
+    assert_eq!(alice_read, expected("bob", N), "{log}");
+    let during = flows_so_far().split_off(before);
+    let report = scene.report();
+    assert!(
+        report["probes"].as_array().is_none_or(|p| p.iter().all(|f| f["website"] == true)),
+        "the prober flagged a relay: {}",
+        report["probes"]
+    );
+    ProbedTalk { relay, log, flows: flows_to(&report, addr::FOREIGN), during }
+}
+
+#[test]
+fn ru_2024_a_probe_finds_no_freeze_and_the_relay_goes_without_a_budget() {
+    if !root() {
+        return;
+    }
+    // The server's address is blocked, the relay's is not, and nothing freezes: the probe
+    // finds no freeze, and Alice's connections through the relay go without a budget.
+    let talk = probe_then_talk("ru-2024", 4_000);
+    assert_eq!(talk.relay["probe"]["froze"], false, "{}", talk.relay);
+    assert!(talk.relay["budget_packets"].is_null(), "{}", talk.relay);
+    assert!(talk.log.contains("nothing froze a probe through this relay"), "{}", talk.log);
+    let alices = from(&talk.during, addr::CLIENT).len();
+    let bobs = from(&talk.during, addr::CLIENT2).len();
+    eprintln!("during the exchange: {alices} new connections from Alice, {bobs} from Bob");
+    // Alice's sends and pushes share the connection `listen` holds; Bob, still under the
+    // budget, needs at least one connection per command.
+    assert!(alices <= 1 && bobs >= N, "{alices} from Alice, {bobs} from Bob");
+    assert_none_cut(&talk.flows, "the relay");
+}
+
+#[test]
+fn ru_2025_06_a_probe_through_a_relay_freezes_and_its_budget_stays() {
+    if !root() {
+        return;
+    }
+    // Under the freeze the probe's connection is cut: the relay keeps its budget, the probe
+    // is not repeated, and nothing else freezes or is lost.
+    let talk = probe_then_talk("ru-2025-06", 600);
+    assert_eq!(talk.relay["probe"]["froze"], true, "{}", talk.relay);
+    let budget = talk.relay["budget_packets"].as_u64().expect("a budget");
+    assert!(budget <= 22, "{}", talk.relay);
+    assert_eq!(talk.log.matches("a probe through this relay froze").count(), 1, "{}", talk.log);
+    let cut: Vec<_> = talk.flows.iter().filter(|f| !f["blocked"].is_null()).collect();
+    assert_eq!(cut.len(), 1, "only the probe's connection is cut: {cut:?}");
+    assert_eq!(cut[0]["blocked"], "freeze");
+}
+
 #[test]
 fn ru_2025_06_relays_start_under_the_budget_and_nothing_freezes() {
     if !root() {

@@ -57,6 +57,13 @@ CREATE TABLE network_budgets (
 INSERT INTO network_budgets (network, door, packets)
     SELECT '', door, packets FROM door_budgets;
 DROP TABLE door_budgets;
+CREATE TABLE network_probes (
+    network TEXT NOT NULL,
+    door    TEXT NOT NULL,
+    at      INTEGER NOT NULL,
+    froze   INTEGER NOT NULL,
+    PRIMARY KEY (network, door)
+);
 "#;
 
 /// How many networks' door memory is kept (the most recently seen).
@@ -172,7 +179,7 @@ pub(crate) fn seen_network(db: &Connection, network: &str, now: u64) -> Result<(
         params![keep],
     )
     .map_err(db_err)?;
-    for table in ["network_doors", "network_budgets"] {
+    for table in ["network_doors", "network_budgets", "network_probes"] {
         db.execute(
             &format!(
                 "DELETE FROM {table} WHERE network <> '' \
@@ -234,6 +241,47 @@ pub(crate) fn set_budget(
         "INSERT INTO network_budgets (network, door, packets) VALUES (?1, ?2, ?3)
          ON CONFLICT (network, door) DO UPDATE SET packets = excluded.packets",
         params![network, door, packets],
+    )
+    .map_err(db_err)?;
+    Ok(())
+}
+
+/// What a probe of a door for a freeze found on a network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    /// When (Unix seconds).
+    pub at: u64,
+    /// Whether the probe's connection froze.
+    pub froze: bool,
+}
+
+/// The last probe of `door` on `network`, if any.
+pub(crate) fn probe(
+    db: &Connection,
+    network: &str,
+    door: &str,
+) -> Result<Option<Probe>, ClientError> {
+    db.query_row(
+        "SELECT at, froze FROM network_probes WHERE network = ?1 AND door = ?2",
+        params![network, door],
+        |r| Ok(Probe { at: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0), froze: r.get(1)? }),
+    )
+    .optional()
+    .map_err(db_err)
+}
+
+/// Records a probe of `door` on `network`.
+pub(crate) fn set_probe(
+    db: &Connection,
+    network: &str,
+    door: &str,
+    probe: Probe,
+) -> Result<(), ClientError> {
+    let at = i64::try_from(probe.at).unwrap_or(i64::MAX);
+    db.execute(
+        "INSERT INTO network_probes (network, door, at, froze) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (network, door) DO UPDATE SET at = excluded.at, froze = excluded.froze",
+        params![network, door, at, probe.froze],
     )
     .map_err(db_err)?;
     Ok(())
@@ -332,6 +380,12 @@ mod tests {
         assert_eq!(budget(&db, "home", "direct x").unwrap(), None);
         opened(&db, "home", "s", None).unwrap();
         assert_eq!(last(&db, "home", "s").unwrap(), Some(None));
+        let probed = Probe { at: 5, froze: true };
+        set_probe(&db, "mobile", "relay 1", probed).unwrap();
+        assert_eq!(probe(&db, "mobile", "relay 1").unwrap(), Some(probed));
+        assert_eq!(probe(&db, "home", "relay 1").unwrap(), None);
+        set_probe(&db, "mobile", "relay 1", Probe { at: 6, froze: false }).unwrap();
+        assert_eq!(probe(&db, "mobile", "relay 1").unwrap(), Some(Probe { at: 6, froze: false }));
         assert_eq!(last(&db, "mobile", "s").unwrap(), Some(Some(a)));
         assert_eq!(budget(&db, "mobile", "direct x").unwrap(), Some(20));
 
@@ -343,6 +397,7 @@ mod tests {
         }
         assert_eq!(last(&db, "mobile", "s").unwrap(), None);
         assert_eq!(budget(&db, "mobile", "direct x").unwrap(), None);
+        assert_eq!(probe(&db, "mobile", "relay 1").unwrap(), None);
         assert_eq!(budget(&db, "", "direct x").unwrap(), Some(22));
         let kept: i64 = db.query_row("SELECT count(*) FROM networks", [], |r| r.get(0)).unwrap();
         assert_eq!(usize::try_from(kept).unwrap(), MAX_NETWORKS);

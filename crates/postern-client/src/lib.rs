@@ -743,6 +743,17 @@ impl Client {
         self.step(|ctx| doors::set_budget(ctx.db, &network, door, packets))
     }
 
+    /// The last probe of a door for a freeze on this network.
+    pub fn door_probe(&self, door: &str) -> Result<Option<doors::Probe>, ClientError> {
+        doors::probe(self.store.conn(), self.network(), door)
+    }
+
+    /// Records a probe of a door for a freeze on this network.
+    pub fn set_door_probe(&mut self, door: &str, probe: doors::Probe) -> Result<(), ClientError> {
+        let network = self.network().to_owned();
+        self.step(|ctx| doors::set_probe(ctx.db, &network, door, probe))
+    }
+
     /// When a door opened connections since `since` (Unix seconds).
     pub fn door_opens(&self, door: &str, since: u64) -> Result<Vec<u64>, ClientError> {
         doors::opens(self.store.conn(), door, since)

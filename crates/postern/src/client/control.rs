@@ -23,7 +23,8 @@ const POLL: Duration = Duration::from_secs(2);
 /// How often `listen` looks in the mailbox where connections have a budget (each look
 /// spends some of it; chats come by push all the same).
 const POLL_UNDER_BUDGET: Duration = Duration::from_secs(30);
-/// How often `listen` pings its servers so idle connections stay open.
+/// How often `listen` pings its servers so idle connections stay open, and looks whether a
+/// relay is due a probe for a freeze.
 const PING: Duration = Duration::from_secs(60);
 /// The longest command line accepted on the socket.
 const MAX_REQUEST: u64 = 1 << 20;
@@ -145,6 +146,11 @@ pub(crate) async fn listen(mut driver: Driver, home: &Path, json: bool) -> Resul
             _ = poll.tick() => catch_up(&mut driver, json, &mut polled).await,
             _ = ping.tick() => {
                 if let Err(e) = driver.ping().await {
+                    tracing::warn!("{e:#}");
+                }
+                // Where relays carry the traffic and nothing froze, whether their budget
+                // can go (once a week per network and relay).
+                if let Err(e) = driver.probe_relays().await {
                     tracing::warn!("{e:#}");
                 }
             }

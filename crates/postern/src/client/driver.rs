@@ -83,8 +83,10 @@ pub(crate) struct DoorReport {
     pub(crate) relay: Option<i64>,
     /// The time to a session and a ping, or why it failed.
     pub(crate) result: Result<Duration, NetError>,
-    /// The packet budget learned for it.
+    /// The packet budget its connections keep under.
     pub(crate) budget: Option<u32>,
+    /// The last probe of it for a freeze on this network.
+    pub(crate) probe: Option<postern_client::doors::Probe>,
     /// Whether it is the door that opened last.
     pub(crate) last: bool,
 }
@@ -125,6 +127,8 @@ pub(crate) struct Driver {
     successor_check: Duration,
     /// Whether the client was told which network it is on.
     network_told: bool,
+    /// The doors probed for a freeze in this process (on any network).
+    probed: HashSet<DoorKey>,
 }
 
 impl Driver {
@@ -141,6 +145,7 @@ impl Driver {
             failover_after: secs_from_env("POSTERN_FAILOVER_AFTER", FAILOVER_AFTER),
             successor_check: secs_from_env("POSTERN_SUCCESSOR_CHECK", SUCCESSOR_CHECK),
             network_told: false,
+            probed: HashSet::new(),
         }
     }
 
@@ -166,9 +171,16 @@ impl Driver {
             self.check_network()?;
         }
         if !self.book.known(key) {
-            // Its own budget, else the network's, else the one its kind starts with.
-            let budget = match self.client.door_budget(&key.store_name())? {
+            // Its own budget; else none if a probe on this network lately found nothing
+            // freezing through it; else the network's; else the one its kind starts with.
+            let own = self.client.door_budget(&key.store_name())?;
+            let lifted = own.is_none()
+                && self.client.door_probe(&key.store_name())?.is_some_and(|p| {
+                    !p.froze && unix_now().saturating_sub(p.at) < transport::PROBE_AGAIN.as_secs()
+                });
+            let budget = match own {
                 Some(own) => Some(own),
+                None if lifted => None,
                 None => self.client.door_budget(NETWORK_BUDGET)?.or(key.starting_budget()),
             };
             // Connection times are kept only where the cap applies.
@@ -184,6 +196,7 @@ impl Driver {
             };
             let state = self.book.get(key);
             state.budget = budget;
+            state.lifted = lifted;
             state.attempted_before(std::time::Instant::now(), ages);
         }
         Ok(self.book.get(key))
@@ -461,32 +474,91 @@ impl Driver {
             }
             Err(_) => {
                 self.conns.remove(&key);
-                if let Some(budget) = self.book.get(&door).froze(before) {
-                    // The censor on this network froze it: every door without a budget of
-                    // its own gets this one (a fresh door would freeze the same way, and a
-                    // freeze can block the address for a while).
-                    self.book.network_budget(budget);
-                    let network = self.client.door_budget(NETWORK_BUDGET).ok().flatten();
-                    if network.is_none_or(|n| budget < n) {
-                        self.client
-                            .set_door_budget(NETWORK_BUDGET, budget)
-                            .map_err(|e| Failure::Unreachable(e.into()))?;
-                    }
-                    tracing::info!(
-                        packets = before.packets,
-                        budget,
-                        "a connection froze: rotating connections through this door from now on"
-                    );
-                    self.client
-                        .set_door_budget(&door.store_name(), budget)
-                        .map_err(|e| Failure::Unreachable(e.into()))?;
-                }
+                self.learn_freeze(&door, before).map_err(Failure::Unreachable)?;
                 Err(Failure::Lost(anyhow!(
                     "no answer from the server at {}",
                     link.addrs.join(", ")
                 )))
             }
         }
+    }
+
+    /// A request through `door` went unanswered on a connection that had spent `before`
+    /// when it was sent: if that is a count-based freeze, the door gets the budget it
+    /// teaches, and so does every door without a budget of its own (a fresh door would
+    /// freeze the same way, and a freeze can block the address for a while).
+    fn learn_freeze(&mut self, door: &DoorKey, before: postern_net::Spent) -> Result<()> {
+        let Some(budget) = self.book.get(door).froze(before) else { return Ok(()) };
+        self.book.network_budget(budget);
+        let network = self.client.door_budget(NETWORK_BUDGET).ok().flatten();
+        if network.is_none_or(|n| budget < n) {
+            self.client.set_door_budget(NETWORK_BUDGET, budget)?;
+        }
+        tracing::info!(
+            packets = before.packets,
+            budget,
+            "a connection froze: rotating connections through this door from now on"
+        );
+        self.client.set_door_budget(&door.store_name(), budget)?;
+        Ok(())
+    }
+
+    /// Probes each relay to the home server that worked in this process and is under the
+    /// budget relays start with, where nothing froze on this network and no probe of it
+    /// lately found anything (see `transport`'s module documentation): one connection of
+    /// pings past where a freezing censor cuts. Relays whose connection could not be opened
+    /// or broke are probed again only in another process.
+    pub(crate) async fn probe_relays(&mut self) -> Result<()> {
+        let link = self.client.server().clone();
+        self.check_network()?;
+        if self.client.door_budget(NETWORK_BUDGET)?.is_some() {
+            return Ok(());
+        }
+        for relay in self.client.relays()? {
+            let key = DoorKey::Relay(relay.id);
+            let now = std::time::Instant::now();
+            let state = self.door(&key)?;
+            let ready = state.budget == key.starting_budget()
+                && state.standing().worked()
+                && !state.failed_lately(now)
+                && state.may_open(now);
+            let wait = state.freeze_wait(0);
+            let probed_lately = self.client.door_probe(&key.store_name())?.is_some_and(|p| {
+                unix_now().saturating_sub(p.at) < transport::PROBE_AGAIN.as_secs()
+            });
+            if !ready
+                || probed_lately
+                || self.client.door_budget(&key.store_name())?.is_some()
+                || !self.probed.insert(key.clone())
+            {
+                continue;
+            }
+            self.attempted(&link, &[Some(relay.id)])?;
+            match probe_freeze(&Door::Relay(relay.link), &link, wait).await {
+                Ok(Probed::Clear(spent)) => {
+                    tracing::info!(
+                        relay = relay.id,
+                        packets = spent.packets,
+                        "nothing froze a probe through this relay: no budget for it on this network"
+                    );
+                    let state = self.book.get(&key);
+                    state.budget = None;
+                    state.lifted = true;
+                    let probe = postern_client::doors::Probe { at: unix_now(), froze: false };
+                    self.client.set_door_probe(&key.store_name(), probe)?;
+                }
+                Ok(Probed::Froze(before)) => {
+                    tracing::info!(relay = relay.id, "a probe through this relay froze");
+                    self.learn_freeze(&key, before)?;
+                    let probe = postern_client::doors::Probe { at: unix_now(), froze: true };
+                    self.client.set_door_probe(&key.store_name(), probe)?;
+                }
+                Err(e) => {
+                    tracing::debug!(relay = relay.id, error = %e, "no probe through this relay")
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Tries every door to `link` at once (a session and a ping each, up to `wait`) and
@@ -517,8 +589,17 @@ impl Driver {
         let results = futures_util::future::join_all(tries).await;
         let mut reports = Vec::new();
         for ((relay, door), result) in doors.into_iter().zip(results) {
-            let budget = self.door(&Self::door_key(link, relay))?.budget;
-            reports.push(DoorReport { door, relay, result, budget, last: last == Some(relay) });
+            let key = Self::door_key(link, relay);
+            let budget = self.door(&key)?.budget;
+            let probe = self.client.door_probe(&key.store_name())?;
+            reports.push(DoorReport {
+                door,
+                relay,
+                result,
+                budget,
+                probe,
+                last: last == Some(relay),
+            });
         }
         Ok(reports)
     }
@@ -1160,6 +1241,36 @@ impl Driver {
         }
         Ok(())
     }
+}
+
+/// What a probe for a freeze found.
+enum Probed {
+    /// Every ping was answered, up to what the connection had spent then.
+    Clear(postern_net::Spent),
+    /// A ping sent when the connection had spent this went unanswered.
+    Froze(postern_net::Spent),
+}
+
+/// One connection through `door` to `link`, with pings one after another until it is past
+/// [`transport::PROBE_PACKETS`] packets and [`transport::PROBE_BYTES_IN`] received, each
+/// given `wait` to be answered. A connection that cannot be opened, breaks, or stays below
+/// the marks after [`transport::PROBE_PINGS`] pings is no finding.
+async fn probe_freeze(door: &Door, link: &ServerLink, wait: Duration) -> Result<Probed, NetError> {
+    let mut conn = Connection::through(door, link).await?;
+    for _ in 0..transport::PROBE_PINGS {
+        let spent = conn.spent();
+        let received = conn.wire_bytes().map_or(spent.bytes_in, |(_, received)| received);
+        if spent.packets >= transport::PROBE_PACKETS && received >= transport::PROBE_BYTES_IN {
+            conn.close().await;
+            return Ok(Probed::Clear(spent));
+        }
+        match tokio::time::timeout(wait, conn.request(Request::Ping, None)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Ok(Probed::Froze(spent)),
+        }
+    }
+    Err(NetError::Timeout)
 }
 
 /// The most an answer to `request` is expected to take on the wire: a read, the bucket its

@@ -834,6 +834,10 @@ async fn status(
                     "ms": r.result.as_ref().ok().map(|d| d.as_millis()),
                     "error": r.result.as_ref().err().map(ToString::to_string),
                     "budget_packets": r.budget,
+                    "probe": r.probe.map(|p| serde_json::json!({
+                        "froze": p.froze,
+                        "secs_ago": now.saturating_sub(p.at),
+                    })),
                     "last_used": r.last,
                 })
             })
@@ -863,8 +867,13 @@ async fn status(
             Err(e) => format!("failed: {e}"),
         };
         let budget = r.budget.map(|b| format!("; {b} packets per connection")).unwrap_or_default();
+        let probe = match r.probe {
+            Some(p) if p.froze => "; a probe here froze",
+            Some(_) => "; a probe here found no freeze",
+            None => "",
+        };
         let last = if r.last { "; used last" } else { "" };
-        writeln!(out, "  {:<32} {how}{budget}{last}", r.door.to_string())?;
+        writeln!(out, "  {:<32} {how}{budget}{probe}{last}", r.door.to_string())?;
     }
     writeln!(out, "Queued: {} messages, {} requests", queued.messages, queued.requests)?;
     for s in &chat_servers {

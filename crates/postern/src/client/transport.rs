@@ -17,7 +17,16 @@
 //!   censor sits on the network rather than at one door, the budget also becomes that of
 //!   every door without one (a first freeze can get the address blocked for a while, as the
 //!   Russian "residual" blocking does, so the next door must not freeze too). Budgets are
-//!   kept in the client store, so the next command starts under them.
+//!   kept in the client store, per network, so the next command starts under them.
+//! - **A probe lifts a relay's budget** where nothing froze: `listen` sends pings through a
+//!   relay that worked, on one connection, until it is past [`PROBE_PACKETS`] packets and
+//!   [`PROBE_BYTES_IN`] received, where a freezing censor would have cut it. If every ping
+//!   is answered, the relay's connections go without a budget (and without the cap) on this
+//!   network; if one is not, the freeze teaches the budget as any other does. Either way the
+//!   relay is not probed again on this network for [`PROBE_AGAIN`]. The probe risks what
+//!   a freeze costs (a relay blocked for the client for a minute where the censor punishes
+//!   freezes) once a week per network and relay, against a few requests per connection
+//!   and fifteen connections a minute for as long as the relay is used.
 //! - **New connections per door** are capped at [`NEW_PER_MINUTE`] a minute wherever a budget
 //!   applies (censors count connections per destination too, and cut off a destination past
 //!   twenty a minute; a burst of them is itself a signal). Every attempt counts, answered
@@ -56,6 +65,15 @@ const FREEZE_BELOW: u32 = 48;
 const RELAY_BUDGET: u32 = 22;
 /// How long a door that could not be opened stands aside for the others.
 pub(crate) const FAILED_FOR: Duration = Duration::from_secs(60);
+/// A probe for a freeze goes on until its connection is past this many packets (beyond
+/// [`FREEZE_BELOW`], where a count-based freeze would have struck)...
+pub(crate) const PROBE_PACKETS: u32 = FREEZE_BELOW + 16;
+/// ...and this many bytes received (beyond the censor's 16 KB).
+pub(crate) const PROBE_BYTES_IN: u64 = 24 << 10;
+/// The most pings one probe sends (about 300 bytes on the wire each way).
+pub(crate) const PROBE_PINGS: usize = 160;
+/// How long a probe's finding holds on a network.
+pub(crate) const PROBE_AGAIN: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The lowest budget: set-up and one exchange.
 const MIN_BUDGET: u32 = postern_net::SETUP_PACKETS + 4;
 
@@ -98,6 +116,9 @@ pub(crate) struct DoorState {
     failed: Option<Instant>,
     /// Whether it opened in this process.
     worked: bool,
+    /// Whether a probe found that nothing freezes through it on this network: a budget
+    /// learned through another door does not apply to it.
+    pub(crate) lifted: bool,
 }
 
 impl DoorState {
@@ -197,6 +218,7 @@ impl DoorState {
         let at = before.packets.max(MIN_BUDGET);
         let budget = self.budget.map_or(at, |b| b.min(at));
         self.budget = Some(budget);
+        self.lifted = false;
         Some(budget)
     }
 
@@ -261,11 +283,12 @@ impl DoorBook {
         self.0.contains_key(key)
     }
 
-    /// A budget learned through one door becomes the budget of every door that has none:
-    /// the censor that freezes flows sits on this network, not at one door.
+    /// A budget learned through one door becomes the budget of every door that has none
+    /// (the censor that freezes flows sits on this network, not at one door), except a door
+    /// a probe found free of it.
     pub(crate) fn network_budget(&mut self, budget: u32) {
         for state in self.0.values_mut() {
-            if state.budget.is_none() {
+            if state.budget.is_none() && !state.lifted {
                 state.budget = Some(budget);
             }
         }
@@ -363,5 +386,25 @@ mod tests {
         let mut fresh_door = DoorState::default();
         assert_eq!(fresh_door.froze(long), None);
         assert_eq!(fresh_door.budget, None);
+    }
+
+    #[test]
+    fn a_network_budget_spares_a_door_a_probe_lifted_until_it_freezes_itself() {
+        let mut book = DoorBook::default();
+        let (relay, direct) = (DoorKey::Relay(1), DoorKey::Direct("x".into()));
+        book.get(&relay).lifted = true;
+        book.get(&direct);
+        book.network_budget(20);
+        assert_eq!(book.get(&relay).budget, None, "a probe found no freeze through it");
+        assert_eq!(book.get(&direct).budget, Some(20));
+        // A freeze through the lifted door itself teaches it a budget after all.
+        let mut spent = Spent::new();
+        for _ in 0..4 {
+            spent = spent.after(300);
+        }
+        assert_eq!(book.get(&relay).froze(spent), Some(spent.packets));
+        assert!(!book.get(&relay).lifted);
+        book.network_budget(MIN_BUDGET);
+        assert_eq!(book.get(&relay).budget, Some(spent.packets), "its own budget stands");
     }
 }
