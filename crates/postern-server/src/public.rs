@@ -20,8 +20,13 @@ use tokio::sync::watch;
 
 use crate::limits;
 
-/// Time allowed for a TLS handshake and for an HTTP request's headers.
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a connection has, from its acceptance, for the TLS handshake and the head of its
+/// first HTTP/1 request or its first HTTP/2 stream: nginx's client_header_timeout (a prober
+/// that holds a connection open silently times it).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time a connection may wait, after its last request or stream, for the next one:
+/// nginx's keepalive_timeout.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(75);
 /// How long shutdown waits for open connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -143,13 +148,16 @@ async fn serve_connection(
     shutdown: watch::Receiver<bool>,
 ) {
     let tcp = Coalesce::new(tcp);
-    let Ok(Ok(stream)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await else {
+    let accepted = tokio::time::Instant::now();
+    let Ok(Ok(stream)) = tokio::time::timeout(HEADER_TIMEOUT, tls.accept(tcp)).await else {
         return;
     };
-    let (io, service) = (TokioIo::new(stream), TowerToHyperService::new(router));
+    // nginx's timer runs from the connection's acceptance, not from the handshake's end.
+    let header_timeout = HEADER_TIMEOUT.saturating_sub(accepted.elapsed());
+    let (io, service) = (TokioIo::new(Ending(stream, false)), TowerToHyperService::new(router));
     // The protocol is the one ALPN chose, as nginx decides it: an HTTP/2 preface on a
     // connection that did not agree on h2 is a bad HTTP/1 request, not HTTP/2.
-    if io.inner().get_ref().1.alpn_protocol() == Some(b"h2") {
+    if io.inner().0.get_ref().1.alpn_protocol() == Some(b"h2") {
         // nginx's HTTP/2 SETTINGS and connection window. The 16 MiB frame size is only
         // announced: the patched h2 reads frames up to 64 KiB (vendor/h2/PATCH.md).
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -159,7 +167,8 @@ async fn serve_connection(
             .max_concurrent_streams(128)
             .initial_stream_window_size(65_536)
             .initial_connection_window_size((1 << 31) - 1)
-            .max_frame_size(16_777_215);
+            .max_frame_size(16_777_215)
+            .idle_timeouts(header_timeout, KEEPALIVE_TIMEOUT);
         let conn = http2.serve_connection(io, service);
         drive(conn, |conn| conn.graceful_shutdown(), shutdown).await;
     } else {
@@ -167,7 +176,8 @@ async fn serve_connection(
         let mut http1 = hyper::server::conn::http1::Builder::new();
         http1
             .timer(TokioTimer::new())
-            .header_read_timeout(HANDSHAKE_TIMEOUT)
+            .header_read_timeout(header_timeout)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .title_case_headers(true)
             // nginx takes several spaces between the request line's parts, and answers
             // what it cannot read with its own pages (crate::unparsed).
@@ -255,6 +265,74 @@ impl Drop for Coalesce {
     /// still sends what it held: the socket takes a few kilobytes without waiting.
     fn drop(&mut self) {
         self.held.send_now(&self.inner);
+    }
+}
+
+/// A connection's TLS stream on the public listener, and whether the client wrote since
+/// the server last did (part of a request is in). Dropped without a TLS close (hyper drops
+/// a connection whose request, or next request, did not come in time), it closes as nginx
+/// does when it times a client out: with close_notify if no part of a request came, without
+/// one if a part did (nginx then marks the connection timed out and skips it).
+struct Ending(tokio_rustls::server::TlsStream<Coalesce>, bool);
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        if self.1 {
+            return;
+        }
+        let (tcp, tls) = self.0.get_mut();
+        tls.send_close_notify();
+        let mut bytes = Vec::new();
+        while tls.wants_write() && tls.write_tls(&mut bytes).is_ok_and(|n| n > 0) {}
+        // Coalesce sends what it holds as it is dropped, right after this.
+        tcp.held.push(&bytes);
+    }
+}
+
+impl AsyncRead for Ending {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.0).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.1 = true;
+        }
+        read
+    }
+}
+
+impl AsyncWrite for Ending {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.1 = false;
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.1 = false;
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
 

@@ -420,6 +420,79 @@ pub async fn h2_preface(addr: SocketAddr, sni: &str) -> Vec<String> {
     frames
 }
 
+/// How a server ended a connection a client left alone (`left_alone`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    /// Seconds from the client's last write to the end, rounded.
+    pub after_secs: u64,
+    /// `close_notify` (TLS closed cleanly), `eof` (TCP closed without it), `reset`, or
+    /// `open` (still open at the cap).
+    pub how: &'static str,
+    /// What the server wrote after the last write: over HTTP/2 its GOAWAY frames (last
+    /// stream and error code), otherwise how many bytes.
+    pub wrote: String,
+}
+
+/// Opens a connection (TLS offering `alpn`, or bare TCP if `None`), writes each of `sent`
+/// (waiting a moment after each, so an answer comes before the next), then waits up to
+/// `cap` for the server to end it.
+pub async fn left_alone(
+    addr: SocketAddr,
+    sni: &str,
+    alpn: Option<&[u8]>,
+    sent: &[&[u8]],
+    cap: Duration,
+) -> Ended {
+    let mut io: Box<dyn AsyncReadWrite> = match alpn {
+        Some(alpn) => Box::new(connect(addr, sni, alpn).await),
+        None => Box::new(TcpStream::connect(addr).await.expect("connect")),
+    };
+    for bytes in sent {
+        io.write_all(bytes).await.expect("write");
+        tokio::time::sleep(QUIET).await;
+    }
+    // What came before the last write's moment is not counted.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1), io.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+    }
+    let started = tokio::time::Instant::now();
+    let how = loop {
+        match tokio::time::timeout_at(started + cap, io.read(&mut buf)).await {
+            Err(_) => break "open",
+            Ok(Ok(0)) => break if alpn.is_some() { "close_notify" } else { "eof" },
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => break "eof",
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => break "reset",
+            Ok(Err(_)) => break "error",
+        }
+    };
+    let after_secs = (started.elapsed().as_millis() + 500) as u64 / 1000;
+    let wrote = if alpn == Some(b"h2") {
+        let mut goaways = Vec::new();
+        let mut rest = &got[..];
+        while rest.len() >= 9 {
+            let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+            let Some(payload) = rest.get(9..9 + len) else { break };
+            if rest[3] == 7 && payload.len() >= 8 {
+                goaways.push(format!("GOAWAY {:02x?}", &payload[..8]));
+            }
+            rest = &rest[9 + len..];
+        }
+        goaways.join(", ")
+    } else {
+        format!("{} bytes", got.len())
+    };
+    Ended { after_secs, how, wrote }
+}
+
+/// A byte stream either way (TLS or bare TCP).
+trait AsyncReadWrite: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AsyncReadWrite for T {}
+
 /// An answer, with the date's value blanked.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Answer {

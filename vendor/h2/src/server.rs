@@ -329,6 +329,8 @@ struct Flush<T, B> {
 struct ReadPreface<T, B> {
     codec: Option<Codec<T, B>>,
     pos: usize,
+    /// Postern: whether a GOAWAY was buffered ([`Handshake::poll_go_away`]).
+    going_away: bool,
 }
 
 #[derive(Debug)]
@@ -1459,6 +1461,7 @@ impl<T, B: Buf> ReadPreface<T, B> {
         ReadPreface {
             codec: Some(codec),
             pos: 0,
+            going_away: false,
         }
     }
 
@@ -1492,6 +1495,8 @@ where
 
             if &PREFACE[self.pos..self.pos + n] != buf.filled() {
                 proto_err!(conn: "read_preface: invalid preface");
+                // Postern: what `Handshake::poll_go_away` sends is then a PROTOCOL_ERROR.
+                self.pos = self.pos.max(1);
                 // TODO: Should this just write the GO_AWAY frame directly?
                 return Poll::Ready(Err(Error::library_go_away(Reason::PROTOCOL_ERROR).into()));
             }
@@ -1505,6 +1510,37 @@ where
 }
 
 // ===== impl Handshake =====
+
+impl<T, B: Buf> Handshake<T, B>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Postern: ends a handshake still waiting for the client's preface, as nginx ends a
+    /// connection whose client sent none in time, or a wrong one: a GOAWAY (last stream 0;
+    /// NO_ERROR if no byte of the preface came, PROTOCOL_ERROR if part of it or a wrong one
+    /// did), then the connection is shut down. Ready when both are done, or at once if the handshake is past that point.
+    pub fn poll_go_away(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), crate::Error>> {
+        let Handshaking::ReadingPreface(read) = &mut self.state else {
+            return Poll::Ready(Ok(()));
+        };
+        let preface = read.inner_mut();
+        let (pos, going_away) = (preface.pos, preface.going_away);
+        let Some(codec) = preface.codec.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        if !going_away {
+            ready!(codec.poll_ready(cx)).map_err(crate::Error::from_io)?;
+            let reason = if pos == 0 { Reason::NO_ERROR } else { Reason::PROTOCOL_ERROR };
+            codec
+                .buffer(frame::GoAway::new(StreamId::zero(), reason).into())
+                .map_err(crate::Error::from)?;
+            preface.going_away = true;
+        }
+        ready!(codec.flush(cx)).map_err(crate::Error::from_io)?;
+        ready!(codec.shutdown(cx)).map_err(crate::Error::from_io)?;
+        Poll::Ready(Ok(()))
+    }
+}
 
 impl<T, B: Buf> Future for Handshake<T, B>
 where

@@ -2,7 +2,8 @@
 //! the same answers to ClientHellos of several shapes, the same first HTTP/2 frames, and the
 //! same HTTP/2 and HTTP/1.1 answers to ordinary, odd and malformed requests. The reference is
 //! the real nginx from Debian's package, with Debian's configuration, serving a copy of the
-//! site with the server's own certificate. Known differences that remain are listed in
+//! site with the server's own certificate; connections left alone end as nginx's do (its
+//! timeouts, and the frames it ends them with). Known differences that remain are listed in
 //! docs/circumvention.md and not asked here.
 
 use std::net::SocketAddr;
@@ -222,22 +223,44 @@ fn h1_refused() -> Vec<Vec<u8>> {
     raw
 }
 
+/// A server, a relay forwarding to it, and nginx serving the same site with the server's
+/// certificate.
+struct Scene {
+    server: TestServer,
+    relay: TestRelay,
+    nginx: Nginx,
+    _site: tempfile::TempDir,
+}
+
+impl Scene {
+    async fn start() -> Scene {
+        assert!(Nginx::installed(), "the lab's reference web server: apt-get install nginx");
+        let server = TestServer::start(bin()).await;
+        let link = server.bound_link().to_link_string();
+        let relay = TestRelay::start(bin(), &format!("servers = [\"{link}\"]")).await;
+        let site = tempfile::tempdir().unwrap();
+        webprint::site_copy(site.path(), MTIME);
+        let nginx = Nginx::start(
+            site.path(),
+            &server.data_dir.join("tls-cert.pem"),
+            &server.data_dir.join("tls-key.pem"),
+        )
+        .await;
+        Scene { server, relay, nginx, _site: site }
+    }
+
+    fn ours(&self) -> [(&'static str, SocketAddr); 2] {
+        [
+            ("server", self.server.listen.parse().unwrap()),
+            ("relay", self.relay.listen.parse().unwrap()),
+        ]
+    }
+}
+
 #[tokio::test]
 async fn a_server_and_a_relay_answer_as_nginx_does() {
-    assert!(Nginx::installed(), "the lab's reference web server: apt-get install nginx");
-    let server = TestServer::start(bin()).await;
-    let link = server.bound_link().to_link_string();
-    let relay = TestRelay::start(bin(), &format!("servers = [\"{link}\"]")).await;
-    let site = tempfile::tempdir().unwrap();
-    webprint::site_copy(site.path(), MTIME);
-    let nginx = Nginx::start(
-        site.path(),
-        &server.data_dir.join("tls-cert.pem"),
-        &server.data_dir.join("tls-key.pem"),
-    )
-    .await;
-    let ours: [(&str, SocketAddr); 2] =
-        [("server", server.listen.parse().unwrap()), ("relay", relay.listen.parse().unwrap())];
+    let scene = Scene::start().await;
+    let (nginx, ours) = (&scene.nginx, scene.ours());
 
     for (shape, hello) in hellos() {
         // Refusals count too: nginx refuses a protocol it does not speak.
@@ -274,6 +297,79 @@ async fn a_server_and_a_relay_answer_as_nginx_does() {
         for (who, addr) in ours {
             let got = h1_request(addr, SNI, &raw).await;
             assert_eq!(got, want, "{who}: HTTP/1 {}", raw.escape_ascii());
+        }
+    }
+}
+
+/// A connection a prober opens and leaves alone: its name, the ALPN protocol it offers
+/// (none: bare TCP), and what it sends first.
+type LeftAlone = (&'static str, Option<&'static [u8]>, Vec<&'static [u8]>);
+
+/// Connections a prober opens and leaves alone.
+fn left_alone() -> Vec<LeftAlone> {
+    const H1: Option<&[u8]> = Some(b"http/1.1");
+    const H2: Option<&[u8]> = Some(b"h2");
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+    // HEADERS (END_STREAM, END_HEADERS) on stream 1: GET https://x/ in HPACK's static table.
+    const GET: &[u8] = b"\0\0\x06\x01\x05\0\0\0\x01\x82\x87\x84\x41\x01x";
+    vec![
+        ("TCP, nothing sent", None, vec![]),
+        ("TCP, part of a ClientHello", None, vec![b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"]),
+        ("HTTP/1.1, no request", H1, vec![]),
+        ("HTTP/1.1, part of a request head", H1, vec![b"GET / HTTP/1.1\r\nHost: x\r\n"]),
+        ("HTTP/1.1, after a request", H1, vec![b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"]),
+        (
+            "HTTP/1.1, part of a second request",
+            H1,
+            vec![b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"GET / HT"],
+        ),
+        ("HTTP/2, no preface", H2, vec![]),
+        ("HTTP/2, part of the preface", H2, vec![b"PRI * HTTP/2.0\r\n"]),
+        ("HTTP/2, a wrong preface", H2, vec![b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"]),
+        ("HTTP/2, no stream", H2, vec![PREFACE]),
+        ("HTTP/2, after a stream", H2, vec![PREFACE, GET]),
+    ]
+}
+
+/// nginx ends a connection nobody uses after its client_header_timeout (60 s from the
+/// start) or keepalive_timeout (75 s after a request), with a GOAWAY over HTTP/2; a server
+/// that kept it open, or closed it sooner, would stand out to a prober that waits. All the
+/// connections wait at once: the test takes about 76 s.
+#[tokio::test]
+async fn connections_left_alone_end_as_nginx_ends_them() {
+    let scene = Scene::start().await;
+    let cap = std::time::Duration::from_secs(90);
+    let cases = left_alone();
+    let mut tries = Vec::new();
+    for (name, alpn, sent) in &cases {
+        for (who, addr) in [("nginx", scene.nginx.addr)].into_iter().chain(scene.ours()) {
+            tries.push(async move {
+                (*name, who, webprint::left_alone(addr, SNI, *alpn, sent, cap).await)
+            });
+        }
+    }
+    let ended = futures_util::future::join_all(tries).await;
+    for (name, _, _) in &cases {
+        let of = |who: &str| {
+            ended
+                .iter()
+                .find(|(n, w, _)| n == name && *w == who)
+                .map(|(_, _, e)| e.clone())
+                .unwrap()
+        };
+        let want = of("nginx");
+        assert_ne!(want.how, "open", "{name}: nginx kept it open for {cap:?}");
+        for who in ["server", "relay"] {
+            let got = of(who);
+            assert_eq!(
+                (got.how, &got.wrote),
+                (want.how, &want.wrote),
+                "{who}, {name}: {got:?} against nginx's {want:?}"
+            );
+            assert!(
+                got.after_secs.abs_diff(want.after_secs) <= 1,
+                "{who}, {name}: {got:?} against nginx's {want:?}"
+            );
         }
     }
 }

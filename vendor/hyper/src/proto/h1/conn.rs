@@ -66,6 +66,12 @@ where
                 #[cfg(feature = "server")]
                 h1_header_read_timeout_running: false,
                 #[cfg(feature = "server")]
+                h1_keep_alive_timeout: None,
+                #[cfg(feature = "server")]
+                h1_waiting_keep_alive: false,
+                #[cfg(feature = "server")]
+                h1_served: false,
+                #[cfg(feature = "server")]
                 date_header: true,
                 #[cfg(feature = "server")]
                 parse_error_answer: None,
@@ -159,6 +165,11 @@ where
     }
 
     #[cfg(feature = "server")]
+    pub(crate) fn set_http1_keep_alive_timeout(&mut self, val: Duration) {
+        self.state.h1_keep_alive_timeout = Some(val);
+    }
+
+    #[cfg(feature = "server")]
     pub(crate) fn set_allow_half_close(&mut self) {
         self.state.allow_half_close = true;
     }
@@ -229,7 +240,17 @@ where
 
         #[cfg(feature = "server")]
         if !self.state.h1_header_read_timeout_running {
-            if let Some(h1_header_read_timeout) = self.state.h1_header_read_timeout {
+            // Postern: between requests, the keep-alive timeout.
+            let between = self.state.h1_served
+                && self.io.read_buf().is_empty()
+                && self.state.h1_keep_alive_timeout.is_some();
+            self.state.h1_waiting_keep_alive = between;
+            let timeout = if between {
+                self.state.h1_keep_alive_timeout
+            } else {
+                self.state.h1_header_read_timeout
+            };
+            if let Some(h1_header_read_timeout) = timeout {
                 let deadline = self.state.timer.now() + h1_header_read_timeout;
                 self.state.h1_header_read_timeout_running = true;
                 match &mut self.state.h1_header_read_timeout_fut {
@@ -265,6 +286,19 @@ where
             Poll::Ready(Ok(msg)) => msg,
             Poll::Ready(Err(e)) => return self.on_read_head_error(e),
             Poll::Pending => {
+                // Postern: the next request began; its head gets the header read timeout
+                // from its first byte.
+                #[cfg(feature = "server")]
+                if self.state.h1_waiting_keep_alive && !self.io.read_buf().is_empty() {
+                    self.state.h1_waiting_keep_alive = false;
+                    if let (Some(timeout), Some(fut)) = (
+                        self.state.h1_header_read_timeout,
+                        self.state.h1_header_read_timeout_fut.as_mut(),
+                    ) {
+                        let deadline = self.state.timer.now() + timeout;
+                        self.state.timer.reset(fut, deadline);
+                    }
+                }
                 #[cfg(feature = "server")]
                 if self.state.h1_header_read_timeout_running {
                     if let Some(h1_header_read_timeout_fut) =
@@ -287,6 +321,7 @@ where
         {
             self.state.h1_header_read_timeout_running = false;
             self.state.h1_header_read_timeout_fut = None;
+            self.state.h1_served = true;
         }
 
         // Note: don't deconstruct `msg` into local variables, it appears
@@ -978,6 +1013,16 @@ struct State {
     h1_header_read_timeout_fut: Option<Pin<Box<dyn Sleep>>>,
     #[cfg(feature = "server")]
     h1_header_read_timeout_running: bool,
+    /// Postern: how long a keep-alive connection waits for the first byte of its next
+    /// request (nginx's keepalive_timeout); the header read timeout runs from that byte.
+    #[cfg(feature = "server")]
+    h1_keep_alive_timeout: Option<Duration>,
+    /// Postern: whether the running header timer is the keep-alive one.
+    #[cfg(feature = "server")]
+    h1_waiting_keep_alive: bool,
+    /// Postern: whether a request head was read on this connection.
+    #[cfg(feature = "server")]
+    h1_served: bool,
     #[cfg(feature = "server")]
     date_header: bool,
     /// Postern: a server's own answer to a request it cannot parse.

@@ -56,6 +56,10 @@ pub(crate) struct Config {
     pub(crate) header_table_size: Option<u32>,
     pub(crate) max_header_list_size: u32,
     pub(crate) date_header: bool,
+    /// Postern: how long a connection may go without a stream from its start, and after
+    /// its last stream ended (nginx's client_header_timeout and keepalive_timeout).
+    pub(crate) first_stream_timeout: Option<Duration>,
+    pub(crate) idle_timeout: Option<Duration>,
 }
 
 impl Default for Config {
@@ -75,6 +79,8 @@ impl Default for Config {
             max_send_buffer_size: DEFAULT_MAX_SEND_BUF_SIZE,
             max_header_list_size: DEFAULT_SETTINGS_MAX_HEADER_LIST_SIZE,
             date_header: true,
+            first_stream_timeout: None,
+            idle_timeout: None,
         }
     }
 }
@@ -90,7 +96,46 @@ pin_project! {
         service: S,
         state: State<T, B>,
         date_header: bool,
-        close_pending: bool
+        close_pending: bool,
+        idle: Idle,
+        handshake_error: Option<crate::Error>,
+    }
+}
+
+/// Postern: the timer of a connection without streams. It runs from the connection's start
+/// until its first stream, and from the end of its last stream until the next; when it
+/// fires the connection ends with a GOAWAY (as nginx's does).
+struct Idle {
+    timeout: Option<Duration>,
+    timer: Option<Pin<Box<dyn crate::rt::Sleep>>>,
+    armed: bool,
+    fired: bool,
+}
+
+impl Idle {
+    /// Whether the timer fires now (once), given whether the connection has streams.
+    fn poll(&mut self, cx: &mut Context<'_>, time: &Time, has_streams: bool) -> bool {
+        if self.fired {
+            return false;
+        }
+        let Some(timer) = self.timer.as_mut() else { return false };
+        if has_streams {
+            self.armed = false;
+            return false;
+        }
+        if !self.armed {
+            let Some(timeout) = self.timeout else { return false };
+            time.reset(timer, time.now() + timeout);
+            self.armed = true;
+        }
+        self.fired = timer.as_mut().poll(cx).is_ready();
+        self.fired
+    }
+
+    /// Whether the connection's streams ended since the timer was last looked at, so
+    /// that it must be started.
+    fn due(&self, has_streams: bool) -> bool {
+        self.timer.is_some() && self.timeout.is_some() && !self.fired && !self.armed && !has_streams
     }
 }
 
@@ -169,7 +214,15 @@ where
             keep_alive_while_idle: true,
         };
 
+        let idle = Idle {
+            timeout: config.idle_timeout,
+            timer: config.first_stream_timeout.map(|timeout| timer.sleep(timeout)),
+            armed: true,
+            fired: false,
+        };
         Server {
+            idle,
+            handshake_error: None,
             exec,
             timer,
             state: State::Handshaking {
@@ -212,7 +265,24 @@ where
         loop {
             let next = match &mut me.state {
                 State::Handshaking { hs, ping_config } => {
-                    let mut conn = ready!(Pin::new(hs).poll(cx).map_err(crate::Error::new_h2))?;
+                    // Postern: no preface in time gets nginx's GOAWAY.
+                    if me.idle.fired || me.idle.poll(cx, &me.timer, false) {
+                        ready!(hs.poll_go_away(cx).map_err(crate::Error::new_h2))?;
+                        return Poll::Ready(match me.handshake_error.take() {
+                            Some(e) => Err(e),
+                            None => Ok(Dispatched::Shutdown),
+                        });
+                    }
+                    let mut conn = match ready!(Pin::new(hs).poll(cx)) {
+                        Ok(conn) => conn,
+                        // Postern: a wrong preface gets nginx's GOAWAY too.
+                        Err(e) if e.is_go_away() => {
+                            me.idle.fired = true;
+                            me.handshake_error = Some(crate::Error::new_h2(e));
+                            continue;
+                        }
+                        Err(e) => return Poll::Ready(Err(crate::Error::new_h2(e))),
+                    };
                     let ping = if ping_config.is_enabled() {
                         let pp = conn.ping_pong().expect("conn.ping_pong");
                         Some(ping::channel(pp, ping_config.clone(), me.timer.clone()))
@@ -231,7 +301,25 @@ where
                     if me.close_pending && srv.closing.is_none() {
                         srv.conn.graceful_shutdown();
                     }
-                    ready!(srv.poll_server(cx, &mut me.service, &mut me.exec))?;
+                    // Postern: an idle connection ends with a GOAWAY naming the last stream.
+                    // Streams end while the connection is polled (as their last frames
+                    // leave), so the timer is looked at again after polling.
+                    loop {
+                        if srv.closing.is_none()
+                            && me.idle.poll(cx, &me.timer, srv.conn.has_streams())
+                        {
+                            debug!("idle, closing connection");
+                            srv.conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                        }
+                        match srv.poll_server(cx, &mut me.service, &mut me.exec) {
+                            Poll::Ready(result) => {
+                                result?;
+                                break;
+                            }
+                            Poll::Pending if srv.closing.is_none() && me.idle.due(srv.conn.has_streams()) => {}
+                            Poll::Pending => return Poll::Pending,
+                        }
+                    }
                     return Poll::Ready(Ok(Dispatched::Shutdown));
                 }
             };

@@ -84,6 +84,7 @@ pub struct Builder {
     pipeline_flush: bool,
     date_header: bool,
     parse_error_answer: Option<ParseErrorAnswer>,
+    keep_alive_timeout: Option<Duration>,
 }
 
 /// Postern: what a server writes, in place of hyper's own empty answer, to a request it
@@ -261,7 +262,16 @@ impl Builder {
             pipeline_flush: false,
             date_header: true,
             parse_error_answer: None,
+            keep_alive_timeout: None,
         }
+    }
+
+    /// Postern: how long a keep-alive connection waits for the first byte of its next
+    /// request (nginx's keepalive_timeout) before it closes; the header read timeout then
+    /// runs from that byte. Needs a [`timer`](Self::timer).
+    pub fn keep_alive_timeout(&mut self, timeout: Duration) -> &mut Self {
+        self.keep_alive_timeout = Some(timeout);
+        self
     }
 
     /// Postern: writes `answer`'s bytes, instead of hyper's empty 4xx, to a request that
@@ -499,6 +509,9 @@ impl Builder {
         }
         if self.h1_title_case_headers {
             conn.set_title_case_headers();
+        }
+        if let (Some(dur), Time::Timer(_)) = (self.keep_alive_timeout, &self.timer) {
+            conn.set_http1_keep_alive_timeout(dur);
         }
         if let Some(answer) = self.parse_error_answer {
             conn.set_parse_error_answer(answer);

@@ -280,6 +280,17 @@ impl<E> Builder<E> {
         self
     }
 
+    /// Postern: ends a connection that opens no stream within `first` of its start, or
+    /// none within `idle` after its last stream ended, with a GOAWAY (NO_ERROR, naming the
+    /// last stream it processed; before the client's preface, PROTOCOL_ERROR if part of it
+    /// came), as nginx does after its client_header_timeout and keepalive_timeout. Needs
+    /// a [`timer`](Self::timer).
+    pub fn idle_timeouts(&mut self, first: Duration, idle: Duration) -> &mut Self {
+        self.h2_builder.first_stream_timeout = Some(first);
+        self.h2_builder.idle_timeout = Some(idle);
+        self
+    }
+
     /// Set the timer used in background tasks.
     pub fn timer<M>(&mut self, timer: M) -> &mut Self
     where
