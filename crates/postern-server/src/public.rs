@@ -154,7 +154,8 @@ async fn serve_connection(
     };
     // nginx's timer runs from the connection's acceptance, not from the handshake's end.
     let header_timeout = HEADER_TIMEOUT.saturating_sub(accepted.elapsed());
-    let (io, service) = (TokioIo::new(Ending(stream, false)), TowerToHyperService::new(router));
+    let (io, service) =
+        (TokioIo::new(Ending(stream, Client::Quiet)), TowerToHyperService::new(router));
     // The protocol is the one ALPN chose, as nginx decides it: an HTTP/2 preface on a
     // connection that did not agree on h2 is a bad HTTP/1 request, not HTTP/2.
     if io.inner().0.get_ref().1.alpn_protocol() == Some(b"h2") {
@@ -178,6 +179,8 @@ async fn serve_connection(
             .timer(TokioTimer::new())
             .header_read_timeout(header_timeout)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            // nginx's lingering close of a connection whose request body it did not read.
+            .lingering_close(Duration::from_secs(5), Duration::from_secs(30))
             .title_case_headers(true)
             // nginx takes several spaces between the request line's parts, and answers
             // what it cannot read with its own pages (crate::unparsed).
@@ -268,16 +271,26 @@ impl Drop for Coalesce {
     }
 }
 
-/// A connection's TLS stream on the public listener, and whether the client wrote since
-/// the server last did (part of a request is in). Dropped without a TLS close (hyper drops
-/// a connection whose request, or next request, did not come in time), it closes as nginx
-/// does when it times a client out: with close_notify if no part of a request came, without
-/// one if a part did (nginx then marks the connection timed out and skips it).
-struct Ending(tokio_rustls::server::TlsStream<Coalesce>, bool);
+/// A connection's TLS stream on the public listener, and what the client did last. Dropped
+/// without a TLS close (hyper drops a connection whose request, or next request, did not
+/// come in time), it closes as nginx does when it times a client out: with close_notify if
+/// no part of a request came since the last answer, without one if a part did (nginx then
+/// marks the connection timed out and skips it). A client that closed its side gets none:
+/// under a censor that counts packets, one more after a connection's last exchange could
+/// be the one that freezes it.
+struct Ending(tokio_rustls::server::TlsStream<Coalesce>, Client);
+
+/// What the client of an [`Ending`] did since the server last wrote.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Client {
+    Quiet,
+    Wrote,
+    Closed,
+}
 
 impl Drop for Ending {
     fn drop(&mut self) {
-        if self.1 {
+        if self.1 != Client::Quiet {
             return;
         }
         let (tcp, tls) = self.0.get_mut();
@@ -289,6 +302,15 @@ impl Drop for Ending {
     }
 }
 
+impl Ending {
+    /// The server writes: what the client wrote before is answered.
+    fn wrote(&mut self) {
+        if self.1 == Client::Wrote {
+            self.1 = Client::Quiet;
+        }
+    }
+}
+
 impl AsyncRead for Ending {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -297,8 +319,10 @@ impl AsyncRead for Ending {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let read = Pin::new(&mut self.0).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.1 = true;
+        match &read {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => self.1 = Client::Wrote,
+            Poll::Ready(_) => self.1 = Client::Closed,
+            Poll::Pending => {}
         }
         read
     }
@@ -310,7 +334,7 @@ impl AsyncWrite for Ending {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.1 = false;
+        self.wrote();
         Pin::new(&mut self.0).poll_write(cx, buf)
     }
 
@@ -319,7 +343,7 @@ impl AsyncWrite for Ending {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        self.1 = false;
+        self.wrote();
         Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
     }
 

@@ -72,6 +72,10 @@ where
                 #[cfg(feature = "server")]
                 h1_served: false,
                 #[cfg(feature = "server")]
+                h1_lingering: None,
+                #[cfg(feature = "server")]
+                lingering: None,
+                #[cfg(feature = "server")]
                 date_header: true,
                 #[cfg(feature = "server")]
                 parse_error_answer: None,
@@ -162,6 +166,11 @@ where
     #[cfg(feature = "server")]
     pub(crate) fn set_http1_header_read_timeout(&mut self, val: Duration) {
         self.state.h1_header_read_timeout = Some(val);
+    }
+
+    #[cfg(feature = "server")]
+    pub(crate) fn set_http1_lingering(&mut self, quiet: Duration, most: Duration) {
+        self.state.h1_lingering = Some((quiet, most));
     }
 
     #[cfg(feature = "server")]
@@ -914,6 +923,8 @@ where
     }
 
     pub(crate) fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        #[cfg(feature = "server")]
+        ready!(self.poll_linger(cx));
         match ready!(self.io.poll_shutdown(cx)) {
             Ok(()) => {
                 trace!("shut down IO complete");
@@ -924,6 +935,40 @@ where
                 Poll::Ready(Err(e))
             }
         }
+    }
+
+    /// Postern: with a request body left unread, reads and drops what the client sends
+    /// until it is quiet for a while or the longest time runs out (nginx's lingering
+    /// close), so that the shutdown comes when nginx's would.
+    #[cfg(feature = "server")]
+    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(lingering) = &mut self.state.lingering else {
+            return Poll::Ready(());
+        };
+        let Some((quiet, most)) = self.state.h1_lingering else {
+            return Poll::Ready(());
+        };
+        let now = self.state.timer.now();
+        let (quiet_timer, most_timer) = lingering.get_or_insert_with(|| {
+            (self.state.timer.sleep_until(now + quiet), self.state.timer.sleep_until(now + most))
+        });
+        loop {
+            if quiet_timer.as_mut().poll(cx).is_ready() || most_timer.as_mut().poll(cx).is_ready()
+            {
+                break;
+            }
+            match self.io.poll_read_from_io(cx) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    self.io.clear_read_buf();
+                    let deadline = self.state.timer.now() + quiet;
+                    self.state.timer.reset(quiet_timer, deadline);
+                }
+                Poll::Ready(_) => break,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.state.lingering = None;
+        Poll::Ready(())
     }
 
     /// If the read side can be cheaply drained, do so. Otherwise, close.
@@ -941,7 +986,14 @@ where
             Reading::Init | Reading::KeepAlive => {
                 trace!("body drained")
             }
-            _ => self.close_read(),
+            _ => {
+                // Postern: nginx lingers before it closes such a connection.
+                #[cfg(feature = "server")]
+                if self.state.h1_lingering.is_some() {
+                    self.state.lingering = Some(None);
+                }
+                self.close_read()
+            }
         }
     }
 
@@ -1023,6 +1075,15 @@ struct State {
     /// Postern: whether a request head was read on this connection.
     #[cfg(feature = "server")]
     h1_served: bool,
+    /// Postern: a lingering close's quiet time and longest time (nginx's lingering_timeout
+    /// and lingering_time), if configured.
+    #[cfg(feature = "server")]
+    h1_lingering: Option<(Duration, Duration)>,
+    /// Postern: a request body left unread: before the connection shuts down, what the
+    /// client still sends is read and dropped, until it is quiet for the first timer or
+    /// the second runs out.
+    #[cfg(feature = "server")]
+    lingering: Option<Option<(Pin<Box<dyn Sleep>>, Pin<Box<dyn Sleep>>)>>,
     #[cfg(feature = "server")]
     date_header: bool,
     /// Postern: a server's own answer to a request it cannot parse.

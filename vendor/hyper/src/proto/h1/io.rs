@@ -121,6 +121,12 @@ where
         &mut self.read_buf
     }
 
+    /// Postern: drops what was read (a lingering close reads only to drop it).
+    #[cfg(feature = "server")]
+    pub(super) fn clear_read_buf(&mut self) {
+        self.read_buf.clear();
+    }
+
     /// Return the "allocated" available space, not the potential space
     /// that could be allocated in the future.
     fn read_buf_remaining_mut(&self) -> usize {

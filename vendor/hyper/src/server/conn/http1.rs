@@ -85,6 +85,7 @@ pub struct Builder {
     date_header: bool,
     parse_error_answer: Option<ParseErrorAnswer>,
     keep_alive_timeout: Option<Duration>,
+    lingering: Option<(Duration, Duration)>,
 }
 
 /// Postern: what a server writes, in place of hyper's own empty answer, to a request it
@@ -263,6 +264,7 @@ impl Builder {
             date_header: true,
             parse_error_answer: None,
             keep_alive_timeout: None,
+            lingering: None,
         }
     }
 
@@ -271,6 +273,15 @@ impl Builder {
     /// runs from that byte. Needs a [`timer`](Self::timer).
     pub fn keep_alive_timeout(&mut self, timeout: Duration) -> &mut Self {
         self.keep_alive_timeout = Some(timeout);
+        self
+    }
+
+    /// Postern: a connection closed with a request body left unread lingers first: what
+    /// the client still sends is read and dropped until it has been quiet for `quiet` or
+    /// `most` has passed (nginx's lingering_timeout and lingering_time). Needs a
+    /// [`timer`](Self::timer).
+    pub fn lingering_close(&mut self, quiet: Duration, most: Duration) -> &mut Self {
+        self.lingering = Some((quiet, most));
         self
     }
 
@@ -512,6 +523,9 @@ impl Builder {
         }
         if let (Some(dur), Time::Timer(_)) = (self.keep_alive_timeout, &self.timer) {
             conn.set_http1_keep_alive_timeout(dur);
+        }
+        if let (Some((quiet, most)), Time::Timer(_)) = (self.lingering, &self.timer) {
+            conn.set_http1_lingering(quiet, most);
         }
         if let Some(answer) = self.parse_error_answer {
             conn.set_parse_error_answer(answer);
