@@ -317,12 +317,14 @@ impl AsyncRead for Ending {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
+        let (before, room) = (buf.filled().len(), buf.remaining());
         let read = Pin::new(&mut self.0).poll_read(cx, buf);
         match &read {
             Poll::Ready(Ok(())) if buf.filled().len() > before => self.1 = Client::Wrote,
-            Poll::Ready(_) => self.1 = Client::Closed,
-            Poll::Pending => {}
+            // Nothing read into room for something: the end of the stream.
+            Poll::Ready(Ok(())) if room > 0 => self.1 = Client::Closed,
+            Poll::Ready(Err(_)) => self.1 = Client::Closed,
+            Poll::Ready(Ok(())) | Poll::Pending => {}
         }
         read
     }
