@@ -13,9 +13,11 @@
 //! **Architecture Invariant:** a reply to a write is sent only after the `COMMIT` of the batch
 //! that holds it has returned.
 
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use postern_proto::frame::{ClaimPolicy, DeviceStatus, Item};
 use postern_proto::ids::{
@@ -45,6 +47,13 @@ pub struct Options {
 const MAX_BATCH: usize = 512;
 /// Reader threads, each with its own connection.
 const READERS: usize = 4;
+/// How long the checkpointer waits after a commit before it copies the write-ahead log
+/// into the database, so that one checkpoint (and its fsync) covers many commits.
+const CHECKPOINT_PAUSE: Duration = Duration::from_millis(50);
+/// The writer checkpoints by itself only past this many log pages (16 MiB): when the
+/// checkpointer fell behind, or steady writes never let the log start over (SQLite
+/// restarts the log only once a checkpoint has copied all of it).
+const WRITER_CHECKPOINT_PAGES: u32 = 4000;
 /// A mailbox's expiry is extended when it is within this many days of the full term.
 const TOUCH_SLACK: u32 = 7;
 
@@ -52,9 +61,13 @@ type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 type Job = Box<dyn FnOnce(&Connection, &Batch) -> Reply + Send>;
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 
-/// What every operation of a batch knows about the store when the batch starts.
+/// What every operation of a batch knows about the store when the batch starts, and
+/// whether one of them spoiled it.
 struct Batch {
     full: bool,
+    /// An operation without a savepoint of its own failed after it had changed rows: the
+    /// whole batch is rolled back.
+    spoiled: Cell<bool>,
 }
 
 /// The SQLite store. Cheap to clone; all clones share the writer and the readers.
@@ -67,6 +80,7 @@ struct Inner {
     path: PathBuf,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    checkpointer: Mutex<Option<JoinHandle<()>>>,
     reads: Mutex<Option<mpsc::Sender<ReadJob>>>,
     readers: Mutex<Vec<JoinHandle<()>>>,
     options: Options,
@@ -95,11 +109,18 @@ impl SqliteStore {
     pub fn open(path: &Path, options: Options) -> Result<Self, StoreError> {
         let conn = open_connection(path)?;
         schema::migrate(&conn)?;
+        conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES).map_err(backend)?;
+        let (committed, commits) = mpsc::sync_channel::<()>(1);
+        let checkpoints = open_connection(path)?;
+        let checkpointer = std::thread::Builder::new()
+            .name("postern-store-checkpointer".into())
+            .spawn(move || checkpointer_loop(&checkpoints, &commits))
+            .map_err(|e| StoreError::Backend(format!("cannot start checkpointer thread: {e}")))?;
         let (tx, rx) = mpsc::channel::<Job>();
         let quota = options.quotas.disk_bytes;
         let writer = std::thread::Builder::new()
             .name("postern-store-writer".into())
-            .spawn(move || writer_loop(conn, rx, quota))
+            .spawn(move || writer_loop(conn, rx, quota, committed))
             .map_err(|e| StoreError::Backend(format!("cannot start writer thread: {e}")))?;
         let (read_tx, read_rx) = mpsc::channel::<ReadJob>();
         let read_rx = Arc::new(Mutex::new(read_rx));
@@ -118,6 +139,7 @@ impl SqliteStore {
                 path: path.to_owned(),
                 jobs: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(writer)),
+                checkpointer: Mutex::new(Some(checkpointer)),
                 reads: Mutex::new(Some(read_tx)),
                 readers: Mutex::new(readers),
                 options,
@@ -133,9 +155,11 @@ impl SqliteStore {
         if let Ok(mut reads) = self.inner.reads.lock() {
             reads.take();
         }
-        let handle = self.inner.writer.lock().ok().and_then(|mut w| w.take());
-        if let Some(handle) = handle {
-            let _ = handle.join();
+        // The writer ends with its queue, and the checkpointer with the writer.
+        for thread in [&self.inner.writer, &self.inner.checkpointer] {
+            if let Some(handle) = thread.lock().ok().and_then(|mut t| t.take()) {
+                let _ = handle.join();
+            }
         }
         let readers = self.inner.readers.lock().map(|mut r| std::mem::take(&mut *r));
         for reader in readers.unwrap_or_default() {
@@ -157,15 +181,45 @@ impl SqliteStore {
         tx.send(job).map_err(|_| StoreError::Backend("writer stopped".into()))
     }
 
-    /// Runs `f` in the next batch; resolves after the batch's commit.
+    /// Runs `f` in the next batch, in a savepoint of its own so that a refusal undoes only
+    /// its own rows; resolves after the batch's commit.
     async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &Batch) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.queue_write(true, f).await
+    }
+
+    /// `write` without a savepoint around the operation: a savepoint copies every page the
+    /// operation touches, the largest cost of an append after the commit itself. Only for
+    /// operations that make every refusal before their first write, so that an error after
+    /// a write is the database's own; it rolls back the whole batch.
+    async fn write_direct<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &Batch) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.queue_write(false, f).await
+    }
+
+    async fn queue_write<T, F>(&self, savepoint: bool, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection, &Batch) -> Result<T, StoreError> + Send + 'static,
     {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.submit(Box::new(move |conn, batch| {
-            let result = in_savepoint(conn, |c| f(c, batch));
+            let result = if savepoint {
+                in_savepoint(conn, |c| f(c, batch))
+            } else {
+                let before = conn.total_changes();
+                let result = f(conn, batch);
+                if result.is_err() && conn.total_changes() != before {
+                    batch.spoiled.set(true);
+                }
+                result
+            };
             Box::new(move |commit: Result<(), StoreError>| {
                 let _ = tx.send(commit.and(result));
             })
@@ -231,7 +285,27 @@ fn reader_loop(conn: &Connection, jobs: &Mutex<mpsc::Receiver<ReadJob>>) {
     }
 }
 
-fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, quota: u64) {
+/// Copies committed pages from the write-ahead log into the database off the writer's
+/// thread, where SQLite would otherwise do it after every 1,000 pages: the copy and the
+/// database's fsync no longer hold up the next batch.
+fn checkpointer_loop(conn: &Connection, commits: &mpsc::Receiver<()>) {
+    while commits.recv().is_ok() {
+        std::thread::sleep(CHECKPOINT_PAUSE);
+        while commits.try_recv().is_ok() {}
+        // PASSIVE never blocks the writer or the readers; what it cannot copy yet waits
+        // for the next one.
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "store checkpoint failed");
+        }
+    }
+}
+
+fn writer_loop(
+    conn: Connection,
+    rx: mpsc::Receiver<Job>,
+    quota: u64,
+    committed: mpsc::SyncSender<()>,
+) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
@@ -240,11 +314,21 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, quota: u64) {
                 Err(_) => break,
             }
         }
-        let batch = Batch { full: used_bytes(&conn).map_or(true, |used| used >= quota) };
+        let batch = Batch {
+            full: used_bytes(&conn).map_or(true, |used| used >= quota),
+            spoiled: Cell::new(false),
+        };
         let commit = match conn.execute_batch("BEGIN IMMEDIATE") {
             Ok(()) => {
                 let replies: Vec<Reply> = jobs.into_iter().map(|job| job(&conn, &batch)).collect();
-                let commit = conn.execute_batch("COMMIT").map_err(backend);
+                let commit = if batch.spoiled.get() {
+                    tracing::error!(
+                        "a store operation failed after it wrote; the batch was rolled back"
+                    );
+                    Err(StoreError::Backend("the batch was rolled back".into()))
+                } else {
+                    conn.execute_batch("COMMIT").map_err(backend)
+                };
                 if commit.is_err() {
                     let _ = conn.execute_batch("ROLLBACK");
                     tracing::error!("store commit failed; the batch was not acknowledged");
@@ -256,6 +340,10 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, quota: u64) {
                 (Vec::new(), Err(backend(e)))
             }
         };
+        if commit.1.is_ok() {
+            // Full means a checkpoint is already due.
+            let _ = committed.try_send(());
+        }
         for reply in commit.0 {
             reply(commit.1.clone());
         }
@@ -359,12 +447,12 @@ fn retry_of(
         })
         .map_err(backend)?;
     let Some((seq, stored)) = earlier else { return Ok(None) };
+    if stored != data {
+        // Refused before anything is written: the upload stays for a retry.
+        return Ok(Some(Err(StoreError::Conflict)));
+    }
     consume_upload(conn, from_upload)?;
-    Ok(Some(if stored == data {
-        Ok(Appended { seq: to_u64(seq), new: false })
-    } else {
-        Err(StoreError::Conflict)
-    }))
+    Ok(Some(Ok(Appended { seq: to_u64(seq), new: false })))
 }
 
 fn consume_upload(conn: &Connection, upload: Option<UploadId>) -> Result<(), StoreError> {
@@ -489,7 +577,8 @@ impl Store for SqliteStore {
     ) -> Result<Appended, StoreError> {
         let quota = self.quotas().drop_bytes;
         let expires = today.saturating_add(self.retention().drop_days);
-        self.write(move |c, batch| {
+        // Every refusal comes before the first write.
+        self.write_direct(move |c, batch| {
             let target: Option<(Vec<u8>, i64)> = c
                 .query_row("SELECT mailbox, bytes FROM drops WHERE id = ?1", [&drop.0[..]], |r| {
                     Ok((r.get(0)?, r.get(1)?))
@@ -875,7 +964,8 @@ impl Store for SqliteStore {
     ) -> Result<Appended, StoreError> {
         let quotas = *self.quotas();
         let retention = *self.retention();
-        self.write(move |c, batch| {
+        // Every refusal comes before the first write.
+        self.write_direct(move |c, batch| {
             let earlier = retry_of(
                 c,
                 "SELECT seq, data FROM entries WHERE log = ?1 AND idem = ?2",

@@ -66,3 +66,30 @@ async fn reopening_keeps_data_and_refuses_newer_schema() {
     drop(c);
     assert!(matches!(SqliteStore::open(&path, Options::default()), Err(StoreError::Backend(_))));
 }
+
+#[tokio::test]
+async fn a_direct_write_that_fails_after_writing_rolls_back_its_batch() {
+    let (s, _dir) = store().await;
+    let log = LogId([2; 32]);
+    s.create_log(log, PublicKey([2; 32]), 20_000).await.unwrap();
+    // Refused before writing: its own answer, and the batch commits.
+    let refused: Result<(), _> = s.write_direct(|_, _| Err(StoreError::NotFound)).await;
+    assert!(matches!(refused, Err(StoreError::NotFound)));
+    // Fails after a write: nothing of it stays, and the caller hears of the rollback.
+    let spoiled: Result<(), _> = s
+        .write_direct(move |c, _| {
+            c.execute("UPDATE logs SET next_seq = 99 WHERE id = ?1", [&log.0[..]])
+                .map_err(backend)?;
+            Err(StoreError::QuotaExceeded)
+        })
+        .await;
+    assert!(matches!(spoiled, Err(StoreError::Backend(_))), "{spoiled:?}");
+    let entry = NewEntry {
+        idem: IdemKey([9; 16]),
+        key_id: PublicKey([2; 32]).key_id(),
+        next_key: None,
+        data: b"after".to_vec(),
+        from_upload: None,
+    };
+    assert_eq!(s.append(log, entry, 20_000).await.unwrap().seq, 1);
+}

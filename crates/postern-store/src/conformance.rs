@@ -376,6 +376,14 @@ pub async fn uploads_resume_and_complete<S: Store>(s: &S) {
     e.from_upload = Some(u);
     s.append(l, e, TODAY).await.unwrap();
     assert_eq!(s.upload_bytes(u).await, Err(StoreError::NotFound));
+    // An upload whose append conflicts with an earlier entry stays for a corrected retry.
+    let other: Vec<u8> = data.iter().map(|b| b ^ 1).collect();
+    let v = UploadId([4; 16]);
+    assert_eq!(s.upload_chunk(v, 40_000, 0, other.clone(), TODAY).await, Ok(40_000));
+    let mut e = entry(1, &other);
+    e.from_upload = Some(v);
+    assert_eq!(s.append(l, e, TODAY).await, Err(StoreError::Conflict));
+    assert_eq!(s.upload_bytes(v).await.unwrap(), other);
     assert_eq!(
         s.upload_chunk(UploadId([3; 16]), 2_000_000, 0, vec![1], TODAY).await,
         Err(StoreError::BadRequest),
