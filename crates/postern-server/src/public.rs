@@ -147,13 +147,29 @@ async fn serve_connection(
     router: Router,
     shutdown: watch::Receiver<bool>,
 ) {
-    let tcp = Coalesce::new(tcp);
-    let accepted = tokio::time::Instant::now();
-    let Ok(Ok(stream)) = tokio::time::timeout(HEADER_TIMEOUT, tls.accept(tcp)).await else {
-        return;
+    // What serves the connection is built outside this future and boxed, sized for the
+    // protocol it speaks: kept in here, the TLS stream it was built from and the HTTP/2
+    // connection would each hold their space for the connection's life (an idle session
+    // paid 7.3 KiB for this task; BENCHMARKS.md).
+    let served = {
+        let accepted = tokio::time::Instant::now();
+        let handshake = tokio::time::timeout(HEADER_TIMEOUT, tls.accept(Coalesce::new(tcp)));
+        let Ok(Ok(stream)) = handshake.await else {
+            return;
+        };
+        // nginx's timer runs from the connection's acceptance, not from the handshake's end.
+        serve(stream, router, HEADER_TIMEOUT.saturating_sub(accepted.elapsed()), shutdown)
     };
-    // nginx's timer runs from the connection's acceptance, not from the handshake's end.
-    let header_timeout = HEADER_TIMEOUT.saturating_sub(accepted.elapsed());
+    served.await;
+}
+
+/// HTTP/1 or HTTP/2 over an accepted TLS stream, as a future of its own size.
+fn serve(
+    stream: tokio_rustls::server::TlsStream<Coalesce>,
+    router: Router,
+    header_timeout: Duration,
+    shutdown: watch::Receiver<bool>,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     let (io, service) =
         (TokioIo::new(Ending(stream, Client::Quiet)), TowerToHyperService::new(router));
     // The protocol is the one ALPN chose, as nginx decides it: an HTTP/2 preface on a
@@ -171,7 +187,7 @@ async fn serve_connection(
             .max_frame_size(16_777_215)
             .idle_timeouts(header_timeout, KEEPALIVE_TIMEOUT);
         let conn = http2.serve_connection(io, service);
-        drive(conn, |conn| conn.graceful_shutdown(), shutdown).await;
+        Box::pin(drive(Box::pin(conn), |conn| conn.graceful_shutdown(), shutdown))
     } else {
         // Headers written as nginx writes them (`Content-Length`, not `content-length`).
         let mut http1 = hyper::server::conn::http1::Builder::new();
@@ -189,18 +205,18 @@ async fn serve_connection(
             .max_headers(1000)
             .parse_error_answer(crate::unparsed::answer);
         let conn = http1.serve_connection(io, service).with_upgrades();
-        drive(conn, |conn| conn.graceful_shutdown(), shutdown).await;
+        Box::pin(drive(Box::pin(conn), |conn| conn.graceful_shutdown(), shutdown))
     }
 }
 
 /// Serves a connection until it ends, or, once the server shuts down, asks it to finish
-/// (`graceful`) and drains it for a while.
+/// (`graceful`) and drains it for a while. The connection comes boxed: an async fn holds its
+/// arguments for its whole life, so a pinned copy would double it.
 async fn drive<C: Future>(
-    conn: C,
+    mut conn: Pin<Box<C>>,
     graceful: impl FnOnce(Pin<&mut C>),
     mut shutdown: watch::Receiver<bool>,
 ) {
-    tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}
         _ = shutdown.changed() => {

@@ -262,13 +262,14 @@ fn in_savepoint<T>(
 }
 
 fn used_bytes(conn: &Connection) -> Result<u64, StoreError> {
-    let pragma = |name: &str| -> Result<u64, StoreError> {
-        conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0))
-            .map(|v| u64::try_from(v).unwrap_or(0))
-            .map_err(backend)
-    };
-    let page = pragma("page_size")?;
-    Ok((pragma("page_count")?.saturating_sub(pragma("freelist_count")?)) * page)
+    // Run before every batch: one cached statement, not three prepared each time.
+    conn.prepare_cached(
+        "SELECT page_size * max(page_count - freelist_count, 0) \
+         FROM pragma_page_size, pragma_page_count, pragma_freelist_count",
+    )
+    .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
+    .map(|v| u64::try_from(v).unwrap_or(0))
+    .map_err(backend)
 }
 
 /// A reader thread: runs read jobs on its own connection until the queue closes.
