@@ -153,7 +153,9 @@ async fn serve_connection(
     // paid 7.3 KiB for this task; BENCHMARKS.md).
     let served = {
         let accepted = tokio::time::Instant::now();
-        let handshake = tokio::time::timeout(HEADER_TIMEOUT, tls.accept(Coalesce::new(tcp)));
+        // Boxed too: the handshake's state is larger than what follows it.
+        let handshake =
+            tokio::time::timeout(HEADER_TIMEOUT, Box::pin(tls.accept(Coalesce::new(tcp))));
         let Ok(Ok(stream)) = handshake.await else {
             return;
         };

@@ -90,20 +90,34 @@ struct Session<S: Store> {
 }
 
 /// Runs a session to its end.
-pub(crate) async fn run<S: Store>(app: Arc<App<S>>, socket: WebSocket) {
-    app.metrics.sessions_total.inc();
-    app.metrics.sessions_open.inc();
-    let mut subscriber = app.hub.subscriber();
-    if let Some(mut session) = handshake(&app, socket).await {
-        let _ = session.serve(&mut subscriber).await;
-        app.hub.unsubscribe_all(session.subs.keys().copied(), subscriber.id);
-        let _ = session.sink.close().await;
+///
+/// Not an async fn, and the session boxed: an async fn keeps room for its arguments (the
+/// socket, moved into its halves at once) and for every local across an await (the
+/// session twice, as the `Option` and as its content) for the session's whole life. Each
+/// idle session paid for those (BENCHMARKS.md).
+pub(crate) fn run<S: Store>(
+    app: Arc<App<S>>,
+    socket: WebSocket,
+) -> impl Future<Output = ()> + Send + 'static {
+    let (sink, stream) = socket.split();
+    async move {
+        app.metrics.sessions_total.inc();
+        app.metrics.sessions_open.inc();
+        let mut subscriber = app.hub.subscriber();
+        if let Some(mut session) = handshake(&app, sink, stream).await {
+            let _ = session.serve(&mut subscriber).await;
+            app.hub.unsubscribe_all(session.subs.keys().copied(), subscriber.id);
+            let _ = session.sink.close().await;
+        }
+        app.metrics.sessions_open.dec();
     }
-    app.metrics.sessions_open.dec();
 }
 
-async fn handshake<S: Store>(app: &Arc<App<S>>, socket: WebSocket) -> Option<Session<S>> {
-    let (mut sink, mut stream) = socket.split();
+async fn handshake<S: Store>(
+    app: &Arc<App<S>>,
+    mut sink: SplitSink<WebSocket, Message>,
+    mut stream: SplitStream<WebSocket>,
+) -> Option<Box<Session<S>>> {
     let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.next()).await.ok()??.ok()?;
     let Message::Binary(first) = first else {
         return None;
@@ -113,7 +127,7 @@ async fn handshake<S: Store>(app: &Arc<App<S>>, socket: WebSocket) -> Option<Ses
     // A handshake that does not decrypt gets no answer: it was not meant for this key.
     let (transport, answer) = server_respond(&app.static_key, &first, nonce).ok()?;
     sink.send(Message::Binary(answer.into())).await.ok()?;
-    Some(Session {
+    Some(Box::new(Session {
         app: app.clone(),
         sink,
         stream,
@@ -125,7 +139,7 @@ async fn handshake<S: Store>(app: &Arc<App<S>>, socket: WebSocket) -> Option<Ses
         trusted: HashSet::new(),
         work: FuturesUnordered::new(),
         unflushed: 0,
-    })
+    }))
 }
 
 impl<S: Store> Session<S> {
