@@ -205,7 +205,18 @@ impl DeframerVecBuffer {
         // we get a message with a length field out of range here,
         // we do a zero length read.  That looks like an EOF to
         // the next layer up, which is fine.
-        let new_bytes = rd.read(&mut self.buf[self.used..])?;
+        let new_bytes = match rd.read(&mut self.buf[self.used..]) {
+            Ok(n) => n,
+            Err(e) => {
+                // Postern: nothing buffered and nothing to read: the connection is idle, so
+                // its 4 KiB go back until the next record comes (an idle server session
+                // kept them all its life).
+                if self.used == 0 && e.kind() == io::ErrorKind::WouldBlock {
+                    self.buf = Vec::new();
+                }
+                return Err(e);
+            }
+        };
         self.used += new_bytes;
         Ok(new_bytes)
     }
