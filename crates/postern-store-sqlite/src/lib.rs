@@ -323,16 +323,13 @@ fn writer_loop(
             Ok(()) => {
                 let replies: Vec<Reply> = jobs.into_iter().map(|job| job(&conn, &batch)).collect();
                 let commit = if batch.spoiled.get() {
-                    tracing::error!(
-                        "a store operation failed after it wrote; the batch was rolled back"
-                    );
-                    Err(StoreError::Backend("the batch was rolled back".into()))
+                    Err(StoreError::Backend("an operation failed after it wrote".into()))
                 } else {
                     conn.execute_batch("COMMIT").map_err(backend)
                 };
-                if commit.is_err() {
+                if let Err(e) = &commit {
                     let _ = conn.execute_batch("ROLLBACK");
-                    tracing::error!("store commit failed; the batch was not acknowledged");
+                    tracing::error!(error = %e, "store batch rolled back, not acknowledged");
                 }
                 (replies, commit)
             }
@@ -342,7 +339,7 @@ fn writer_loop(
             }
         };
         if commit.1.is_ok() {
-            // Full means a checkpoint is already due.
+            // A full channel means a checkpoint is already due.
             let _ = committed.try_send(());
         }
         for reply in commit.0 {
