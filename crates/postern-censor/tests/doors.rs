@@ -724,7 +724,11 @@ fn probed_relay(scene: &Scene, home: &str) -> Value {
         if !relay["probe"].is_null() {
             return relay;
         }
-        assert!(Instant::now() < deadline, "no probe within 60 s: {status}");
+        if Instant::now() >= deadline {
+            let log = scene.dir.path().join(format!("{home}.listen.log"));
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            panic!("no probe within 60 s: {status}\n{home}'s listen:\n{log}");
+        }
         std::thread::sleep(Duration::from_secs(1));
     }
 }

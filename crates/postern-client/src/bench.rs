@@ -198,7 +198,7 @@ impl RawPair {
             mls::merge_pending(p, &created.group_id)?;
             Ok(created)
         })?;
-        bob.step(|p, _| Ok(mls::join(p, &created.welcome).map(|_| ())?))?;
+        bob.step(|p, _| Ok(mls::join(p, &created.welcome, |_| false).map(|_| ())?))?;
         Ok(RawPair { alice, bob, group: GroupId::from_slice(&created.group_id) })
     }
 
@@ -293,7 +293,7 @@ impl BigGroup {
         let created = alice.create_group(&kps)?;
         alice.merge_pending_commit(&created.group_id)?;
         bob.join_group(&created.welcome)?;
-        raw.step(|p, _| Ok(mls::join(p, &created.welcome).map(|_| ())?))?;
+        raw.step(|p, _| Ok(mls::join(p, &created.welcome, |_| false).map(|_| ())?))?;
         Ok(BigGroup { alice, bob, raw, group: created.group_id })
     }
 

@@ -354,6 +354,14 @@ pub enum Event {
         /// Whether history between our old and new state is lost to this device.
         lost: bool,
     },
+    /// Our home server was out of reach for the failover time: the mailbox moved to the
+    /// next server of our list, and our contacts were sent cards naming it.
+    HomeMoved {
+        /// The new home server's addresses.
+        addrs: Vec<String>,
+        /// How many contacts were sent a new card.
+        cards: usize,
+    },
 }
 
 /// One item of a chat's history as `read` shows it.
@@ -558,9 +566,14 @@ pub(crate) fn contact_for(
 }
 
 pub(crate) fn save_epoch(db: &Connection, chat: i64, keys: &EpochKeys) -> Result<(), ClientError> {
+    // An epoch saved again keeps where we entered it.
     db.execute(
-        "INSERT OR REPLACE INTO chat_epochs (chat_id, epoch, key_id, append_secret, envelope_key, auth_tag)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO chat_epochs
+             (chat_id, epoch, key_id, append_secret, envelope_key, auth_tag, since_generation, since_seq)
+         SELECT ?1, ?2, ?3, ?4, ?5, ?6, generation, cursor FROM chats WHERE id = ?1
+         ON CONFLICT (chat_id, epoch) DO UPDATE SET key_id = excluded.key_id,
+             append_secret = excluded.append_secret, envelope_key = excluded.envelope_key,
+             auth_tag = excluded.auth_tag",
         params![
             chat,
             keys.epoch,
@@ -895,6 +908,7 @@ pub(crate) fn queue_message(ctx: &Ctx<'_>, chat: &str, text: &str) -> Result<i64
 /// Encrypts and seals every queued message of an active chat into the outbox (only when no
 /// commit or proposal waits: [`groups::pump`] decides).
 pub(crate) fn seal_queued(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<(), ClientError> {
+    seal_controls(ctx, chat)?;
     let queued: Vec<(i64, Vec<u8>, String, u64)> = {
         let mut stmt = ctx
             .db
@@ -930,6 +944,57 @@ pub(crate) fn seal_queued(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<(), ClientErr
 /// Seals an MLS message (an application message, a proposal, a commit carrying the next
 /// epoch's append key) with `keys` for the chat's log and queues it. A text message keeps
 /// its row's idempotency key; anything else gets a fresh one.
+/// Control messages (cards, profiles) have no row among the chat's messages: the outbox
+/// keeps their plaintext, so that one unsealed before it went out (the chat moved, or its
+/// log rotated) waits in `controls` and is sealed again, like a queued message.
+pub(crate) const MIGRATION_CONTROLS: &str = r#"
+ALTER TABLE outbox ADD COLUMN control BLOB;
+CREATE TABLE controls (
+    id      INTEGER PRIMARY KEY,
+    chat_id INTEGER NOT NULL REFERENCES chats(id),
+    plain   BLOB NOT NULL
+);
+"#;
+
+/// Encrypts a control message (a card, a profile) into the chat's outbox now.
+pub(crate) fn queue_control(
+    ctx: &Ctx<'_>,
+    chat: &ChatRow,
+    content: Content,
+) -> Result<(), ClientError> {
+    let keys = mls::epoch_keys(&ctx.mls, &chat.group_id)?;
+    let plain = Zeroizing::new(AppMessage { epoch_tag: keys.authenticator_tag, content }.encode());
+    let mls_message = mls::encrypt(&ctx.mls, ctx.me, &chat.group_id, &plain)?;
+    queue_envelope(ctx, chat, &keys, "message", None, &mls_message, None)?;
+    ctx.db
+        .execute(
+            "UPDATE outbox SET control = ?2 WHERE id = ?1",
+            params![ctx.db.last_insert_rowid(), &plain[..]],
+        )
+        .map_err(dbe)?;
+    Ok(())
+}
+
+/// Seals again the control messages that were unsealed before they went out.
+fn seal_controls(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<(), ClientError> {
+    let waiting: Vec<(i64, Zeroizing<Vec<u8>>)> = {
+        let mut stmt = ctx
+            .db
+            .prepare("SELECT id, plain FROM controls WHERE chat_id = ?1 ORDER BY id")
+            .map_err(dbe)?;
+        let rows = stmt
+            .query_map([chat.id], |r| Ok((r.get(0)?, Zeroizing::new(r.get(1)?))))
+            .map_err(dbe)?;
+        rows.collect::<Result<_, _>>().map_err(dbe)?
+    };
+    for (id, plain) in waiting {
+        let message = AppMessage::decode(&plain).map_err(|_| bad("a stored control message"))?;
+        queue_control(ctx, chat, message.content)?;
+        ctx.db.execute("DELETE FROM controls WHERE id = ?1", [id]).map_err(dbe)?;
+    }
+    Ok(())
+}
+
 pub(crate) fn queue_envelope(
     ctx: &Ctx<'_>,
     chat: &ChatRow,
@@ -953,7 +1018,11 @@ pub(crate) fn next_outbox(ctx: &Ctx<'_>, skip: &[i64]) -> Result<Option<OutboxIt
         .db
         .prepare(
             "SELECT id, kind, server_link, target, idem, body, signer, chat_id FROM outbox
-             WHERE kind <> 'welcome' AND acked_seq IS NULL ORDER BY id",
+             WHERE kind <> 'welcome' AND acked_seq IS NULL
+               -- Addresses on our mailbox wait until it is published (after a move).
+               AND NOT (kind IN ('drop_create', 'claim_token_create')
+                        AND coalesce((SELECT published FROM mailbox WHERE id = 1), 1) = 0)
+             ORDER BY id",
         )
         .map_err(dbe)?;
     let rows = stmt
@@ -1187,6 +1256,14 @@ pub(crate) fn unseal(
         .map_err(dbe)?;
     ctx.db
         .execute(
+            "INSERT INTO controls (chat_id, plain) SELECT chat_id, control FROM outbox
+             WHERE chat_id = ?1 AND kind = 'message' AND control IS NOT NULL
+               AND (?2 IS NULL OR target = ?2) ORDER BY id",
+            params![chat, log],
+        )
+        .map_err(dbe)?;
+    ctx.db
+        .execute(
             &format!(
                 "DELETE FROM outbox WHERE chat_id = ?1 AND kind IN ({kinds})
                  AND (?2 IS NULL OR target = ?2)"
@@ -1409,23 +1486,29 @@ pub(crate) fn mailbox_cursor(ctx: &Ctx<'_>) -> Result<u64, ClientError> {
     ctx.db.query_row("SELECT fetched FROM mailbox WHERE id = 1", [], |r| r.get(0)).map_err(dbe)
 }
 
-fn set_mailbox_cursor(ctx: &Ctx<'_>, seq: u64) -> Result<(), ClientError> {
-    ctx.db
-        .execute("UPDATE mailbox SET fetched = max(fetched, ?1) WHERE id = 1", [seq])
-        .map_err(dbe)?;
-    Ok(())
+/// Moves the fetch cursor of the mailbox on our home server, or on `former`, a server it
+/// was on before it moved. Returns whether `seq` is new there.
+pub(crate) fn advance_mailbox_cursor(
+    ctx: &Ctx<'_>,
+    former: Option<&str>,
+    seq: u64,
+) -> Result<bool, ClientError> {
+    let changed = match former {
+        None => {
+            ctx.db.execute("UPDATE mailbox SET fetched = ?1 WHERE id = 1 AND fetched < ?1", [seq])
+        }
+        Some(server) => ctx.db.execute(
+            "UPDATE former_homes SET fetched = ?2 WHERE server_link = ?1 AND fetched < ?2",
+            params![server, seq],
+        ),
+    }
+    .map_err(dbe)?;
+    Ok(changed == 1)
 }
 
-/// Applies one mailbox item: a Welcome becomes a chat, a request waits for `accept`.
-pub(crate) fn receive_drop(
-    ctx: &Ctx<'_>,
-    seq: u64,
-    bytes: &[u8],
-) -> Result<Vec<Event>, ClientError> {
-    if seq <= mailbox_cursor(ctx)? {
-        return Ok(vec![]);
-    }
-    set_mailbox_cursor(ctx, seq)?;
+/// Applies one mailbox item: a Welcome becomes a chat, a request waits for `accept`. The
+/// caller has moved the mailbox's cursor past it.
+pub(crate) fn receive_drop(ctx: &Ctx<'_>, bytes: &[u8]) -> Result<Vec<Event>, ClientError> {
     let (private, _) = crate::store::hpke_keypair(ctx.db)?;
     let payload = open_drop(&ctx.mls, &private, bytes)?;
     match &payload {
@@ -1439,7 +1522,16 @@ pub(crate) fn receive_drop(
                 )
                 .optional()
                 .map_err(dbe)?;
-            let joined = mls::join(&ctx.mls, welcome)?;
+            // A chat waiting to be re-added takes the Welcome whatever its epoch.
+            let waiting: Vec<Vec<u8>> = {
+                let mut stmt = ctx
+                    .db
+                    .prepare("SELECT group_id FROM chats WHERE state = 'stale'")
+                    .map_err(dbe)?;
+                let rows = stmt.query_map([], |r| r.get(0)).map_err(dbe)?;
+                rows.collect::<Result<_, _>>().map_err(dbe)?
+            };
+            let joined = mls::join(&ctx.mls, welcome, |group| waiting.iter().any(|g| g == group))?;
             ServerLink::parse(server)?;
             ctx.db
                 .execute("UPDATE invites SET used = 1 WHERE drop_id = ?1", [&drop.0[..]])
@@ -1517,18 +1609,21 @@ pub(crate) fn receive_drop(
                 fingerprint: fingerprint(&identity),
             })])
         }
-        DropPayload::Rejoin { group, server, reply_drop, reply_hpke, key_package, .. } => {
+        DropPayload::Rejoin {
+            group,
+            server,
+            reply_drop,
+            reply_hpke,
+            key_package,
+            abandoned,
+            ..
+        } => {
             ServerLink::parse(server)?;
             let to =
                 WelcomeTarget { server: server.clone(), drop: reply_drop.0, hpke: *reply_hpke };
-            gaps::receive_rejoin(ctx, group, to, key_package)
+            gaps::receive_rejoin(ctx, group, to, key_package, abandoned.as_ref())
         }
     }
-}
-
-/// Moves past a mailbox item that cannot be applied.
-pub(crate) fn skip_drop(ctx: &Ctx<'_>, seq: u64) -> Result<(), ClientError> {
-    set_mailbox_cursor(ctx, seq)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -21,8 +21,9 @@
 //!   signature key). Every member accepts such a replacement from any member, whatever the
 //!   group's rules, since nobody joins or leaves; it does not rotate the log. Helpers that
 //!   come second see the device's leaf already replaced and drop the request.
-//! - **Rejoined**: the Welcome replaces our old group state (only with a later epoch), the
-//!   chat moves to the log and position the Welcome names, queued messages go out, and the
+//! - **Rejoined**: the Welcome replaces our old group state (only with a later epoch, unless
+//!   the chat is waiting for this re-add: after a fork the other branch may be behind ours),
+//!   the chat moves to the log and position the Welcome names, queued messages go out, and the
 //!   gap is marked as ended by a re-add.
 
 use postern_proto::content::DropPayload;
@@ -187,6 +188,17 @@ pub(crate) fn log_gone(ctx: &Ctx<'_>, chat: &str) -> Result<Vec<Event>, ClientEr
 
 /// We fell behind the group: stop reading it and ask members to re-add this device.
 pub(crate) fn go_stale(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<Vec<Event>, ClientError> {
+    fall_behind(ctx, chat, &helpers(ctx, chat)?, None)
+}
+
+/// Stops reading the chat and asks `helpers` to re-add this device; `abandoned` is the log
+/// of a branch we give up after a fork, which helpers still on it ignore.
+pub(crate) fn fall_behind(
+    ctx: &Ctx<'_>,
+    chat: &ChatRow,
+    helpers: &[Card],
+    abandoned: Option<&postern_proto::ids::LogId>,
+) -> Result<Vec<Event>, ClientError> {
     let generation = generation(ctx, chat.id)?;
     let marked = ctx
         .db
@@ -206,15 +218,14 @@ pub(crate) fn go_stale(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<Vec<Event>, Clie
     ctx.db.execute("UPDATE chats SET state = 'stale' WHERE id = ?1", [chat.id]).map_err(dbe)?;
     // What was sealed for the state we lost goes out again after the re-add.
     unseal(ctx, chat.id, &["message", "proposal", "commit", "welcome"], None)?;
-    let helpers = helpers(ctx, chat)?;
     if !helpers.is_empty() {
-        ask_to_rejoin(ctx, chat, &helpers)?;
+        ask_to_rejoin(ctx, chat, helpers, abandoned)?;
     }
     Ok(vec![Event::Rejoining { chat: chat.reference.clone(), asked: helpers.len() }])
 }
 
 /// Members we can reach with a rejoin request: contacts of ours with a card, admins first.
-fn helpers(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<Vec<Card>, ClientError> {
+pub(crate) fn helpers(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<Vec<Card>, ClientError> {
     let me = ctx.me.identity_public();
     let admins = mls::group_meta(&ctx.mls, &chat.group_id)?.map(|m| m.admins).unwrap_or_default();
     let mut identities: Vec<PublicKey> = Vec::new();
@@ -250,7 +261,12 @@ fn helpers(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<Vec<Card>, ClientError> {
 
 /// Queues a fresh drop address of ours for the Welcome and one rejoin request per helper,
 /// all with the same new key package of this device.
-fn ask_to_rejoin(ctx: &Ctx<'_>, chat: &ChatRow, helpers: &[Card]) -> Result<(), ClientError> {
+fn ask_to_rejoin(
+    ctx: &Ctx<'_>,
+    chat: &ChatRow,
+    helpers: &[Card],
+    abandoned: Option<&postern_proto::ids::LogId>,
+) -> Result<(), ClientError> {
     let keys = mailbox_keys(ctx)?;
     let (_, hpke_public) = crate::store::hpke_keypair(ctx.db)?;
     let reply = DropId(random());
@@ -280,6 +296,7 @@ fn ask_to_rejoin(ctx: &Ctx<'_>, chat: &ChatRow, helpers: &[Card]) -> Result<(), 
             reply_drop: reply,
             reply_hpke: hpke_public,
             key_package: key_package.clone(),
+            abandoned: abandoned.copied(),
         };
         let sealed = seal_drop(&ctx.mls, &card.hpke, &payload)?;
         insert_outbox(ctx.db, None, "drop", &card.server, &card.drop, &sealed, (None, None, None))?;
@@ -288,15 +305,17 @@ fn ask_to_rejoin(ctx: &Ctx<'_>, chat: &ChatRow, helpers: &[Card]) -> Result<(), 
 }
 
 /// A member asks us to re-add its device: queue the replacement if it is still a member,
-/// the device is in the group with another leaf, and the request is new.
+/// the device is in the group with another leaf, the request is new, and we are not on the
+/// branch it gave up (`abandoned`, after a fork).
 pub(crate) fn receive_rejoin(
     ctx: &Ctx<'_>,
     group: &[u8],
     welcome_to: WelcomeTarget,
     key_package: &[u8],
+    abandoned: Option<&postern_proto::ids::LogId>,
 ) -> Result<Vec<Event>, ClientError> {
     let Some(row) = chat_row(ctx.db, "group_id = ?1", &group)? else { return Ok(vec![]) };
-    if !row.active || row.state != "member" {
+    if !row.active || row.state != "member" || abandoned == Some(&row.log) {
         return Ok(vec![]);
     }
     let kp = mls::peer_key_package(&ctx.mls, key_package)?;

@@ -20,7 +20,7 @@
 //!   that is not leaving, at once, or by anyone who has something to send (openmls encrypts
 //!   nothing while a proposal waits), so one leave never stalls the group.
 
-use postern_proto::content::{AppMessage, Content, DropPayload, GroupMeta, KeyPackagePayload};
+use postern_proto::content::{Content, DropPayload, GroupMeta, KeyPackagePayload};
 use postern_proto::ids::{ClaimToken, DropId, LogId, PublicKey};
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
@@ -220,16 +220,7 @@ pub(crate) fn send_card(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<(), ClientError
         (Some(&owner[..]), None, None),
     )?;
     let card = Content::Card { server: home, drop: DropId(drop), hpke, kp_key: keys.kp_key, token };
-    send_control(ctx, chat, card)
-}
-
-/// Encrypts a control message (a card, a profile) into the chat's outbox now; it has no
-/// row among the chat's messages.
-fn send_control(ctx: &Ctx<'_>, chat: &ChatRow, content: Content) -> Result<(), ClientError> {
-    let keys = mls::epoch_keys(&ctx.mls, &chat.group_id)?;
-    let plain = AppMessage { epoch_tag: keys.authenticator_tag, content }.encode();
-    let mls_message = mls::encrypt(&ctx.mls, ctx.me, &chat.group_id, &plain)?;
-    queue_envelope(ctx, chat, &keys, "message", None, &mls_message, None)
+    crate::chats::queue_control(ctx, chat, card)
 }
 
 /// A contact's card, if it has arrived.
@@ -766,5 +757,5 @@ fn release_welcomes(ctx: &Ctx<'_>, chat: i64, seq: u64) -> Result<(), ClientErro
 /// Sends our profile into a group we just joined, or whose membership just grew, so members
 /// who are not our contacts can name us.
 pub(crate) fn send_profile(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<(), ClientError> {
-    send_control(ctx, chat, Content::Profile { name: ctx.me.name.clone() })
+    crate::chats::queue_control(ctx, chat, Content::Profile { name: ctx.me.name.clone() })
 }

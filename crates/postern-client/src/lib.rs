@@ -409,7 +409,9 @@ impl Client {
         &mut self,
         welcome: &[u8],
     ) -> Result<(Vec<u8>, Vec<DeviceCredential>), ClientError> {
-        self.in_transaction(|p, _| mls::join(p, welcome).map(|j| (j.group_id, j.members)))
+        self.in_transaction(|p, _| {
+            mls::join(p, welcome, |_| false).map(|j| (j.group_id, j.members))
+        })
     }
 
     /// Encrypts an application message for a group.
@@ -634,9 +636,35 @@ impl Client {
 
     /// Applies one mailbox item; one that cannot be opened or applied is skipped.
     pub fn receive_drop(&mut self, seq: u64, bytes: &[u8]) -> Result<Vec<Event>, ClientError> {
-        match self.step(|ctx| chats::receive_drop(ctx, seq, bytes)) {
+        self.apply_drop(None, seq, bytes)
+    }
+
+    /// Applies one item of the mailbox where it was before it moved to the home server
+    /// (see [`former_homes_due`](Self::former_homes_due)).
+    pub fn receive_former_drop(
+        &mut self,
+        server: &ServerLink,
+        seq: u64,
+        bytes: &[u8],
+    ) -> Result<Vec<Event>, ClientError> {
+        self.apply_drop(Some(&server.to_link_string()), seq, bytes)
+    }
+
+    fn apply_drop(
+        &mut self,
+        former: Option<&str>,
+        seq: u64,
+        bytes: &[u8],
+    ) -> Result<Vec<Event>, ClientError> {
+        let applied = self.step(|ctx| {
+            if !chats::advance_mailbox_cursor(ctx, former, seq)? {
+                return Ok(vec![]);
+            }
+            chats::receive_drop(ctx, bytes)
+        });
+        match applied {
             Err(e) if entry_at_fault(&e) => {
-                self.step(|ctx| chats::skip_drop(ctx, seq))?;
+                self.step(|ctx| chats::advance_mailbox_cursor(ctx, former, seq))?;
                 Ok(vec![])
             }
             other => other,
@@ -870,6 +898,35 @@ impl Client {
         self.step(|ctx| moves::fail_over(ctx, &server.to_link_string(), &to.to_link_string()))
     }
 
+    /// Every door to the home server has failed for the failover time and `to`, a server
+    /// of our list, answers: the mailbox moves there and contacts get cards naming it (see
+    /// `moves.rs`). The mailbox is published there by the next `publish`.
+    pub fn move_home(&mut self, to: &ServerLink) -> Result<Vec<Event>, ClientError> {
+        let from = self.server.to_link_string();
+        let tx = self.store.transaction()?;
+        let ctx =
+            chats::Ctx { db: &tx, mls: mls::Provider::new(&tx), me: &self.identity, server: to };
+        let events = moves::move_home(&ctx, &from)?;
+        tx.commit().map_err(|e| ClientError::Store(e.to_string()))?;
+        self.server = to.clone();
+        Ok(events)
+    }
+
+    /// The servers our mailbox was on before it moved, not read for `every` (or never):
+    /// each with how far it was read. Marks them read now.
+    pub fn former_homes_due(
+        &mut self,
+        now: u64,
+        every: std::time::Duration,
+    ) -> Result<Vec<(ServerLink, u64)>, ClientError> {
+        self.step(|ctx| moves::former_homes_due(ctx, now, every.as_secs()))
+    }
+
+    /// The server no longer has our mailbox where it was before it moved: stop reading it.
+    pub fn forget_former_home(&mut self, server: &ServerLink) -> Result<(), ClientError> {
+        self.step(|ctx| moves::forget_former_home(ctx, &server.to_link_string()))
+    }
+
     /// Where each chat with a next server would be if a member moved it in our epoch.
     pub fn successors(&mut self) -> Result<Vec<moves::Successor>, ClientError> {
         self.step(moves::successors)
@@ -880,9 +937,10 @@ impl Client {
         self.step(|ctx| moves::follow(ctx, chat))
     }
 
-    /// Members moved `chat` from an epoch before ours: it is marked as forked (reported once).
-    pub fn moved_without_us(&mut self, chat: &str) -> Result<Option<Event>, ClientError> {
-        self.step(|ctx| moves::moved_without_us(ctx, chat))
+    /// Members moved `chat` from `epoch`, before ours: it is marked as forked (reported
+    /// once), and this device asks to be re-added on their branch when it can ask anyone.
+    pub fn moved_without_us(&mut self, chat: &str, epoch: u64) -> Result<Vec<Event>, ClientError> {
+        self.step(|ctx| moves::moved_without_us(ctx, chat, epoch))
     }
 
     /// The servers the active chats are on, and which are out of reach.

@@ -303,7 +303,15 @@ pub(crate) fn merge_pending(provider: &Provider<'_>, group_id: &[u8]) -> Result<
 }
 
 /// Joins a group from a Welcome, checking every member's credential.
-pub(crate) fn join(provider: &Provider<'_>, welcome: &[u8]) -> Result<Joined, MlsError> {
+///
+/// A Welcome into a group we already hold replaces our state only with a later epoch,
+/// unless `rejoining(group_id)` says we asked to be re-added there: after a fork the
+/// branch we are taken back to may be at an epoch ours passed.
+pub(crate) fn join(
+    provider: &Provider<'_>,
+    welcome: &[u8],
+    rejoining: impl FnOnce(&[u8]) -> bool,
+) -> Result<Joined, MlsError> {
     let welcome = match MlsMessageIn::tls_deserialize_exact(welcome)
         .map_err(|_| MlsError::Invalid)?
         .extract()
@@ -314,7 +322,7 @@ pub(crate) fn join(provider: &Provider<'_>, welcome: &[u8]) -> Result<Joined, Ml
     let processed = ProcessedWelcome::new_from_welcome(provider, &join_config(), welcome)
         .map_err(|_| MlsError::Invalid)?;
     // A Welcome into a group we already hold (we were re-added, or added back after leaving)
-    // replaces our state, but only with a later epoch.
+    // replaces our state.
     let group_id = processed.unverified_group_info().group_id().clone();
     let last_resort = processed.own_key_package().is_some_and(KeyPackage::last_resort);
     let old = MlsGroup::load(provider.storage(), &group_id)
@@ -324,7 +332,9 @@ pub(crate) fn join(provider: &Provider<'_>, welcome: &[u8]) -> Result<Joined, Ml
         old.delete(provider.storage()).map_err(|e| MlsError::Store(e.to_string()))?;
     }
     let staged = processed.into_staged_welcome(provider, None).map_err(|_| MlsError::Invalid)?;
-    if old_epoch.is_some_and(|old| staged.group_context().epoch().as_u64() <= old) {
+    if old_epoch.is_some_and(|old| staged.group_context().epoch().as_u64() <= old)
+        && !rejoining(group_id.as_slice())
+    {
         return Err(MlsError::Invalid);
     }
     let members = staged

@@ -22,10 +22,21 @@
 //!   for the successor log of their current epoch on the next server, now and then
 //!   ([`successors`]); when it has entries, they move the same way.
 //!
-//! Not handled: a member whose epoch moved on while the others moved (a commit on the old
-//! server after the split) cannot follow, since MLS cannot merge the two histories. It
-//! finds the move among the successors of its earlier epochs and marks the chat as forked
-//! (`fork_alarm`), which `postern chats` shows.
+//! - **Forks.** A member whose epoch moved on at the old server while the others moved (a
+//!   commit there after the split) cannot follow: MLS cannot merge the two histories. It
+//!   finds the move among the successors of its earlier epochs ([`moved_without_us`]),
+//!   marks the chat as forked (`fork_alarm`, which `postern chats` shows until it is back),
+//!   gives its branch up and asks members it can reach to re-add it on theirs, through the
+//!   rejoin path of [`crate::gaps`], naming the abandoned log so that members on its branch
+//!   do not answer. Its own messages since it entered the epoch of the move go again after
+//!   the re-add; those the movers had read carry keys they recognise. What is lost: what
+//!   the moved branch sent between the move and the re-add (a gap ended by the re-add), and
+//!   the membership changes of the abandoned branch (a member it added must be invited
+//!   again). With nobody to ask, the chat stays on its branch, alarmed.
+//! - **The home.** Our mailbox lives on our home server, and cards, invites and rejoin
+//!   requests name it. When every door to it has failed for the failover time, the first
+//!   server of our own list that answers becomes the home ([`move_home`]), and contacts
+//!   get cards naming it.
 
 use postern_proto::content::{AppMessage, Content};
 use postern_proto::ids::LogId;
@@ -34,8 +45,7 @@ use rusqlite::{OptionalExtension, params};
 
 use crate::ClientError;
 use crate::chats::{ChatRow, Ctx, Event, bad, chat_row, dbe, resend_after};
-use crate::groups;
-use crate::mls;
+use crate::{gaps, groups, mls};
 
 pub(crate) const MIGRATION_MOVES: &str = r#"
 CREATE TABLE fallback_servers (
@@ -49,6 +59,25 @@ CREATE TABLE outages (
 CREATE TABLE successor_checks (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     at INTEGER NOT NULL
+);
+"#;
+
+/// Where in the chat's history we entered each epoch kept (the log's generation and our
+/// cursor then): after a fork, our messages from there on go again (see [`moved_without_us`]).
+/// Epochs saved before this know no place (0, 0): everything of ours would go again, which
+/// receivers drop as already read.
+pub(crate) const MIGRATION_FORKS: &str = r#"
+ALTER TABLE chat_epochs ADD COLUMN since_generation INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE chat_epochs ADD COLUMN since_seq INTEGER NOT NULL DEFAULT 0;
+"#;
+
+/// Servers our mailbox was on before it moved ([`move_home`]), read now and then while they
+/// keep it: how far, and when we last looked.
+pub(crate) const MIGRATION_HOMES: &str = r#"
+CREATE TABLE former_homes (
+    server_link TEXT PRIMARY KEY,
+    fetched     INTEGER NOT NULL,
+    checked_at  INTEGER
 );
 "#;
 
@@ -72,10 +101,12 @@ pub(crate) fn fallbacks(db: &rusqlite::Connection) -> Result<Vec<String>, Client
     rows.collect::<Result<_, _>>().map_err(dbe)
 }
 
-/// The server list of a chat we create: ours first, then our fallbacks.
+/// The server list of a chat we create: ours first, then our fallbacks (which hold our home
+/// server too once the mailbox moved to one of them).
 pub(crate) fn new_chat_servers(ctx: &Ctx<'_>) -> Result<Vec<String>, ClientError> {
-    let mut servers = vec![ctx.server.to_link_string()];
-    servers.extend(fallbacks(ctx.db)?);
+    let home = ctx.server.to_link_string();
+    let mut servers = vec![home.clone()];
+    servers.extend(fallbacks(ctx.db)?.into_iter().filter(|s| *s != home));
     servers.truncate(postern_proto::content::MAX_SERVERS);
     Ok(servers)
 }
@@ -161,6 +192,97 @@ pub(crate) fn fail_over(ctx: &Ctx<'_>, server: &str, to: &str) -> Result<Vec<Str
     Ok(moved)
 }
 
+/// Every door to our home server `from` has failed for the failover time, and the next
+/// server of our list answers (`ctx.server`): the home moves there. The mailbox, with its
+/// keys and id, is published there again (the driver does it next), and every direct chat
+/// we are in gets a card naming the new server, with a fresh drop address and claim token
+/// registered there, so contacts add us to groups and re-add us there. Invite links
+/// already given out, answers to our own connect requests, and drops others make with an
+/// old card before they read the new one, still go to the old server: it stays among the
+/// `former_homes`, read now and then while it keeps our mailbox.
+pub(crate) fn move_home(ctx: &Ctx<'_>, from: &str) -> Result<Vec<Event>, ClientError> {
+    let to = zeroize::Zeroizing::new(ctx.server.to_link_string());
+    if to.as_str() == from {
+        return Ok(vec![]);
+    }
+    ctx.db
+        .execute("UPDATE identity SET server_link = ?1 WHERE id = 1", [to.as_str()])
+        .map_err(dbe)?;
+    // The old mailbox is still read where it was, while that server keeps it; one we come
+    // back to is the home again.
+    ctx.db
+        .execute(
+            "INSERT OR REPLACE INTO former_homes (server_link, fetched)
+             SELECT ?1, fetched FROM mailbox WHERE id = 1",
+            [from],
+        )
+        .map_err(dbe)?;
+    ctx.db
+        .execute("DELETE FROM former_homes WHERE server_link = ?1", [to.as_str()])
+        .map_err(dbe)?;
+    ctx.db
+        .execute("UPDATE mailbox SET published = 0, fetched = 0 WHERE id = 1", [])
+        .map_err(dbe)?;
+    // Addresses not yet registered on the old mailbox never will be.
+    ctx.db
+        .execute(
+            "DELETE FROM outbox WHERE server_link = ?1
+             AND kind IN ('drop_create', 'claim_token_create')",
+            [from],
+        )
+        .map_err(dbe)?;
+    let ids: Vec<i64> = {
+        let mut stmt = ctx
+            .db
+            .prepare(
+                "SELECT id FROM chats WHERE kind = 'direct' AND active = 1 AND state = 'member'
+                 ORDER BY id",
+            )
+            .map_err(dbe)?;
+        let rows = stmt.query_map([], |r| r.get(0)).map_err(dbe)?;
+        rows.collect::<Result<_, _>>().map_err(dbe)?
+    };
+    for id in &ids {
+        let chat = chat_row(ctx.db, "id = ?1", id)?.ok_or(bad("chat vanished"))?;
+        groups::send_card(ctx, &chat)?;
+    }
+    Ok(vec![Event::HomeMoved { addrs: ctx.server.addrs.clone(), cards: ids.len() }])
+}
+
+/// The servers our mailbox was on before, not looked at for `every` seconds, with their
+/// cursors; they count as looked at now.
+pub(crate) fn former_homes_due(
+    ctx: &Ctx<'_>,
+    now: u64,
+    every: u64,
+) -> Result<Vec<(ServerLink, u64)>, ClientError> {
+    let due: Vec<(String, u64)> = {
+        let mut stmt = ctx
+            .db
+            .prepare(
+                "SELECT server_link, fetched FROM former_homes
+                 WHERE checked_at IS NULL OR checked_at + ?1 <= ?2 ORDER BY rowid",
+            )
+            .map_err(dbe)?;
+        let rows =
+            stmt.query_map(params![every, now], |r| Ok((r.get(0)?, r.get(1)?))).map_err(dbe)?;
+        rows.collect::<Result<_, _>>().map_err(dbe)?
+    };
+    ctx.db
+        .execute(
+            "UPDATE former_homes SET checked_at = ?2 WHERE checked_at IS NULL OR checked_at + ?1 <= ?2",
+            params![every, now],
+        )
+        .map_err(dbe)?;
+    due.into_iter().map(|(link, fetched)| Ok((ServerLink::parse(&link)?, fetched))).collect()
+}
+
+/// A former home no longer keeps our mailbox.
+pub(crate) fn forget_former_home(ctx: &Ctx<'_>, server: &str) -> Result<(), ClientError> {
+    ctx.db.execute("DELETE FROM former_homes WHERE server_link = ?1", [server]).map_err(dbe)?;
+    Ok(())
+}
+
 /// Where a chat would be if a member moved it in one of the epochs we hold: the chat, the
 /// next server and the log there.
 pub struct Successor {
@@ -170,6 +292,8 @@ pub struct Successor {
     pub server: ServerLink,
     /// The log a move in that epoch makes there.
     pub log: LogId,
+    /// The epoch a move would be made from.
+    pub epoch: u64,
     /// Whether that epoch is our current one. A move from an earlier one means our epoch
     /// moved on, on the old server, after the others left it: the two histories cannot be
     /// merged (see the module comment).
@@ -191,6 +315,7 @@ pub(crate) fn successors(ctx: &Ctx<'_>) -> Result<Vec<Successor>, ClientError> {
                 chat: chat.reference.clone(),
                 server: server.clone(),
                 log: keys.successor_log(index)?,
+                epoch: keys.epoch,
                 current: keys.epoch == current.epoch,
             });
         }
@@ -198,15 +323,54 @@ pub(crate) fn successors(ctx: &Ctx<'_>) -> Result<Vec<Successor>, ClientError> {
     Ok(out)
 }
 
-/// Members moved `chat` from an epoch before ours: we cannot follow (MLS cannot merge the
-/// two histories), and the chat is marked as having forked.
-pub(crate) fn moved_without_us(ctx: &Ctx<'_>, chat: &str) -> Result<Option<Event>, ClientError> {
-    let Some(row) = chat_row(ctx.db, "ref = ?1", &chat)? else { return Ok(None) };
+/// Members moved `chat` from `epoch`, before ours: we cannot follow (MLS cannot merge the
+/// two histories). The chat is marked as forked (reported once) and, when a member can be
+/// asked, we give our branch up and ask to be re-added on theirs: our messages since we
+/// entered `epoch` go again after the re-add (those the movers read on the old log carry
+/// keys they recognise), and members still on our branch's log do not answer.
+pub(crate) fn moved_without_us(
+    ctx: &Ctx<'_>,
+    chat: &str,
+    epoch: u64,
+) -> Result<Vec<Event>, ClientError> {
+    let Some(row) = chat_row(ctx.db, "ref = ?1", &chat)? else { return Ok(vec![]) };
+    if row.state != "member" {
+        // Already waiting to be re-added, or gone.
+        return Ok(vec![]);
+    }
     let marked = ctx
         .db
         .execute("UPDATE chats SET fork_alarm = 1 WHERE id = ?1 AND fork_alarm = 0", [row.id])
         .map_err(dbe)?;
-    Ok((marked == 1).then_some(Event::ForkAlarm { chat: row.reference }))
+    let mut events = Vec::new();
+    if marked == 1 {
+        events.push(Event::ForkAlarm { chat: row.reference.clone() });
+    }
+    let helpers = gaps::helpers(ctx, &row)?;
+    if helpers.is_empty() {
+        // Nobody to ask: the chat stays on its branch, with whoever is on it.
+        return Ok(events);
+    }
+    let since: Option<(u64, u64)> = ctx
+        .db
+        .query_row(
+            "SELECT since_generation, since_seq FROM chat_epochs WHERE chat_id = ?1 AND epoch = ?2",
+            params![row.id, epoch],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(dbe)?;
+    let (generation, seq) = since.unwrap_or((0, 0));
+    ctx.db
+        .execute(
+            "UPDATE messages SET state = 'queued', seq = NULL
+             WHERE chat_id = ?1 AND outgoing = 1 AND state = 'sent'
+               AND (generation > ?2 OR (generation = ?2 AND seq > ?3))",
+            params![row.id, generation, seq],
+        )
+        .map_err(dbe)?;
+    events.extend(gaps::fall_behind(ctx, &row, &helpers, Some(&row.log))?);
+    Ok(events)
 }
 
 /// Another member moved `chat` (its successor log has entries): move with it.

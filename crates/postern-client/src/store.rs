@@ -75,6 +75,9 @@ CREATE TABLE invites (
     crate::doors::MIGRATION_RELAYS,
     crate::moves::MIGRATION_MOVES,
     crate::doors::MIGRATION_NETWORKS,
+    crate::moves::MIGRATION_FORKS,
+    crate::chats::MIGRATION_CONTROLS,
+    crate::moves::MIGRATION_HOMES,
 ];
 
 #[derive(Debug)]

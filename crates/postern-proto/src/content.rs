@@ -20,7 +20,7 @@
 //!   kind 2 Request   drop [32] · name bytes · server bytes · reply_drop [32] · reply_hpke [32]
 //!                    · count u8 · key_package bytes × count
 //!   kind 3 Rejoin    drop [32] · group bytes (≤ 64) · server bytes · reply_drop [32]
-//!                    · reply_hpke [32] · key_package bytes
+//!                    · reply_hpke [32] · key_package bytes · [abandoned log [32]]
 //! AppMessage         version u8 (1) · epoch_tag [8] · kind u8 · …
 //!   kind 1 Text      sent_at u64 (ms since the Unix epoch) · body bytes (UTF-8)
 //!   kind 2 Card      server bytes · drop [32] · hpke [32] · kp_key [32] · token [32]
@@ -133,6 +133,10 @@ pub enum DropPayload {
         reply_hpke: [u8; 32],
         /// A fresh key package of the device to re-add.
         key_package: Vec<u8>,
+        /// Set when the requester left a fork: the log of the branch it gave up. A member
+        /// whose chat is still on that log is on the same branch and cannot help. Written
+        /// last and only when set, so requests without it keep their old layout.
+        abandoned: Option<LogId>,
     },
 }
 
@@ -169,7 +173,15 @@ impl DropPayload {
                     w.bytes(kp);
                 }
             }
-            DropPayload::Rejoin { drop, group, server, reply_drop, reply_hpke, key_package } => {
+            DropPayload::Rejoin {
+                drop,
+                group,
+                server,
+                reply_drop,
+                reply_hpke,
+                key_package,
+                abandoned,
+            } => {
                 w.u8(DROP_REJOIN)
                     .fixed(&drop.0)
                     .bytes(group)
@@ -177,6 +189,9 @@ impl DropPayload {
                     .fixed(&reply_drop.0)
                     .fixed(reply_hpke)
                     .bytes(key_package);
+                if let Some(log) = abandoned {
+                    w.fixed(&log.0);
+                }
             }
         }
         w.finish()
@@ -216,6 +231,7 @@ impl DropPayload {
                 reply_drop: DropId(r.array()?),
                 reply_hpke: r.array()?,
                 key_package: r.bytes(MAX_MLS)?.to_vec(),
+                abandoned: if r.remaining() == 0 { None } else { Some(LogId(r.array()?)) },
             },
             _ => return Err(DecodeError::Invalid("drop payload kind")),
         };
@@ -476,9 +492,20 @@ mod tests {
             reply_drop: DropId([6; 32]),
             reply_hpke: [7; 32],
             key_package: vec![8; 40],
+            abandoned: None,
         }
         .encode();
         every_prefix_fails(&rejoin, DropPayload::decode);
+        // After a fork: the abandoned log comes last, whole or not at all.
+        let mut forked = rejoin.clone();
+        forked.extend_from_slice(&[9; 32]);
+        assert!(matches!(
+            DropPayload::decode(&forked),
+            Ok(DropPayload::Rejoin { abandoned: Some(LogId([9, ..])), .. })
+        ));
+        for cut in rejoin.len() + 1..forked.len() {
+            assert!(DropPayload::decode(&forked[..cut]).is_err(), "cut at {cut}");
+        }
         let mut long_group = rejoin.clone();
         long_group[2 + 32..2 + 36].copy_from_slice(&(MAX_GROUP_ID as u32 + 1).to_be_bytes());
         assert!(DropPayload::decode(&long_group).is_err());
@@ -531,7 +558,7 @@ mod tests {
 
         #[test]
         fn drop_payload_round_trips(
-            kind in 0u8..3,
+            kind in 0u8..4,
             ids in any::<[u8; 32]>(),
             name in "\\PC{0,64}",
             server in "\\PC{0,100}",
@@ -541,7 +568,8 @@ mod tests {
             let p = match kind {
                 0 => DropPayload::Welcome { drop: DropId(ids), name, server, log: LogId(ids), after, welcome: blobs[0].clone() },
                 1 => DropPayload::Request { drop: DropId(ids), name, server, reply_drop: DropId(ids), reply_hpke: ids, key_packages: blobs },
-                _ => DropPayload::Rejoin { drop: DropId(ids), group: ids.to_vec(), server, reply_drop: DropId(ids), reply_hpke: ids, key_package: blobs[0].clone() },
+                2 => DropPayload::Rejoin { drop: DropId(ids), group: ids.to_vec(), server, reply_drop: DropId(ids), reply_hpke: ids, key_package: blobs[0].clone(), abandoned: None },
+                _ => DropPayload::Rejoin { drop: DropId(ids), group: ids.to_vec(), server, reply_drop: DropId(ids), reply_hpke: ids, key_package: blobs[0].clone(), abandoned: Some(LogId(ids)) },
             };
             prop_assert_eq!(DropPayload::decode(&p.encode()), Ok(p));
         }

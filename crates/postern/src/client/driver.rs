@@ -554,7 +554,7 @@ impl Driver {
                     self.client.set_door_probe(&key.store_name(), probe)?;
                 }
                 Err(e) => {
-                    tracing::debug!(relay = relay.id, error = %e, "no probe through this relay")
+                    tracing::info!(relay = relay.id, error = %e, "no probe through this relay")
                 }
             }
         }
@@ -842,8 +842,79 @@ impl Driver {
         Ok(Some(item))
     }
 
-    /// Reads new mailbox items and applies them.
+    /// Reads new mailbox items and applies them: on the home server, and now and then where
+    /// the mailbox was before it moved.
     pub(crate) async fn fetch_mailbox(&mut self) -> Result<Vec<Event>> {
+        let home = self.fetch_home_mailbox().await;
+        let former = self.fetch_former_homes().await?;
+        match home {
+            Ok(mut events) => {
+                events.extend(former);
+                Ok(events)
+            }
+            Err(e) => {
+                self.unshown.extend(former);
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads the mailbox where it was before it moved (at most every
+    /// `POSTERN_SUCCESSOR_CHECK`): drops made with an old card or invite link arrive while
+    /// that server answers. One that no longer keeps it is forgotten; one out of reach is
+    /// only skipped.
+    async fn fetch_former_homes(&mut self) -> Result<Vec<Event>> {
+        let keys = self.client.mailbox()?;
+        let mailbox = keys.mailbox;
+        let mut events = Vec::new();
+        for (link, mut after) in self.client.former_homes_due(unix_now(), self.successor_check)? {
+            'reading: loop {
+                let request =
+                    Request::MailboxFetch { mailbox, after, max_items: READ_BATCH, max_bytes: ANY };
+                let read = match self.call(&link, request, Some(&keys.owner)).await {
+                    Ok(Outcome::Done(Response::Items { items, more })) => Ok((items, more)),
+                    Ok(Outcome::Refused(ErrorCode::NotFound)) => {
+                        self.client.forget_former_home(&link)?;
+                        break;
+                    }
+                    Ok(other) => Err(unexpected(other)),
+                    Err(e) => Err(e),
+                };
+                let (items, more) = match read {
+                    Ok(read) => read,
+                    Err(e) => {
+                        tracing::info!(error = %e, "cannot read the former mailbox");
+                        break;
+                    }
+                };
+                for item in items {
+                    let seq = item.seq;
+                    let part = |seq, offset| Request::MailboxReadPart {
+                        mailbox,
+                        seq,
+                        offset,
+                        max_bytes: ANY,
+                    };
+                    let item = match self.complete(&link, item, part, Some(&keys.owner)).await {
+                        Ok(item) => item,
+                        Err(e) => {
+                            tracing::info!(error = %e, "cannot read the former mailbox");
+                            break 'reading;
+                        }
+                    };
+                    let bytes = item.map(|i| i.bytes).unwrap_or_default();
+                    events.extend(self.client.receive_former_drop(&link, seq, &bytes)?);
+                    after = seq;
+                }
+                if !more {
+                    break;
+                }
+            }
+        }
+        Ok(events)
+    }
+
+    async fn fetch_home_mailbox(&mut self) -> Result<Vec<Event>> {
         let keys = self.client.mailbox()?;
         let link = self.client.server().clone();
         let mut events = Vec::new();
@@ -855,7 +926,15 @@ impl Driver {
                 max_items: READ_BATCH,
                 max_bytes: ANY,
             };
-            let (items, more) = match self.call(&link, request, Some(&keys.owner)).await? {
+            let outcome = match self.call(&link, request, Some(&keys.owner)).await {
+                Ok(outcome) => outcome,
+                // The mailbox moved (published on the next server): read there next time.
+                Err(e) if e.is::<Unreachable>() && self.fail_over(&link).await? => {
+                    return Ok(events);
+                }
+                Err(e) => return Err(e),
+            };
+            let (items, more) = match outcome {
                 Outcome::Done(Response::Items { items, more }) => (items, more),
                 // Not published yet, or expired while we were away: publish it (again).
                 Outcome::Refused(ErrorCode::NotFound) => {
@@ -982,13 +1061,28 @@ impl Driver {
 
     /// Every door to `link` failed. Once that has lasted the failover time, the chats on it
     /// move to the next server on their lists that a door reaches now (none moves while
-    /// nothing is reachable: the network is down, not the server). Returns whether any did.
+    /// nothing is reachable: the network is down, not the server), and so does the mailbox
+    /// if `link` is the home server (its events wait in `unshown`). Returns whether
+    /// anything moved.
     async fn fail_over(&mut self, link: &ServerLink) -> Result<bool> {
         let now = unix_now();
         let since = self.client.out_of_reach(link, now)?;
         if Duration::from_secs(now.saturating_sub(since)) < self.failover_after {
             return Ok(false);
         }
+        let mut moved_home = false;
+        if link == self.client.server() {
+            let events = self.move_home(link, since).await?;
+            moved_home = !events.is_empty();
+            self.unshown.extend(events);
+        }
+        Ok(self.move_chats(link, since).await? || moved_home)
+    }
+
+    /// The chats on `link`, out of reach since `since`, move to the next server on their
+    /// lists that a door reaches now. Returns whether any did.
+    async fn move_chats(&mut self, link: &ServerLink, since: u64) -> Result<bool> {
+        let now = unix_now();
         for next in self.client.successors_of(link)? {
             if let Err(e) = self.conn(&next).await {
                 tracing::info!(error = %e, "cannot move chats there either");
@@ -1007,10 +1101,40 @@ impl Driver {
         Ok(false)
     }
 
+    /// The home server, out of reach since `since`: the mailbox moves to the first server
+    /// of our list (`servers add`) a door reaches now, and is published there before the
+    /// cards naming it go out. Returns what happened.
+    async fn move_home(&mut self, home: &ServerLink, since: u64) -> Result<Vec<Event>> {
+        let now = unix_now();
+        for next in self.client.fallbacks()? {
+            let next = ServerLink::parse(&next)?;
+            if next == *home {
+                continue;
+            }
+            if let Err(e) = self.conn(&next).await {
+                tracing::info!(error = %e, "cannot move the mailbox there either");
+                continue;
+            }
+            let events = self.client.move_home(&next)?;
+            tracing::info!(
+                out_of_reach_secs = now.saturating_sub(since),
+                "moved the mailbox to the next server on our list"
+            );
+            if let Err(e) = self.publish().await {
+                // The addresses the cards name wait in the outbox until the mailbox is
+                // published, which the next round tries again first.
+                self.unshown.extend(events);
+                return Err(e);
+            }
+            return Ok(events);
+        }
+        Ok(vec![])
+    }
+
     /// Looks (at most every `POSTERN_SUCCESSOR_CHECK`) for chats another member moved to
     /// their next server: the log a move in our epoch makes there has entries. Follows them;
     /// reading the logs afterwards reads them there. A move from an epoch before ours cannot
-    /// be followed: the chat is marked as forked.
+    /// be followed: the chat is marked as forked and we ask to be re-added there.
     pub(crate) async fn follow_moves(&mut self) -> Result<Vec<Event>> {
         let now = unix_now();
         let last = self.client.last_successor_check()?;
@@ -1036,9 +1160,9 @@ impl Driver {
                     } else {
                         tracing::warn!(
                             "a chat moved to the next server from an epoch before ours: \
-                             it cannot be followed"
+                             it cannot be followed; asking to be added back there"
                         );
-                        events.extend(self.client.moved_without_us(&s.chat)?);
+                        events.extend(self.client.moved_without_us(&s.chat, s.epoch)?);
                     }
                 }
                 Ok(_) => {}
@@ -1083,6 +1207,8 @@ impl Driver {
         }
         self.client.keep_alive()?;
         keep(self.flush().await, &mut events);
+        // What a step left unshown (a move of the mailbox) is shown now.
+        events.append(&mut self.unshown);
         match first {
             Some(e) => {
                 self.unshown.extend(events);

@@ -777,6 +777,18 @@ pub(crate) fn print_events(out: &mut Vec<u8>, events: &[Event], json: bool) -> R
                     writeln!(out, "You are in chat {chat} again.")?;
                 }
             }
+            Event::HomeMoved { addrs, cards } => {
+                if json {
+                    let line = serde_json::json!({ "event": "home_moved", "addrs": addrs, "cards": cards });
+                    writeln!(out, "{line}")?;
+                } else {
+                    writeln!(
+                        out,
+                        "Your home server was out of reach: your mailbox moved to {}, and {cards} contact(s) were sent your new card. Invite links you gave out before name the old server; make new ones.",
+                        addrs.join(", ")
+                    )?;
+                }
+            }
             Event::Failed { chat } => {
                 if json {
                     writeln!(out, "{}", serde_json::json!({ "event": "failed", "chat": chat }))?;

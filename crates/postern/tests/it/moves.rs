@@ -1,6 +1,7 @@
 //! A chat moves to the next server on its list when every door to its own has failed for
 //! the failover time: a partition where each side sends, then heals, and every message
-//! arrives once.
+//! arrives once; a member whose group changed on the old server meanwhile is added back;
+//! and a user's mailbox moves off a blocked home server.
 
 use std::path::PathBuf;
 
@@ -157,7 +158,7 @@ async fn a_listening_client_moves_an_idle_chat_and_gets_pushes_on_the_next_serve
 }
 
 #[tokio::test]
-async fn a_member_who_changed_the_group_on_the_old_server_is_told_it_cannot_follow() {
+async fn a_member_who_changed_the_group_on_the_old_server_is_added_back_on_the_new_one() {
     let mut first = TestServer::start(bin()).await;
     let second = TestServer::start(bin()).await;
     let dir = tempfile::tempdir().unwrap();
@@ -178,18 +179,114 @@ async fn a_member_who_changed_the_group_on_the_old_server_is_told_it_cannot_foll
     first.kill().await;
     ok_with(alice, &["send", "Split", "alice moved"], AT_ONCE);
     first.restart().await;
-    // ... and Bob, who still reaches it, adds Dave there: a commit the moved group never saw.
-    ok(bob, &["sync"]);
+    // ... Bob, who still reaches it, writes there (Carol reads it there too), then adds
+    // Dave there: a commit the moved group never saw. What he writes after it only the
+    // first server's branch can read.
+    ok(bob, &["send", "Split", "bob before the fork"]);
+    assert_eq!(texts(carol, "Split"), ["bob before the fork"]);
     ok(bob, &["group", "add", "Split", "Dave"]);
-    // Carol has not read that commit: she follows Alice. Bob cannot, and is told.
+    ok(bob, &["send", "Split", "bob on his branch"]);
+    ok(&dave, &["sync"]);
+    // Carol has not read that commit: she follows Alice. Bob cannot: he is told, and asks
+    // the members he has cards for (Alice and Dave) to add him back.
     ok_with(carol, &["sync"], AT_ONCE);
     assert_eq!(texts(carol, "Split").last().unwrap(), "alice moved");
     let synced = ok_with(bob, &["sync"], AT_ONCE);
     assert!(synced.iter().any(|e| e["event"] == "fork_alarm"), "{synced:?}");
-    let chats = ok(bob, &["chats"]);
-    let split = chats.iter().find(|c| c["name"] == "Split").unwrap();
+    let asked: Vec<_> = synced.iter().filter(|e| e["event"] == "rejoining").collect();
+    assert_eq!(asked.len(), 1, "{synced:?}");
+    assert_eq!(asked[0]["asked"], 2);
+    let split = ok(bob, &["chats"]).into_iter().find(|c| c["name"] == "Split").unwrap();
     assert_eq!(split["fork_alarm"], true);
+    assert_eq!(split["rejoining"], true);
     // Reported once.
     let again = ok_with(bob, &["sync"], AT_ONCE);
     assert!(!again.iter().any(|e| e["event"] == "fork_alarm"), "{again:?}");
+
+    // Dave is on Bob's branch and does not answer (were he to, his Welcome would come
+    // first and take Bob back to the branch he left); Alice adds Bob back on the second
+    // server.
+    ok(&dave, &["sync"]);
+    ok(alice, &["sync"]);
+    let synced = ok(bob, &["sync"]);
+    assert!(synced.iter().any(|e| e["event"] == "rejoined"), "{synced:?}");
+    let split = ok(bob, &["chats"]).into_iter().find(|c| c["name"] == "Split").unwrap();
+    assert_eq!(split["fork_alarm"], false);
+    assert_eq!(split["rejoining"], false);
+    // Bob's messages from the first server went again: each arrives once, also for
+    // Carol, who had read one of them there.
+    let bobs = sorted(["bob before the fork", "bob on his branch"].map(str::to_owned).to_vec());
+    for home in [alice, carol] {
+        let mine: Vec<String> =
+            texts(home, "Split").into_iter().filter(|t| t.starts_with("bob")).collect();
+        assert_eq!(sorted(mine), bobs, "{}", home.display());
+    }
+    // The group goes on, on the second server, with Bob in it.
+    first.kill().await;
+    ok(carol, &["send", "Split", "carol after"]);
+    ok(bob, &["send", "Split", "bob after"]);
+    for home in [alice, bob, carol] {
+        let seen = texts(home, "Split");
+        for text in ["carol after", "bob after"] {
+            assert_eq!(
+                seen.iter().filter(|t| *t == text).count(),
+                1,
+                "{}: {seen:?}",
+                home.display()
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_blocked_home_server_moves_the_mailbox_and_contacts_reach_it_on_the_next() {
+    let Two { mut first, second, alice, bob, _dir: dir } = two().await;
+    let bob_chat = connect(&alice, &bob);
+    ok(&alice, &["sync"]);
+    ok(&bob, &["sync"]);
+    let old_invite = crate::chat::invite(&alice, true);
+
+    // Their home server goes. Within the failover time nothing moves...
+    first.kill().await;
+    let out = run(&alice, &["sync"]);
+    assert!(!out.status.success(), "{}", stderr(&out));
+    // (An invite made now waits to be registered on the first server.)
+    let out = run(&alice, &["invite"]);
+    assert!(!out.status.success(), "{}", stderr(&out));
+    // ... after it, Alice's chat moves, and so does her mailbox, and Bob gets her new card.
+    // The invite's registration, for a mailbox that has moved, is dropped.
+    let synced = ok_with(&alice, &["sync"], AT_ONCE);
+    let moved: Vec<_> = synced.iter().filter(|e| e["event"] == "home_moved").collect();
+    assert_eq!(moved.len(), 1, "{synced:?}");
+    assert_eq!(moved[0]["addrs"][0], second.link.addrs[0]);
+    assert_eq!(moved[0]["cards"], 1);
+    let synced = ok_with(&bob, &["sync"], AT_ONCE);
+    assert!(synced.iter().any(|e| e["event"] == "home_moved"), "{synced:?}");
+    // Once moved, the home stays where it went.
+    let again = ok_with(&alice, &["sync"], AT_ONCE);
+    assert!(!again.iter().any(|e| e["event"] == "home_moved"), "{again:?}");
+
+    // Bob adds Alice to a group through the card naming her new server: her key package is
+    // claimed there and the Welcome dropped there.
+    ok(&bob, &["group", "create", "After", "Alice"]);
+    ok(&bob, &["send", "After", "in the group"]);
+    ok(&alice, &["sync"]);
+    assert_eq!(texts(&alice, "After"), ["in the group"]);
+    ok(&bob, &["send", &bob_chat, "and here"]);
+    assert_eq!(texts(&alice, "Bob"), ["and here"]);
+
+    // A new invite names the new home: Carol, who never knew the first server, connects.
+    let carol = init(dir.path(), "Carol", &second);
+    let chat = connect(&alice, &carol);
+    ok(&carol, &["send", &chat, "hello from carol"]);
+    assert_eq!(texts(&alice, "Carol"), ["hello from carol"]);
+
+    // The first server comes back: Alice's mailbox there is still read now and then, so an
+    // invite link she gave out before the move still works.
+    first.restart().await;
+    let dan = init(dir.path(), "Dan", &second);
+    let connected = ok(&dan, &["connect", &old_invite]);
+    assert_eq!(connected[0]["event"], "connected");
+    let synced = ok_with(&alice, &["sync"], AT_ONCE);
+    assert!(synced.iter().any(|e| e["event"] == "connected"), "{synced:?}");
 }
