@@ -23,8 +23,7 @@ const POLL: Duration = Duration::from_secs(2);
 /// How often `listen` looks in the mailbox where connections have a budget (each look
 /// spends some of it; chats come by push all the same).
 const POLL_UNDER_BUDGET: Duration = Duration::from_secs(30);
-/// How often `listen` pings its servers so idle connections stay open, and looks whether a
-/// relay is due a probe for a freeze.
+/// How often `listen` pings its servers so idle connections stay open.
 const PING: Duration = Duration::from_secs(60);
 /// The longest command line accepted on the socket.
 const MAX_REQUEST: u64 = 1 << 20;
@@ -143,14 +142,17 @@ pub(crate) async fn listen(mut driver: Driver, home: &Path, json: bool) -> Resul
                 // A connection the pushes spent was let go: subscribe on a fresh one.
                 resubscribe(&mut driver, json).await;
             }
-            _ = poll.tick() => catch_up(&mut driver, json, &mut polled).await,
-            _ = ping.tick() => {
-                if let Err(e) = driver.ping().await {
+            _ = poll.tick() => {
+                catch_up(&mut driver, json, &mut polled).await;
+                // Where relays carry the traffic and nothing froze, whether their budget
+                // can go (once a week per network and relay). Looked at every poll, so a
+                // probe held back by the cap on new connections goes once the cap clears.
+                if let Err(e) = driver.probe_relays().await {
                     tracing::warn!("{e:#}");
                 }
-                // Where relays carry the traffic and nothing froze, whether their budget
-                // can go (once a week per network and relay).
-                if let Err(e) = driver.probe_relays().await {
+            }
+            _ = ping.tick() => {
+                if let Err(e) = driver.ping().await {
                     tracing::warn!("{e:#}");
                 }
             }
