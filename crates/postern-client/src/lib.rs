@@ -357,12 +357,21 @@ impl Client {
         &mut self,
         op: impl FnOnce(&chats::Ctx<'_>) -> Result<T, ClientError>,
     ) -> Result<T, ClientError> {
+        self.step_at(None, op)
+    }
+
+    /// [`step`](Self::step) with `home` as the home server instead of ours.
+    fn step_at<T>(
+        &mut self,
+        home: Option<&ServerLink>,
+        op: impl FnOnce(&chats::Ctx<'_>) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
         let tx = self.store.transaction()?;
         let ctx = chats::Ctx {
             db: &tx,
             mls: mls::Provider::new(&tx),
             me: &self.identity,
-            server: &self.server,
+            server: home.unwrap_or(&self.server),
         };
         let value = op(&ctx)?;
         tx.commit().map_err(|e| ClientError::Store(e.to_string()))?;
@@ -903,11 +912,7 @@ impl Client {
     /// `moves.rs`). The mailbox is published there by the next `publish`.
     pub fn move_home(&mut self, to: &ServerLink) -> Result<Vec<Event>, ClientError> {
         let from = self.server.to_link_string();
-        let tx = self.store.transaction()?;
-        let ctx =
-            chats::Ctx { db: &tx, mls: mls::Provider::new(&tx), me: &self.identity, server: to };
-        let events = moves::move_home(&ctx, &from)?;
-        tx.commit().map_err(|e| ClientError::Store(e.to_string()))?;
+        let events = self.step_at(Some(to), |ctx| moves::move_home(ctx, &from))?;
         self.server = to.clone();
         Ok(events)
     }

@@ -889,21 +889,13 @@ impl Driver {
                 };
                 for item in items {
                     let seq = item.seq;
-                    let part = |seq, offset| Request::MailboxReadPart {
-                        mailbox,
-                        seq,
-                        offset,
-                        max_bytes: ANY,
-                    };
-                    let item = match self.complete(&link, item, part, Some(&keys.owner)).await {
-                        Ok(item) => item,
+                    match self.apply_drop(&link, true, &keys, item).await {
+                        Ok(more) => events.extend(more),
                         Err(e) => {
                             tracing::info!(error = %e, "cannot read the former mailbox");
                             break 'reading;
                         }
-                    };
-                    let bytes = item.map(|i| i.bytes).unwrap_or_default();
-                    events.extend(self.client.receive_former_drop(&link, seq, &bytes)?);
+                    }
                     after = seq;
                 }
                 if !more {
@@ -914,6 +906,28 @@ impl Driver {
         Ok(events)
     }
 
+    /// Reads the rest of a mailbox item from `link` (our home, or a `former` one) and
+    /// applies it.
+    async fn apply_drop(
+        &mut self,
+        link: &ServerLink,
+        former: bool,
+        keys: &postern_client::MailboxKeys,
+        item: Item,
+    ) -> Result<Vec<Event>> {
+        let (mailbox, seq) = (keys.mailbox, item.seq);
+        let part = |seq, offset| Request::MailboxReadPart { mailbox, seq, offset, max_bytes: ANY };
+        let item = self.complete(link, item, part, Some(&keys.owner)).await?;
+        let bytes = item.map(|i| i.bytes).unwrap_or_default();
+        Ok(if former {
+            self.client.receive_former_drop(link, seq, &bytes)?
+        } else {
+            self.client.receive_drop(seq, &bytes)?
+        })
+    }
+
+    /// Reads the mailbox on the home server, which moves once out of reach for the
+    /// failover time.
     async fn fetch_home_mailbox(&mut self) -> Result<Vec<Event>> {
         let keys = self.client.mailbox()?;
         let link = self.client.server().clone();
@@ -944,14 +958,8 @@ impl Driver {
                 }
                 other => return Err(unexpected(other)),
             };
-            let mailbox = keys.mailbox;
             for item in items {
-                let seq = item.seq;
-                let part =
-                    |seq, offset| Request::MailboxReadPart { mailbox, seq, offset, max_bytes: ANY };
-                let item = self.complete(&link, item, part, Some(&keys.owner)).await?;
-                let bytes = item.map(|i| i.bytes).unwrap_or_default();
-                events.extend(self.client.receive_drop(seq, &bytes)?);
+                events.extend(self.apply_drop(&link, false, &keys, item).await?);
             }
             if !more {
                 return Ok(events);
