@@ -9,16 +9,19 @@
 //! On several nodes the same notices travel between nodes (NATS); this in-process hub is the
 //! single-node case.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use postern_proto::frame::Item;
 use postern_proto::ids::LogId;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 /// Notices one session may have queued before it counts as lagged.
 const QUEUE: usize = 256;
+
+/// Room a drained queue keeps for the next notices; past it the room is given back.
+const QUEUE_KEPT: usize = 8;
 
 /// A new entry in a log.
 #[derive(Debug, Clone)]
@@ -27,23 +30,49 @@ pub(crate) struct Notice {
     pub(crate) item: Arc<Item>,
 }
 
+/// What a session hears from the hub.
+pub(crate) enum Heard {
+    Notice(Notice),
+    /// Notices were dropped since the last time: every subscription must catch up from the
+    /// store.
+    Lagged,
+}
+
 /// A session's end of the hub.
 pub(crate) struct Subscriber {
     pub(crate) id: u64,
-    pub(crate) notices: mpsc::Receiver<Notice>,
-    pub(crate) shared: Arc<Shared>,
+    shared: Arc<Shared>,
 }
 
-pub(crate) struct Shared {
-    tx: mpsc::Sender<Notice>,
+/// A session's queue of notices.
+///
+/// A plain queue under a lock rather than a channel: an idle session holds none of it (a
+/// bounded tokio channel allocates its first block of 32 slots, 1.8 KiB with the channel,
+/// when it is made; BENCHMARKS.md), and a drained queue keeps room for a few notices only.
+struct Shared {
+    queue: Mutex<VecDeque<Notice>>,
     lagged: AtomicBool,
-    pub(crate) wake: Notify,
+    wake: Notify,
 }
 
-impl Shared {
-    /// Whether notices were dropped since the last call.
-    pub(crate) fn take_lagged(&self) -> bool {
-        self.lagged.swap(false, Ordering::AcqRel)
+impl Subscriber {
+    /// Waits for the next notice, or for the news that some were dropped. Cancel-safe: what
+    /// it takes from the queue it returns in the same poll.
+    pub(crate) async fn next(&self) -> Heard {
+        loop {
+            if self.shared.lagged.swap(false, Ordering::AcqRel) {
+                return Heard::Lagged;
+            }
+            if let Ok(mut queue) = self.shared.queue.lock()
+                && let Some(notice) = queue.pop_front()
+            {
+                if queue.is_empty() {
+                    queue.shrink_to(QUEUE_KEPT);
+                }
+                return Heard::Notice(notice);
+            }
+            self.shared.wake.notified().await;
+        }
     }
 }
 
@@ -61,8 +90,11 @@ struct HubInner {
 impl Hub {
     /// A new subscriber with an empty queue.
     pub(crate) fn subscriber(&self) -> Subscriber {
-        let (tx, notices) = mpsc::channel(QUEUE);
-        let shared = Arc::new(Shared { tx, lagged: AtomicBool::new(false), wake: Notify::new() });
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(VecDeque::new()),
+            lagged: AtomicBool::new(false),
+            wake: Notify::new(),
+        });
         let id = match self.inner.lock() {
             Ok(mut inner) => {
                 inner.next_id += 1;
@@ -70,7 +102,7 @@ impl Hub {
             }
             Err(_) => 0,
         };
-        Subscriber { id, notices, shared }
+        Subscriber { id, shared }
     }
 
     pub(crate) fn subscribe(&self, log: LogId, sub: &Subscriber) {
@@ -110,10 +142,11 @@ impl Hub {
         };
         let notice = Notice { log, item: Arc::new(item) };
         for shared in targets {
-            if shared.tx.try_send(notice.clone()).is_err() {
-                shared.lagged.store(true, Ordering::Release);
-                shared.wake.notify_one();
+            match shared.queue.lock() {
+                Ok(mut queue) if queue.len() < QUEUE => queue.push_back(notice.clone()),
+                _ => shared.lagged.store(true, Ordering::Release),
             }
+            shared.wake.notify_one();
         }
     }
 

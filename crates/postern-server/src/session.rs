@@ -24,7 +24,7 @@ use rand::RngCore;
 
 use crate::App;
 use crate::handler::{code, handle, read_limit};
-use crate::hub::{Notice, Subscriber};
+use crate::hub::{Heard, Notice, Subscriber};
 use crate::limits::{Bucket, Lease};
 
 /// Requests one session may have running at once; beyond this the session stops reading.
@@ -103,9 +103,9 @@ pub(crate) fn run<S: Store>(
     async move {
         app.metrics.sessions_total.inc();
         app.metrics.sessions_open.inc();
-        let mut subscriber = app.hub.subscriber();
+        let subscriber = app.hub.subscriber();
         if let Some(mut session) = handshake(&app, sink, stream).await {
-            let _ = session.serve(&mut subscriber).await;
+            let _ = session.serve(&subscriber).await;
             app.hub.unsubscribe_all(session.subs.keys().copied(), subscriber.id);
             let _ = session.sink.close().await;
         }
@@ -143,7 +143,7 @@ async fn handshake<S: Store>(
 }
 
 impl<S: Store> Session<S> {
-    async fn serve(&mut self, subscriber: &mut Subscriber) -> Result<(), Closed> {
+    async fn serve(&mut self, subscriber: &Subscriber) -> Result<(), Closed> {
         let mut shutdown = self.app.shutdown.clone();
         let idle = tokio::time::sleep(IDLE_TIMEOUT);
         tokio::pin!(idle);
@@ -154,15 +154,15 @@ impl<S: Store> Session<S> {
                 biased;
                 _ = shutdown.changed() => return Err(Closed),
                 Some(done) = self.work.next(), if !self.work.is_empty() => self.on_done(done, subscriber).await?,
-                Some(notice) = subscriber.notices.recv() => self.on_notice(notice).await?,
-                () = subscriber.shared.wake.notified() => {
-                    if subscriber.shared.take_lagged() {
+                heard = subscriber.next() => match heard {
+                    Heard::Notice(notice) => self.on_notice(notice).await?,
+                    Heard::Lagged => {
                         let logs: Vec<LogId> = self.subs.keys().copied().collect();
                         for log in logs {
                             self.catch_up(log, None);
                         }
                     }
-                }
+                },
                 msg = self.stream.next(), if self.work.len() < MAX_IN_FLIGHT => {
                     idle.as_mut().reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
                     match msg {

@@ -102,6 +102,10 @@ impl Store {
     }
 
     pub fn insert(&mut self, id: StreamId, val: Stream) -> Ptr<'_> {
+        // Postern: room for one stream first, as in `VacantEntry::insert`.
+        if self.slab.capacity() == 0 {
+            self.slab.reserve_exact(1);
+        }
         let index = SlabIndex(self.slab.insert(val) as u32);
         assert!(self.ids.insert(id, index).is_none());
 
@@ -406,6 +410,10 @@ impl<'a> Ptr<'a> {
         // Remove the stream state
         let stream = self.store.slab.remove(self.key.index.0 as usize);
         assert_eq!(stream.id, self.key.stream_id);
+        // Postern: a connection with no stream left gives the slab's room back.
+        if self.store.slab.is_empty() {
+            self.store.slab = slab::Slab::new();
+        }
         stream.id
     }
 
@@ -464,6 +472,11 @@ impl<'a> VacantEntry<'a> {
     pub fn insert(self, value: Stream) -> Key {
         // Insert the value in the slab
         let stream_id = value.id;
+        // Postern: room for one stream first (most connections hold one), not the four a
+        // Vec's first growth gives; it grows as a Vec does from there.
+        if self.slab.capacity() == 0 {
+            self.slab.reserve_exact(1);
+        }
         let index = SlabIndex(self.slab.insert(value) as u32);
 
         // Insert the handle in the ID map

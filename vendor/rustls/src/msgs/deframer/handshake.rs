@@ -230,9 +230,9 @@ impl HandshakeDeframer {
 impl Default for HandshakeDeframer {
     fn default() -> Self {
         Self {
-            // capacity: a typical upper limit on handshake messages in
-            // a single flight
-            spans: Vec::with_capacity(16),
+            // Postern: room is taken as messages come (upstream: 16, a typical upper limit
+            // on handshake messages in a single flight), and given back between flights.
+            spans: Vec::new(),
             outer_discard: 0,
         }
     }
@@ -339,6 +339,11 @@ impl<'b> Iterator for HandshakeIter<'_, 'b> {
 impl Drop for HandshakeIter<'_, '_> {
     fn drop(&mut self) {
         self.deframer.spans.drain(..self.index);
+        // Postern: no handshake message pending (after each flight, and for the rest of a
+        // connection's life once the handshake is done): give the room back.
+        if self.deframer.spans.is_empty() {
+            self.deframer.spans = Vec::new();
+        }
     }
 }
 
