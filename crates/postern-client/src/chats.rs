@@ -161,6 +161,18 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// A fresh idempotency key for something this client sends to `server`, ordered by time
+/// for the server's index ([`IdemKey::ordered`]). While `server` is out of reach the time is
+/// when it went out of reach, so what is written offline does not tell the server when.
+pub(crate) fn fresh_idem(db: &Connection, server: &str) -> Result<IdemKey, ClientError> {
+    let now = now_ms() / 1000;
+    let since: Option<u64> = db
+        .query_row("SELECT since FROM outages WHERE server = ?1", [server], |r| r.get(0))
+        .optional()
+        .map_err(dbe)?;
+    Ok(IdemKey::ordered(since.map_or(now, |since| since.min(now)), random()))
+}
+
 pub(crate) fn random<const N: usize>() -> [u8; N] {
     let mut out = [0u8; N];
     rand::rngs::OsRng.fill_bytes(&mut out);
@@ -732,7 +744,7 @@ pub(crate) fn insert_outbox(
         "commit" | "message" | "proposal" => {
             Envelope::decode(body).map_err(|_| bad("queued envelope does not decode"))?.idem.0
         }
-        _ => random(),
+        _ => fresh_idem(db, server)?.0,
     };
     db.execute(
         "INSERT INTO outbox (chat_id, kind, server_link, target, idem, body, signer, hpke_key, message_id)
@@ -897,7 +909,13 @@ pub(crate) fn queue_message(ctx: &Ctx<'_>, chat: &str, text: &str) -> Result<i64
         .execute(
             "INSERT INTO messages (chat_id, idem, sender_key, outgoing, body, sent_at, state, seen)
              VALUES (?1, ?2, ?3, 1, ?4, ?5, 'queued', 1)",
-            params![chat.id, &random::<16>()[..], &ctx.me.identity_public().0[..], text, now_ms()],
+            params![
+                chat.id,
+                &fresh_idem(ctx.db, &chat.server)?.0[..],
+                &ctx.me.identity_public().0[..],
+                text,
+                now_ms()
+            ],
         )
         .map_err(dbe)?;
     let id = ctx.db.last_insert_rowid();
@@ -1004,7 +1022,10 @@ pub(crate) fn queue_envelope(
     mls_message: &[u8],
     message: Option<(i64, IdemKey)>,
 ) -> Result<(), ClientError> {
-    let idem = message.map_or_else(|| IdemKey(random()), |(_, idem)| idem);
+    let idem = match message {
+        Some((_, idem)) => idem,
+        None => fresh_idem(ctx.db, &chat.server)?,
+    };
     let env = envelope::seal(keys, &chat.log, idem, next_key, mls_message)?;
     let extra = (None, None, message.map(|(id, _)| id));
     insert_outbox(ctx.db, Some(chat.id), kind, &chat.server, &chat.log.0, &env, extra)

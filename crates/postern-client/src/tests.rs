@@ -831,3 +831,23 @@ fn a_commit_that_swaps_the_committers_credential_is_skipped() {
     assert_eq!(alice.chat_epoch("G").unwrap().0, before.0 + 1);
     in_sync(&mut [&mut alice, &mut carol]);
 }
+
+#[test]
+fn idempotency_keys_start_with_the_clock_or_with_when_the_server_went_out_of_reach() {
+    let db = rusqlite::Connection::open_in_memory().unwrap();
+    db.execute_batch("CREATE TABLE outages (server TEXT PRIMARY KEY, since INTEGER NOT NULL)")
+        .unwrap();
+    let secs = |key: postern_proto::ids::IdemKey| {
+        u64::from(u32::from_be_bytes(key.0[..4].try_into().unwrap()))
+    };
+    let before = chats::now_ms() / 1000;
+    let a = chats::fresh_idem(&db, "s").unwrap();
+    let b = chats::fresh_idem(&db, "s").unwrap();
+    let after = chats::now_ms() / 1000;
+    assert!((before..=after).contains(&secs(a)), "the clock, in seconds");
+    assert_ne!(a.0[4..], b.0[4..], "the rest is random");
+
+    db.execute("INSERT INTO outages (server, since) VALUES ('s', ?1)", [before - 3600]).unwrap();
+    assert_eq!(secs(chats::fresh_idem(&db, "s").unwrap()), before - 3600, "written offline");
+    assert!(secs(chats::fresh_idem(&db, "other").unwrap()) >= before, "another server's outage");
+}

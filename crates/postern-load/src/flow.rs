@@ -100,6 +100,8 @@ struct LogPlan {
 fn envelopes(plan: &LogPlan, count: usize, ciphertext_len: usize) -> Vec<Vec<u8>> {
     (0..count)
         .map(|i| {
+            // Ordered within the log, as the client's keys are (`IdemKey::ordered`: its clock
+            // first). Signed before the clock starts, so the position stands for the time.
             let mut idem = [0u8; 16];
             idem[..8].copy_from_slice(&(i as u64).to_be_bytes());
             idem[8..].copy_from_slice(&random::<8>());

@@ -17,7 +17,51 @@ const BATCH: u64 = 512;
 /// An envelope as `postern bench` sends it (374 bytes of ciphertext in its envelope).
 const ENVELOPE: usize = 468;
 
+/// How the bench makes the `n`th idempotency key.
+#[derive(Clone, Copy)]
+enum Keys {
+    /// Growing, as clients make them (the clock first: `IdemKey::ordered`).
+    Ordered,
+    /// Random, as clients made them before: each lands on a page of its own in a log's part
+    /// of the `(log, idem)` index.
+    Random,
+}
+
+impl Keys {
+    fn key(self, n: u64) -> IdemKey {
+        match self {
+            Keys::Ordered => IdemKey::ordered(n, [0; 12]),
+            Keys::Random => {
+                // splitmix64: random-looking and repeatable.
+                let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                let mut key = [0u8; 16];
+                key[..8].copy_from_slice(&(z ^ (z >> 31)).to_be_bytes());
+                key[8..].copy_from_slice(&n.to_be_bytes());
+                IdemKey(key)
+            }
+        }
+    }
+}
+
 fn appends(c: &mut Criterion) {
+    let mut group = c.benchmark_group("store");
+    group.throughput(Throughput::Elements(BATCH));
+    for (name, keys) in [
+        ("append, 512 at once over 100 logs", Keys::Ordered),
+        ("append, 512 at once over 100 logs, random keys", Keys::Random),
+    ] {
+        appends_with(&mut group, name, keys);
+    }
+    group.finish();
+}
+
+fn appends_with(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    keys: Keys,
+) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -33,18 +77,14 @@ fn appends(c: &mut Criterion) {
         }
     });
     let counter = AtomicU64::new(0);
-    let mut group = c.benchmark_group("store");
-    group.throughput(Throughput::Elements(BATCH));
-    group.bench_function("append, 512 at once over 100 logs", |b| {
+    group.bench_function(name, |b| {
         b.iter_batched(
             || {
                 (0..BATCH)
                     .map(|_| {
                         let n = counter.fetch_add(1, Ordering::Relaxed);
-                        let mut idem = [0u8; 16];
-                        idem[..8].copy_from_slice(&n.to_be_bytes());
                         let entry = NewEntry {
-                            idem: IdemKey(idem),
+                            idem: keys.key(n),
                             key_id: key.key_id(),
                             next_key: None,
                             data: vec![(n % 251) as u8; ENVELOPE],
@@ -71,7 +111,6 @@ fn appends(c: &mut Criterion) {
             BatchSize::PerIteration,
         )
     });
-    group.finish();
     store.close();
 }
 
