@@ -923,9 +923,19 @@ pub(crate) fn queue_message(ctx: &Ctx<'_>, chat: &str, text: &str) -> Result<i64
     Ok(id)
 }
 
-/// Encrypts and seals every queued message of an active chat into the outbox (only when no
-/// commit or proposal waits: [`groups::pump`] decides).
-pub(crate) fn seal_queued(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<(), ClientError> {
+/// The queued messages of a chat found without reading its whole history: sending looked
+/// for them among every message of the chat, each time (BENCHMARKS.md, client).
+pub(crate) const MIGRATION_QUEUED: &str = r#"
+CREATE INDEX messages_queued ON messages (chat_id, id) WHERE state = 'queued';
+"#;
+
+/// Encrypts and seals every queued message of an active chat into the outbox under the
+/// epoch's `keys` (only when no commit or proposal waits: [`groups::pump`] decides).
+pub(crate) fn seal_queued(
+    ctx: &Ctx<'_>,
+    chat: &ChatRow,
+    keys: &EpochKeys,
+) -> Result<(), ClientError> {
     seal_controls(ctx, chat)?;
     let queued: Vec<(i64, Vec<u8>, String, u64)> = {
         let mut stmt = ctx
@@ -942,10 +952,6 @@ pub(crate) fn seal_queued(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<(), ClientErr
             .map_err(dbe)?;
         rows.collect::<Result<_, _>>().map_err(dbe)?
     };
-    if queued.is_empty() {
-        return Ok(());
-    }
-    let keys = mls::epoch_keys(&ctx.mls, &chat.group_id)?;
     for (id, idem, body, sent_at) in queued {
         let plain = AppMessage {
             epoch_tag: keys.authenticator_tag,
@@ -954,7 +960,7 @@ pub(crate) fn seal_queued(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<(), ClientErr
         .encode();
         let mls_message = mls::encrypt(&ctx.mls, ctx.me, &chat.group_id, &plain)?;
         let message = Some((id, IdemKey(arr(&idem)?)));
-        queue_envelope(ctx, chat, &keys, "message", None, &mls_message, message)?;
+        queue_envelope(ctx, chat, keys, "message", None, &mls_message, message)?;
     }
     Ok(())
 }

@@ -475,9 +475,6 @@ pub(crate) fn pump(ctx: &Ctx<'_>, chat: i64) -> Result<(), ClientError> {
         }
         return Ok(());
     }
-    let members = mls::members(&ctx.mls, &row.group_id)?;
-    let is_member =
-        |identity: &[u8]| members.iter().any(|m| m.credential.identity_key.0[..] == *identity);
     // Intents already done by someone else's commit are finished.
     type Intent = (i64, String, Vec<u8>, Option<Vec<u8>>);
     let intents: Vec<Intent> = {
@@ -492,11 +489,23 @@ pub(crate) fn pump(ctx: &Ctx<'_>, chat: i64) -> Result<(), ClientError> {
             .map_err(dbe)?;
         rows.collect::<Result<_, _>>().map_err(dbe)?
     };
+    // The members (each credential checked again) and the proposed removals only when an
+    // intent needs them: a send with none skips loading them, and in a 250-member group the
+    // members' checks were most of a send's cost.
+    let (members, proposed) = if intents.is_empty() {
+        (Vec::new(), Vec::new())
+    } else {
+        (
+            mls::members(&ctx.mls, &row.group_id)?,
+            mls::proposed_removal_leaves(&ctx.mls, &row.group_id)?,
+        )
+    };
+    let is_member =
+        |identity: &[u8]| members.iter().any(|m| m.credential.identity_key.0[..] == *identity);
     let decode = |payload: Option<Vec<u8>>| -> Result<Invitee, ClientError> {
         serde_json::from_slice(payload.as_deref().unwrap_or_default())
             .map_err(|_| bad("a stored intent does not decode"))
     };
-    let proposed = mls::proposed_removal_leaves(&ctx.mls, &row.group_id)?;
     let mut adds = Vec::new();
     let mut removes = Vec::new();
     let mut replace = Vec::new();
@@ -566,7 +575,7 @@ pub(crate) fn pump(ctx: &Ctx<'_>, chat: i64) -> Result<(), ClientError> {
     let committer = proposals && (queued || designated_committer(ctx, &row)?);
     if used.is_empty() && !committer {
         if !proposals {
-            seal_queued(ctx, &row)?;
+            seal_queued(ctx, &row, &keys)?;
         }
         return Ok(());
     }

@@ -78,6 +78,7 @@ CREATE TABLE invites (
     crate::moves::MIGRATION_FORKS,
     crate::chats::MIGRATION_CONTROLS,
     crate::moves::MIGRATION_HOMES,
+    crate::chats::MIGRATION_QUEUED,
 ];
 
 #[derive(Debug)]

@@ -155,3 +155,51 @@ impl Hub {
         self.inner.lock().map(|i| i.logs.values().map(Vec::len).sum()).unwrap_or(0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures_util::FutureExt as _;
+
+    use super::*;
+
+    fn item(seq: u64) -> Item {
+        Item { seq, total_len: 1, bytes: vec![1] }
+    }
+
+    #[tokio::test]
+    async fn notices_arrive_in_order_and_an_overflow_says_so_once() {
+        let hub = Hub::default();
+        let log = LogId([1; 32]);
+        let sub = hub.subscriber();
+        assert!(sub.next().now_or_never().is_none(), "nothing yet");
+        hub.subscribe(log, &sub);
+        hub.notify(LogId([2; 32]), item(1));
+        assert!(sub.next().now_or_never().is_none(), "another log's entry");
+
+        hub.notify(log, item(1));
+        match sub.next().await {
+            Heard::Notice(n) => assert_eq!((n.log, n.item.seq), (log, 1)),
+            Heard::Lagged => panic!("one notice is no overflow"),
+        }
+
+        for seq in 2..(QUEUE as u64 + 12) {
+            hub.notify(log, item(seq));
+        }
+        assert!(matches!(sub.next().await, Heard::Lagged), "the overflow first");
+        for seq in 2..(QUEUE as u64 + 2) {
+            match sub.next().await {
+                Heard::Notice(n) => assert_eq!(n.item.seq, seq),
+                Heard::Lagged => panic!("told twice"),
+            }
+        }
+        assert!(sub.next().now_or_never().is_none(), "the queue is drained");
+        assert!(
+            sub.shared.queue.lock().unwrap().capacity() <= QUEUE_KEPT,
+            "and gave its room back"
+        );
+
+        hub.unsubscribe(&log, sub.id);
+        hub.notify(log, item(999));
+        assert!(sub.next().now_or_never().is_none(), "unsubscribed");
+    }
+}
