@@ -456,13 +456,12 @@ pub(crate) fn members(ctx: &Ctx<'_>, chat: &str) -> Result<(String, Vec<Member>)
 /// pending intents and proposals, or seals queued messages.
 pub(crate) fn pump(ctx: &Ctx<'_>, chat: i64) -> Result<(), ClientError> {
     let Some(row) = chat_row(ctx.db, "id = ?1", &chat)? else { return Ok(()) };
-    if !row.active
-        || matches!(row.state.as_str(), "left" | "stale")
-        || mls::has_pending_commit(&ctx.mls, &row.group_id)?
-    {
+    if !row.active || matches!(row.state.as_str(), "left" | "stale") {
         return Ok(());
     }
-    let keys = mls::epoch_keys(&ctx.mls, &row.group_id)?;
+    let Some((keys, proposals)) = mls::pump_state(&ctx.mls, &row.group_id)? else {
+        return Ok(());
+    };
     let epoch = keys.epoch;
     if row.state == "leaving" {
         // Proposals last one epoch: propose again in each new epoch until removed.
@@ -563,7 +562,6 @@ pub(crate) fn pump(ctx: &Ctx<'_>, chat: i64) -> Result<(), ClientError> {
             }
         }
     }
-    let proposals = mls::has_pending_proposals(&ctx.mls, &row.group_id)?;
     let queued: bool = ctx
         .db
         .query_row(

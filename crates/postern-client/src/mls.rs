@@ -813,12 +813,28 @@ fn derive_keys(
 
 /// The current epoch's derived keys.
 pub(crate) fn epoch_keys(provider: &Provider<'_>, group_id: &[u8]) -> Result<EpochKeys, MlsError> {
-    let group = load(provider, group_id)?;
+    current_keys(provider, &load(provider, group_id)?)
+}
+
+fn current_keys(provider: &Provider<'_>, group: &MlsGroup) -> Result<EpochKeys, MlsError> {
     derive_keys(
         |label| group.export_secret(provider.crypto(), label, b"", 32).map_err(lib),
         group.epoch().as_u64(),
         group.epoch_authenticator().as_slice(),
     )
+}
+
+/// What [`crate::groups::pump`] decides on, from one load of the group: `None` while our
+/// commit is pending, else the epoch's keys and whether proposals wait for a commit.
+pub(crate) fn pump_state(
+    provider: &Provider<'_>,
+    group_id: &[u8],
+) -> Result<Option<(EpochKeys, bool)>, MlsError> {
+    let group = load(provider, group_id)?;
+    if group.pending_commit().is_some() {
+        return Ok(None);
+    }
+    Ok(Some((current_keys(provider, &group)?, group.has_pending_proposals())))
 }
 
 /// The keys of the epoch our pending commit creates, before it is merged: the commit's
