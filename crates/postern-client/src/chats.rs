@@ -166,10 +166,7 @@ pub(crate) fn now_ms() -> u64 {
 /// when it went out of reach, so what is written offline does not tell the server when.
 pub(crate) fn fresh_idem(db: &Connection, server: &str) -> Result<IdemKey, ClientError> {
     let now = now_ms() / 1000;
-    let since: Option<u64> = db
-        .query_row("SELECT since FROM outages WHERE server = ?1", [server], |r| r.get(0))
-        .optional()
-        .map_err(dbe)?;
+    let since = crate::moves::outage_since(db, server)?;
     Ok(IdemKey::ordered(since.map_or(now, |since| since.min(now)), random()))
 }
 

@@ -752,7 +752,7 @@ impl Client {
         relay: Option<i64>,
     ) -> Result<(), ClientError> {
         let link = server.to_link_string();
-        let outage = moves::has_outage(self.store.conn(), &link)?;
+        let outage = moves::outage_since(self.store.conn(), &link)?.is_some();
         if self.last_door(server)? == Some(relay) && !outage {
             return Ok(());
         }

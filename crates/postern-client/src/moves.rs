@@ -147,9 +147,7 @@ pub(crate) fn out_of_reach(ctx: &Ctx<'_>, server: &str, now: u64) -> Result<u64,
             params![server, now],
         )
         .map_err(dbe)?;
-    ctx.db
-        .query_row("SELECT since FROM outages WHERE server = ?1", [server], |r| r.get(0))
-        .map_err(dbe)
+    Ok(outage_since(ctx.db, server)?.unwrap_or(now))
 }
 
 /// A door to `server` opened: its outage, if one was recorded, is over.
@@ -158,9 +156,13 @@ pub(crate) fn reached(ctx: &Ctx<'_>, server: &str) -> Result<(), ClientError> {
     Ok(())
 }
 
-/// Whether an outage of `server` is on record.
-pub(crate) fn has_outage(db: &rusqlite::Connection, server: &str) -> Result<bool, ClientError> {
-    db.query_row("SELECT EXISTS (SELECT 1 FROM outages WHERE server = ?1)", [server], |r| r.get(0))
+/// Since when `server` has been out of reach (Unix seconds), if an outage is on record.
+pub(crate) fn outage_since(
+    db: &rusqlite::Connection,
+    server: &str,
+) -> Result<Option<u64>, ClientError> {
+    db.query_row("SELECT since FROM outages WHERE server = ?1", [server], |r| r.get(0))
+        .optional()
         .map_err(dbe)
 }
 
