@@ -343,10 +343,19 @@ pub(crate) async fn execute(
             }
         }
         Command::ServersList => {
+            // The home server is in the list once the mailbox moved to one of its servers.
+            let home = driver.client.whoami().server;
             for link in driver.client.fallbacks()? {
                 let link = ServerLink::parse(&link)?;
+                let is_home = link.addrs == home;
                 if json {
-                    writeln!(out, "{}", serde_json::json!({ "addrs": link.addrs }))?;
+                    writeln!(
+                        out,
+                        "{}",
+                        serde_json::json!({ "addrs": link.addrs, "home": is_home })
+                    )?;
+                } else if is_home {
+                    writeln!(out, "{} (your home server now)", link.addrs.join(", "))?;
                 } else {
                     writeln!(out, "{}", link.addrs.join(", "))?;
                 }

@@ -46,7 +46,11 @@ async fn a_partitioned_chat_moves_to_its_next_server_and_every_message_arrives_o
     let Two { mut first, second, alice, bob, _dir } = two().await;
     let fallback = second.link.to_link_string();
     assert_eq!(ok(&bob, &["servers", "add", &fallback])[0]["new"], false);
-    assert_eq!(ok(&bob, &["servers", "list"])[0]["addrs"][0], second.link.addrs[0]);
+    let servers = ok(&bob, &["servers", "list"]);
+    assert_eq!(
+        (&servers[0]["addrs"][0], &servers[0]["home"]),
+        (&second.link.addrs[0].as_str().into(), &false.into())
+    );
     let out = run(&bob, &["servers", "add", &first.link.to_link_string()]);
     assert!(stderr(&out).contains("your home server"), "{}", stderr(&out));
 
@@ -265,6 +269,12 @@ async fn a_blocked_home_server_moves_the_mailbox_and_contacts_reach_it_on_the_ne
     // Once moved, the home stays where it went.
     let again = ok_with(&alice, &["sync"], AT_ONCE);
     assert!(!again.iter().any(|e| e["event"] == "home_moved"), "{again:?}");
+    let servers = ok(&alice, &["servers", "list"]);
+    assert_eq!(servers.len(), 1, "{servers:?}");
+    assert_eq!(
+        (&servers[0]["addrs"][0], &servers[0]["home"]),
+        (&second.link.addrs[0].as_str().into(), &true.into())
+    );
 
     // Bob adds Alice to a group through the card naming her new server: her key package is
     // claimed there and the Welcome dropped there.
