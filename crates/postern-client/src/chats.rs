@@ -348,13 +348,15 @@ pub enum Event {
         /// How many.
         entries: u64,
     },
-    /// This device fell behind a group's history (a commit expired unread) and asked
-    /// `asked` members to re-add it; with none to ask, someone must add it again.
+    /// This device fell behind a group's history (a commit expired unread, or a fork) and
+    /// asked `asked` members to re-add it; with none to ask, someone must add it again.
     Rejoining {
         /// The chat.
         chat: String,
         /// How many members were asked.
         asked: usize,
+        /// Whether this asks again: nobody answered for the retry time.
+        again: bool,
     },
     /// We are in a chat again: re-added after falling behind (`lost`), or added back.
     Rejoined {

@@ -21,6 +21,11 @@
 //!   signature key). Every member accepts such a replacement from any member, whatever the
 //!   group's rules, since nobody joins or leaves; it does not rotate the log. Helpers that
 //!   come second see the device's leaf already replaced and drop the request.
+//! - **Asking again**: a request nobody answered (the helpers asked were away, gone, or
+//!   on the branch a fork gave up) is sent again, the same request, to the next helpers not
+//!   yet asked, once every retry period the caller gives (`ask_again`; the CLI asks daily),
+//!   and to the first ones again once every helper was asked. A chat that went stale with
+//!   nobody to ask asks the first member it gets a card for.
 //! - **Rejoined**: the Welcome replaces our old group state (only with a later epoch, unless
 //!   the chat is waiting for this re-add: after a fork the other branch may be behind ours),
 //!   the chat moves to the log and position the Welcome names, queued messages go out, and the
@@ -56,6 +61,25 @@ CREATE TABLE rejoins_seen (
     key_package_hash BLOB PRIMARY KEY
 );
 ALTER TABLE chats ADD COLUMN touched INTEGER NOT NULL DEFAULT 0;
+"#;
+
+/// A stale chat's request to be re-added, kept until the re-add so that asking again sends
+/// the same request (one key package: a helper that already re-added the device, or saw the
+/// request, drops it), and whom it was sent to.
+pub(crate) const MIGRATION_REJOIN_ASKS: &str = r#"
+CREATE TABLE rejoin_requests (
+    chat_id     INTEGER PRIMARY KEY REFERENCES chats(id),
+    server      TEXT NOT NULL,
+    reply_drop  BLOB NOT NULL,
+    key_package BLOB NOT NULL,
+    abandoned   BLOB,
+    asked_at    INTEGER NOT NULL
+);
+CREATE TABLE rejoin_asked (
+    chat_id      INTEGER NOT NULL REFERENCES chats(id),
+    identity_key BLOB NOT NULL,
+    PRIMARY KEY (chat_id, identity_key)
+);
 "#;
 
 /// How often, in days, a client tells the server a chat's log is still in use.
@@ -196,7 +220,7 @@ pub(crate) fn go_stale(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<Vec<Event>, Clie
 pub(crate) fn fall_behind(
     ctx: &Ctx<'_>,
     chat: &ChatRow,
-    helpers: &[Card],
+    helpers: &[(PublicKey, Card)],
     abandoned: Option<&postern_proto::ids::LogId>,
 ) -> Result<Vec<Event>, ClientError> {
     let generation = generation(ctx, chat.id)?;
@@ -218,14 +242,57 @@ pub(crate) fn fall_behind(
     ctx.db.execute("UPDATE chats SET state = 'stale' WHERE id = ?1", [chat.id]).map_err(dbe)?;
     // What was sealed for the state we lost goes out again after the re-add.
     unseal(ctx, chat.id, &["message", "proposal", "commit", "welcome"], None)?;
-    if !helpers.is_empty() {
-        ask_to_rejoin(ctx, chat, helpers, abandoned)?;
+    // A new request: the one of an earlier time we fell behind is done with.
+    end_request(ctx, chat.id)?;
+    let asked = if helpers.is_empty() { 0 } else { ask_to_rejoin(ctx, chat, helpers, abandoned)? };
+    Ok(vec![Event::Rejoining { chat: chat.reference.clone(), asked, again: false }])
+}
+
+/// Sends the request of each stale chat not asked for `retry_secs` (or never: nobody could
+/// be asked when it went stale) again, to the next helpers not yet asked (see the module's
+/// documentation).
+pub(crate) fn ask_again(ctx: &Ctx<'_>, retry_secs: u64) -> Result<Vec<Event>, ClientError> {
+    let now = crate::chats::now_ms() / 1000;
+    let due: Vec<i64> = {
+        let mut stmt = ctx
+            .db
+            .prepare(
+                "SELECT c.id FROM chats c LEFT JOIN rejoin_requests r ON r.chat_id = c.id
+                 WHERE c.active = 1 AND c.state = 'stale'
+                   AND (r.asked_at IS NULL OR r.asked_at + ?1 <= ?2)
+                 ORDER BY c.id",
+            )
+            .map_err(dbe)?;
+        let rows = stmt.query_map(params![retry_secs, now], |r| r.get(0)).map_err(dbe)?;
+        rows.collect::<Result<_, _>>().map_err(dbe)?
+    };
+    let mut events = Vec::new();
+    for id in due {
+        let row = chat_row(ctx.db, "id = ?1", &id)?.ok_or(crate::chats::bad("chat vanished"))?;
+        let helpers = helpers(ctx, &row)?;
+        if helpers.is_empty() {
+            continue;
+        }
+        // A request kept names the branch a fork gave up; a chat that had nobody to ask when
+        // it went stale did not fork (a fork with nobody to ask stays on its branch).
+        let asked = ask_to_rejoin(ctx, &row, &helpers, None)?;
+        events.push(Event::Rejoining { chat: row.reference.clone(), asked, again: true });
     }
-    Ok(vec![Event::Rejoining { chat: chat.reference.clone(), asked: helpers.len() }])
+    Ok(events)
+}
+
+/// Forgets the chat's request to be re-added and whom it went to.
+fn end_request(ctx: &Ctx<'_>, chat: i64) -> Result<(), ClientError> {
+    ctx.db.execute("DELETE FROM rejoin_requests WHERE chat_id = ?1", [chat]).map_err(dbe)?;
+    ctx.db.execute("DELETE FROM rejoin_asked WHERE chat_id = ?1", [chat]).map_err(dbe)?;
+    Ok(())
 }
 
 /// Members we can reach with a rejoin request: contacts of ours with a card, admins first.
-pub(crate) fn helpers(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<Vec<Card>, ClientError> {
+pub(crate) fn helpers(
+    ctx: &Ctx<'_>,
+    chat: &ChatRow,
+) -> Result<Vec<(PublicKey, Card)>, ClientError> {
     let me = ctx.me.identity_public();
     let admins = mls::group_meta(&ctx.mls, &chat.group_id)?.map(|m| m.admins).unwrap_or_default();
     let mut identities: Vec<PublicKey> = Vec::new();
@@ -250,25 +317,122 @@ pub(crate) fn helpers(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<Vec<Card>, Client
         if let Some(Some(json)) = card
             && let Ok(card) = serde_json::from_slice::<Card>(&json)
         {
-            cards.push(card);
-            if cards.len() == REJOIN_HELPERS {
-                break;
-            }
+            cards.push((identity, card));
         }
     }
     Ok(cards)
 }
 
-/// Queues a fresh drop address of ours for the Welcome and one rejoin request per helper,
-/// all with the same new key package of this device.
+/// The chat's request to be re-added: the server and drop address of ours the Welcome is
+/// to go to, our key package, and the branch given up.
+struct Request {
+    server: String,
+    reply: DropId,
+    key_package: Vec<u8>,
+    abandoned: Option<postern_proto::ids::LogId>,
+}
+
+/// Sends the chat's request (a new one, with a fresh drop address of ours for the Welcome
+/// and a new key package of this device, if it has none yet) to the first
+/// [`REJOIN_HELPERS`] of `helpers` not asked yet, or from the first again once all were.
+/// Returns how many were asked.
 fn ask_to_rejoin(
     ctx: &Ctx<'_>,
     chat: &ChatRow,
-    helpers: &[Card],
+    helpers: &[(PublicKey, Card)],
     abandoned: Option<&postern_proto::ids::LogId>,
-) -> Result<(), ClientError> {
-    let keys = mailbox_keys(ctx)?;
+) -> Result<usize, ClientError> {
+    let request = match request(ctx, chat.id)? {
+        Some(request) => request,
+        None => new_request(ctx, chat, abandoned)?,
+    };
+    let asked = |key: &PublicKey| -> Result<bool, ClientError> {
+        ctx.db
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM rejoin_asked WHERE chat_id = ?1 AND identity_key = ?2)",
+                params![chat.id, &key.0[..]],
+                |r| r.get(0),
+            )
+            .map_err(dbe)
+    };
+    let mut next = Vec::new();
+    for helper in helpers {
+        if !asked(&helper.0)? {
+            next.push(helper);
+        }
+    }
+    if next.is_empty() {
+        ctx.db.execute("DELETE FROM rejoin_asked WHERE chat_id = ?1", [chat.id]).map_err(dbe)?;
+        next = helpers.iter().collect();
+    }
+    next.truncate(REJOIN_HELPERS);
     let (_, hpke_public) = crate::store::hpke_keypair(ctx.db)?;
+    for (identity, card) in &next {
+        let payload = DropPayload::Rejoin {
+            drop: DropId(card.drop),
+            group: chat.group_id.clone(),
+            server: request.server.clone(),
+            reply_drop: request.reply,
+            reply_hpke: hpke_public,
+            key_package: request.key_package.clone(),
+            abandoned: request.abandoned,
+        };
+        let sealed = seal_drop(&ctx.mls, &card.hpke, &payload)?;
+        insert_outbox(ctx.db, None, "drop", &card.server, &card.drop, &sealed, (None, None, None))?;
+        ctx.db
+            .execute(
+                "INSERT OR IGNORE INTO rejoin_asked (chat_id, identity_key) VALUES (?1, ?2)",
+                params![chat.id, &identity.0[..]],
+            )
+            .map_err(dbe)?;
+    }
+    ctx.db
+        .execute(
+            "UPDATE rejoin_requests SET asked_at = ?2 WHERE chat_id = ?1",
+            params![chat.id, crate::chats::now_ms() / 1000],
+        )
+        .map_err(dbe)?;
+    Ok(next.len())
+}
+
+fn request(ctx: &Ctx<'_>, chat: i64) -> Result<Option<Request>, ClientError> {
+    ctx.db
+        .query_row(
+            "SELECT server, reply_drop, key_package, abandoned FROM rejoin_requests WHERE chat_id = ?1",
+            [chat],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, Option<Vec<u8>>>(3)?,
+                ))
+            },
+        )
+        .optional()
+        .map_err(dbe)?
+        .map(|(server, reply, key_package, abandoned)| {
+            let id = |bytes: Vec<u8>| {
+                <[u8; 32]>::try_from(bytes).map_err(|_| crate::chats::bad("a stored id's length"))
+            };
+            Ok(Request {
+                server,
+                reply: DropId(id(reply)?),
+                key_package,
+                abandoned: abandoned.map(id).transpose()?.map(postern_proto::ids::LogId),
+            })
+        })
+        .transpose()
+}
+
+/// Registers a fresh drop address of ours on the home server for the Welcome, makes a key
+/// package, and keeps them as the chat's request.
+fn new_request(
+    ctx: &Ctx<'_>,
+    chat: &ChatRow,
+    abandoned: Option<&postern_proto::ids::LogId>,
+) -> Result<Request, ClientError> {
+    let keys = mailbox_keys(ctx)?;
     let reply = DropId(random());
     ctx.db
         .execute(
@@ -288,20 +452,14 @@ fn ask_to_rejoin(
         (Some(&owner[..]), None, None),
     )?;
     let key_package = mls::new_key_package(&ctx.mls, ctx.me, false)?;
-    for card in helpers {
-        let payload = DropPayload::Rejoin {
-            drop: DropId(card.drop),
-            group: chat.group_id.clone(),
-            server: home.clone(),
-            reply_drop: reply,
-            reply_hpke: hpke_public,
-            key_package: key_package.clone(),
-            abandoned: abandoned.copied(),
-        };
-        let sealed = seal_drop(&ctx.mls, &card.hpke, &payload)?;
-        insert_outbox(ctx.db, None, "drop", &card.server, &card.drop, &sealed, (None, None, None))?;
-    }
-    Ok(())
+    ctx.db
+        .execute(
+            "INSERT INTO rejoin_requests (chat_id, server, reply_drop, key_package, abandoned, asked_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, 0)",
+            params![chat.id, &home, &reply.0[..], &key_package, abandoned.map(|l| &l.0[..])],
+        )
+        .map_err(dbe)?;
+    Ok(Request { server: home, reply, key_package, abandoned: abandoned.copied() })
 }
 
 /// A member asks us to re-add its device: queue the replacement if it is still a member,
@@ -371,6 +529,7 @@ pub(crate) fn rejoined(
         )
         .map_err(dbe)?;
     ctx.db.execute("DELETE FROM chat_epochs WHERE chat_id = ?1", [chat.id]).map_err(dbe)?;
+    end_request(ctx, chat.id)?;
     save_epoch(ctx.db, chat.id, &mls::epoch_keys(&ctx.mls, &chat.group_id)?)?;
     // Anything planned or sealed against the old state is planned again.
     unseal(ctx, chat.id, &["message", "proposal", "commit", "welcome", "log_create"], None)?;

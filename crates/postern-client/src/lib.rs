@@ -1006,6 +1006,12 @@ impl Client {
         self.step(gaps::keep_alive)
     }
 
+    /// Asks again to be re-added to each stale chat whose request went unanswered for
+    /// `retry_secs`, the next helpers first (see `gaps`); returns a `Rejoining` per chat asked.
+    pub fn ask_again(&mut self, retry_secs: u64) -> Result<Vec<Event>, ClientError> {
+        self.step(|ctx| gaps::ask_again(ctx, retry_secs))
+    }
+
     /// Our published mailbox is gone from the server (it expired while we were away): it
     /// will be published again, and read from its new beginning. Drop addresses and claim
     /// tokens registered on it are gone with it.

@@ -79,6 +79,7 @@ CREATE TABLE invites (
     crate::chats::MIGRATION_CONTROLS,
     crate::moves::MIGRATION_HOMES,
     crate::chats::MIGRATION_QUEUED,
+    crate::gaps::MIGRATION_REJOIN_ASKS,
 ];
 
 #[derive(Debug)]

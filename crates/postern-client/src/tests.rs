@@ -657,12 +657,12 @@ fn a_member_back_after_retention_reads_past_lost_messages_and_is_re_added_after_
     assert_eq!(alice.chat_epoch("G").unwrap(), before);
 }
 
-#[test]
-fn a_member_whose_log_expired_entirely_is_re_added_onto_the_new_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut alice, mut bob, mut carol, mut server) = group_of_three(dir.path());
+/// A group of three where, while Carol is away, Alice removes Bob (the log rotates) and the
+/// old log expires; Carol finds it gone, goes stale and asks Alice (her one card) to re-add
+/// her. Returns the three, the server, and the chat's id at Carol's.
+fn carol_finds_the_log_gone(dir: &std::path::Path) -> (Client, Client, Client, MemServer, String) {
+    let (mut alice, mut bob, mut carol, mut server) = group_of_three(dir);
     let old = carol.chat_keys("G").unwrap().0;
-    // While Carol is away, Alice removes Bob (the log rotates) and the old log expires.
     alice.group_remove("G", "Bob").unwrap();
     server.drain(&mut alice);
     server.sync(&mut alice, &[]);
@@ -672,6 +672,13 @@ fn a_member_whose_log_expired_entirely_is_re_added_onto_the_new_one() {
     let chat = carol.chat_id("G").unwrap();
     let events = carol.log_gone(&chat).unwrap();
     assert!(matches!(&events[..], [Event::Rejoining { asked: 1, .. }]), "{events:?}");
+    (alice, bob, carol, server, chat)
+}
+
+#[test]
+fn a_member_whose_log_expired_entirely_is_re_added_onto_the_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut alice, mut bob, mut carol, mut server, chat) = carol_finds_the_log_gone(dir.path());
     assert!(carol.logs().unwrap().iter().all(|l| l.chat != chat), "a stale chat is not read");
     server.drain(&mut carol);
     server.sync(&mut alice, &server.all_drops());
@@ -685,6 +692,39 @@ fn a_member_whose_log_expired_entirely_is_re_added_onto_the_new_one() {
     assert!(events.iter().any(|e| matches!(e, Event::Message(m) if m.text == "found you")));
     // Bob, removed, learns nothing of it.
     assert!(server.sync(&mut bob, &server.all_drops()).is_empty());
+}
+
+#[test]
+fn an_unanswered_rejoin_request_is_sent_again_and_answered_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut alice, _bob, mut carol, mut server, _) = carol_finds_the_log_gone(dir.path());
+    // The request never reaches Alice.
+    let before = server.drops.len();
+    server.drain(&mut carol);
+    assert_eq!(server.drops.len(), before + 1);
+    server.drops.truncate(before);
+    // Not asked again before the retry time; after it, Alice (the only one to ask) is
+    // asked again, and again the time after.
+    assert!(carol.ask_again(86_400).unwrap().is_empty());
+    for _ in 0..2 {
+        let events = carol.ask_again(0).unwrap();
+        assert!(
+            matches!(&events[..], [Event::Rejoining { asked: 1, again: true, .. }]),
+            "{events:?}"
+        );
+        server.drain(&mut carol);
+    }
+    assert_eq!(server.drops.len(), before + 2);
+    // Both copies reach her: the same request, so she re-adds Carol once.
+    let epoch = alice.chat_epoch("G").unwrap().0;
+    server.sync(&mut alice, &server.all_drops());
+    server.sync(&mut alice, &[]);
+    assert_eq!(alice.chat_epoch("G").unwrap().0, epoch + 1);
+    let events = server.sync(&mut carol, &server.all_drops());
+    assert!(events.iter().any(|e| matches!(e, Event::Rejoined { .. })), "{events:?}");
+    in_sync(&mut [&mut alice, &mut carol]);
+    // Back in the group, nothing is asked.
+    assert!(carol.ask_again(0).unwrap().is_empty());
 }
 
 /// `claimed` for `group_add`: `who`'s card as `by` holds it, with one key package of `who`.

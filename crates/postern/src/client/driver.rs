@@ -48,6 +48,9 @@ const FAILOVER_AFTER: Duration = Duration::from_secs(10 * 60);
 /// How often a client looks on the next servers for chats other members moved
 /// (`POSTERN_SUCCESSOR_CHECK`, in seconds, overrides it).
 const SUCCESSOR_CHECK: Duration = Duration::from_secs(10 * 60);
+/// How long a stale chat's request to be re-added goes unanswered before it is sent to the
+/// next members (`POSTERN_REJOIN_RETRY`, in seconds, overrides it).
+const REJOIN_RETRY: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// A duration in seconds from the environment, or the default.
 fn secs_from_env(name: &str, default: Duration) -> Duration {
@@ -125,6 +128,8 @@ pub(crate) struct Driver {
     failover_after: Duration,
     /// How often moved chats are looked for.
     successor_check: Duration,
+    /// How long a request to be re-added waits for an answer before it is sent again.
+    rejoin_retry: Duration,
     /// Whether the client was told which network it is on.
     network_told: bool,
     /// The doors probed for a freeze in this process (on any network).
@@ -144,6 +149,7 @@ impl Driver {
             unshown: Vec::new(),
             failover_after: secs_from_env("POSTERN_FAILOVER_AFTER", FAILOVER_AFTER),
             successor_check: secs_from_env("POSTERN_SUCCESSOR_CHECK", SUCCESSOR_CHECK),
+            rejoin_retry: secs_from_env("POSTERN_REJOIN_RETRY", REJOIN_RETRY),
             network_told: false,
             probed: HashSet::new(),
         }
@@ -1214,6 +1220,7 @@ impl Driver {
             keep(self.pull_logs().await, &mut events);
         }
         self.client.keep_alive()?;
+        events.extend(self.client.ask_again(self.rejoin_retry.as_secs())?);
         keep(self.flush().await, &mut events);
         // What a step left unshown (a move of the mailbox) is shown now.
         events.append(&mut self.unshown);

@@ -755,11 +755,17 @@ pub(crate) fn print_events(out: &mut Vec<u8>, events: &[Event], json: bool) -> R
                     )?;
                 }
             }
-            Event::Rejoining { chat, asked } => {
+            Event::Rejoining { chat, asked, again } => {
                 if json {
-                    let line =
-                        serde_json::json!({ "event": "rejoining", "chat": chat, "asked": asked });
+                    let line = serde_json::json!({
+                        "event": "rejoining", "chat": chat, "asked": asked, "again": again
+                    });
                     writeln!(out, "{line}")?;
+                } else if *again {
+                    writeln!(
+                        out,
+                        "Nobody has re-added this device to chat {chat} yet; asked {asked} member(s) again."
+                    )?;
                 } else if *asked == 0 {
                     writeln!(
                         out,

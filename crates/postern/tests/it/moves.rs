@@ -206,10 +206,16 @@ async fn a_member_who_changed_the_group_on_the_old_server_is_added_back_on_the_n
     // Reported once.
     let again = ok_with(bob, &["sync"], AT_ONCE);
     assert!(!again.iter().any(|e| e["event"] == "fork_alarm"), "{again:?}");
+    // Unanswered, the request goes again once the retry time has passed (here at once):
+    // the same request, to the same two, since nobody else can be asked.
+    let again = ok_with(bob, &["sync"], &[("POSTERN_REJOIN_RETRY", "0")]);
+    let asked: Vec<_> = again.iter().filter(|e| e["event"] == "rejoining").collect();
+    assert_eq!(asked.len(), 1, "{again:?}");
+    assert_eq!((&asked[0]["asked"], &asked[0]["again"]), (&2.into(), &true.into()));
 
     // Dave is on Bob's branch and does not answer (were he to, his Welcome would come
     // first and take Bob back to the branch he left); Alice adds Bob back on the second
-    // server.
+    // server, once for both copies of the request.
     ok(&dave, &["sync"]);
     ok(alice, &["sync"]);
     let synced = ok(bob, &["sync"]);
