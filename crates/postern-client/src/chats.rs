@@ -1417,6 +1417,14 @@ fn apply_entry(
     }
 }
 
+/// `chats.fork_alarm`: a member's messages carry another epoch authenticator than ours
+/// (someone, possibly the server, split the group). Stays set: only comparing safety numbers
+/// and a new chat answer it.
+pub(crate) const FORK_SPLIT: i64 = 1;
+/// `chats.fork_alarm`: the others moved the chat to another server while our group changed
+/// on the old one (`moves::moved_without_us`). Cleared when we are re-added on their side.
+pub(crate) const FORK_MOVED: i64 = 2;
+
 fn store_message(
     ctx: &Ctx<'_>,
     chat: &ChatRow,
@@ -1429,7 +1437,9 @@ fn store_message(
     let message = AppMessage::decode(plaintext).map_err(|_| MlsError::Invalid)?;
     let mut events = Vec::new();
     if message.epoch_tag != keys.authenticator_tag {
-        ctx.db.execute("UPDATE chats SET fork_alarm = 1 WHERE id = ?1", [chat.id]).map_err(dbe)?;
+        ctx.db
+            .execute("UPDATE chats SET fork_alarm = ?2 WHERE id = ?1", params![chat.id, FORK_SPLIT])
+            .map_err(dbe)?;
         events.push(Event::ForkAlarm { chat: chat.reference.clone() });
     }
     let outgoing = sender.identity_key == ctx.me.identity_public();

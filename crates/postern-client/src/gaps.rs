@@ -523,9 +523,10 @@ pub(crate) fn rejoined(
     ctx.db
         .execute(
             "UPDATE chats SET server_link = ?2, log_id = ?3, cursor = ?4, active = 1, state = 'member',
-                 leave_epoch = NULL, fork_alarm = 0, generation = generation + 1
+                 leave_epoch = NULL, generation = generation + 1,
+                 fork_alarm = CASE fork_alarm WHEN ?5 THEN 0 ELSE fork_alarm END
              WHERE id = ?1",
-            params![chat.id, server, &log.0[..], after],
+            params![chat.id, server, &log.0[..], after, crate::chats::FORK_MOVED],
         )
         .map_err(dbe)?;
     ctx.db.execute("DELETE FROM chat_epochs WHERE chat_id = ?1", [chat.id]).map_err(dbe)?;

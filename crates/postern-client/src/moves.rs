@@ -342,7 +342,10 @@ pub(crate) fn moved_without_us(
     }
     let marked = ctx
         .db
-        .execute("UPDATE chats SET fork_alarm = 1 WHERE id = ?1 AND fork_alarm = 0", [row.id])
+        .execute(
+            "UPDATE chats SET fork_alarm = ?2 WHERE id = ?1 AND fork_alarm = 0",
+            params![row.id, crate::chats::FORK_MOVED],
+        )
         .map_err(dbe)?;
     let mut events = Vec::new();
     if marked == 1 {

@@ -715,6 +715,13 @@ fn an_unanswered_rejoin_request_is_sent_again_and_answered_once() {
         server.drain(&mut carol);
     }
     assert_eq!(server.drops.len(), before + 2);
+    // (Meanwhile a message showed Carol another view of the group: that alarm stays.)
+    carol
+        .step(|ctx| {
+            let split = chats::FORK_SPLIT;
+            ctx.db.execute("UPDATE chats SET fork_alarm = ?1", [split]).map_err(chats::dbe)
+        })
+        .unwrap();
     // Both copies reach her: the same request, so she re-adds Carol once.
     let epoch = alice.chat_epoch("G").unwrap().0;
     server.sync(&mut alice, &server.all_drops());
@@ -723,6 +730,7 @@ fn an_unanswered_rejoin_request_is_sent_again_and_answered_once() {
     let events = server.sync(&mut carol, &server.all_drops());
     assert!(events.iter().any(|e| matches!(e, Event::Rejoined { .. })), "{events:?}");
     in_sync(&mut [&mut alice, &mut carol]);
+    assert!(carol.chats().unwrap().iter().all(|c| c.fork_alarm));
     // Back in the group, nothing is asked.
     assert!(carol.ask_again(0).unwrap().is_empty());
 }
