@@ -206,7 +206,8 @@ fn serve(
             // nginx has no limit on header lines but its buffers' (crate::site::oversize).
             .max_headers(1000)
             .parse_error_answer(crate::unparsed::answer);
-        let conn = http1.serve_connection(io, service).with_upgrades();
+        let conn =
+            http1.serve_connection(io, service).on_lingered(Ending::lingered).with_upgrades();
         Box::pin(drive(Box::pin(conn), |conn| conn.graceful_shutdown(), shutdown))
     }
 }
@@ -293,7 +294,8 @@ impl Drop for Coalesce {
 /// without a TLS close (hyper drops a connection whose request, or next request, did not
 /// come in time), it closes as nginx does when it times a client out: with close_notify if
 /// no part of a request came since the last answer, without one if a part did (nginx then
-/// marks the connection timed out and skips it). A client that closed its side gets none:
+/// marks the connection timed out and skips it). After a lingering close it shuts down
+/// without one too (nginx's read timed out there). A client that closed its side gets none:
 /// under a censor that counts packets, one more after a connection's last exchange could
 /// be the one that freezes it.
 struct Ending(tokio_rustls::server::TlsStream<Coalesce>, Client);
@@ -304,6 +306,8 @@ enum Client {
     Quiet,
     Wrote,
     Closed,
+    /// The lingering close after an unread request body ended.
+    Lingered,
 }
 
 impl Drop for Ending {
@@ -321,6 +325,12 @@ impl Drop for Ending {
 }
 
 impl Ending {
+    /// hyper's lingering close ended (`on_lingered`): the shutdown that follows sends no
+    /// close_notify.
+    fn lingered(io: &mut TokioIo<Ending>) {
+        io.inner_mut().1 = Client::Lingered;
+    }
+
     /// The server writes: what the client wrote before is answered.
     fn wrote(&mut self) {
         if self.1 == Client::Wrote {
@@ -376,6 +386,10 @@ impl AsyncWrite for Ending {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.1 == Client::Lingered {
+            // TCP's FIN, without TLS's close.
+            return Pin::new(self.0.get_mut().0).poll_shutdown(cx);
+        }
         Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }

@@ -38,6 +38,9 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub(crate) struct Conn<I, B, T> {
     io: Buffered<I, EncodedBuf<B>>,
     state: State,
+    /// Postern: told the IO when a lingering close has ended, before it is shut down.
+    #[cfg(feature = "server")]
+    on_lingered: Option<fn(&mut I)>,
     _marker: PhantomData<fn(T)>,
 }
 
@@ -50,6 +53,8 @@ where
     pub(crate) fn new(io: I) -> Conn<I, B, T> {
         Conn {
             io: Buffered::new(io),
+            #[cfg(feature = "server")]
+            on_lingered: None,
             state: State {
                 allow_half_close: false,
                 cached_headers: None,
@@ -166,6 +171,14 @@ where
     #[cfg(feature = "server")]
     pub(crate) fn set_http1_header_read_timeout(&mut self, val: Duration) {
         self.state.h1_header_read_timeout = Some(val);
+    }
+
+    #[cfg(feature = "server")]
+    /// Postern: `f` is given the IO when a lingering close has ended, before the IO is shut
+    /// down (nginx then closes the connection without a TLS close_notify, as after any read
+    /// that timed out).
+    pub(crate) fn set_on_lingered(&mut self, f: fn(&mut I)) {
+        self.on_lingered = Some(f);
     }
 
     #[cfg(feature = "server")]
@@ -924,7 +937,11 @@ where
 
     pub(crate) fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         #[cfg(feature = "server")]
-        ready!(self.poll_linger(cx));
+        if ready!(self.poll_linger(cx)) {
+            if let Some(f) = self.on_lingered {
+                f(self.io.io_mut());
+            }
+        }
         match ready!(self.io.poll_shutdown(cx)) {
             Ok(()) => {
                 trace!("shut down IO complete");
@@ -939,14 +956,14 @@ where
 
     /// Postern: with a request body left unread, reads and drops what the client sends
     /// until it is quiet for a while or the longest time runs out (nginx's lingering
-    /// close), so that the shutdown comes when nginx's would.
+    /// close), so that the shutdown comes when nginx's would. Ready(true) once it lingered.
     #[cfg(feature = "server")]
-    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
         let Some(lingering) = &mut self.state.lingering else {
-            return Poll::Ready(());
+            return Poll::Ready(false);
         };
         let Some((quiet, most)) = self.state.h1_lingering else {
-            return Poll::Ready(());
+            return Poll::Ready(false);
         };
         let now = self.state.timer.now();
         let (quiet_timer, most_timer) = lingering.get_or_insert_with(|| {
@@ -968,7 +985,7 @@ where
             }
         }
         self.state.lingering = None;
-        Poll::Ready(())
+        Poll::Ready(true)
     }
 
     /// If the read side can be cheaply drained, do so. Otherwise, close.

@@ -99,6 +99,12 @@ where
         }
     }
 
+    /// Postern: the connection, to set a hook on it (`Conn::set_on_lingered`).
+    #[cfg(feature = "server")]
+    pub(crate) fn conn_mut(&mut self) -> &mut Conn<I, Bs::Data, T> {
+        &mut self.conn
+    }
+
     pub(crate) fn into_inner(self) -> (I, Bytes, D) {
         let (io, buf) = self.conn.into_inner();
         (io, buf, self.dispatch)

@@ -277,6 +277,12 @@ where
         (self.io, self.read_buf.freeze())
     }
 
+    /// Postern: the IO, for a connection's hook (`Conn::set_on_lingered`).
+    #[cfg(feature = "server")]
+    pub(crate) fn io_mut(&mut self) -> &mut T {
+        &mut self.io
+    }
+
     pub(crate) fn is_read_blocked(&self) -> bool {
         self.read_blocked
     }

@@ -133,6 +133,14 @@ where
     B: Body + 'static,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
+    /// Postern: `f` is given the IO when a lingering close (`Builder::lingering_close`)
+    /// has ended, before the IO is shut down: a TLS stream can then close without
+    /// close_notify, as nginx closes a connection whose read timed out.
+    pub fn on_lingered(mut self, f: fn(&mut I)) -> Self {
+        self.conn.conn_mut().set_on_lingered(f);
+        self
+    }
+
     /// Start a graceful shutdown process for this connection.
     ///
     /// This `Connection` should continue to be polled until shutdown
