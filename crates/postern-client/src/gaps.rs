@@ -333,7 +333,7 @@ struct Request {
 }
 
 /// Sends the chat's request (a new one, with a fresh drop address of ours for the Welcome
-/// and a new key package of this device, if it has none yet) to the first
+/// and a new key package of this device, if it has none yet or the home moved) to the first
 /// [`REJOIN_HELPERS`] of `helpers` not asked yet, or from the first again once all were.
 /// Returns how many were asked.
 fn ask_to_rejoin(
@@ -342,8 +342,15 @@ fn ask_to_rejoin(
     helpers: &[(PublicKey, Card)],
     abandoned: Option<&postern_proto::ids::LogId>,
 ) -> Result<usize, ClientError> {
+    // A request whose Welcome would go to a home we have moved from is made anew: that home
+    // may never answer again. (A helper that acts on both re-adds the device twice.)
+    let home = ctx.server.to_link_string();
     let request = match request(ctx, chat.id)? {
-        Some(request) => request,
+        Some(request) if request.server == home => request,
+        Some(old) => {
+            end_request(ctx, chat.id)?;
+            new_request(ctx, chat, old.abandoned.as_ref())?
+        }
         None => new_request(ctx, chat, abandoned)?,
     };
     let asked = |key: &PublicKey| -> Result<bool, ClientError> {

@@ -735,6 +735,42 @@ fn an_unanswered_rejoin_request_is_sent_again_and_answered_once() {
     assert!(carol.ask_again(0).unwrap().is_empty());
 }
 
+#[test]
+fn a_rejoin_request_is_made_anew_once_the_home_moved() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut alice, _bob, mut carol, mut server, _) = carol_finds_the_log_gone(dir.path());
+    let requested = |c: &mut Client| -> (String, Vec<u8>) {
+        c.step(|ctx| {
+            ctx.db
+                .query_row("SELECT server, reply_drop FROM rejoin_requests", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .map_err(chats::dbe)
+        })
+        .unwrap()
+    };
+    let first = requested(&mut carol);
+    assert_eq!(first.0, link().to_link_string());
+    let before = server.drops.len();
+    server.drain(&mut carol);
+    server.drops.truncate(before);
+    // Carol's home moves before anyone answered: the request that goes again names the new
+    // home, with a new drop address there, and is answered.
+    let moved = ServerLink { addrs: vec!["127.0.0.2:8443".into()], ..link() };
+    carol.move_home(&moved).unwrap();
+    let events = carol.ask_again(0).unwrap();
+    assert!(matches!(&events[..], [Event::Rejoining { asked: 1, .. }]), "{events:?}");
+    let second = requested(&mut carol);
+    assert_eq!(second.0, moved.to_link_string());
+    assert_ne!(second.1, first.1);
+    server.drain(&mut carol);
+    server.sync(&mut alice, &server.all_drops());
+    server.sync(&mut alice, &[]);
+    let events = server.sync(&mut carol, &server.all_drops());
+    assert!(events.iter().any(|e| matches!(e, Event::Rejoined { .. })), "{events:?}");
+    in_sync(&mut [&mut alice, &mut carol]);
+}
+
 /// `claimed` for `group_add`: `who`'s card as `by` holds it, with one key package of `who`.
 fn claim(by: &mut Client, who: &mut Client, name: &str) -> (PublicKey, String, Card, Vec<Vec<u8>>) {
     let (identity, name, card) = by.card(name).unwrap();
