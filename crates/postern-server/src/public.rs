@@ -27,6 +27,9 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time a connection may wait, after its last request or stream, for the next one:
 /// nginx's keepalive_timeout.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(75);
+/// Requests a connection serves before it closes: nginx's keepalive_requests (its HTTP/1.1
+/// answer to the last says `Connection: close`; over HTTP/2 a GOAWAY comes before it).
+pub(crate) const KEEPALIVE_REQUESTS: u32 = 1000;
 /// How long shutdown waits for open connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -187,7 +190,8 @@ fn serve(
             .initial_stream_window_size(65_536)
             .initial_connection_window_size((1 << 31) - 1)
             .max_frame_size(16_777_215)
-            .idle_timeouts(header_timeout, KEEPALIVE_TIMEOUT);
+            .idle_timeouts(header_timeout, KEEPALIVE_TIMEOUT)
+            .max_requests(KEEPALIVE_REQUESTS);
         let conn = http2.serve_connection(io, service);
         Box::pin(drive(Box::pin(conn), |conn| conn.graceful_shutdown(), shutdown))
     } else {
@@ -206,9 +210,37 @@ fn serve(
             // nginx has no limit on header lines but its buffers' (crate::site::oversize).
             .max_headers(1000)
             .parse_error_answer(crate::unparsed::answer);
+        let service = Numbered { inner: service, served: std::cell::Cell::new(0) };
         let conn =
             http1.serve_connection(io, service).on_lingered(Ending::lingered).with_upgrades();
         Box::pin(drive(Box::pin(conn), |conn| conn.graceful_shutdown(), shutdown))
+    }
+}
+
+/// A request's number on its HTTP/1 connection, from 1 (the site says `Connection: close`
+/// to the [`KEEPALIVE_REQUESTS`]th).
+#[derive(Clone, Copy)]
+pub(crate) struct RequestNumber(pub(crate) u32);
+
+/// An HTTP/1 connection's service, numbering its requests.
+struct Numbered<S> {
+    inner: S,
+    served: std::cell::Cell<u32>,
+}
+
+impl<S, B> hyper::service::Service<hyper::Request<B>> for Numbered<S>
+where
+    S: hyper::service::Service<hyper::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, mut request: hyper::Request<B>) -> Self::Future {
+        let n = self.served.get().saturating_add(1);
+        self.served.set(n);
+        request.extensions_mut().insert(RequestNumber(n));
+        self.inner.call(request)
     }
 }
 

@@ -404,8 +404,16 @@ impl Reply {
     }
 }
 
-/// Whether an HTTP/1 connection stays open after this request, as nginx decides it.
+/// Whether an HTTP/1 connection stays open after this request, as nginx decides it (it
+/// closes one after its keepalive_requests too).
 fn keep_alive(parts: &Parts) -> bool {
+    let last = parts
+        .extensions
+        .get::<crate::public::RequestNumber>()
+        .is_some_and(|n| n.0 >= crate::public::KEEPALIVE_REQUESTS);
+    if last {
+        return false;
+    }
     let connection = |token: &str| {
         parts.headers.get_all(header::CONNECTION).iter().any(|v| {
             v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))

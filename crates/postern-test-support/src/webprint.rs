@@ -603,6 +603,184 @@ pub async fn h1_request(addr: SocketAddr, sni: &str, raw: impl AsRef<[u8]>) -> S
     format!("{head}{}", got[end..].escape_ascii())
 }
 
+/// How a server treats `n` requests for one file (`/robots.txt`) on one connection, each
+/// sent once the answer before it came: how many it answered, what it said (over HTTP/1.1
+/// the last answer's head, date blanked; over HTTP/2 its GOAWAY frames, with how many
+/// answers came before each), and how the connection ended after the last (`close_notify`,
+/// `eof`, `reset`, or `open` if it stayed open for 3 s).
+#[derive(Debug, PartialEq, Eq)]
+pub struct OneAfterAnother {
+    pub answers: usize,
+    pub said: Vec<String>,
+    pub how: &'static str,
+}
+
+/// Reads until `done` finds what it waits for in `got` (returning how much of it to drop),
+/// or the connection ends (`Err` with how), or nothing comes for 3 s (`Err("open")`).
+async fn read_until(
+    tls: &mut tokio_rustls::client::TlsStream<TcpStream>,
+    got: &mut Vec<u8>,
+    mut done: impl FnMut(&[u8]) -> Option<usize>,
+) -> Result<(), &'static str> {
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(used) = done(got) {
+            got.drain(..used);
+            return Ok(());
+        }
+        match tokio::time::timeout(QUIET * 10, tls.read(&mut buf)).await {
+            Err(_) => return Err("open"),
+            Ok(Ok(0)) => return Err("close_notify"),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err("eof"),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => return Err("reset"),
+            Ok(Err(_)) => return Err("error"),
+        }
+    }
+}
+
+/// [`OneAfterAnother`] over HTTP/1.1.
+pub async fn h1_one_after_another(addr: SocketAddr, sni: &str, n: usize) -> OneAfterAnother {
+    let mut tls = connect(addr, sni, b"http/1.1").await;
+    let (mut answers, mut head, mut got) = (0, String::new(), Vec::new());
+    let mut how = None;
+    for _ in 0..n {
+        if tls.write_all(b"GET /robots.txt HTTP/1.1\r\nHost: x\r\n\r\n").await.is_err() {
+            how = Some("write failed");
+            break;
+        }
+        let answer = read_until(&mut tls, &mut got, |got| {
+            let end = got.windows(4).position(|w| w == b"\r\n\r\n")?;
+            let text = String::from_utf8_lossy(&got[..end]);
+            let length: usize = text.lines().find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length").then(|| value.trim().parse().ok())?
+            })?;
+            let whole = end + 4 + length;
+            (got.len() >= whole).then(|| {
+                head = text
+                    .split("\r\n")
+                    .map(
+                        |l| if l.to_ascii_lowercase().starts_with("date:") { "Date: -" } else { l },
+                    )
+                    .collect::<Vec<_>>()
+                    .join("\r\n");
+                whole
+            })
+        });
+        match answer.await {
+            Ok(()) => answers += 1,
+            Err(ended) => {
+                how = Some(ended);
+                break;
+            }
+        }
+    }
+    let how = match how {
+        Some(how) => how,
+        None => read_until(&mut tls, &mut got, |_| None).await.err().unwrap_or("open"),
+    };
+    OneAfterAnother { answers, said: vec![head], how }
+}
+
+/// An HTTP/2 frame whole at the start of `bytes`: its type, flags, stream, payload, and
+/// length with its header.
+fn h2_frame(bytes: &[u8]) -> Option<(u8, u8, u32, &[u8], usize)> {
+    let head = bytes.get(..9)?;
+    let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+    let payload = bytes.get(9..9 + len)?;
+    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    Some((head[3], head[4], stream, payload, 9 + len))
+}
+
+/// [`OneAfterAnother`] over HTTP/2, a stream after another (the client's connection window
+/// opened wide, so flow control never holds an answer).
+pub async fn h2_one_after_another(addr: SocketAddr, sni: &str, n: usize) -> OneAfterAnother {
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(payload.len()).expect("a small frame").to_be_bytes();
+        [&len[1..], &[kind, flags], &stream.to_be_bytes(), payload].concat()
+    }
+    let mut tls = connect(addr, sni, b"h2").await;
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(frame(4, 0, 0, &[]));
+    hello.extend(frame(8, 0, 0, &((1u32 << 31) - 1 - 65_535).to_be_bytes()));
+    tls.write_all(&hello).await.expect("preface");
+    // GET https://x/robots.txt: HPACK's static table, literals never indexed.
+    let mut get = vec![0x82, 0x87, 0x14, 11];
+    get.extend_from_slice(b"/robots.txt");
+    get.extend_from_slice(&[0x11, 1, b'x']);
+    let (mut answers, mut said, mut got) = (0, Vec::new(), Vec::new());
+    // A GOAWAY is noted, and its last stream returned.
+    let mut read = |payload: &[u8], kind: u8, answers: usize| {
+        if kind != 7 || payload.len() < 8 {
+            return None;
+        }
+        let last = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+        let code = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
+        said.push(format!("GOAWAY last {last} code {code} after {answers} answers"));
+        Some(last)
+    };
+    let (mut how, mut acks, mut last_allowed) = (None, Vec::new(), u32::MAX);
+    for i in 0..n {
+        let stream = 2 * u32::try_from(i).expect("a stream id") + 1;
+        if stream > last_allowed {
+            break;
+        }
+        let ask = [std::mem::take(&mut acks), frame(1, 5, stream, &get)].concat();
+        if tls.write_all(&ask).await.is_err() {
+            how = Some("write failed");
+            break;
+        }
+        // Each read takes the whole frames that came (up to the answer), once.
+        let mut answered = false;
+        let ended = loop {
+            let frames = read_until(&mut tls, &mut got, |got| {
+                let mut at = 0;
+                while let Some((kind, flags, id, payload, len)) = h2_frame(&got[at..]) {
+                    at += len;
+                    if kind == 4 && flags & 1 == 0 {
+                        acks.extend(frame(4, 1, 0, &[]));
+                    }
+                    if let Some(last) = read(payload, kind, answers) {
+                        last_allowed = last_allowed.min(last);
+                    }
+                    answered = matches!(kind, 0 | 1) && id == stream && flags & 1 == 1;
+                    if answered {
+                        break;
+                    }
+                }
+                (at > 0).then_some(at)
+            });
+            match frames.await {
+                Err(ended) => break Some(ended),
+                Ok(()) if answered || stream > last_allowed => break None,
+                Ok(()) => {}
+            }
+        };
+        match ended {
+            Some(ended) => {
+                how = Some(ended);
+                break;
+            }
+            None if answered => answers += 1,
+            None => break,
+        }
+    }
+    let how = match how {
+        Some(how) => how,
+        None => {
+            let end = read_until(&mut tls, &mut got, |_| None).await.err().unwrap_or("open");
+            let mut at = 0;
+            while let Some((kind, _, _, payload, len)) = h2_frame(&got[at..]) {
+                at += len;
+                read(payload, kind, answers);
+            }
+            end
+        }
+    };
+    OneAfterAnother { answers, said, how }
+}
+
 /// nginx from Debian's package, serving a directory over TLS with Debian's default
 /// configuration: its `http` settings and default site, with `listen ssl http2` added.
 /// Killed when dropped.

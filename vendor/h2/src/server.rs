@@ -553,6 +553,14 @@ where
         self.connection.go_away_from_user(reason);
     }
 
+    /// Postern: sends a GOAWAY (NO_ERROR) naming the last stream received, at once; the
+    /// streams up to it are served, later ones refused, and the connection closes when they
+    /// are done. nginx ends a connection so once it has served its keepalive_requests (where
+    /// `graceful_shutdown` would send two GOAWAYs and a PING).
+    pub fn go_away_after_last_received(&mut self) {
+        self.connection.go_away_after_last_received();
+    }
+
     /// Starts a [graceful shutdown][1] process.
     ///
     /// Must continue being polled to close connection.

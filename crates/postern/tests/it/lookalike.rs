@@ -292,6 +292,20 @@ async fn a_server_and_a_relay_answer_as_nginx_does() {
         }
     }
 
+    // nginx serves 1,000 requests on a connection (keepalive_requests), then closes it.
+    let want = webprint::h1_one_after_another(nginx.addr, SNI, 1001).await;
+    assert_eq!(want.answers, 1000, "{want:?}");
+    for (who, addr) in ours {
+        let got = webprint::h1_one_after_another(addr, SNI, 1001).await;
+        assert_eq!(got, want, "{who}: 1,001 HTTP/1.1 requests on a connection");
+    }
+    let want = webprint::h2_one_after_another(nginx.addr, SNI, 1001).await;
+    assert_eq!(want.answers, 1000, "{want:?}");
+    for (who, addr) in ours {
+        let got = webprint::h2_one_after_another(addr, SNI, 1001).await;
+        assert_eq!(got, want, "{who}: 1,001 HTTP/2 streams on a connection");
+    }
+
     for raw in h1_refused() {
         let want = h1_request(nginx.addr, SNI, &raw).await;
         for (who, addr) in ours {

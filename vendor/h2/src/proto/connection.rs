@@ -254,6 +254,13 @@ where
         self.inner.go_away.send_pending_go_away(cx, &mut self.codec)
     }
 
+    /// Postern: a GOAWAY (NO_ERROR) naming the last stream received, sent at once: the
+    /// streams up to it finish, later ones are refused, and the connection closes when none
+    /// is left (nginx once a connection has served its keepalive_requests).
+    pub fn go_away_after_last_received(&mut self) {
+        self.inner.as_dyn().go_away_after_last_received()
+    }
+
     pub fn go_away_from_user(&mut self, e: Reason) {
         self.inner.as_dyn().go_away_from_user(e)
     }
@@ -453,6 +460,12 @@ where
         let frame = frame::GoAway::new(id, e);
         self.streams.send_go_away(id);
         self.go_away.go_away(frame);
+    }
+
+    /// Postern: see `Connection::go_away_after_last_received`.
+    fn go_away_after_last_received(&mut self) {
+        let last = self.streams.last_processed_id();
+        self.go_away(last, Reason::NO_ERROR);
     }
 
     fn go_away_now(&mut self, e: Reason) {

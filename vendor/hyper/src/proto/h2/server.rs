@@ -60,6 +60,9 @@ pub(crate) struct Config {
     /// its last stream ended (nginx's client_header_timeout and keepalive_timeout).
     pub(crate) first_stream_timeout: Option<Duration>,
     pub(crate) idle_timeout: Option<Duration>,
+    /// Postern: the streams a connection serves before it goes away (nginx's
+    /// keepalive_requests).
+    pub(crate) max_requests: Option<u32>,
 }
 
 impl Default for Config {
@@ -81,6 +84,7 @@ impl Default for Config {
             date_header: true,
             first_stream_timeout: None,
             idle_timeout: None,
+            max_requests: None,
         }
     }
 }
@@ -99,6 +103,7 @@ pin_project! {
         close_pending: bool,
         idle: Idle,
         handshake_error: Option<crate::Error>,
+        max_requests: Option<u32>,
     }
 }
 
@@ -160,6 +165,8 @@ where
     conn: Connection<Compat<T>, SendBuf<B::Data>>,
     closing: Option<crate::Error>,
     date_header: bool,
+    /// Postern: streams still to serve before the connection goes away, if limited.
+    requests_left: Option<u32>,
 }
 
 impl<T, S, B, E> Server<T, S, B, E>
@@ -223,6 +230,7 @@ where
         Server {
             idle,
             handshake_error: None,
+            max_requests: config.max_requests,
             exec,
             timer,
             state: State::Handshaking {
@@ -294,6 +302,7 @@ where
                         conn,
                         closing: None,
                         date_header: me.date_header,
+                        requests_left: me.max_requests,
                     })
                 }
                 State::Serving(srv) => {
@@ -351,6 +360,14 @@ where
                 match ready!(self.conn.poll_accept(cx)) {
                     Some(Ok((req, mut respond))) => {
                         trace!("incoming request");
+                        // Postern: the last stream the connection serves; its GOAWAY goes
+                        // before the answer, as nginx's does.
+                        if let Some(left) = &mut self.requests_left {
+                            *left = left.saturating_sub(1);
+                            if *left == 0 {
+                                self.conn.go_away_after_last_received();
+                            }
+                        }
                         let content_length = headers::content_length_parse_all(req.headers());
                         let ping = self
                             .ping

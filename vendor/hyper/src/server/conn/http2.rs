@@ -291,6 +291,14 @@ impl<E> Builder<E> {
         self
     }
 
+    /// Postern: after its `n`th stream a connection sends a GOAWAY (NO_ERROR) naming it,
+    /// serves the streams it has, and closes, as nginx does after its keepalive_requests
+    /// (1000 by default).
+    pub fn max_requests(&mut self, n: u32) -> &mut Self {
+        self.h2_builder.max_requests = Some(n);
+        self
+    }
+
     /// Set the timer used in background tasks.
     pub fn timer<M>(&mut self, timer: M) -> &mut Self
     where
