@@ -608,7 +608,7 @@ pub(crate) fn save_epoch(db: &Connection, chat: i64, keys: &EpochKeys) -> Result
 pub(crate) fn stored_epochs(db: &Connection, chat: i64) -> Result<Vec<EpochKeys>, ClientError> {
     let key_ids: Vec<Vec<u8>> = {
         let mut stmt = db
-            .prepare("SELECT key_id FROM chat_epochs WHERE chat_id = ?1 ORDER BY epoch")
+            .prepare_cached("SELECT key_id FROM chat_epochs WHERE chat_id = ?1 ORDER BY epoch")
             .map_err(dbe)?;
         let rows = stmt.query_map([chat], |r| r.get(0)).map_err(dbe)?;
         rows.collect::<Result<_, _>>().map_err(dbe)?
@@ -881,7 +881,9 @@ pub(crate) fn resolve(ctx: &Ctx<'_>, chat: &str) -> Result<ChatRow, ClientError>
     let groups: Vec<String> = {
         let mut stmt = ctx
             .db
-            .prepare("SELECT ref FROM chats WHERE kind = 'group' ORDER BY state = 'left', id DESC")
+            .prepare_cached(
+                "SELECT ref FROM chats WHERE kind = 'group' ORDER BY state = 'left', id DESC",
+            )
             .map_err(dbe)?;
         let rows = stmt.query_map([], |r| r.get(0)).map_err(dbe)?;
         rows.collect::<Result<_, _>>().map_err(dbe)?
@@ -939,7 +941,7 @@ pub(crate) fn seal_queued(
     let queued: Vec<(i64, Vec<u8>, String, u64)> = {
         let mut stmt = ctx
             .db
-            .prepare(
+            .prepare_cached(
                 "SELECT m.id, m.idem, m.body, m.sent_at FROM messages m
                  WHERE m.chat_id = ?1 AND m.state = 'queued'
                    AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.message_id = m.id)
@@ -1003,7 +1005,7 @@ fn seal_controls(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<(), ClientError> {
     let waiting: Vec<(i64, Zeroizing<Vec<u8>>)> = {
         let mut stmt = ctx
             .db
-            .prepare("SELECT id, plain FROM controls WHERE chat_id = ?1 ORDER BY id")
+            .prepare_cached("SELECT id, plain FROM controls WHERE chat_id = ?1 ORDER BY id")
             .map_err(dbe)?;
         let rows = stmt
             .query_map([chat.id], |r| Ok((r.get(0)?, Zeroizing::new(r.get(1)?))))
@@ -1042,7 +1044,7 @@ pub(crate) fn next_outbox(ctx: &Ctx<'_>, skip: &[i64]) -> Result<Option<OutboxIt
         (i64, String, String, Vec<u8>, Vec<u8>, Vec<u8>, Option<Zeroizing<Vec<u8>>>, Option<i64>);
     let mut stmt = ctx
         .db
-        .prepare(
+        .prepare_cached(
             "SELECT id, kind, server_link, target, idem, body, signer, chat_id FROM outbox
              WHERE kind <> 'welcome' AND acked_seq IS NULL
                -- Addresses on our mailbox wait until it is published (after a move).
@@ -1168,7 +1170,7 @@ pub(crate) fn outbox_done(ctx: &Ctx<'_>, id: i64, seq: Option<u64>) -> Result<()
 pub(crate) fn unresolved(ctx: &Ctx<'_>) -> Result<Vec<LogCursor>, ClientError> {
     let mut stmt = ctx
         .db
-        .prepare(
+        .prepare_cached(
             "SELECT ref, server_link, log_id, cursor FROM chats c WHERE state <> 'left'
              AND EXISTS (SELECT 1 FROM outbox o WHERE o.chat_id = c.id AND o.acked_seq IS NOT NULL)",
         )
@@ -1304,7 +1306,7 @@ pub(crate) fn unseal(
 pub(crate) fn logs(ctx: &Ctx<'_>) -> Result<Vec<LogCursor>, ClientError> {
     let mut stmt = ctx
         .db
-        .prepare(
+        .prepare_cached(
             "SELECT ref, server_link, log_id, cursor FROM chats
              WHERE active = 1 AND state NOT IN ('left', 'stale') ORDER BY id",
         )
@@ -1562,7 +1564,7 @@ pub(crate) fn receive_drop(ctx: &Ctx<'_>, bytes: &[u8]) -> Result<Vec<Event>, Cl
             let waiting: Vec<Vec<u8>> = {
                 let mut stmt = ctx
                     .db
-                    .prepare("SELECT group_id FROM chats WHERE state = 'stale'")
+                    .prepare_cached("SELECT group_id FROM chats WHERE state = 'stale'")
                     .map_err(dbe)?;
                 let rows = stmt.query_map([], |r| r.get(0)).map_err(dbe)?;
                 rows.collect::<Result<_, _>>().map_err(dbe)?
@@ -1668,7 +1670,7 @@ pub(crate) fn receive_drop(ctx: &Ctx<'_>, bytes: &[u8]) -> Result<Vec<Event>, Cl
 /// Contacts, by name.
 pub(crate) fn contacts(db: &Connection) -> Result<Vec<Contact>, ClientError> {
     let mut stmt =
-        db.prepare("SELECT name, identity_key FROM contacts ORDER BY name").map_err(dbe)?;
+        db.prepare_cached("SELECT name, identity_key FROM contacts ORDER BY name").map_err(dbe)?;
     let rows = stmt
         .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))
         .map_err(dbe)?;
@@ -1686,7 +1688,7 @@ pub(crate) fn chats(ctx: &Ctx<'_>) -> Result<Vec<ChatSummary>, ClientError> {
     let rows: Vec<Row> = {
         let mut stmt = ctx
             .db
-            .prepare(
+            .prepare_cached(
                 "SELECT c.ref, coalesce(k.name, ''), c.active, c.fork_alarm,
                         (SELECT count(*) FROM messages m WHERE m.chat_id = c.id AND m.seen = 0),
                         c.kind = 'group', c.state <> 'left', c.state = 'stale', c.group_id
@@ -1734,7 +1736,7 @@ pub(crate) fn read(
     let chat = resolve(ctx, chat)?;
     let mut stmt = ctx
         .db
-        .prepare(
+        .prepare_cached(
             "SELECT seq, sender_key, outgoing, body, sent_at, state, generation FROM messages
              WHERE chat_id = ?1 ORDER BY seq IS NULL, generation, seq, id",
         )
@@ -1795,8 +1797,9 @@ pub(crate) fn read(
 
 /// Pending requests.
 pub(crate) fn requests(db: &Connection) -> Result<Vec<ConnectRequest>, ClientError> {
-    let mut stmt =
-        db.prepare("SELECT ref, name, identity_key FROM requests ORDER BY id").map_err(dbe)?;
+    let mut stmt = db
+        .prepare_cached("SELECT ref, name, identity_key FROM requests ORDER BY id")
+        .map_err(dbe)?;
     let rows = stmt
         .query_map([], |r| {
             Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?))

@@ -98,7 +98,7 @@ pub(crate) fn add(db: &Connection, link: &RelayLink) -> Result<(i64, bool), Clie
 
 /// Every relay, in the order they were added.
 pub(crate) fn list(db: &Connection) -> Result<Vec<Relay>, ClientError> {
-    let mut stmt = db.prepare("SELECT id, link FROM relays ORDER BY id").map_err(db_err)?;
+    let mut stmt = db.prepare_cached("SELECT id, link FROM relays ORDER BY id").map_err(db_err)?;
     let rows = stmt
         .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
         .map_err(db_err)?;
@@ -291,7 +291,7 @@ pub(crate) fn set_probe(
 pub(crate) fn opens(db: &Connection, door: &str, since: u64) -> Result<Vec<u64>, ClientError> {
     let since = i64::try_from(since).unwrap_or(i64::MAX);
     let mut stmt = db
-        .prepare("SELECT at FROM door_opens WHERE door = ?1 AND at >= ?2 ORDER BY at")
+        .prepare_cached("SELECT at FROM door_opens WHERE door = ?1 AND at >= ?2 ORDER BY at")
         .map_err(db_err)?;
     let rows = stmt.query_map(params![door, since], |r| r.get::<_, i64>(0)).map_err(db_err)?;
     rows.map(|r| r.map(|at| u64::try_from(at).unwrap_or(0)).map_err(db_err)).collect()

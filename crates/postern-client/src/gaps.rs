@@ -173,7 +173,7 @@ pub(crate) fn keep_alive(ctx: &Ctx<'_>) -> Result<usize, ClientError> {
     let due: Vec<i64> = {
         let mut stmt = ctx
             .db
-            .prepare(
+            .prepare_cached(
                 "SELECT id FROM chats WHERE active = 1 AND state IN ('member', 'leaving')
                  AND touched + ?1 <= ?2",
             )
@@ -256,7 +256,7 @@ pub(crate) fn ask_again(ctx: &Ctx<'_>, retry_secs: u64) -> Result<Vec<Event>, Cl
     let due: Vec<i64> = {
         let mut stmt = ctx
             .db
-            .prepare(
+            .prepare_cached(
                 "SELECT c.id FROM chats c LEFT JOIN rejoin_requests r ON r.chat_id = c.id
                  WHERE c.active = 1 AND c.state = 'stale'
                    AND (r.asked_at IS NULL OR r.asked_at + ?1 <= ?2)
@@ -552,7 +552,7 @@ pub(crate) fn rejoined(
 pub(crate) fn gaps(ctx: &Ctx<'_>, chat: &ChatRow) -> Result<Vec<GapRow>, ClientError> {
     let mut stmt = ctx
         .db
-        .prepare(
+        .prepare_cached(
             "SELECT generation, after_seq, entries, stale, rejoined FROM gaps WHERE chat_id = ?1
              ORDER BY generation, after_seq, id",
         )

@@ -479,7 +479,7 @@ pub(crate) fn pump(ctx: &Ctx<'_>, chat: i64) -> Result<(), ClientError> {
     let intents: Vec<Intent> = {
         let mut stmt = ctx
             .db
-            .prepare(
+            .prepare_cached(
                 "SELECT id, kind, identity, payload FROM intents WHERE chat_id = ?1 ORDER BY id",
             )
             .map_err(dbe)?;
@@ -733,7 +733,7 @@ fn release_welcomes(ctx: &Ctx<'_>, chat: i64, seq: u64) -> Result<(), ClientErro
     let welcomes: Vec<Welcome> = {
         let mut stmt = ctx
             .db
-            .prepare("SELECT id, target, body, hpke_key FROM outbox WHERE chat_id = ?1 AND kind = 'welcome'")
+            .prepare_cached("SELECT id, target, body, hpke_key FROM outbox WHERE chat_id = ?1 AND kind = 'welcome'")
             .map_err(dbe)?;
         let rows = stmt
             .query_map([chat], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))

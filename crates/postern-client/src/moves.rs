@@ -96,7 +96,8 @@ pub(crate) fn add_fallback(ctx: &Ctx<'_>, link: &ServerLink) -> Result<bool, Cli
 
 /// The servers new chats move to, in the order added.
 pub(crate) fn fallbacks(db: &rusqlite::Connection) -> Result<Vec<String>, ClientError> {
-    let mut stmt = db.prepare("SELECT link FROM fallback_servers ORDER BY id").map_err(dbe)?;
+    let mut stmt =
+        db.prepare_cached("SELECT link FROM fallback_servers ORDER BY id").map_err(dbe)?;
     let rows = stmt.query_map([], |r| r.get(0)).map_err(dbe)?;
     rows.collect::<Result<_, _>>().map_err(dbe)
 }
@@ -123,7 +124,7 @@ fn active_chats(ctx: &Ctx<'_>, server: Option<&str>) -> Result<Vec<ChatRow>, Cli
     let ids: Vec<i64> = {
         let mut stmt = ctx
             .db
-            .prepare(
+            .prepare_cached(
                 "SELECT id FROM chats WHERE active = 1 AND state NOT IN ('left', 'stale')
                  AND (?1 IS NULL OR server_link = ?1) ORDER BY id",
             )
@@ -236,7 +237,7 @@ pub(crate) fn move_home(ctx: &Ctx<'_>, from: &str) -> Result<Vec<Event>, ClientE
     let ids: Vec<i64> = {
         let mut stmt = ctx
             .db
-            .prepare(
+            .prepare_cached(
                 "SELECT id FROM chats WHERE kind = 'direct' AND active = 1 AND state = 'member'
                  ORDER BY id",
             )
@@ -261,7 +262,7 @@ pub(crate) fn former_homes_due(
     let due: Vec<(String, u64)> = {
         let mut stmt = ctx
             .db
-            .prepare(
+            .prepare_cached(
                 "SELECT server_link, fetched FROM former_homes
                  WHERE checked_at IS NULL OR checked_at + ?1 <= ?2 ORDER BY rowid",
             )
@@ -433,7 +434,7 @@ pub struct ChatServer {
 /// The servers the active chats are on, the one with the oldest chat first.
 pub(crate) fn chat_servers(db: &rusqlite::Connection) -> Result<Vec<ChatServer>, ClientError> {
     let mut stmt = db
-        .prepare(
+        .prepare_cached(
             "SELECT c.server_link, count(*), o.since FROM chats c
              LEFT JOIN outages o ON o.server = c.server_link
              WHERE c.active = 1 AND c.state NOT IN ('left', 'stale')

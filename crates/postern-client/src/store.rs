@@ -82,6 +82,9 @@ CREATE TABLE invites (
     crate::gaps::MIGRATION_REJOIN_ASKS,
 ];
 
+/// Prepared statements a client's connection keeps.
+const STATEMENT_CACHE: usize = 128;
+
 #[derive(Debug)]
 pub(crate) struct Store {
     conn: Connection,
@@ -150,6 +153,9 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
         conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_err)?;
+        // Room for every statement the client and openmls' store run (about 90), so that
+        // none is parsed again.
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         let mut store = Store { conn };
         store.migrate()?;
         crate::mls::migrate(&mut store.conn)?;
