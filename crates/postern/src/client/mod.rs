@@ -221,7 +221,15 @@ pub(crate) async fn execute(
         }
         Command::Sync => {
             let published = driver.publish().await?;
-            let events = driver.sync().await?;
+            let events = match driver.sync().await {
+                Ok(events) => events,
+                Err(e) => {
+                    // What did happen before the error (messages read, a chat or the mailbox
+                    // moved) is shown with it.
+                    print_events(out, &std::mem::take(&mut driver.unshown), json)?;
+                    return Err(e);
+                }
+            };
             print_events(out, &events, json)?;
             if json {
                 writeln!(

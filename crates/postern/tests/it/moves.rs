@@ -249,6 +249,27 @@ async fn a_member_who_changed_the_group_on_the_old_server_is_added_back_on_the_n
 }
 
 #[tokio::test]
+async fn a_sync_that_fails_still_says_the_mailbox_moved() {
+    let mut first = TestServer::start(bin()).await;
+    let second = TestServer::start(bin()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let carol = init(dir.path(), "Carol", &first);
+    let dave = init(dir.path(), "Dave", &first);
+    // Their chat is made before Carol adds a second server: it has nowhere to move.
+    connect(&carol, &dave);
+    ok(&carol, &["sync"]);
+    ok(&carol, &["servers", "add", &second.link.to_link_string()]);
+    first.kill().await;
+    let mut command = crate::chat::command(&carol, &["--json", "sync"]);
+    let out = command.envs(AT_ONCE.iter().copied()).output().unwrap();
+    // The chat's server is out of reach, so the sync fails; the move of the mailbox is
+    // reported all the same.
+    assert!(!out.status.success(), "{}", stderr(&out));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("\"home_moved\""), "{printed}\n{}", stderr(&out));
+}
+
+#[tokio::test]
 async fn a_blocked_home_server_moves_the_mailbox_and_contacts_reach_it_on_the_next() {
     let Two { mut first, second, alice, bob, _dir: dir } = two().await;
     let bob_chat = connect(&alice, &bob);
