@@ -402,6 +402,7 @@ fn ask_to_rejoin(
     Ok(next.len())
 }
 
+/// The chat's request to be re-added, if one is kept.
 fn request(ctx: &Ctx<'_>, chat: i64) -> Result<Option<Request>, ClientError> {
     ctx.db
         .query_row(
