@@ -38,8 +38,8 @@ use sha2::Digest as _;
 
 use crate::ClientError;
 use crate::chats::{
-    ChatRow, Ctx, Event, chat_row, dbe, insert_outbox, mailbox_keys, random, save_epoch, seal_drop,
-    unseal,
+    ChatRow, Ctx, Event, arr, chat_row, dbe, insert_outbox, mailbox_keys, random, save_epoch,
+    seal_drop, unseal,
 };
 use crate::groups::{self, Card, Invitee, WelcomeTarget};
 use crate::mls;
@@ -349,25 +349,20 @@ fn ask_to_rejoin(
         Some(request) if request.server == home => request,
         Some(old) => {
             end_request(ctx, chat.id)?;
-            new_request(ctx, chat, old.abandoned.as_ref())?
+            new_request(ctx, chat, home, old.abandoned.as_ref())?
         }
-        None => new_request(ctx, chat, abandoned)?,
+        None => new_request(ctx, chat, home, abandoned)?,
     };
-    let asked = |key: &PublicKey| -> Result<bool, ClientError> {
-        ctx.db
-            .query_row(
-                "SELECT EXISTS (SELECT 1 FROM rejoin_asked WHERE chat_id = ?1 AND identity_key = ?2)",
-                params![chat.id, &key.0[..]],
-                |r| r.get(0),
-            )
-            .map_err(dbe)
+    let asked: Vec<Vec<u8>> = {
+        let mut stmt = ctx
+            .db
+            .prepare_cached("SELECT identity_key FROM rejoin_asked WHERE chat_id = ?1")
+            .map_err(dbe)?;
+        let rows = stmt.query_map([chat.id], |r| r.get(0)).map_err(dbe)?;
+        rows.collect::<Result<_, _>>().map_err(dbe)?
     };
-    let mut next = Vec::new();
-    for helper in helpers {
-        if !asked(&helper.0)? {
-            next.push(helper);
-        }
-    }
+    let mut next: Vec<_> =
+        helpers.iter().filter(|(key, _)| !asked.iter().any(|a| a[..] == key.0[..])).collect();
     if next.is_empty() {
         ctx.db.execute("DELETE FROM rejoin_asked WHERE chat_id = ?1", [chat.id]).map_err(dbe)?;
         next = helpers.iter().collect();
@@ -420,14 +415,11 @@ fn request(ctx: &Ctx<'_>, chat: i64) -> Result<Option<Request>, ClientError> {
         .optional()
         .map_err(dbe)?
         .map(|(server, reply, key_package, abandoned)| {
-            let id = |bytes: Vec<u8>| {
-                <[u8; 32]>::try_from(bytes).map_err(|_| crate::chats::bad("a stored id's length"))
-            };
             Ok(Request {
                 server,
-                reply: DropId(id(reply)?),
+                reply: DropId(arr(&reply)?),
                 key_package,
-                abandoned: abandoned.map(id).transpose()?.map(postern_proto::ids::LogId),
+                abandoned: abandoned.map(|l| arr(&l)).transpose()?.map(postern_proto::ids::LogId),
             })
         })
         .transpose()
@@ -438,6 +430,7 @@ fn request(ctx: &Ctx<'_>, chat: i64) -> Result<Option<Request>, ClientError> {
 fn new_request(
     ctx: &Ctx<'_>,
     chat: &ChatRow,
+    home: String,
     abandoned: Option<&postern_proto::ids::LogId>,
 ) -> Result<Request, ClientError> {
     let keys = mailbox_keys(ctx)?;
@@ -448,7 +441,6 @@ fn new_request(
             params![&reply.0[..], &[0u8; 32][..], u32::MAX],
         )
         .map_err(dbe)?;
-    let home = ctx.server.to_link_string();
     let owner = keys.owner.to_bytes();
     insert_outbox(
         ctx.db,

@@ -551,6 +551,22 @@ pub async fn h2_request(
     answer
 }
 
+/// An HTTP/1 answer's head with the date's value blanked.
+fn blank_date(head: &str) -> String {
+    head.split("\r\n")
+        .map(|line| if line.to_ascii_lowercase().starts_with("date:") { "Date: -" } else { line })
+        .collect::<Vec<_>>()
+        .join("\r\n")
+}
+
+/// An HTTP/1 head's Content-Length, if it has one.
+fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("content-length").then(|| value.trim().parse().ok())?
+    })
+}
+
 /// One raw HTTP/1.1 request on its own connection: the answer's head, as text with the
 /// date's value blanked, and its body with bytes outside printable ASCII escaped. The body
 /// is read by its Content-Length (none after HEAD or a 304), to its last chunk, or to the
@@ -565,14 +581,7 @@ pub async fn h1_request(addr: SocketAddr, sni: &str, raw: impl AsRef<[u8]>) -> S
         loop {
             if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
                 let head = String::from_utf8_lossy(&got[..end]).into_owned();
-                let length = head
-                    .lines()
-                    .find_map(|l| {
-                        let (name, value) = l.split_once(':')?;
-                        name.eq_ignore_ascii_case("content-length")
-                            .then(|| value.trim().parse().ok())?
-                    })
-                    .unwrap_or(0usize);
+                let length = content_length(&head).unwrap_or(0);
                 let bodiless = raw.starts_with(b"HEAD ") || head.starts_with("HTTP/1.1 304");
                 let chunked = head.to_ascii_lowercase().contains("\r\ntransfer-encoding: chunked");
                 if chunked && !bodiless {
@@ -595,11 +604,7 @@ pub async fn h1_request(addr: SocketAddr, sni: &str, raw: impl AsRef<[u8]>) -> S
     };
     let got = tokio::time::timeout(EXCHANGE, read).await.expect("an answer in time");
     let end = got.windows(4).position(|w| w == b"\r\n\r\n").map_or(got.len(), |end| end + 4);
-    let head = String::from_utf8_lossy(&got[..end])
-        .split("\r\n")
-        .map(|line| if line.to_ascii_lowercase().starts_with("date:") { "Date: -" } else { line })
-        .collect::<Vec<_>>()
-        .join("\r\n");
+    let head = blank_date(&String::from_utf8_lossy(&got[..end]));
     format!("{head}{}", got[end..].escape_ascii())
 }
 
@@ -652,19 +657,9 @@ pub async fn h1_one_after_another(addr: SocketAddr, sni: &str, n: usize) -> OneA
         let answer = read_until(&mut tls, &mut got, |got| {
             let end = got.windows(4).position(|w| w == b"\r\n\r\n")?;
             let text = String::from_utf8_lossy(&got[..end]);
-            let length: usize = text.lines().find_map(|l| {
-                let (name, value) = l.split_once(':')?;
-                name.eq_ignore_ascii_case("content-length").then(|| value.trim().parse().ok())?
-            })?;
-            let whole = end + 4 + length;
+            let whole = end + 4 + content_length(&text)?;
             (got.len() >= whole).then(|| {
-                head = text
-                    .split("\r\n")
-                    .map(
-                        |l| if l.to_ascii_lowercase().starts_with("date:") { "Date: -" } else { l },
-                    )
-                    .collect::<Vec<_>>()
-                    .join("\r\n");
+                head = blank_date(&text);
                 whole
             })
         });
